@@ -1,0 +1,15 @@
+"""d2norm: the batch-normalization research of five papers as detectron2 components.
+
+Importing d2norm first applies :mod:`d2norm.compat` (which makes detectron2 v0.6 run on today's stack and is
+inert on a compiled upstream detectron2), then registers every norm layer, head, backbone and
+meta-architecture, and hooks the norm registry into detectron2's ``get_norm``.
+"""
+from . import compat  # noqa: F401  (must run before any detectron2.layers import)
+
+from .config import add_d2norm_config
+from .layers import NORM_REGISTRY, get_norm, norm_options
+from . import modeling  # noqa: F401  (registers heads/backbones/meta-archs)
+
+__version__ = "0.1.0"
+
+__all__ = ["add_d2norm_config", "get_norm", "NORM_REGISTRY", "norm_options", "__version__"]

@@ -1,0 +1,16 @@
+"""d2norm normalization layers. Importing this package registers every layer in ``NORM_REGISTRY``."""
+from .registry import (
+    NORM_REGISTRY,
+    build_model,
+    get_norm,
+    install,
+    norm_options,
+    register_norm,
+    valid_norm_names,
+)
+from .base import D2NormModule
+from .ghost_bn import GhostBatchNorm2d
+
+install()
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

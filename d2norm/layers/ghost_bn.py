@@ -1,0 +1,122 @@
+"""Ghost Batch Normalization.
+
+rethinking A.5 ("Ghost BatchNorm ... splitting the batch into sub-batches and normalizing them individually");
+four-things §3.2, eq 4 (statistics of example i over the disjoint sub-batch that contains i).
+"""
+import math
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import D2NormModule
+from .registry import register_norm
+
+__all__ = ["GhostBatchNorm2d", "ghost_batch_sizes"]
+
+_REMAINDER_RULES = ("balanced", "error")
+
+
+def ghost_batch_sizes(n: int, ghost_size: int, remainder: str = "balanced") -> List[int]:
+    """Sizes of the contiguous sub-batches a batch of ``n`` examples is split into.
+
+    Rule ("balanced"): ``k = ceil(n / ghost_size)`` sub-batches whose sizes differ by at most one, larger ones
+    first. No example is dropped and no sub-batch exceeds ``ghost_size``; when ``ghost_size`` divides ``n`` this
+    is exactly eq 4's partition. "error" raises when ``ghost_size`` does not divide ``n``.
+    """
+    if ghost_size < 1:
+        raise ValueError(f"ghost_size must be a positive integer, got {ghost_size!r}")
+    if remainder not in _REMAINDER_RULES:
+        raise ValueError(f"remainder must be one of {_REMAINDER_RULES}, got {remainder!r}")
+    if n == 0:
+        return []
+    if n % ghost_size and remainder == "error":
+        raise ValueError(
+            f"GhostBN: batch of {n} examples is not a multiple of ghost size {ghost_size} "
+            f"(D2NORM.GHOST_BN.REMAINDER='error'; use 'balanced' to split into near-equal sub-batches)"
+        )
+    k = math.ceil(n / ghost_size)
+    base, extra = divmod(n, k)
+    return [base + 1] * extra + [base] * (k - extra)
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
+    """BatchNorm2d whose training statistics are computed over sub-batches of ``ghost_size`` examples.
+
+    Training (four-things eq 4): example ``i`` is normalized with the mean and biased variance of its own
+    sub-batch (over examples of the sub-batch and all spatial positions). Sub-batches follow
+    :func:`ghost_batch_sizes`. The EMA is updated once per forward with the size-weighted average of the
+    sub-batch means and unbiased variances. When ``ghost_size >= N`` this is exactly ``BatchNorm2d``.
+
+    Eval: population statistics (``running_mean``/``running_var``), exactly as ``BatchNorm2d``.
+
+    State dict is identical to ``BatchNorm2d``'s, so BN checkpoints load unchanged.
+    """
+
+    def __init__(self, num_features: int, ghost_size: int = 16, remainder: str = "balanced", **kwargs):
+        super().__init__(num_features, **kwargs)
+        ghost_batch_sizes(0, ghost_size, remainder)  # validates the options
+        self.ghost_size = int(ghost_size)
+        self.remainder = remainder
+
+    def extra_repr(self):
+        return super().extra_repr() + f", ghost_size={self.ghost_size}, remainder={self.remainder!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"GhostBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")
+        if not self.training or x.shape[0] <= self.ghost_size:
+            return super().forward(x)
+        if x.numel() == 0:
+            return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+        sizes = ghost_batch_sizes(x.shape[0], self.ghost_size, self.remainder)
+        stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        outs, means, vars_, counts = [], [], [], []
+        start = 0
+        # At most two distinct sub-batch sizes: each run of equal sizes is one reshaped block.
+        for size in sorted(set(sizes), reverse=True):
+            g = sizes.count(size)
+            block = x[start : start + g * size]
+            start += g * size
+            xb = block.reshape(g, size, *block.shape[1:]).to(stat_dtype)
+            var, mean = torch.var_mean(xb, dim=(1, 3, 4), correction=0, keepdim=True)  # (g, 1, C, 1, 1)
+            scale = torch.rsqrt(var + self.eps)
+            if self.affine:
+                scale = scale * self.weight.view(1, 1, -1, 1, 1)
+                shift = self.bias.view(1, 1, -1, 1, 1) - mean * scale
+            else:
+                shift = -mean * scale
+            outs.append((xb * scale + shift).to(x.dtype).reshape(block.shape))
+            means.append(mean.reshape(g, -1))
+            vars_.append(var.reshape(g, -1))
+            counts.append(torch.full((g, 1), float(size * block.shape[2] * block.shape[3]), device=x.device))
+        y = torch.cat(outs, dim=0)
+
+        if self.track_running_stats:
+            self._update_running_stats(torch.cat(means), torch.cat(vars_), torch.cat(counts))
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, means, vars_, counts):
+        unbiased = vars_ * counts / (counts - 1).clamp(min=1)
+        w = counts / counts.sum()
+        mean = (means * w).sum(0)
+        var = (unbiased * w).sum(0)
+        self.num_batches_tracked.add_(1)
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+        self.running_var.mul_(1 - m).add_(var.to(self.running_var.dtype), alpha=m)
+
+
+@register_norm("GhostBN")
+def build_ghost_bn(cfg, channels: int) -> GhostBatchNorm2d:
+    """``NORM: "GhostBN"``; options ``D2NORM.GHOST_BN.{SIZE, REMAINDER}``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
+    return GhostBatchNorm2d(
+        channels,
+        ghost_size=cfg.D2NORM.GHOST_BN.SIZE,
+        remainder=cfg.D2NORM.GHOST_BN.REMAINDER,
+        eps=cfg.D2NORM.BN.EPS,
+        momentum=cfg.D2NORM.BN.MOMENTUM,
+    )

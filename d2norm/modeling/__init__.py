@@ -1,0 +1,1 @@
+"""Registered detectron2 heads, backbones and meta-architectures (importing registers them)."""
