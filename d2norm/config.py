@@ -43,11 +43,15 @@ def add_d2norm_config(cfg: CN) -> CN:
     _C.D2NORM.GHOST_BN.REMAINDER = "balanced"
 
     # ---- batch statistics in inference: rethinking §4.2, Table 3 ---------------------------------------
+    # Layer "BatchStatsBN": trains as BN (EMA kept), eval normalizes with the input's own mini-batch statistics.
+    # No keys of its own: EPS / MOMENTUM come from D2NORM.BN.
     _C.D2NORM.BATCH_STATS_BN = CN()
 
     # ---- inference example weighing: four-things §3.1, eq 3 -------------------------------------------
     _C.D2NORM.EXAMPLE_WEIGHING = CN()
-    # alpha in [0, 1]: weight of the example's own statistics at inference (0 = plain BN, 1 = instance stats).
+    # Layer "ExampleWeightedBN" (training = BN). alpha in [0, 1] of eq 3: weight of the example's own statistics
+    # at inference (0 = plain BN inference, 1 = instance statistics). A hyper-parameter tuned on validation
+    # data (§3.1, Fig. 1); it only changes inference, so it can be swept on a trained model.
     _C.D2NORM.EXAMPLE_WEIGHING.ALPHA = 0.1
 
     # ---- EvalNorm: evalnorm §3.3-3.4, eqs 5-9 ---------------------------------------------------------
@@ -55,40 +59,92 @@ def add_d2norm_config(cfg: CN) -> CN:
     # "online" (alpha/beta learned during training by the stop-gradient aux loss, eq 9),
     # "rule" (alpha = beta = 1/B^2, §4.1 rule of thumb), "offline" (fitted after training, §3.4).
     _C.D2NORM.EVALNORM.MODE = "online"
-    # B for the "rule" mode; 0 = the normalization batch size the layer recorded in training.
+    # B for the "rule" mode; 0 = the normalization batch size the layer recorded in training (buffer
+    # `seen_batch_size`: mean number of examples N over the layer's non-empty training forwards).
     _C.D2NORM.EVALNORM.RULE_BATCH_SIZE = 0
     # Weight of the auxiliary loss term `loss_evalnorm` added by EvalNorm-aware models (heads/backbones issue).
+    # The layers never apply it themselves (`evalnorm_aux_loss(model)` returns the unweighted sum).
     _C.D2NORM.EVALNORM.AUX_LOSS_WEIGHT = 1.0
+    # Initial alpha-hat / beta-hat (eqs 5-6), strictly inside (0, 1): they are stored as logits (alpha =
+    # sigmoid(logit)), §3.4 gives no initial value. Also the value kept when a plain BN/FrozenBN checkpoint
+    # (which has no alpha/beta) is loaded.
+    _C.D2NORM.EVALNORM.INIT_ALPHA = 0.1
+    _C.D2NORM.EVALNORM.INIT_BETA = 0.1
+    # Offline estimation (§3.4, "Offline estimation"; fit_evalnorm_offline): iterations and Adam learning rate
+    # (on the logits) for the hooks/tools that fit alpha/beta on a frozen model.
+    _C.D2NORM.EVALNORM.OFFLINE_ITERS = 200
+    _C.D2NORM.EVALNORM.OFFLINE_LR = 0.05
 
     # ---- Batch-Group Norm: four-things §3.4 -----------------------------------------------------------
     _C.D2NORM.BGN = CN()
+    # Channel groups, as GroupNorm's num_groups (§3.4 keeps GN's hyper-parameter); must divide every C it is
+    # used with, else ValueError naming C.
     _C.D2NORM.BGN.NUM_CHANNEL_GROUPS = 32
-    # Examples per example-group (1 = GroupNorm).
+    # Examples per example group in training (§3.4 targets B=2); 1 = GroupNorm exactly. A batch not divisible
+    # by it is split into ceil(N / size) contiguous groups of near-equal size (GhostBN's "balanced" rule).
     _C.D2NORM.BGN.EXAMPLE_GROUP_SIZE = 2
-    # Inference example weight alpha (four-things §3.4 combines BGN with §3.1).
+    # Inference example weight alpha in [0, 1] (§3.4 combines BGN with §3.1, eq 3): 1 = the example's own
+    # GroupNorm statistics, 0 = moving statistics only. §3.1: tune on a validation set.
     _C.D2NORM.BGN.ALPHA = 0.5
+    # GroupNorm's eps.
+    _C.D2NORM.BGN.EPS = 1e-5
+    # EMA momentum (torch convention) of the per-channel-group moving E[x] and E[x^2] (m_x, m_{x^2} of eq 3).
+    _C.D2NORM.BGN.MOMENTUM = 0.1
 
     # ---- MABN: mabn §4, eqs 12-20; Appendix B -----------------------------------------------------------
     _C.D2NORM.MABN = CN()
-    _C.D2NORM.MABN.BUFFER_SIZE = 16  # m, mabn Table 3/4 (16; 32 in Tables 5-6)
-    _C.D2NORM.MABN.MOMENTUM = 0.98  # EMA momentum of chi-hat (mabn Table 3)
-    _C.D2NORM.MABN.CLIP = 2.0  # lambda in r = clip(chi_bar / chi_hat, 1/lambda, lambda)
-    _C.D2NORM.MABN.WARMUP_ITERS = 100  # batch statistics and r = 1 for this many training steps
+    # m (integer >= 1): number of recent batches in the simple moving averages chi_bar^2 and Psi_bar
+    # (mabn eqs 13, 19-20); 16 in mabn Tables 2-4 and 8, 32 in Tables 5-6.
+    _C.D2NORM.MABN.BUFFER_SIZE = 16
+    # alpha in [0, 1), the paper's convention (weight of the OLD value, opposite to torch's BN momentum):
+    # chi_hat_t = alpha * chi_hat_{t-1} + (1 - alpha) * chi_B_t (mabn §4.2 below eq 20); 0.98 in Appendix B.2-B.4.
+    _C.D2NORM.MABN.MOMENTUM = 0.98
+    # lambda >= 1 in r = clip(chi_bar_t / chi_hat_t, 1/lambda, lambda) (mabn eq 19; BRN-style clipping, §4.2).
+    # The paper gives no value; 5 is what the authors' released code (linked from the abstract) uses.
+    _C.D2NORM.MABN.CLIP = 5.0
+    # Training steps (counted by the layer's num_batches_tracked buffer) that use the batch statistics
+    # chi_B, Psi_B and r = 1 (mabn Appendix B.3: "batch statistics ... during first 10,000 iterations");
+    # the moving-average buffers are filled during warm-up. Integer >= 0.
+    _C.D2NORM.MABN.WARMUP_ITERS = 100
+    # eps >= 0 added to E[x^2] (chi_B^2 = E[x^2] + eps); eq 15 has none, it only guards all-zero channels.
+    _C.D2NORM.MABN.EPS = 1e-5
 
     # ---- per-domain statistics: rethinking §5.2, Table 5 -----------------------------------------------
+    # Layer "DomainBN" (d2norm/layers/domain_bn.py). Table 5 rows as (TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN):
+    #   1 (shared, shared, False)  2 (shared, per_domain, False)  3 (per_domain, shared, False)
+    #   4 (per_domain, per_domain, False)  5 (per_domain, shared, True)  6 (per_domain, per_domain, True)
+    # Defaults = row 4 (consistent SGD / population statistics, 39.1 AP).
     _C.D2NORM.DOMAIN_BN = CN()
-    _C.D2NORM.DOMAIN_BN.NUM_DOMAINS = 5  # e.g. FPN levels P3-P7 of a RetinaNet head
+    _C.D2NORM.DOMAIN_BN.NUM_DOMAINS = 5  # K, e.g. FPN levels P3-P7 of a RetinaNet head
+    # Table 5 "Affine Parameters": True = one (gamma, beta) per domain, False = one shared (gamma, beta).
     _C.D2NORM.DOMAIN_BN.AFFINE_PER_DOMAIN = False
-    # "per_domain": SGD training statistics of each domain separately; "shared": over all domains concatenated.
+    # Table 5 "SGD Training" (Fig. 7): "per_domain": each domain normalized by its own mini-batch statistics;
+    # "shared": by statistics over all domains concatenated (needs DomainBatchNorm2d.forward_domains).
     _C.D2NORM.DOMAIN_BN.TRAIN_STATS = "per_domain"
+    # Table 5 "Population Stats": "per_domain": one EMA set per domain, each updated from its own domain's
+    # statistics; "shared": one EMA set (BatchNorm2d's buffers) updated from all domains (once per domain call
+    # with per_domain TRAIN_STATS, once per forward_domains with the concatenated statistics when shared).
+    _C.D2NORM.DOMAIN_BN.POP_STATS = "per_domain"
 
     # ---- sync BN for any device: rethinking A.6, A.10 -------------------------------------------------
     _C.D2NORM.SYNC_BN = CN()
+    # "AnySyncBN" (CPU/gloo and CUDA/NCCL; exact for uneven and empty per-rank batches, A.6/A.10). Number of
+    # consecutive ranks whose batches are normalized together; 0 = all ranks (normalization batch = SGD
+    # batch, A.5). Must divide the world size (ValueError otherwise); 1 = plain per-rank BN. EMA momentum and
+    # eps come from D2NORM.BN.
+    _C.D2NORM.SYNC_BN.GROUP_SIZE = 0
+
+    # ---- XBNBlock ResNet backbones: estimation-shift §5.1-5.3 ----------------------------------------
+    _C.D2NORM.XBNBLOCK = CN()
 
     # ---- data --------------------------------------------------------------------------------------
     _C.D2NORM.DATA = CN()
     # Root of the bundled synthetic COCO-format set (generated on first use; see d2norm/data/synthetic.py).
     _C.D2NORM.DATA.SYNTHETIC_ROOT = "datasets/d2norm_synthetic"
+    _C.D2NORM.DATA.SYNTHETIC_IMAGE_SIZE = 128
+    _C.D2NORM.DATA.SYNTHETIC_NUM_TRAIN = 400
+    _C.D2NORM.DATA.SYNTHETIC_NUM_VAL = 100
+    _C.D2NORM.DATA.SYNTHETIC_SEED = 0
 
     if was_frozen:
         cfg.freeze()

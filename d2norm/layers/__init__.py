@@ -10,6 +10,7 @@ from .registry import (
 )
 from .base import D2NormModule
 from .ghost_bn import GhostBatchNorm2d
+from .batch_group_norm import BatchGroupNorm
 
 install()
 

@@ -66,10 +66,11 @@ class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"GhostBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            # No statistics from an empty batch (torch's BN would still count it); keep the graph connected.
+            return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1) if self.affine else x.clone()
         if not self.training or x.shape[0] <= self.ghost_size:
             return super().forward(x)
-        if x.numel() == 0:
-            return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
         sizes = ghost_batch_sizes(x.shape[0], self.ghost_size, self.remainder)
         stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -91,7 +92,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
             outs.append((xb * scale + shift).to(x.dtype).reshape(block.shape))
             means.append(mean.reshape(g, -1))
             vars_.append(var.reshape(g, -1))
-            counts.append(torch.full((g, 1), float(size * block.shape[2] * block.shape[3]), device=x.device))
+            counts.append(torch.full((g, 1), float(size * block.shape[2] * block.shape[3]), dtype=stat_dtype, device=x.device))
         y = torch.cat(outs, dim=0)
 
         if self.track_running_stats:

@@ -1,0 +1,13 @@
+"""Datasets: the bundled synthetic COCO-format set and checks for real (builtin) datasets."""
+from .synthetic import (
+    CLASSES,
+    TRAIN_NAME,
+    VAL_NAME,
+    SyntheticSpec,
+    ensure_synthetic_dataset,
+    register_synthetic_dataset,
+    spec_from_cfg,
+)
+from .datasets import check_datasets_exist, prepare_datasets
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

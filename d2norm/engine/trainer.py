@@ -1,0 +1,67 @@
+"""``Trainer(DefaultTrainer)``: builds d2norm models/optimizers/evaluators from cfg. No training math here."""
+import logging
+import os
+from typing import List
+
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import COCOEvaluator
+
+from .. import compat
+from ..config import add_d2norm_config
+from ..data import prepare_datasets
+from ..layers import build_model
+from ..solver import build_optimizer
+
+__all__ = ["Trainer", "setup_cfg"]
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's ``DefaultTrainer`` with d2norm's model builder (cfg-bound norm options), optimizer
+    (``WEIGHT_DECAY_NORM`` for every d2norm layer) and a COCO evaluator that runs without detectron2's ``_C``.
+
+    d2norm hooks are added by :meth:`build_d2norm_hooks` (extended by the hooks issue).
+    """
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_model(cfg)
+        logger.info("Model:\n%s", model)
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        # Without the compiled _C, pycocotools' COCOeval is used (compat.fast_coco_eval).
+        return COCOEvaluator(
+            dataset_name, output_dir=output_folder, use_fast_impl=compat.HAS_COMPILED_OPS
+        )
+
+    def build_d2norm_hooks(self) -> List:
+        return []
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        extra = self.build_d2norm_hooks()
+        # Right after IterationTimer and LRScheduler (present on every rank), so they run before the
+        # checkpointer, evaluation and writers.
+        return ret[:2] + extra + ret[2:]
+
+
+def setup_cfg(args):
+    """cfg from ``--config-file`` and ``KEY VALUE`` overrides, with datasets prepared; detectron2's default_setup."""
+    cfg = get_cfg()
+    add_d2norm_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    prepare_datasets(cfg)
+    return cfg

@@ -1,0 +1,230 @@
+"""Batch-Group Normalization.
+
+four-things §3.4: "expand the grouping mechanism of Group Normalization from being over only channels to being
+over both channels and examples — that is, normalization statistics are calculated both *within* groups of
+channels of each example and *across* examples in groups within each batch"; combined at inference with
+Inference Example Weighing (four-things §3.1, eq 3), as the paper does for every method of §3.4.
+"""
+import itertools
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .base import D2NormModule
+from .ghost_bn import ghost_batch_sizes
+from .registry import register_norm
+
+__all__ = ["BatchGroupNorm", "example_group_sizes"]
+
+
+def example_group_sizes(n: int, example_group_size: int) -> List[int]:
+    """Sizes of the contiguous example groups a batch of ``n`` examples is split into (along dim 0).
+
+    Rule: GhostBN's "balanced" split (:func:`d2norm.layers.ghost_bn.ghost_batch_sizes`):
+    ``k = ceil(n / example_group_size)`` groups whose sizes differ by at most one, larger ones first. No example
+    is dropped and no group exceeds ``example_group_size``; when it divides ``n`` the groups are exactly
+    ``example_group_size`` consecutive examples. E.g. n=5, size 2 -> [2, 2, 1]; n=3, size 4 -> [3].
+    """
+    return ghost_batch_sizes(n, example_group_size, "balanced")
+
+
+def _example_group_average(t: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+    """Per-example average of ``t`` (N, G) over each example's own group, broadcast back to (N, G).
+
+    Groups are contiguous; each run of equal sizes is one reshape (a balanced split has at most two runs), so
+    this is O(N) and deterministic (no scatter/atomics).
+    """
+    out, start = [], 0
+    for size, run in itertools.groupby(sizes):
+        g = len(list(run))
+        block = t[start : start + g * size].reshape(g, size, -1)
+        out.append(block.mean(1, keepdim=True).expand(g, size, block.shape[-1]).reshape(g * size, -1))
+        start += g * size
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+class BatchGroupNorm(nn.Module, D2NormModule):
+    """Batch-Group Norm (four-things §3.4) with Inference Example Weighing (§3.1, eq 3) at inference.
+
+    Input ``(N, C, *)``; the ``C`` channels are split into ``num_groups`` contiguous channel groups (as
+    ``nn.GroupNorm``) and the ``N`` examples into example groups by :func:`example_group_sizes`.
+
+    **Training.** Every element of example group ``e`` and channel group ``g`` is normalized with the mean and
+    biased variance over all elements of ``(e, g)`` (its examples x the group's channels x all positions), then
+    per-channel affine ``γ_c, β_c`` (eq 1). They are computed from per-example statistics ``μ_i, v_i`` of each
+    channel group (one reduction pass over ``x``) with the exact pooled formula
+    ``μ_e = mean_i μ_i``, ``σ²_e = mean_i (v_i + (μ_i − μ_e)²)`` (all examples of a batch have the same number of
+    elements), which avoids the cancellation of ``E[x²] − μ²``. With one example per group (``example_group_size
+    = 1`` or ``N = 1``) this is GroupNorm exactly: ``μ_e = μ_i``, ``σ²_e = v_i + 0``.
+
+    **Moving statistics** (registered buffers, one value per *channel group*, float32 unless the module is cast):
+
+    * ``running_mean``    ``m_x``:    EMA of the batch mean ``mean_i μ_i`` of each channel group,
+    * ``running_mean_sq`` ``m_{x²}``: EMA of the batch second moment ``mean_i (v_i + μ_i²)`` = ``E[x²]``,
+    * ``num_batches_tracked``: number of updates (used when ``momentum is None``: cumulative average).
+
+    ``r ← (1 − momentum)·r + momentum·batch`` (torch's convention), once per training forward with ``N > 0``.
+    Why the second moment and not a variance: eq 3 is written in ``m_x`` and ``m_{x²}``, and EMAs of ``E[x]``
+    and ``E[x²]`` estimate the population moments of each channel group without any bias correction, whereas the
+    biased example-group variances used in training underestimate the population variance by the spread of the
+    example-group means, by an amount that depends on the group size. Per channel group (not per channel) because
+    training normalizes per channel group, so ``α = 0`` normalizes at the same granularity as training. The
+    invariant ``m_{x²} ≥ m_x²`` holds for every EMA (init 0 / 1, convex updates).
+
+    **Inference** (eq 3), per example ``i`` and channel group ``g``, never touching a buffer::
+
+        μ_i  = α·E[x_i] + (1 − α)·m_x
+        σ²_i = α·E[x_i²] + (1 − α)·m_{x²} − μ_i²
+             = α·v_i + (1 − α)·(m_{x²} − m_x²) + α(1 − α)·(E[x_i] − m_x)²      (same value, no cancellation)
+
+    ``α = 1``: GroupNorm (the example's own statistics only); ``α = 0``: moving statistics only (a fixed affine
+    map, no reduction over ``x`` is computed). Each example is normalized independently of the others.
+
+    Normalization is one fused pass ``y = x·scale + shift`` with per-(example, channel) ``scale, shift``.
+    fp16/bf16 input: statistics and the normalize step run in float32, output is cast back to the input dtype.
+    Zero-size input returns a zero-size output and updates nothing.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        num_groups: int = 32,
+        example_group_size: int = 2,
+        alpha: float = 0.5,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+    ):
+        super().__init__()
+        _check_int("num_channels", num_channels)
+        _check_int("num_groups (D2NORM.BGN.NUM_CHANNEL_GROUPS)", num_groups)
+        if num_channels % num_groups:
+            raise ValueError(
+                f"BGN: number of channel groups {num_groups} (D2NORM.BGN.NUM_CHANNEL_GROUPS) must divide the "
+                f"number of channels C={num_channels}; allowed: a divisor of {num_channels}"
+            )
+        _check_int("example_group_size (D2NORM.BGN.EXAMPLE_GROUP_SIZE)", example_group_size)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"BGN: alpha (D2NORM.BGN.ALPHA) must be a number in [0, 1], got {alpha!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0.0:
+            raise ValueError(f"BGN: eps (D2NORM.BGN.EPS) must be a number > 0, got {eps!r}")
+        if momentum is not None and (
+            isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0
+        ):
+            raise ValueError(
+                f"BGN: momentum (D2NORM.BGN.MOMENTUM) must be a number in (0, 1] or None (cumulative average), "
+                f"got {momentum!r}"
+            )
+        self.num_channels = int(num_channels)
+        self.num_groups = int(num_groups)
+        self.example_group_size = int(example_group_size)
+        self.alpha = float(alpha)
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(num_channels))
+            self.bias = nn.Parameter(torch.zeros(num_channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_groups))
+        self.register_buffer("running_mean_sq", torch.ones(num_groups))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_channels}, num_groups={self.num_groups}, example_group_size={self.example_group_size}, "
+            f"alpha={self.alpha}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(
+                f"BatchGroupNorm expects input (N, {self.num_channels}, *), got shape {tuple(x.shape)}"
+            )
+        if x.numel() == 0:
+            # Keeps the autograd graph to γ/β; no statistics, no buffer update (nothing to average).
+            return self._normalize(x, x.new_zeros((), dtype=torch.float32), x.new_ones((), dtype=torch.float32))
+
+        stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        xs = x.to(stat_dtype)
+        if not self.training and self.alpha == 0.0:
+            # eq 3 with α = 0: moving statistics only, same for every example.
+            m, var = self._population_moments(stat_dtype)
+            return self._normalize(x, m.unsqueeze(0), var.unsqueeze(0), xs)
+
+        # Per-example statistics of each channel group: (N, G). One reduction pass over x.
+        dims = tuple(range(2, x.dim() + 1))
+        var_i, mu_i = torch.var_mean(xs.unflatten(1, (self.num_groups, -1)), dim=dims, correction=0)
+
+        if self.training:
+            sizes = example_group_sizes(x.shape[0], self.example_group_size)
+            mean = _example_group_average(mu_i, sizes)
+            var = _example_group_average(var_i + (mu_i - mean) ** 2, sizes)
+            self._update_moving_stats(mu_i.detach(), var_i.detach())
+        elif self.alpha == 1.0:
+            mean, var = mu_i, var_i  # eq 3 with α = 1: the example's own statistics (GroupNorm)
+        else:
+            a = self.alpha
+            m, pop_var = self._population_moments(stat_dtype)
+            mean = a * mu_i + (1.0 - a) * m
+            var = a * var_i + (1.0 - a) * pop_var + (a * (1.0 - a)) * (mu_i - m) ** 2
+        return self._normalize(x, mean, var, xs)
+
+    def _population_moments(self, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``m_x`` and ``m_{x²} − m_x²`` (clamped at 0 against rounding) from the buffers, as ``dtype``."""
+        m = self.running_mean.to(dtype)
+        return m, (self.running_mean_sq.to(dtype) - m * m).clamp(min=0.0)
+
+    def _normalize(self, x, mean, var, xs=None) -> torch.Tensor:
+        """``y = xs·scale + shift`` in one fused op; ``mean``/``var`` are (N or 1, G) or scalars."""
+        if xs is None:
+            xs = x
+        rstd = torch.rsqrt(var + self.eps)
+        if mean.dim() == 2:
+            cpg = self.num_channels // self.num_groups
+            # (N, G) -> (N, C) by expand (its backward is a plain sum: deterministic, unlike index-based repeats)
+            n = rstd.shape[0]
+            rstd = rstd.unsqueeze(-1).expand(n, self.num_groups, cpg).reshape(n, self.num_channels)
+            mean = mean.unsqueeze(-1).expand(n, self.num_groups, cpg).reshape(n, self.num_channels)
+        scale = rstd * self.weight.to(rstd.dtype) if self.affine else rstd
+        shift = -mean * scale
+        if self.affine:
+            shift = shift + self.bias.to(shift.dtype)
+        if scale.dim() == 2:
+            view = scale.shape + (1,) * (x.dim() - 2)
+        else:
+            view = (1, -1) + (1,) * (x.dim() - 2)
+        scale, shift = scale.reshape(view), shift.reshape(view)
+        return torch.addcmul(shift, xs, scale).to(x.dtype)
+
+    @torch.no_grad()
+    def _update_moving_stats(self, mu_i: torch.Tensor, var_i: torch.Tensor) -> None:
+        """EMA of the batch's ``E[x]`` and ``E[x²]`` per channel group (class docstring)."""
+        batch_mean = mu_i.mean(0)
+        batch_mean_sq = (var_i + mu_i * mu_i).mean(0)
+        self.num_batches_tracked.add_(1)
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.mul_(1.0 - m).add_(batch_mean.to(self.running_mean.dtype), alpha=m)
+        self.running_mean_sq.mul_(1.0 - m).add_(batch_mean_sq.to(self.running_mean_sq.dtype), alpha=m)
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"BGN: {name} must be a positive integer, got {value!r}")
+
+
+@register_norm("BGN")
+def build_batch_group_norm(cfg, channels: int) -> BatchGroupNorm:
+    """``NORM: "BGN"``; options ``D2NORM.BGN.{NUM_CHANNEL_GROUPS, EXAMPLE_GROUP_SIZE, ALPHA, EPS, MOMENTUM}``."""
+    c = cfg.D2NORM.BGN
+    return BatchGroupNorm(
+        channels,
+        num_groups=c.NUM_CHANNEL_GROUPS,
+        example_group_size=c.EXAMPLE_GROUP_SIZE,
+        alpha=c.ALPHA,
+        eps=c.EPS,
+        momentum=c.MOMENTUM,
+    )

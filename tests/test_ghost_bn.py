@@ -1,0 +1,141 @@
+"""GhostBN vs a float64 reference of four-things eq 4 (rethinking A.5)."""
+import pytest
+import torch
+from torch import nn
+
+from d2norm.layers.ghost_bn import GhostBatchNorm2d, ghost_batch_sizes
+from d2norm.layers.registry import get_norm, norm_options
+
+
+def reference_ghost_bn(x, weight, bias, sizes, eps):
+    """Eq 4 literally: each example normalized by the mean / biased variance of its own sub-batch."""
+    out = torch.empty_like(x)
+    start = 0
+    for s in sizes:
+        xb = x[start : start + s]
+        mu = xb.mean(dim=(0, 2, 3), keepdim=True)
+        var = (xb * xb).mean(dim=(0, 2, 3), keepdim=True) - mu * mu
+        out[start : start + s] = (xb - mu) / torch.sqrt(var + eps) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+        start += s
+    return out
+
+
+def _rand(n, c=3, h=4, w=5, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, h, w, generator=g, dtype=dtype) * 3 + 2
+
+
+def test_sizes_rule():
+    assert ghost_batch_sizes(8, 4) == [4, 4]
+    assert ghost_batch_sizes(10, 4) == [4, 3, 3]
+    assert ghost_batch_sizes(5, 16) == [5]
+    assert ghost_batch_sizes(0, 4) == []
+    assert sum(ghost_batch_sizes(37, 5)) == 37 and max(ghost_batch_sizes(37, 5)) <= 5
+    with pytest.raises(ValueError, match="not a multiple of ghost size 4"):
+        ghost_batch_sizes(10, 4, "error")
+    with pytest.raises(ValueError, match="ghost_size must be a positive integer, got 0"):
+        ghost_batch_sizes(4, 0)
+    with pytest.raises(ValueError, match="remainder must be one of"):
+        GhostBatchNorm2d(3, ghost_size=2, remainder="drop")
+
+
+@pytest.mark.parametrize("n,ghost", [(8, 4), (10, 4), (7, 2), (3, 8)])
+def test_train_forward_backward_matches_reference(n, ghost):
+    torch.manual_seed(n)
+    layer = GhostBatchNorm2d(3, ghost_size=ghost).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+        layer.bias.uniform_(-1, 1)
+    x = _rand(n, seed=n).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = layer.weight.detach().clone().requires_grad_()
+    b_ref = layer.bias.detach().clone().requires_grad_()
+    y = layer(x)
+    sizes = ghost_batch_sizes(n, ghost)
+    y_ref = reference_ghost_bn(x_ref, w_ref, b_ref, sizes, layer.eps)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(layer.weight.grad, w_ref.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(layer.bias.grad, b_ref.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_running_stats_update_rule():
+    layer = GhostBatchNorm2d(3, ghost_size=4, momentum=0.25).double()
+    x = _rand(10, seed=3)
+    layer(x)
+    sizes, start, means, vars_, counts = ghost_batch_sizes(10, 4), 0, [], [], []
+    for s in sizes:
+        xb = x[start : start + s]
+        start += s
+        m = xb.numel() // 3
+        means.append(xb.mean(dim=(0, 2, 3)))
+        vars_.append(xb.var(dim=(0, 2, 3), unbiased=True))
+        counts.append(m)
+    tot = sum(counts)
+    mean = sum(c * m for c, m in zip(counts, means)) / tot
+    var = sum(c * v for c, v in zip(counts, vars_)) / tot
+    torch.testing.assert_close(layer.running_mean, 0.25 * mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, 0.75 + 0.25 * var, rtol=1e-10, atol=1e-12)
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_equals_batchnorm_when_batch_fits_and_in_eval():
+    torch.manual_seed(0)
+    bn, gbn = nn.BatchNorm2d(3).double(), GhostBatchNorm2d(3, ghost_size=8).double()
+    gbn.load_state_dict(bn.state_dict())
+    x = _rand(6, seed=1)
+    torch.testing.assert_close(gbn(x), bn(x))
+    torch.testing.assert_close(gbn.running_var, bn.running_var)
+    gbn.eval(), bn.eval()
+    before = {k: v.clone() for k, v in gbn.state_dict().items()}
+    x = _rand(20, seed=2)
+    torch.testing.assert_close(gbn(x), bn(x))
+    for k, v in gbn.state_dict().items():
+        assert torch.equal(v, before[k]), f"eval mutated {k}"
+
+
+def test_zero_size_and_bf16():
+    layer = GhostBatchNorm2d(3, ghost_size=2)
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 3, 4, 4)
+    assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()
+    assert int(layer.num_batches_tracked) == 0
+    x = (torch.randn(8, 3, 4, 4) * 3 + 2).to(torch.bfloat16)
+    layer, layer32 = GhostBatchNorm2d(3, ghost_size=4), GhostBatchNorm2d(3, ghost_size=4)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer32(x.float()), rtol=2e-2, atol=2e-2)
+    assert layer.running_mean.dtype == torch.float32
+    torch.testing.assert_close(layer.running_mean, layer32.running_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_loads_batchnorm_and_frozenbn_state():
+    from detectron2.layers import FrozenBatchNorm2d
+
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.uniform_(), bn.running_var.uniform_(1, 2), bn.weight.data.uniform_()
+    layer = GhostBatchNorm2d(3, ghost_size=2)
+    layer.load_state_dict(bn.state_dict())
+    for k, v in bn.state_dict().items():
+        assert torch.equal(layer.state_dict()[k], v)
+    frozen = FrozenBatchNorm2d(3)
+    frozen.running_mean.uniform_()
+    res = GhostBatchNorm2d(3, ghost_size=2).load_state_dict(frozen.state_dict(), strict=False)
+    assert res.missing_keys == ["num_batches_tracked"] and res.unexpected_keys == []
+
+
+def test_registry_options_from_cfg(d2cfg):
+    cfg2 = d2cfg.clone()
+    cfg2.D2NORM.GHOST_BN.SIZE = 5
+    cfg2.D2NORM.BN.EPS = 1e-3
+    with norm_options(d2cfg):
+        a = get_norm("GhostBN", 8)
+    with norm_options(cfg2):
+        b = get_norm("GhostBN", 8)
+    assert isinstance(a, GhostBatchNorm2d) and isinstance(b, GhostBatchNorm2d)
+    assert (a.ghost_size, a.eps) == (16, 1e-5)
+    assert (b.ghost_size, b.eps) == (5, 1e-3)

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Train / evaluate a detectron2 model with d2norm layers, heads and hooks.
+
+    python tools/train_net.py --config-file configs/cpu/retinanet_R18_ghostbn.yaml
+    python tools/train_net.py --config-file <yaml> --num-gpus 2            # 2 processes (NCCL, or gloo on CPU)
+    python tools/train_net.py --config-file <yaml> --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    python tools/train_net.py --config-file <yaml> --resume                # continue from last checkpoint
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import d2norm  # noqa: E402,F401  (compat + registrations before detectron2 is used)
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.engine import default_argument_parser, launch  # noqa: E402
+from detectron2.evaluation import verify_results  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+
+from d2norm.engine import Trainer, setup_cfg  # noqa: E402
+
+
+def main(args):
+    cfg = setup_cfg(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
