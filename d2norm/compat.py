@@ -198,6 +198,8 @@ def _shim_cpu_launch():
 def _shim_cpu_ddp():
     defaults = importlib.import_module("detectron2.engine.defaults")
     original = defaults.create_ddp_model
+    if getattr(original, "_d2norm_compat", False):
+        return False
     src = inspect.getsource(original)
     if 'kwargs["device_ids"] = [comm.get_local_rank()]' not in src or "cuda" in src:
         return False
@@ -211,6 +213,7 @@ def _shim_cpu_ddp():
 
     create_ddp_model.__doc__ = original.__doc__
     create_ddp_model.__wrapped__ = original
+    create_ddp_model._d2norm_compat = True
     defaults.create_ddp_model = create_ddp_model
     import detectron2.engine as engine
 

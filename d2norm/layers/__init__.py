@@ -11,6 +11,9 @@ from .registry import (
 from .base import D2NormModule
 from .ghost_bn import GhostBatchNorm2d
 from .batch_group_norm import BatchGroupNorm
+from .mabn import CenteredConv2d, MABN2d
+from .evalnorm import EvalNorm2d
+from . import evalnorm_fit  # noqa: F401
 
 install()
 

@@ -1,0 +1,238 @@
+"""Differentiable collectives for cross-process normalization (SyncBN, shuffled-RoI heads).
+
+rethinking A.5/A.6 (SyncBN: "workers perform collective communication in order to compute and share the mean
+and variance of a larger batch"), A.10 ("Empty inputs ... handling empty inputs and control flow without
+communication deadlocks"). Everything here works on CPU/gloo and CUDA/NCCL.
+
+What we reuse and what we add:
+
+* ``detectron2.utils.comm`` gives rank / world size and a *pickling* (non-differentiable) ``all_gather``;
+  ``fvcore.nn.distributed`` gives ``differentiable_all_reduce`` / ``differentiable_all_gather``. We reuse comm
+  for ranks. We do not reuse fvcore's two functions because (a) its all-reduce backward reduces
+  ``grad_output`` *in place*, which can be a stride-0 expanded view or a buffer autograd shares with another
+  branch, (b) its all-gather requires the same shape on every rank, and (c) neither moves tensors to the
+  device the backend needs (gloo: CPU, NCCL: CUDA).
+* Added here: :func:`all_reduce_sum` (differentiable SUM all-reduce), :func:`all_gather_variable`
+  (differentiable all-gather of tensors whose dim 0 differs per rank, including 0 rows),
+  :func:`shared_permutation` (the same random permutation on every rank) and :func:`sync_subgroup`
+  (cached process groups of ``k`` consecutive ranks, to choose the SyncBN normalization batch size, A.5).
+
+Contract (as for every collective): every rank of the group calls the same functions in the same order, and,
+for the differentiable ones, every rank runs backward through their output (an empty output included;
+detectron2's losses keep empty predictions in the graph with ``x.sum() * 0``), because backward is itself a
+collective.
+"""
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from detectron2.utils import comm
+
+__all__ = [
+    "group_world_size",
+    "all_reduce_sum",
+    "all_gather_variable",
+    "shared_permutation",
+    "sync_subgroup",
+]
+
+
+def group_world_size(group=None) -> int:
+    """Number of ranks in ``group`` (``None`` = all ranks); 1 when torch.distributed is not initialized."""
+    if group is None:
+        return comm.get_world_size()
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _comm_device(device: torch.device, group=None) -> torch.device:
+    """Device a tensor must be on for ``group``'s backend: gloo → CPU, NCCL → CUDA, else unchanged
+    (e.g. torch's multi-device default backend "cpu:gloo,cuda:nccl" dispatches on the tensor's device)."""
+    backend = str(dist.get_backend(group))
+    if backend == "gloo":
+        return torch.device("cpu")
+    if backend == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _all_reduce_(t: torch.Tensor, group=None) -> torch.Tensor:
+    """SUM all-reduce of a fresh contiguous copy of ``t`` on the backend's device; result on ``t.device``."""
+    buf = t.detach().to(_comm_device(t.device, group), copy=True).contiguous()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    return buf.to(t.device)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = Σ_r x_r on every rank. The backward of a SUM all-reduce is a SUM all-reduce of the gradients:
+    ∂L/∂x_r = Σ_s ∂L_s/∂y (every rank's loss depends on every x_r)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce_(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce_(grad, ctx.group), None
+
+
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Differentiable SUM all-reduce (e.g. of per-channel sums); identity in a single process.
+
+    Never modifies ``x`` or the incoming gradient in place.
+    """
+    if group_world_size(group) == 1:
+        return x
+    return _AllReduceSum.apply(x, group)
+
+
+# Fixed-length shape header so that ranks whose tensors differ even in ndim still exchange equal-size messages
+# (a mismatch is then reported as a ValueError on every rank instead of a hang / corrupt collective).
+_MAX_DIMS = 8
+_DTYPES = (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+)
+
+
+def _exchange_shapes(x: torch.Tensor, group) -> List[Tuple[int, ...]]:
+    if x.dim() < 1 or x.dim() > _MAX_DIMS:
+        raise ValueError(f"all_gather_variable supports 1 to {_MAX_DIMS} dims, got shape {tuple(x.shape)}")
+    dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
+    header = [x.dim(), dtype_code] + list(x.shape) + [0] * (_MAX_DIMS - x.dim())
+    dev = _comm_device(x.device, group)
+    local = torch.tensor(header, dtype=torch.int64, device=dev)
+    gathered = [torch.empty_like(local) for _ in range(group_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    rows = [g.tolist() for g in gathered]
+    shapes = [tuple(r[2 : 2 + r[0]]) for r in rows]
+    dtypes = {r[1] for r in rows}
+    if len({s[1:] for s in shapes}) != 1 or len({len(s) for s in shapes}) != 1 or len(dtypes) != 1:
+        raise ValueError(
+            "all_gather_variable: tensors must agree on every dim but the first, and on dtype; got shapes "
+            f"{shapes} and dtype codes {sorted(dtypes)} (index into {[str(d) for d in _DTYPES]})"
+        )
+    return shapes
+
+
+class _AllGatherVariable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sizes):
+        rank = dist.get_rank(group)
+        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
+        max_n = max(sizes)
+        if max_n == 0:  # every rank is empty: every rank skips the collective, forward and backward
+            return x.new_empty((0,) + tuple(x.shape[1:]))
+        dev = _comm_device(x.device, group)
+        # torch's all_gather needs one shape on every rank: pad to the largest, gather, unpad.
+        padded = x.detach().new_zeros((max_n,) + tuple(x.shape[1:]), device=dev)
+        padded[: x.shape[0]] = x.detach()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0).to(x.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss may depend on every rank's rows: rank r's gradient is the sum over ranks of the
+        # gradient w.r.t. its own slice. (gloo has no reduce_scatter, hence all-reduce + slice.)
+        if sum(ctx.sizes) == 0:
+            return grad.new_zeros((0,) + tuple(grad.shape[1:])), None, None
+        total = _all_reduce_(grad, ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return total[start : start + ctx.sizes[ctx.rank]], None, None
+
+
+def all_gather_variable(
+    x: torch.Tensor, group=None, return_sizes: bool = False
+) -> Union[torch.Tensor, Tuple[torch.Tensor, List[int]]]:
+    """Differentiable all-gather of tensors whose dim 0 differs across ranks (0 rows allowed).
+
+    Returns the concatenation along dim 0 in rank order (identical on every rank), and, with
+    ``return_sizes=True``, also the list of per-rank row counts (rank ``r``'s rows start at
+    ``sum(sizes[:r])``). Backward returns each rank the slice of the *summed* (over ranks) gradient that
+    corresponds to its own rows. All dims but the first, and the dtype, must agree across ranks (else
+    ValueError on every rank). Two collectives forward (shapes, data), one backward. Single process: returns
+    ``x`` itself.
+    """
+    if group_world_size(group) == 1:
+        return (x, [x.shape[0]]) if return_sizes else x
+    sizes = [s[0] for s in _exchange_shapes(x, group)]
+    out = _AllGatherVariable.apply(x, group, sizes)
+    return (out, sizes) if return_sizes else out
+
+
+def shared_permutation(
+    n: int,
+    generator_seed_or_generator: Union[None, int, torch.Generator] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    group=None,
+) -> torch.Tensor:
+    """``torch.randperm(n)`` that is identical on every rank of ``group``.
+
+    How: the permutation is generated on the group's first rank and **broadcast** (one collective of ``n``
+    int64). We broadcast rather than rely on a synchronized seed so that ranks cannot diverge even when their
+    seeds or RNG states differ; as a consequence only the first rank's generator is consumed (the others'
+    are left untouched). ``generator_seed_or_generator``: an int seed (a fresh CPU generator), a
+    ``torch.Generator`` (used as is, on its own device), or ``None`` (torch's global RNG). Every rank must
+    pass the same ``n``. Used by shuffled-RoI BN heads (gather RoIs of all ranks with
+    :func:`all_gather_variable`, permute, normalize the slice, un-permute).
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"shared_permutation: n must be >= 0, got {n}")
+    gen = generator_seed_or_generator
+    if isinstance(gen, int) and not isinstance(gen, bool):
+        gen = torch.Generator().manual_seed(gen)
+    elif gen is not None and not isinstance(gen, torch.Generator):
+        raise ValueError(
+            f"shared_permutation: generator_seed_or_generator must be None, an int or a torch.Generator, "
+            f"got {type(gen).__name__}"
+        )
+    out_device = torch.device(device) if device is not None else torch.device("cpu")
+    if group_world_size(group) == 1:
+        perm = torch.randperm(n, generator=gen, device=gen.device if gen is not None else "cpu")
+        return perm.to(out_device)
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    comm_dev = _comm_device(out_device, group)
+    if True:
+        perm = torch.randperm(n, generator=gen, device=gen.device if gen is not None else "cpu").to(comm_dev)
+    else:
+        perm = torch.empty(n, dtype=torch.int64, device=comm_dev)
+    dist.broadcast(perm, src=src, group=group)
+    return perm.to(out_device)
+
+
+# (world group object, group size) -> this rank's subgroup. A cache of communication resources (like
+# detectron2.utils.comm's cached gloo group), not of options: every rank must create every subgroup, in the
+# same order, exactly once per process group.
+_SUBGROUPS = {}
+
+
+def sync_subgroup(group_size: int):
+    """The process group of ``group_size`` consecutive ranks that contains this rank (rethinking A.5: SyncBN
+    over a chosen number of workers sets the normalization batch size).
+
+    ``0`` or the world size → ``None`` (all ranks). Must be called by every rank (it creates all subgroups
+    the first time). ValueError when ``group_size`` is negative or does not divide the world size.
+    """
+    if not isinstance(group_size, int) or group_size < 0:
+        raise ValueError(f"sync group size must be an integer >= 0 (0 = all ranks), got {group_size!r}")
+    world = comm.get_world_size()
+    if group_size in (0, world) or world == 1:
+        return None
+    if world % group_size:
+        raise ValueError(f"sync group size {group_size} does not divide the world size {world}")
+    key = (group_size,)
+    entry = _SUBGROUPS.get(key)
+    if entry is None or entry[0] is not dist.group.WORLD:  # re-initialized process group → rebuild
+        rank = comm.get_rank()
+        mine = None
+        for start in range(0, world, group_size):
+            g = dist.new_group(list(range(start, start + group_size)))
+            if start <= rank < start + group_size:
+                mine = g
+        entry = (dist.group.WORLD, mine)
+        _SUBGROUPS[key] = entry
+    return entry[1]

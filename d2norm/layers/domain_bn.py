@@ -1,0 +1,361 @@
+"""BatchNorm with per-domain statistics (and optionally per-domain affine), for layers shared across domains.
+
+rethinking §5.2, Table 5, Alg. 1 (A.9): a RetinaNet head is shared by the 5 FPN levels, so each of its BN
+layers sees 5 domains. Three independent choices decide how it behaves:
+
+* SGD-training statistics (``TRAIN_STATS``): each domain normalized by its own mini-batch statistics
+  ("domain-specific", Fig. 7a), or all domains concatenated and normalized by one set ("shared", Fig. 7b);
+* population statistics (``POP_STATS``): one EMA set per domain, or one EMA set for all domains;
+* affine transform (``AFFINE_PER_DOMAIN``): one γ, β per domain, or one shared γ, β.
+
+Table 5's finding: only layouts where population statistics are trained the way SGD normalizes work (rows 1, 4,
+6); the straightforward implementation (row 3) loses 5 AP and row 2 collapses.
+"""
+import contextlib
+import contextvars
+import logging
+import operator
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import D2NormModule
+from .batch_stats_bn import check_bn_options, fill_missing_num_batches_tracked
+from .registry import register_norm
+
+__all__ = ["DomainBatchNorm2d", "domain_scope", "current_domain"]
+
+logger = logging.getLogger(__name__)
+
+_STATS_CHOICES = ("per_domain", "shared")
+_CURRENT_DOMAIN: contextvars.ContextVar = contextvars.ContextVar("d2norm_current_domain", default=None)
+
+
+def _as_index(domain) -> int:
+    if isinstance(domain, bool):
+        raise ValueError(f"domain index must be a non-negative integer, got {domain!r}")
+    try:
+        k = operator.index(domain)
+    except TypeError:
+        raise ValueError(f"domain index must be a non-negative integer, got {domain!r}") from None
+    if k < 0:
+        raise ValueError(f"domain index must be a non-negative integer, got {domain!r}")
+    return k
+
+
+@contextlib.contextmanager
+def domain_scope(domain: int) -> Iterator[None]:
+    """Select ``domain`` for every :class:`DomainBatchNorm2d` called inside (without an explicit ``domain=``).
+
+    Lets a model route a whole sub-network (e.g. the shared RetinaNet head applied to FPN level k) to domain k
+    without changing call signatures. Backed by a ``ContextVar``: scopes nest, are per thread / task, and
+    nothing outlives the ``with`` block. The index is checked against each layer's ``NUM_DOMAINS`` at call time.
+    """
+    token = _CURRENT_DOMAIN.set(_as_index(domain))
+    try:
+        yield
+    finally:
+        _CURRENT_DOMAIN.reset(token)
+
+
+def current_domain() -> Optional[int]:
+    """The domain selected by the innermost active :func:`domain_scope`, or ``None``."""
+    return _CURRENT_DOMAIN.get()
+
+
+class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
+    """BatchNorm2d holding ``K = num_domains`` sets of population statistics and/or affine parameters.
+
+    rethinking §5.2, Table 5, Alg. 1. Options and state:
+
+    * ``pop_stats="per_domain"``: ``running_mean``/``running_var`` of shape (K, C) and ``num_batches_tracked``
+      of shape (K,) (domains may be updated a different number of times); ``"shared"``: (C,), (C,), () —
+      exactly ``BatchNorm2d``'s buffers.
+    * ``affine_per_domain=True``: ``weight``/``bias`` of shape (K, C); ``False``: (C,) as in ``BatchNorm2d``.
+    * ``train_stats``: how mini-batch statistics are formed in training (below).
+
+    With ``pop_stats="shared"`` and ``affine_per_domain=False`` the state dict is identical to ``BatchNorm2d``'s.
+
+    **Calls.** ``forward(x, domain=k)`` normalizes one domain's input; ``domain`` defaults to the innermost
+    :func:`domain_scope`. ``forward_domains(xs, domains=None)`` takes every domain's input at once (``xs[i]`` is
+    domain ``domains[i]``, default ``i``, and then ``len(xs)`` must equal K); the xs may differ in N, H, W.
+
+    **Domain rule.** A given domain index must be an integer in [0, K) (ValueError otherwise). When no domain is
+    given and no scope is active, the call raises a ValueError explaining how to select one — unless the output
+    cannot depend on the domain (K = 1, or shared population statistics *and* shared affine). It never picks one.
+
+    **Training** (EMA in torch's convention: ``running ← (1 − m)·running + m·batch``, unbiased variance in
+    ``running_var``; ``momentum=None`` = cumulative average using the matching ``num_batches_tracked``):
+
+    * ``train_stats="per_domain"`` (Fig. 7a): domain k is normalized by its own batch mean / biased variance
+      (exactly ``nn.BatchNorm2d`` in train mode on that input). ``forward_domains(xs)`` is identical to calling
+      ``forward(xs[i], domains[i])`` in order.
+
+      - ``pop_stats="per_domain"``: domain k's EMA row is updated from domain k's statistics.
+        Table 5 row 4 (affine shared) and row 6 (affine per domain) = Alg. 1 ``RetinaNetHead_Row6``.
+      - ``pop_stats="shared"``: the single EMA set is updated once per domain call, in call order, from that
+        domain's statistics — what one ``nn.BatchNorm2d`` applied separately to each level does.
+        Table 5 row 3 (affine shared) = Alg. 1 ``RetinaNetHead_Row3``, and row 5 (affine per domain).
+        (We deliberately do not substitute a single update with pooled statistics here: row 3 is defined as
+        the standard implementation, whose EMA tracks per-level statistics.)
+
+    * ``train_stats="shared"`` (Fig. 7b) needs ``forward_domains``: mean μ and biased variance σ² over the
+      concatenation of all non-empty xs (every sample and position of every domain, i.e. weighted by element
+      count — Alg. 1 ``RetinaNetHead_Row1``), and every domain is normalized with (μ, σ²) and its affine
+      (gradients flow through the shared statistics into every domain). A single-domain ``forward`` in training
+      raises a ValueError (there is nothing to share with) unless K = 1.
+
+      - ``pop_stats="shared"``: one EMA update per ``forward_domains`` call with (μ, unbiased σ² over the
+        concatenation). Table 5 row 1 (affine shared) = Alg. 1 ``RetinaNetHead_Row1``.
+      - ``pop_stats="per_domain"``: each domain's EMA row is updated from that domain's own mean / unbiased
+        variance, although SGD normalized with the shared ones. Table 5 row 2 (the inconsistent layout,
+        2.1 AP) — expressible for reproduction, not recommended.
+      - ``affine_per_domain=True`` combines with either (not a Table 5 row).
+
+    * Empty inputs (rethinking A.10): a zero-size domain input gives a zero-size output, contributes nothing
+      to shared statistics and does not update (or count towards) any EMA. With ``train_stats="shared"`` a
+      domain with a single value per channel (N·H·W = 1) is normalized with the shared statistics but does
+      not update its own EMA row (its unbiased variance is undefined); the per-domain path rejects such an
+      input like ``nn.BatchNorm2d`` does.
+
+    **Eval** (never writes a buffer): domain k uses its population statistics (row k, or the shared set) and its
+    affine (row k, or shared): ``F.batch_norm`` with the selected statistics, whatever ``train_stats`` was.
+    ``forward_domains`` in eval = ``forward`` per domain.
+
+    **Checkpoints.** A plain ``BatchNorm2d`` / ``FrozenBatchNorm2d`` state (one set) loads into a per-domain
+    layout by copying the single set into every domain (a warning names the mapped entries); a missing
+    ``num_batches_tracked`` (FrozenBN) keeps the current value, with a warning. A per-domain state cannot load
+    into a shared layout (torch reports the size mismatch). Note: fvcore's ``Checkpointer`` drops
+    shape-mismatched keys *before* ``load_state_dict``, so BN → per-domain mapping through it needs the norm
+    converter; and ``FrozenBatchNorm2d.convert_frozen_batchnorm`` / ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    do not understand per-domain state.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_domains: int = 5,
+        train_stats: str = "per_domain",
+        pop_stats: str = "per_domain",
+        affine_per_domain: bool = False,
+        eps: float = 1e-5,
+        momentum=0.1,
+    ):
+        check_bn_options(eps, momentum)
+        if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains < 1:
+            raise ValueError(f"NUM_DOMAINS must be an integer >= 1, got {num_domains!r}")
+        if train_stats not in _STATS_CHOICES:
+            raise ValueError(f"TRAIN_STATS must be one of {_STATS_CHOICES}, got {train_stats!r}")
+        if pop_stats not in _STATS_CHOICES:
+            raise ValueError(f"POP_STATS must be one of {_STATS_CHOICES}, got {pop_stats!r}")
+        if not isinstance(affine_per_domain, bool):
+            raise ValueError(f"AFFINE_PER_DOMAIN must be True or False, got {affine_per_domain!r}")
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
+        self.num_domains = num_domains
+        self.train_stats = train_stats
+        self.pop_stats = pop_stats
+        self.affine_per_domain = affine_per_domain
+        K, C = num_domains, num_features
+        if pop_stats == "per_domain":
+            self.register_buffer("running_mean", torch.zeros(K, C))
+            self.register_buffer("running_var", torch.ones(K, C))
+            self.register_buffer("num_batches_tracked", torch.zeros(K, dtype=torch.long))
+        if affine_per_domain:
+            self.weight = nn.Parameter(torch.ones(K, C))
+            self.bias = nn.Parameter(torch.zeros(K, C))
+
+    def extra_repr(self):
+        return (
+            super().extra_repr()
+            + f", num_domains={self.num_domains}, train_stats={self.train_stats!r}, pop_stats={self.pop_stats!r}"
+            + f", affine_per_domain={self.affine_per_domain}"
+        )
+
+    # ---- domain selection -------------------------------------------------------------------------------
+    def _check_domain(self, domain) -> int:
+        k = _as_index(domain)
+        if k >= self.num_domains:
+            raise ValueError(
+                f"domain index {domain!r} out of range for DomainBatchNorm2d with NUM_DOMAINS={self.num_domains} "
+                f"(valid: 0..{self.num_domains - 1})"
+            )
+        return k
+
+    def _resolve_domain(self, domain) -> Optional[int]:
+        if domain is None:
+            domain = _CURRENT_DOMAIN.get()
+        if domain is not None:
+            return self._check_domain(domain)
+        if self.num_domains == 1:
+            return 0
+        if self.pop_stats == "shared" and not self.affine_per_domain:
+            return None  # nothing domain-specific to select
+        raise ValueError(
+            f"DomainBatchNorm2d with NUM_DOMAINS={self.num_domains} got no domain: call forward(x, domain=k), "
+            f"wrap the call in `with d2norm.layers.domain_bn.domain_scope(k):`, or use forward_domains(xs)"
+        )
+
+    def _affine(self, k: Optional[int]):
+        if self.affine_per_domain:
+            return self.weight[k], self.bias[k]
+        return self.weight, self.bias
+
+    def _pop(self, k: Optional[int]):
+        if self.pop_stats == "per_domain":
+            return self.running_mean[k], self.running_var[k]
+        return self.running_mean, self.running_var
+
+    @torch.no_grad()
+    def _ema_factor(self, k: Optional[int]) -> float:
+        """Count one EMA update of domain k (or of the shared set) and return its momentum."""
+        counter = self.num_batches_tracked[k] if self.pop_stats == "per_domain" else self.num_batches_tracked
+        counter.add_(1)
+        return self.momentum if self.momentum is not None else 1.0 / float(counter)
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"DomainBatchNorm2d expects NCHW input with C={self.num_features}, got shape {tuple(x.shape)}"
+            )
+
+    def _eval_one(self, x: torch.Tensor, k: Optional[int]) -> torch.Tensor:
+        rm, rv = self._pop(k)
+        w, b = self._affine(k)
+        return F.batch_norm(x, rm, rv, w, b, False, 0.0, self.eps)
+
+    def _train_one(self, x: torch.Tensor, k: Optional[int]) -> torch.Tensor:
+        w, b = self._affine(k)
+        if x.numel() == 0:  # no statistics: zero-size output, EMA untouched and not counted
+            return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+        if x.numel() == self.num_features:  # checked before counting the update (torch would raise later)
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        rm, rv = self._pop(k)  # rows of the (K, C) buffers are contiguous views: updated in place
+        return F.batch_norm(x, rm, rv, w, b, True, self._ema_factor(k), self.eps)
+
+    def forward(self, x: torch.Tensor, domain: Optional[int] = None) -> torch.Tensor:
+        self._check_input(x)
+        k = self._resolve_domain(domain)
+        if not self.training:
+            return self._eval_one(x, k)
+        if self.train_stats == "shared" and self.num_domains > 1:
+            raise ValueError(
+                "DomainBatchNorm2d with TRAIN_STATS='shared' normalizes all domains together in training: "
+                "call forward_domains(xs) with every domain's input (or set TRAIN_STATS='per_domain')"
+            )
+        return self._train_one(x, k)
+
+    def forward_domains(
+        self, xs: Sequence[torch.Tensor], domains: Optional[Sequence[int]] = None
+    ) -> List[torch.Tensor]:
+        """Normalize every domain's input; ``xs[i]`` belongs to domain ``domains[i]`` (default ``i``).
+
+        Training with ``train_stats="shared"`` computes one set of statistics over all xs (rethinking Fig. 7b,
+        Alg. 1 Row1); otherwise this is ``forward`` applied per domain, in order (see class docstring).
+        """
+        xs = list(xs)
+        if domains is None:
+            if len(xs) != self.num_domains:
+                raise ValueError(
+                    f"forward_domains got {len(xs)} inputs but NUM_DOMAINS={self.num_domains}; pass one input "
+                    f"per domain or give `domains`"
+                )
+            ks = list(range(len(xs)))
+        else:
+            ks = [self._check_domain(d) for d in domains]
+            if len(ks) != len(xs) or len(set(ks)) != len(ks):
+                raise ValueError(
+                    f"domains must be distinct and one per input, got {list(domains)!r} for {len(xs)} inputs"
+                )
+        for x in xs:
+            self._check_input(x)
+        if not self.training:
+            return [self._eval_one(x, k) for x, k in zip(xs, ks)]
+        if self.train_stats == "per_domain":
+            return [self._train_one(x, k) for x, k in zip(xs, ks)]
+        return self._train_shared(xs, ks)
+
+    def _train_shared(self, xs: List[torch.Tensor], ks: List[int]) -> List[torch.Tensor]:
+        C = self.num_features
+        live = [i for i, x in enumerate(xs) if x.numel() > 0]
+        if not live:
+            return [self._train_one(x, k) for x, k in zip(xs, ks)]
+        stat_dtype = torch.float32 if xs[live[0]].dtype in (torch.float16, torch.bfloat16) else xs[live[0]].dtype
+        counts, means, vars_ = [], [], []
+        for i in live:
+            var_i, mean_i = torch.var_mean(xs[i].to(stat_dtype), dim=(0, 2, 3), correction=0)
+            counts.append(xs[i].numel() // C)
+            means.append(mean_i)
+            vars_.append(var_i)
+        n = sum(counts)
+        if n < 2:
+            raise ValueError(f"Expected more than 1 value per channel over all domains when training, got {n}")
+        # Statistics of the concatenation from per-domain moments (no concatenated copy of the activations).
+        mean = sum(c / n * m for c, m in zip(counts, means))
+        var = sum(c / n * (v + (m - mean).square()) for c, m, v in zip(counts, means, vars_))
+        inv_std = torch.rsqrt(var + self.eps)
+
+        outs = []
+        for x, k in zip(xs, ks):
+            w, b = self._affine(k)
+            if x.numel() == 0:
+                outs.append(F.batch_norm(x, None, None, w, b, True, 0.0, self.eps))
+                continue
+            scale = inv_std * w.to(stat_dtype)
+            shift = b.to(stat_dtype) - mean * scale
+            y = torch.addcmul(shift.view(1, -1, 1, 1), x.to(stat_dtype), scale.view(1, -1, 1, 1))
+            outs.append(y.to(x.dtype))
+
+        with torch.no_grad():
+            if self.pop_stats == "shared":
+                self._ema_update(None, mean, var * (n / (n - 1)))
+            else:
+                for i, c, m, v in zip(live, counts, means, vars_):
+                    if c > 1:
+                        self._ema_update(ks[i], m, v * (c / (c - 1)))
+        return outs
+
+    def _ema_update(self, k: Optional[int], mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        f = self._ema_factor(k)
+        rm, rv = self._pop(k)
+        rm.mul_(1 - f).add_(mean.detach().to(rm.dtype), alpha=f)
+        rv.mul_(1 - f).add_(unbiased_var.detach().to(rv.dtype), alpha=f)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fill_missing_num_batches_tracked(self, state_dict, prefix)
+        mapped = []
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            key, ours = prefix + name, getattr(self, name)
+            src = state_dict.get(key)
+            if src is None or ours is None or not isinstance(src, torch.Tensor):
+                continue
+            if ours.dim() == src.dim() + 1 and ours.shape[0] == self.num_domains and ours.shape[1:] == src.shape:
+                state_dict[key] = src.unsqueeze(0).repeat(self.num_domains, *([1] * src.dim()))
+                mapped.append(name)
+        if mapped:
+            logger.warning(
+                "DomainBatchNorm2d %r: checkpoint holds a single set of %s; copied it into all %d domains.",
+                prefix.rstrip("."),
+                ", ".join(mapped),
+                self.num_domains,
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@register_norm("DomainBN")
+def build_domain_bn(cfg, channels: int) -> DomainBatchNorm2d:
+    """``NORM: "DomainBN"``; options ``D2NORM.DOMAIN_BN.{NUM_DOMAINS, TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN}``
+    and ``D2NORM.BN.{MOMENTUM, EPS}``."""
+    c = cfg.D2NORM.DOMAIN_BN
+    return DomainBatchNorm2d(
+        channels,
+        num_domains=c.NUM_DOMAINS,
+        train_stats=c.TRAIN_STATS,
+        pop_stats=c.POP_STATS,
+        affine_per_domain=c.AFFINE_PER_DOMAIN,
+        eps=cfg.D2NORM.BN.EPS,
+        momentum=cfg.D2NORM.BN.MOMENTUM,
+    )

@@ -1,0 +1,390 @@
+"""EvalNorm: evaluation-time normalization statistics that include the sample's own statistics.
+
+evalnorm §3.2-3.4. In training a sample x_i is normalized with minibatch statistics that contain x_i itself
+(eqs 3-4, with α = 1/B). BN's evaluation replaces them by the EMA (eq 2) and drops that dependency; EvalNorm
+puts it back (eqs 5-6), per sample and per channel:
+
+    μ̂  = α̂·μ_i + (1 − α̂)·μ_E                                                   (eq 5)
+    σ̂² = β̂·σ_i² + (1 − β̂)·σ_E² + β̂(1 − β̂)(μ_i − μ_E)²                           (eq 6)
+
+with μ_i, σ_i² the mean and (biased) variance of sample i's channel over its spatial positions, and μ_E, σ_E²
+the EMA buffers ``running_mean`` / ``running_var``. α̂, β̂ come from the layer's mode:
+
+* ``"online"``  (§3.4 "Online estimation"): learned during training by the stop-gradient L1 loss of eqs 7-9;
+* ``"rule"``    (§3.3 / §4.1 rule of thumb): α̂ = β̂ = 1/B²;
+* ``"offline"`` (§3.4 "Offline estimation"): fitted after training on a frozen model with
+  :func:`d2norm.layers.evalnorm_fit.fit_evalnorm_offline`.
+
+Training normalization is exactly ``nn.BatchNorm2d``'s; the auxiliary loss only ever moves α̂ and β̂.
+"""
+import logging
+import math
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import D2NormModule
+from .registry import register_norm
+
+__all__ = [
+    "EvalNorm2d",
+    "EVALNORM_MODES",
+    "evalnorm_modules",
+    "evalnorm_aux_loss",
+    "evalnorm_parameters",
+    "evalnorm_alpha_beta",
+]
+
+logger = logging.getLogger(__name__)
+
+EVALNORM_MODES = ("online", "rule", "offline")
+
+
+def _validate_options(mode, rule_batch_size, init_alpha, init_beta) -> None:
+    if mode not in EVALNORM_MODES:
+        raise ValueError(f"EvalNorm: MODE must be one of {EVALNORM_MODES}, got {mode!r}")
+    if isinstance(rule_batch_size, bool) or not isinstance(rule_batch_size, int) or rule_batch_size < 0:
+        raise ValueError(
+            f"EvalNorm: RULE_BATCH_SIZE must be an integer >= 0 (0 = use the recorded batch size), "
+            f"got {rule_batch_size!r}"
+        )
+    for key, v in (("INIT_ALPHA", init_alpha), ("INIT_BETA", init_beta)):
+        if not isinstance(v, (int, float)) or not 0.0 < float(v) < 1.0:
+            raise ValueError(f"EvalNorm: {key} must be a number strictly between 0 and 1, got {v!r}")
+
+
+class _AffineL1Mean(torch.autograd.Function):
+    """``mean(|x·a + b|)`` with a, b per (sample, channel); x carries no gradient (it is ⟨x_i⟩ in eq 9).
+
+    Same value and gradient as ``(x * a + b).abs().mean()``, but only ``x`` (already kept alive by the
+    network's own graph), ``a`` and ``b`` are saved: autograd's ``abs`` would keep one extra full-size float32
+    tensor per layer alive until backward. The sign is recomputed in backward instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b):
+        if x.requires_grad:
+            raise RuntimeError("_AffineL1Mean: x must be detached (stop-gradient of evalnorm eq 9)")
+        ctx.save_for_backward(x, a, b)
+        # mixed dtypes promote: bf16/fp16 x times float32 a gives a float32 result, without a float32 copy of x
+        return torch.addcmul(b[:, :, None, None], x, a[:, :, None, None]).abs_().sum() / x.numel()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b = ctx.saved_tensors
+        s = torch.addcmul(b[:, :, None, None], x, a[:, :, None, None]).sign_()
+        scale = grad / x.numel()
+        grad_b = s.sum(dim=(2, 3)) * scale
+        grad_a = s.mul_(x).sum(dim=(2, 3)) * scale
+        return None, grad_a, grad_b
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+class EvalNorm2d(nn.BatchNorm2d, D2NormModule):
+    """``nn.BatchNorm2d`` with EvalNorm's evaluation statistics (evalnorm §3.3-3.4, eqs 5-9).
+
+    Training: output, gradients and EMA updates are those of ``nn.BatchNorm2d``. In ``"online"`` mode (and
+    while :func:`~d2norm.layers.evalnorm_fit.fit_evalnorm_offline` runs) each training forward with grad
+    enabled also computes the auxiliary loss of eqs 7-9,
+
+        L_aux = mean | ⟨(x_i − μ_B)/σ_B⟩ − (⟨x_i⟩ − μ̂)/σ̂ |
+
+    where every argument except α̂, β̂ is detached (μ_i, σ_i, μ_B, σ_B from the detached input; μ_E, σ_E²
+    the EMA *before* this step's update, i.e. the estimate that does not yet contain the current batch), so
+    it moves only α̂, β̂. The paper's ‖·‖₁ is a sum; we average over the N·C·H·W elements so the loss scale
+    does not depend on the feature-map size (each layer's α̂, β̂ only see their own term, so the minimizer is
+    unchanged). σ² always includes ``eps`` as in BN. The loss terms are kept until collected by
+    :func:`evalnorm_aux_loss` (a module called several times per iteration, e.g. a RetinaNet head shared
+    over FPN levels, accumulates one term per call; at most :attr:`max_pending_aux` are kept).
+
+    Eval: eqs 5-6 with the sample's own statistics (float32 for fp16/bf16 input), then one fused
+    ``x·scale + shift``. α̂, β̂ are detached here: only L_aux estimates them (§3.4: "the parameters used in
+    EN are independent of the deep network").
+
+    Parametrization: α̂ = sigmoid(``alpha_logit``), β̂ = sigmoid(``beta_logit``), two scalar parameters per
+    layer, always in (0, 1), never stuck at a clamp bound, listed in :attr:`no_weight_decay`. They require
+    grad only in ``"online"`` mode (so DDP does not see unused parameters in the other modes).
+
+    Buffers: BN's ``running_mean``, ``running_var``, ``num_batches_tracked`` (updated exactly as BN) and
+    ``seen_batch_size`` / ``seen_batches``: the mean number of examples N over this layer's non-empty training
+    forwards and their count; ``"rule"`` mode uses B = ``seen_batch_size`` unless ``rule_batch_size > 0``.
+    Eval never mutates a buffer.
+
+    Loading a plain ``nn.BatchNorm2d`` / detectron2 ``FrozenBatchNorm2d`` state: the BN entries load; the
+    EvalNorm entries are reported in ``missing_keys`` (and logged) and keep their initial values.
+    """
+
+    no_weight_decay = ("alpha_logit", "beta_logit")
+    #: training-time aux-loss terms kept until :func:`evalnorm_aux_loss` collects them; beyond this the oldest
+    #: is dropped (with a warning), so a model that never collects them does not hold its activations forever
+    max_pending_aux = 32
+
+    def __init__(
+        self,
+        num_features: int,
+        mode: str = "online",
+        rule_batch_size: int = 0,
+        init_alpha: float = 0.1,
+        init_beta: float = 0.1,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        _validate_options(mode, rule_batch_size, init_alpha, init_beta)
+        if not track_running_stats:
+            raise ValueError("EvalNorm: track_running_stats must be True (eqs 5-6 need the EMA μ_E, σ_E²)")
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, device=device, dtype=dtype)
+        f = {"device": device, "dtype": torch.float32}
+        self.alpha_logit = nn.Parameter(torch.tensor(_logit(float(init_alpha)), **f))
+        self.beta_logit = nn.Parameter(torch.tensor(_logit(float(init_beta)), **f))
+        self.register_buffer("seen_batch_size", torch.zeros((), **f))
+        self.register_buffer("seen_batches", torch.zeros((), dtype=torch.long, device=device))
+        self.init_alpha, self.init_beta = float(init_alpha), float(init_beta)
+        self.rule_batch_size = int(rule_batch_size)
+        self._fitting = False  # set by fit_evalnorm_offline: aux loss on, every buffer update off
+        self._aux_terms: List[torch.Tensor] = []
+        self._warned_pending = False
+        self.mode = mode
+
+    # ---- options ----------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        _validate_options(value, self.rule_batch_size, 0.5, 0.5)
+        self._mode = value
+        self.alpha_logit.requires_grad_(value == "online")
+        self.beta_logit.requires_grad_(value == "online")
+
+    def extra_repr(self):
+        return super().extra_repr() + f", mode={self._mode!r}, rule_batch_size={self.rule_batch_size}"
+
+    @property
+    def alpha_hat(self) -> torch.Tensor:
+        """The learned α̂ ∈ (0, 1) (online/offline modes), with its graph."""
+        return torch.sigmoid(self.alpha_logit)
+
+    @property
+    def beta_hat(self) -> torch.Tensor:
+        """The learned β̂ ∈ (0, 1) (online/offline modes), with its graph."""
+        return torch.sigmoid(self.beta_logit)
+
+    def rule_batch_size_used(self) -> float:
+        """B of the ``"rule"`` mode: ``rule_batch_size`` if > 0, else the recorded ``seen_batch_size``."""
+        if self.rule_batch_size > 0:
+            return float(self.rule_batch_size)
+        if int(self.seen_batches) == 0:
+            raise RuntimeError(
+                "EvalNorm mode 'rule' needs the normalization batch size B (alpha = beta = 1/B^2), but this layer "
+                "has not recorded one (no training forward and none in the checkpoint). Set "
+                "D2NORM.EVALNORM.RULE_BATCH_SIZE > 0."
+            )
+        return float(self.seen_batch_size)
+
+    def eval_alpha_beta(self):
+        """(α̂, β̂) that eval uses in the current mode: Python floats 1/B² in ``"rule"`` mode (exact in any
+        dtype, no host-to-device copy), else the detached scalar tensors sigmoid(logit)."""
+        if self._mode == "rule":
+            v = 1.0 / self.rule_batch_size_used() ** 2
+            return v, v
+        return self.alpha_hat.detach(), self.beta_hat.detach()
+
+    # ---- aux loss ---------------------------------------------------------------------------------------
+    @property
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """Sum of the aux-loss terms of the training forwards since the last collection, or None."""
+        if not self._aux_terms:
+            return None
+        return torch.stack(self._aux_terms).sum()
+
+    def pop_aux_loss(self) -> Optional[torch.Tensor]:
+        loss = self.aux_loss
+        self._aux_terms.clear()
+        return loss
+
+    def _push_aux(self, term: torch.Tensor) -> None:
+        if len(self._aux_terms) >= self.max_pending_aux:
+            if not self._warned_pending:
+                logger.warning(
+                    "EvalNorm: %d aux-loss terms were never collected; dropping the oldest. Add "
+                    "evalnorm_aux_loss(model) to the loss every iteration (mode 'online').",
+                    len(self._aux_terms),
+                )
+                self._warned_pending = True
+            self._aux_terms.pop(0)
+        self._aux_terms.append(term)
+
+    def _aux_loss(self, x: torch.Tensor, mu_e: torch.Tensor, var_e: torch.Tensor) -> torch.Tensor:
+        """Eqs 7-9 on the detached input ``x`` (N > 0) and the pre-update EMA ``mu_e``, ``var_e`` (C,)."""
+        sd = _stat_dtype(x)
+        var_i, mu_i = torch.var_mean(x.to(sd), dim=(2, 3), correction=0)  # (N, C)
+        # minibatch statistics from the per-sample ones (combined-population formulas, cf. eqs 3-4)
+        mu_b = mu_i.mean(0)
+        var_b = var_i.mean(0) + (mu_i - mu_b).square().mean(0)
+        r_b = torch.rsqrt(var_b + self.eps)
+        alpha = self.alpha_hat.to(sd)
+        beta = self.beta_hat.to(sd)
+        mu_e, var_e = mu_e.to(sd), var_e.to(sd)
+        d = mu_i - mu_e
+        mu_hat = mu_e + alpha * d  # eq 7
+        var_hat = beta * var_i + (1 - beta) * var_e + beta * (1 - beta) * d.square()  # eq 8
+        r_hat = torch.rsqrt(var_hat + self.eps)
+        # eq 9: (x - μ_B)·r_B - (x - μ̂)·r̂ = x·(r_B - r̂) + (μ̂·r̂ - μ_B·r_B)
+        return _AffineL1Mean.apply(x, r_b - r_hat, mu_hat * r_hat - mu_b * r_b)
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"EvalNorm2d expects NCHW input, got shape {tuple(x.shape)}")
+        if self.training:
+            return self._train_forward(x)
+        return self._eval_forward(x)
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        want_aux = (self._mode == "online" or self._fitting) and torch.is_grad_enabled()
+        nonempty = x.numel() > 0
+        if want_aux and nonempty:
+            mu_e, var_e = self.running_mean.clone(), self.running_var.clone()
+        if self._fitting:
+            # batch statistics exactly as in training, but no buffer is touched (offline fit, §3.4)
+            y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        else:
+            y = super().forward(x)
+            if nonempty:
+                self._record_batch_size(x.shape[0])
+        if want_aux:
+            if nonempty:
+                term = self._aux_loss(x.detach(), mu_e, var_e)
+            else:
+                # keeps α̂, β̂ in the graph (DDP) with a zero loss
+                term = (self.alpha_logit + self.beta_logit) * 0.0
+            self._push_aux(term)
+        return y
+
+    @torch.no_grad()
+    def _record_batch_size(self, n: int) -> None:
+        self.seen_batches.add_(1)
+        self.seen_batch_size.add_((n - self.seen_batch_size) / self.seen_batches)
+
+    def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._aux_terms.clear()
+        if x.numel() == 0:
+            if self.affine:
+                return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+            return x.clone()
+        alpha, beta = self.eval_alpha_beta()
+        sd = _stat_dtype(x)
+        xs = x.to(sd)
+        var_i, mu_i = torch.var_mean(xs, dim=(2, 3), correction=0, keepdim=True)  # (N, C, 1, 1)
+        mu_e = self.running_mean.to(sd).view(1, -1, 1, 1)
+        var_e = self.running_var.to(sd).view(1, -1, 1, 1)
+        if isinstance(alpha, torch.Tensor):
+            alpha, beta = alpha.to(sd), beta.to(sd)
+        d = mu_i - mu_e
+        mu_hat = mu_e + alpha * d  # eq 5
+        var_hat = beta * var_i + (1 - beta) * var_e + beta * (1 - beta) * d.square()  # eq 6
+        scale = torch.rsqrt(var_hat + self.eps)
+        if self.affine:
+            scale = scale * self.weight.to(sd).view(1, -1, 1, 1)
+            shift = self.bias.to(sd).view(1, -1, 1, 1) - mu_hat * scale
+        else:
+            shift = -mu_hat * scale
+        return torch.addcmul(shift, xs, scale).to(x.dtype)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        absent = [k for k in ("alpha_logit", "beta_logit") if prefix + k not in state_dict]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if absent:
+            # e.g. a plain BN / FrozenBN checkpoint: reported here and through missing_keys, never silent
+            logger.warning(
+                "EvalNorm %s: checkpoint has no %s; keeping alpha=%.4g, beta=%.4g (mode=%r)",
+                prefix.rstrip(".") or "<module>",
+                ", ".join(absent),
+                float(self.alpha_hat.detach()),
+                float(self.beta_hat.detach()),
+                self._mode,
+            )
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+# ---- model-level helpers ------------------------------------------------------------------------------------
+def evalnorm_modules(model: nn.Module) -> Dict[str, EvalNorm2d]:
+    """Every :class:`EvalNorm2d` in ``model`` by its module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, EvalNorm2d)}
+
+
+def evalnorm_aux_loss(model: nn.Module, clear: bool = True) -> torch.Tensor:
+    """Sum of the pending aux losses (eq 9) of every EvalNorm layer in ``model`` (unweighted).
+
+    Called once per iteration after the forward, it collects (and with ``clear``, forgets) the terms the
+    training forwards stored. Returns a 0 tensor (on the model's device) when there are none.
+    """
+    total = None
+    device = None
+    for m in evalnorm_modules(model).values():
+        device = m.alpha_logit.device
+        loss = m.pop_aux_loss() if clear else m.aux_loss
+        if loss is not None:
+            total = loss if total is None else total + loss
+    if total is None:
+        if device is None:
+            p = next(iter(model.parameters()), None)
+            device = p.device if p is not None else torch.device("cpu")
+        total = torch.zeros((), device=device)
+    return total
+
+
+def evalnorm_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The α̂, β̂ logit parameters of every EvalNorm layer (alpha, beta, alpha, beta, ...)."""
+    out = []
+    for m in evalnorm_modules(model).values():
+        out += [m.alpha_logit, m.beta_logit]
+    return out
+
+
+@torch.no_grad()
+def evalnorm_alpha_beta(model: nn.Module, effective: bool = False) -> Dict[str, Dict[str, float]]:
+    """``{module name: {"alpha": α̂, "beta": β̂}}`` for logging (e.g. to detectron2's event storage).
+
+    By default the learned values sigmoid(logit); with ``effective=True`` the values eval uses in each
+    layer's mode (1/B² in ``"rule"`` mode; raises if B is unknown there).
+    """
+    out = {}
+    for name, m in evalnorm_modules(model).items():
+        a, b = m.eval_alpha_beta() if effective else (m.alpha_hat.detach(), m.beta_hat.detach())
+        out[name] = {"alpha": float(a), "beta": float(b)}
+    return out
+
+
+@register_norm("EvalNorm")
+def build_evalnorm(cfg, channels: int) -> EvalNorm2d:
+    """``NORM: "EvalNorm"``; options ``D2NORM.EVALNORM.{MODE, RULE_BATCH_SIZE, INIT_ALPHA, INIT_BETA}``,
+    ``D2NORM.BN.{MOMENTUM, EPS}``."""
+    c = cfg.D2NORM.EVALNORM
+    return EvalNorm2d(
+        channels,
+        mode=c.MODE,
+        rule_batch_size=c.RULE_BATCH_SIZE,
+        init_alpha=c.INIT_ALPHA,
+        init_beta=c.INIT_BETA,
+        eps=cfg.D2NORM.BN.EPS,
+        momentum=cfg.D2NORM.BN.MOMENTUM,
+    )

@@ -1,0 +1,108 @@
+"""Inference example weighing.
+
+four-things §3.1, eq 3: in BN inference each example does not contribute to its own normalization statistics
+(train-test discrepancy, eq 2). Eq 3 mixes the example's own moments into the moving averages:
+
+    μ_i  = α E[x_i] + (1 − α) m_x
+    σ²_i = α E[x_i²] + (1 − α) m_{x²} − μ_i²
+    x̂_i = γ (x_i − μ_i) / sqrt(σ²_i + ε) + β
+
+α = 0 is classical BN inference, α = 1 uses only the example's own statistics (instance statistics). Training is
+unchanged, so it applies retroactively to any BN checkpoint (§3.1, Fig. 1).
+"""
+import torch
+from torch import nn
+
+from .base import D2NormModule
+from .batch_stats_bn import check_bn_options, fill_missing_num_batches_tracked
+from .registry import register_norm
+
+__all__ = ["ExampleWeightedBatchNorm2d"]
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= alpha <= 1.0):
+        raise ValueError(
+            f"inference example weight alpha (D2NORM.EXAMPLE_WEIGHING.ALPHA) must be a number in [0, 1], "
+            f"got {alpha!r}"
+        )
+    return float(alpha)
+
+
+class ExampleWeightedBatchNorm2d(nn.BatchNorm2d, D2NormModule):
+    """BatchNorm2d with inference example weighing (four-things §3.1, eq 3).
+
+    Training: exactly ``nn.BatchNorm2d`` (same output, same EMA updates).
+
+    Eval, per sample i and channel c (E[·] over the H·W positions of that sample and channel, biased):
+
+    * ``m_x = running_mean`` and ``m_{x²} = running_var + running_mean²``.
+      **Variance convention:** ``running_var`` is used as stored, i.e. torch's EMA of the *unbiased* batch
+      variance. Reasons: (1) α = 0 must reproduce BN inference exactly, which needs σ² = running_var at α = 0;
+      (2) it must load any plain BN / FrozenBN checkpoint, and those store only running_mean/running_var;
+      (3) converting to a biased second moment needs the training normalization size n = N·H·W (factor
+      (n−1)/n), which no BN checkpoint records; for conv features n is in the thousands, so the difference is
+      below 0.1%. (An explicit EMA of E_B[x²] would also differ from running_var + running_mean² by the spread
+      of batch means over training; eq 3 with α = 0 is meant to *be* BN inference, so we derive m_{x²} from the
+      stored statistics.)
+    * Eq 3 is evaluated in the algebraically identical, cancellation-free form
+      ``σ²_i = α·Var[x_i] + (1 − α)·running_var + α(1 − α)(E[x_i] − m_x)²``
+      (expand α(Var+E²) + (1−α)(V+M²) − (αE + (1−α)M)²). At α = 1 this is exactly the biased instance
+      variance, i.e. ``F.instance_norm`` followed by the BN affine.
+    * α = 0 takes BN's own inference kernel (bitwise equal to ``nn.BatchNorm2d.eval()``).
+
+    One statistics pass and one fused normalize ``y = x·scale_i + shift_i`` over the activation. No buffer is
+    written in eval. State dict is identical to ``BatchNorm2d``'s.
+    """
+
+    def __init__(self, num_features: int, alpha: float = 0.1, eps: float = 1e-5, momentum=0.1, **kwargs):
+        check_bn_options(eps, momentum)
+        alpha_ = _check_alpha(alpha)
+        if not kwargs.get("track_running_stats", True):
+            raise ValueError(
+                "ExampleWeightedBatchNorm2d needs running statistics (m_x, m_x2 of four-things eq 3): "
+                "track_running_stats must be True, got False"
+            )
+        super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
+        self.alpha = alpha_
+
+    def extra_repr(self):
+        return super().extra_repr() + f", alpha={self.alpha}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"ExampleWeightedBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")
+        if self.training or self.alpha == 0.0 or x.numel() == 0:
+            return super().forward(x)  # BN training / BN inference; empty input has no statistics to mix in
+
+        a = self.alpha
+        low_precision = x.dtype in (torch.float16, torch.bfloat16)
+        xs = x.float() if low_precision else x  # four-things eq 3 statistics in float32 for fp16/bf16
+        var_i, mean_i = torch.var_mean(xs, dim=(2, 3), correction=0)  # (N, C): Var[x_i], E[x_i]
+        m = self.running_mean.to(xs.dtype)
+        v = self.running_var.to(xs.dtype)
+        mu = a * mean_i + (1.0 - a) * m
+        var = a * var_i + (1.0 - a) * v + (a * (1.0 - a)) * (mean_i - m).square()
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight.to(xs.dtype)
+            shift = self.bias.to(xs.dtype) - mu * scale
+        else:
+            shift = -mu * scale
+        y = torch.addcmul(shift[:, :, None, None], xs, scale[:, :, None, None])
+        return y.to(x.dtype) if low_precision else y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fill_missing_num_batches_tracked(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+@register_norm("ExampleWeightedBN")
+def build_example_weighted_bn(cfg, channels: int) -> ExampleWeightedBatchNorm2d:
+    """``NORM: "ExampleWeightedBN"``; options ``D2NORM.EXAMPLE_WEIGHING.ALPHA``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
+    return ExampleWeightedBatchNorm2d(
+        channels,
+        alpha=cfg.D2NORM.EXAMPLE_WEIGHING.ALPHA,
+        eps=cfg.D2NORM.BN.EPS,
+        momentum=cfg.D2NORM.BN.MOMENTUM,
+    )

@@ -1,0 +1,251 @@
+"""Moving Average Batch Normalization (MABN) and the weight-centralized convolution it is used with.
+
+mabn §4 (eqs 12-20), Appendix B. MABN normalizes without mean centering (§4.2, eq 15), uses moving-average
+statistics in the forward pass (the simple moving average χ̄² renormalized towards the EMA χ̂, eq 19) and the
+simple moving average Ψ̄ of the gradient statistic Ψ_B in the backward pass (eq 20). The mean centering it drops
+is compensated by centralizing the weights of the preceding convolution (eq 18, :class:`CenteredConv2d`).
+
+Symbols (per channel; "batch" = all examples and spatial positions of one forward, as in BN):
+
+* χ²_B = E_B[x²] + ε                 (eq 15; ε only guards all-zero channels, the paper has ε = 0)
+* χ̄²_t = mean of the last m values of χ²_B, this step's included   (SMA, eq 19 / 13)
+* χ̂_t  = α·χ̂_{t-1} + (1-α)·χ_B_t   (EMA of χ_B, not of χ²; mabn text below eq 20)
+* r    = clip(χ̄_t / χ̂_t, 1/λ, λ)    (eq 19)
+* forward:   Y = x / χ̄_t,  Ŷ = r·Y,  z = γ·Ŷ + β                                           (eqs 19, 15)
+* backward:  ∂L/∂Y = r·∂L/∂Ŷ,  Ψ_B = mean_B(Y·∂L/∂Y),  Ψ̄_t = mean of the last m Ψ_B (this step's included),
+             ∂L/∂x = (∂L/∂Y − Y·Ψ̄_t) / χ̄_t                                                 (eqs 20, 5, 13)
+  Note Ψ_B = mean(Ŷ·∂L/∂Ŷ) as well, since Ŷ·∂L/∂Ŷ = (rY)·(∂L/∂Y / r).
+* inference: z = γ·x / χ̂ + β (linear, foldable into the preceding convolution)
+"""
+import numbers
+
+import torch
+from detectron2.layers import Conv2d
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .base import D2NormModule
+from .registry import register_norm
+
+__all__ = ["MABN2d", "MABNFunction", "CenteredConv2d", "build_mabn"]
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Statistics in float32 at least (fp16/bf16 sums of squares overflow / lose precision); float64 stays.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _reduce_dims(x: torch.Tensor):
+    return [0] + list(range(2, x.dim()))
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def _window_mean(ring: torch.Tensor, count: torch.Tensor, current: torch.Tensor):
+    """SMA over the last ``min(count + 1, m)`` values once ``current`` is pushed into ``ring``.
+
+    ``count`` values have been pushed so far (entry ``i`` of the ring holds the most recent push with index
+    ``i mod m``; unfilled entries are 0, so summing all m entries sums exactly the filled ones). Device-side
+    arithmetic only: no host synchronization. Returns ``(mean, pos)``; ``ring`` is not modified (the caller
+    writes ``current`` at ``pos`` when the state is updated).
+    """
+    m = ring.shape[0]
+    pos = torch.remainder(count, m).view(1)
+    window = ring.to(current.dtype).index_copy(0, pos, current.view(1, -1))
+    fill = torch.clamp(count + 1, max=m).to(current.dtype)
+    return window.sum(0) / fill, pos
+
+
+class MABNFunction(torch.autograd.Function):
+    """One training step of MABN: forward eq 19, backward eq 20 (mabn §4.2).
+
+    ``apply(x, weight, bias, chi_sq_ring, psi_ring, running_chi, num_batches_tracked, psi_count,
+    warmup_iters, momentum, clip, eps, update_state)``
+
+    * Warm-up (``num_batches_tracked < warmup_iters``): χ̄ → χ_B, Ψ̄ → Ψ_B and r = 1, i.e. eq 15 with its exact
+      gradient eq 16. The rings and the EMA are filled all the same.
+    * After warm-up: eq 19 forward and eq 20 backward with the SMAs of the rings.
+
+    What the backward treats as constants (eq 20 taken literally):
+
+    * r (and through it χ̂_t) is a constant, as in batch renormalization (mabn §4.1 eq 14): ∂L/∂Y = r·∂L/∂Ŷ.
+    * χ̄_t (in the factor 1/χ̄_t and in Y = x/χ̄_t) is a constant, and so are the past entries of both rings.
+    * The only path from ∂L/∂x back through the statistic χ̄ is the term −Y·Ψ̄_t/χ̄_t, in which the batch
+      statistic Ψ_B of eq 16 is replaced by the SMA Ψ̄_t. Equivalently, with k the window length and P the sum
+      of the k-1 past Ψ entries: ∂L/∂x = [exact gradient of eq 19 w.r.t. x with r and the past χ² entries
+      held fixed] − Y·P / (k·χ̄_t). So when P = 0 (and in warm-up, where k = 1) the backward is the exact
+      gradient of the forward, which is what the gradcheck tests verify.
+    * Ψ_B is pushed into ``psi_ring`` during the backward (each backward call of a training forward pushes
+      one value); γ and β get their ordinary gradients Σ ∂L/∂z·Ŷ and Σ ∂L/∂z.
+
+    With ``update_state=False`` the rings, the EMA and the counters are read but never written (statistics are
+    computed as if this step's values had been pushed): the state is held fixed, e.g. for gradcheck.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, chi_sq_ring, psi_ring, running_chi, num_batches_tracked, psi_count,
+                warmup_iters: int, momentum: float, clip: float, eps: float, update_state: bool):
+        sd = _stat_dtype(x.dtype)
+        dims = _reduce_dims(x)
+        n = x.numel() // x.shape[1]
+        xs = x.to(sd)
+
+        # χ²_B = E[x²] + ε (eq 15); vector_norm reduces without materializing x².
+        chi_sq_b = torch.linalg.vector_norm(xs, 2, dim=dims).square() / n + eps
+        warm = num_batches_tracked < warmup_iters
+        chi_bar_sq, pos = _window_mean(chi_sq_ring, num_batches_tracked, chi_sq_b)
+        chi = torch.where(warm, chi_sq_b, chi_bar_sq).sqrt()  # χ̄_t (χ_B in warm-up)
+        chi_hat = momentum * running_chi.to(sd) + (1.0 - momentum) * chi_sq_b.sqrt()  # EMA of χ_B, §4.2
+        r = torch.where(warm, torch.ones_like(chi), torch.clamp(chi / chi_hat, 1.0 / clip, clip))  # eq 19
+
+        if update_state:
+            chi_sq_ring.index_copy_(0, pos, chi_sq_b.view(1, -1).to(chi_sq_ring.dtype))
+            running_chi.copy_(chi_hat)
+            num_batches_tracked.add_(1)
+
+        # z = γ·r·x/χ̄ + β in one fused pass.
+        scale = weight.to(sd) * r / chi
+        y = torch.addcmul(_channel_view(bias.to(sd), xs), xs, _channel_view(scale, xs)).to(x.dtype)
+
+        ctx.save_for_backward(x, weight, chi, r, warm)
+        ctx.psi_ring = psi_ring
+        ctx.psi_count = psi_count
+        ctx.update_state = update_state
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_z):
+        x, weight, chi, r, warm = ctx.saved_tensors
+        sd = chi.dtype
+        dims = _reduce_dims(x)
+        n = x.numel() // x.shape[1]
+        xs, gs = x.to(sd), grad_z.to(sd)
+
+        sum_xg = (xs * gs).sum(dims)
+        r_over_chi = r / chi  # Ŷ = x·r/χ̄
+        a = weight.to(sd) * r_over_chi  # ∂L/∂Y = r·γ·∂L/∂z, so ∂L/∂Y / χ̄ = a·∂L/∂z
+        psi_b = a * sum_xg / n  # Ψ_B = mean(Y·∂L/∂Y), eq 5
+        psi_sma, pos = _window_mean(ctx.psi_ring, ctx.psi_count, psi_b)
+        psi_bar = torch.where(warm, psi_b, psi_sma)
+        if ctx.update_state:
+            ctx.psi_ring.index_copy_(0, pos, psi_b.view(1, -1).to(ctx.psi_ring.dtype))
+            ctx.psi_count.add_(1)
+
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # eq 20: (∂L/∂Y − Y·Ψ̄)/χ̄ = a·g − x·Ψ̄/χ̄² (two element-wise kernels, no reduction).
+            b = -psi_bar / (chi * chi)
+            grad_x = torch.addcmul(xs * _channel_view(b, xs), gs, _channel_view(a, xs)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (r_over_chi * sum_xg).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = gs.sum(dims).to(weight.dtype)
+        return (grad_x, grad_w, grad_b) + (None,) * 10
+
+
+def _check_options(buffer_size, momentum, clip, warmup_iters, eps) -> None:
+    if isinstance(buffer_size, bool) or not isinstance(buffer_size, numbers.Integral) or buffer_size < 1:
+        raise ValueError(f"MABN buffer size m must be an integer >= 1, got {buffer_size!r}")
+    if not (isinstance(momentum, numbers.Real) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"MABN momentum alpha must be a number in [0, 1), got {momentum!r}")
+    if not (isinstance(clip, numbers.Real) and clip >= 1.0):
+        raise ValueError(f"MABN clip lambda must be a number >= 1, got {clip!r}")
+    if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, numbers.Integral) or warmup_iters < 0:
+        raise ValueError(f"MABN warm-up iterations must be an integer >= 0, got {warmup_iters!r}")
+    if not (isinstance(eps, numbers.Real) and eps >= 0.0):
+        raise ValueError(f"MABN eps must be a number >= 0, got {eps!r}")
+
+
+class MABN2d(nn.Module, D2NormModule):
+    """Moving Average Batch Normalization (mabn §4.2, eqs 15, 19, 20) over inputs of shape (N, C, *).
+
+    Training runs :class:`MABNFunction` (see it for the exact equations and what the backward treats as
+    constants). Eval: ``z = γ·x/χ̂ + β`` with the EMA χ̂ (``running_chi``), a per-channel affine map.
+
+    Registered buffers (the complete state: a checkpoint resumes bit-exactly):
+
+    * ``running_chi`` (C,): χ̂, init 1. Updated by every non-empty training forward.
+    * ``chi_sq_buffer`` (m, C): ring of χ²_B; push number i lives in row i mod m; unfilled rows are 0.
+      Updated by every non-empty training forward.
+    * ``num_batches_tracked`` (): training forwards so far = pushes into ``chi_sq_buffer``; the warm-up
+      counter (warm-up while it is < ``warmup_iters``).
+    * ``psi_buffer`` (m, C), ``psi_count`` (): ring of Ψ_B and its push count; updated by the backward of a
+      training forward (a training forward without backward, e.g. under ``no_grad``, pushes no Ψ_B).
+
+    Eval never writes a buffer; zero-size input writes none either (its statistics do not exist). fp16/bf16
+    input: statistics in float32, output in the input dtype. Not for activation checkpointing (a recomputed
+    forward would push twice). ``momentum`` uses the paper's convention (weight of the old value).
+    """
+
+    def __init__(self, num_features: int, buffer_size: int = 16, momentum: float = 0.98, clip: float = 5.0,
+                 warmup_iters: int = 100, eps: float = 1e-5):
+        super().__init__()
+        _check_options(buffer_size, momentum, clip, warmup_iters, eps)
+        self.num_features = int(num_features)
+        self.buffer_size = int(buffer_size)
+        self.momentum = float(momentum)
+        self.clip = float(clip)
+        self.warmup_iters = int(warmup_iters)
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_chi", torch.ones(num_features))
+        self.register_buffer("chi_sq_buffer", torch.zeros(buffer_size, num_features))
+        self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("psi_count", torch.tensor(0, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, buffer_size={self.buffer_size}, momentum={self.momentum}, "
+                f"clip={self.clip}, warmup_iters={self.warmup_iters}, eps={self.eps}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"MABN2d({self.num_features}) expects (N, {self.num_features}, *) input, "
+                             f"got shape {tuple(x.shape)}")
+        if self.training and x.numel() > 0:
+            return MABNFunction.apply(
+                x, self.weight, self.bias, self.chi_sq_buffer, self.psi_buffer, self.running_chi,
+                self.num_batches_tracked, self.psi_count, self.warmup_iters, self.momentum, self.clip,
+                self.eps, True,
+            )
+        # Inference (and empty training input): z = γ·x/χ̂ + β.
+        sd = _stat_dtype(x.dtype)
+        scale = self.weight.to(sd) / self.running_chi.to(sd)
+        xs = x.to(sd)
+        return torch.addcmul(_channel_view(self.bias.to(sd), xs), xs, _channel_view(scale, xs)).to(x.dtype)
+
+
+class CenteredConv2d(Conv2d):
+    """detectron2 ``Conv2d`` with Weight Centralization (mabn §4.2, eq 18).
+
+    The convolution uses ``W − mean(W)`` where the mean is over (in_channels/groups, kh, kw) for each output
+    channel, i.e. eq 18's W̄ = (1/p)·Σ_i W_{:,i}. The centering is part of the forward graph, so the gradient
+    reaching ``weight`` is the projection of the centered weight's gradient (its per-output-channel mean
+    removed). Same constructor (``norm=``, ``activation=``) and state dict as detectron2's ``Conv2d``.
+    """
+
+    def centered_weight(self) -> torch.Tensor:
+        w = self.weight
+        return w - w.mean(dim=(1, 2, 3), keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and x.numel() == 0 and self.training:
+            assert not isinstance(self.norm, nn.SyncBatchNorm), "SyncBatchNorm does not support empty inputs!"
+        x = self._conv_forward(x, self.centered_weight(), self.bias)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+@register_norm("MABN")
+def build_mabn(cfg, channels: int) -> MABN2d:
+    """``NORM: "MABN"``; options ``D2NORM.MABN.{BUFFER_SIZE, MOMENTUM, CLIP, WARMUP_ITERS, EPS}``."""
+    c = cfg.D2NORM.MABN
+    return MABN2d(channels, buffer_size=c.BUFFER_SIZE, momentum=c.MOMENTUM, clip=c.CLIP,
+                  warmup_iters=c.WARMUP_ITERS, eps=c.EPS)

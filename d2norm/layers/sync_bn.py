@@ -1,0 +1,183 @@
+"""Synchronized BatchNorm for any device (CPU/gloo and CUDA/NCCL), exact with uneven and empty inputs.
+
+rethinking A.5 (SyncBN: the normalization batch spans the workers), A.6 (one all-reduce of per-channel
+E[x], E[x²]; Var = E[x²] − E[x]²; workers may hold different numbers of elements, e.g. RoIs), A.10 ("Empty
+inputs ... handling empty inputs and control flow without communication deadlocks").
+
+Differences from torch's ``nn.SyncBatchNorm``: it runs on CPU tensors (gloo), and every statistic is weighted
+by each rank's element count N·H·W, so the result equals BatchNorm over the concatenated batch of all ranks
+for any per-rank N (including 0) and any per-rank H, W.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import D2NormModule
+from .distributed import _all_reduce_, group_world_size, sync_subgroup
+from .registry import register_norm
+
+__all__ = ["AnySyncBatchNorm2d", "SyncBatchNormFunction"]
+
+_DIMS = (0, 2, 3)
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode SyncBN over ``group`` (``None`` = all ranks; a single process = plain BN math).
+
+    Forward (rethinking A.6), per channel, with M = Σ_r N_r·H_r·W_r the global element count:
+        μ = Σ x / M,  σ² = Σ x² / M − μ²,  y = γ·(x − μ)/√(σ² + ε) + β
+    from **one** all-reduce of ``[Σx, Σx², count]`` (2C + 1 numbers, float32 for fp16/bf16 input).
+
+    Backward (the BN gradient with global means; x̂ = (x − μ)/√(σ² + ε)):
+        ∂L/∂x = γ/√(σ² + ε) · (dy − Σdy / M − x̂ · Σ(dy·x̂) / M)
+    from **one** all-reduce of ``[Σdy, Σdy·x̂]`` (2C numbers). ∂L/∂γ = Σ_local dy·x̂ and ∂L/∂β = Σ_local dy
+    are this rank's share: data parallelism (DDP) sums/averages parameter gradients across ranks.
+
+    A rank with N = 0 contributes zeros and still joins both all-reduces (the backward one runs whenever
+    backward reaches this node, independent of which inputs need gradients, so it cannot differ by rank).
+
+    Returns ``(y, mean, biased_var, count)``; the last three are the global statistics (not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, group):
+        sd = _stat_dtype(x.dtype)
+        C = x.shape[1]
+        n = x.shape[0] * x.shape[2] * x.shape[3]
+        if n > 0:
+            xs = x.to(sd)
+            # One fused (Welford) pass gives the local mean/var; Σx and Σx² follow exactly from them.
+            var_l, mean_l = torch.var_mean(xs, dim=_DIMS, correction=0)
+            local = torch.cat([mean_l * n, (var_l + mean_l * mean_l) * n, mean_l.new_full((1,), n)])
+        else:
+            local = torch.zeros(2 * C + 1, dtype=sd, device=x.device)
+        total = _all_reduce_(local, group) if group_world_size(group) > 1 else local
+        sum_x, sum_x2, count = total[:C], total[C : 2 * C], total[2 * C]
+        m = count.clamp(min=1)  # M = 0 only if every rank is empty: statistics are then 0, never NaN
+        mean = sum_x / m
+        var = (sum_x2 / m - mean * mean).clamp(min=0)
+        invstd = torch.rsqrt(var + eps)
+
+        w = weight.to(sd) if weight is not None else None
+        b = bias.to(sd) if bias is not None else None
+        # One fused normalize with the supplied statistics (mixed fp16/bf16 input with fp32 stats is supported).
+        y = F.batch_norm(x, mean, var, w, b, False, 0.0, eps)
+
+        ctx.group = group
+        ctx.has_weight = weight is not None
+        ctx.save_for_backward(x, weight, mean, invstd, count)
+        count = count.detach().clone()
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dcount):
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        sd = mean.dtype
+        C = x.shape[1]
+        shape = (1, C, 1, 1)
+        if x.numel() > 0:
+            xs = x.to(sd)
+            dys = dy.to(sd)
+            xmu = xs - mean.view(shape)
+            sum_dy = dys.sum(_DIMS)
+            sum_dy_xmu = (dys * xmu).sum(_DIMS)
+        else:
+            xmu = x.to(sd)
+            dys = dy.to(sd)
+            sum_dy = torch.zeros(C, dtype=sd, device=x.device)
+            sum_dy_xmu = torch.zeros(C, dtype=sd, device=x.device)
+        local = torch.cat([sum_dy, sum_dy_xmu])
+        total = _all_reduce_(local, ctx.group) if group_world_size(ctx.group) > 1 else local
+        m = count.clamp(min=1)
+        mean_dy = total[:C] / m
+        mean_dy_xmu = total[C:] / m
+
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            k = invstd if weight is None else weight.to(sd) * invstd
+            proj = invstd * invstd * mean_dy_xmu  # x̂·mean(dy·x̂) = (x − μ)·invstd²·mean(dy·(x − μ))
+            grad_x = ((dys - mean_dy.view(shape) - xmu * proj.view(shape)) * k.view(shape)).to(x.dtype)
+        if ctx.has_weight and ctx.needs_input_grad[1]:
+            grad_w = (sum_dy_xmu * invstd).to(weight.dtype)
+        if ctx.has_weight and ctx.needs_input_grad[2]:
+            grad_b = sum_dy.to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class AnySyncBatchNorm2d(nn.BatchNorm2d, D2NormModule):
+    """SyncBN that works on CPU/gloo and CUDA/NCCL, weighted by each rank's element count (rethinking A.6).
+
+    Training, more than one rank in the sync group: normalizes with the statistics of the union of all ranks'
+    batches (:class:`SyncBatchNormFunction`), so forward and backward equal ``nn.BatchNorm2d`` over the
+    concatenated batch, for uneven N (0 included: the empty rank still joins every collective, forward and
+    backward). The EMA (``running_mean``, ``running_var``, torch's momentum convention; ``momentum=None`` =
+    cumulative average) is updated with the global mean and unbiased global variance σ²·M/(M − 1), so every
+    rank of the group ends with identical buffers; ``num_batches_tracked`` counts every training forward (as
+    torch's BN does, even an empty one). When the whole group's batch is empty the EMA is left unchanged
+    (A.10: the statistics are undefined). No host synchronization is needed for any of this.
+
+    Training, a single process (or ``sync_group_size`` 1): exactly ``nn.BatchNorm2d``.
+    Eval: population statistics, exactly ``nn.BatchNorm2d``; no communication.
+
+    ``sync_group_size``: ranks per sync group (consecutive ranks; 0 = all). The state dict is
+    ``nn.BatchNorm2d``'s, so BN checkpoints load unchanged.
+
+    Contract: every rank of the group calls forward of every AnySyncBN layer in the same order, and runs
+    backward through its output (also when empty), as for any synchronized BN.
+    """
+
+    def __init__(self, num_features: int, sync_group_size: int = 0, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if not isinstance(sync_group_size, int) or isinstance(sync_group_size, bool) or sync_group_size < 0:
+            raise ValueError(
+                f"AnySyncBN: sync_group_size must be an integer >= 0 (0 = all ranks), got {sync_group_size!r}"
+            )
+        self.sync_group_size = sync_group_size
+
+    def extra_repr(self):
+        return super().extra_repr() + f", sync_group_size={self.sync_group_size}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"AnySyncBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")
+        if not self.training:
+            return super().forward(x)
+        group = sync_subgroup(self.sync_group_size)
+        if group_world_size(group) == 1:
+            return super().forward(x)
+
+        y, mean, var, count = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, group)
+        if self.track_running_stats:
+            self._update_running_stats(mean, var, count)
+        return y
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean, var, count):
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average, as nn.BatchNorm2d
+            m = 1.0 / self.num_batches_tracked.to(mean.dtype)
+        else:
+            m = torch.full((), self.momentum, dtype=mean.dtype, device=mean.device)
+        m = m * (count > 0)  # an empty global batch leaves the EMA unchanged
+        unbiased = var * count / (count - 1).clamp(min=1)
+        rm, rv = self.running_mean, self.running_var
+        rm.copy_(rm + (mean.to(rm.dtype) - rm) * m.to(rm.dtype))
+        rv.copy_(rv + (unbiased.to(rv.dtype) - rv) * m.to(rv.dtype))
+
+
+@register_norm("AnySyncBN")
+def build_any_sync_bn(cfg, channels: int) -> AnySyncBatchNorm2d:
+    """``NORM: "AnySyncBN"``; options ``D2NORM.SYNC_BN.GROUP_SIZE``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
+    return AnySyncBatchNorm2d(
+        channels,
+        sync_group_size=cfg.D2NORM.SYNC_BN.GROUP_SIZE,
+        eps=cfg.D2NORM.BN.EPS,
+        momentum=cfg.D2NORM.BN.MOMENTUM,
+    )

@@ -1,0 +1,185 @@
+"""The norm registry: names in every detectron2 NORM key, errors, and per-build option isolation."""
+import logging
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.layers import batch_norm as d2bn
+from torch import nn
+
+import d2norm
+import d2norm.solver  # noqa: F401
+from d2norm.layers import GhostBatchNorm2d, get_norm, norm_options, valid_norm_names
+from d2norm.layers.registry import register_norm
+
+
+def test_detectron2_names_keep_their_meaning():
+    names = valid_norm_names()
+    for n in ("BN", "SyncBN", "FrozenBN", "GN", "naiveSyncBN", "GhostBN"):
+        assert n in names
+    assert type(get_norm("BN", 8)) is d2bn.BatchNorm2d
+    assert type(get_norm("FrozenBN", 8)) is FrozenBatchNorm2d
+    gn = get_norm("GN", 64)
+    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 32
+    assert get_norm("", 8) is None and get_norm(None, 8) is None
+    assert isinstance(get_norm(lambda c: nn.BatchNorm2d(c), 8), nn.BatchNorm2d)
+
+
+def test_unknown_name_lists_every_valid_name():
+    with pytest.raises(ValueError) as e:
+        get_norm("GhostBNN", 8)
+    msg = str(e.value)
+    assert "'GhostBNN'" in msg
+    for n in valid_norm_names():
+        assert n in msg
+
+
+def test_unknown_name_fails_at_build_time():
+    cfg = _tiny_rcnn_cfg()
+    cfg.MODEL.RESNETS.NORM = "NoSuchNorm"
+    with pytest.raises(ValueError, match="Unknown norm 'NoSuchNorm'"):
+        d2norm.layers.build_model(cfg)
+
+
+def test_cannot_shadow_detectron2_names():
+    with pytest.raises(ValueError, match="must not shadow"):
+        register_norm("BN")
+
+
+def _tiny_rcnn_cfg():
+    cfg = d2norm.add_d2norm_config(get_cfg())
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_CONV = 2
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 1
+    cfg.MODEL.ROI_BOX_HEAD.CONV_DIM = 32
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 2
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    return cfg
+
+
+def _norms_under(module, prefix):
+    return {n: m for n, m in module.named_modules() if n.startswith(prefix) and isinstance(m, GhostBatchNorm2d)}
+
+
+@pytest.mark.parametrize(
+    "key,prefix",
+    [
+        ("MODEL.RESNETS.NORM", "backbone.bottom_up"),
+        ("MODEL.FPN.NORM", "backbone.fpn_"),
+        ("MODEL.ROI_BOX_HEAD.NORM", "roi_heads.box_head"),
+        ("MODEL.ROI_MASK_HEAD.NORM", "roi_heads.mask_head"),
+    ],
+)
+def test_stock_rcnn_builders_pick_up_registered_norm(key, prefix):
+    cfg = _tiny_rcnn_cfg()
+    cfg.merge_from_list([key, "GhostBN", "D2NORM.GHOST_BN.SIZE", 3])
+    model = d2norm.layers.build_model(cfg)
+    found = _norms_under(model, prefix)
+    assert found, f"no GhostBN under {prefix} with {key}=GhostBN"
+    assert all(m.ghost_size == 3 for m in found.values())
+    # ...and nowhere else.
+    assert set(_norms_under(model, "")) == set(found)
+
+
+def test_retinanet_and_semseg_heads_pick_up_registered_norm():
+    from detectron2.modeling import build_model as stock_build_model  # rebound by d2norm
+
+    cfg = _tiny_rcnn_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.RETINANET.NUM_CONVS = 2
+    cfg.MODEL.RETINANET.NORM = "GhostBN"
+    cfg.D2NORM.GHOST_BN.SIZE = 7
+    model = stock_build_model(cfg)
+    found = _norms_under(model, "head")
+    assert len(found) == 4 and all(m.ghost_size == 7 for m in found.values())
+
+    cfg = _tiny_rcnn_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "SemSegFPNHead"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 16
+    cfg.MODEL.SEM_SEG_HEAD.NORM = "GhostBN"
+    cfg.D2NORM.GHOST_BN.SIZE = 5
+    model = stock_build_model(cfg)
+    found = _norms_under(model, "sem_seg_head")
+    assert found and all(m.ghost_size == 5 for m in found.values())
+
+
+def test_two_builds_do_not_share_options(caplog):
+    a, b = _tiny_rcnn_cfg(), _tiny_rcnn_cfg()
+    for cfg, size, eps in ((a, 2, 1e-3), (b, 9, 1e-4)):
+        cfg.MODEL.RESNETS.NORM = "GhostBN"
+        cfg.D2NORM.GHOST_BN.SIZE = size
+        cfg.D2NORM.BN.EPS = eps
+    ma = d2norm.layers.build_model(a)
+    mb = d2norm.layers.build_model(b)
+    assert {(m.ghost_size, m.eps) for m in _norms_under(ma, "").values()} == {(2, 1e-3)}
+    assert {(m.ghost_size, m.eps) for m in _norms_under(mb, "").values()} == {(9, 1e-4)}
+    # Changing a cfg after the build changes nothing; nothing outlives the build.
+    a.D2NORM.GHOST_BN.SIZE = 100
+    assert {m.ghost_size for m in _norms_under(ma, "").values()} == {2}
+    assert d2norm.layers.registry._ACTIVE_CFG.get() is None
+    with norm_options(b):
+        assert get_norm("GhostBN", 4).ghost_size == 9
+    d2norm.layers.registry._state["warned_default"] = False
+    with caplog.at_level(logging.WARNING):
+        assert get_norm("GhostBN", 4).ghost_size == 16
+    assert "outside d2norm.build_model" in caplog.text
+
+
+def test_tiny_model_with_registered_norm_trains_without_nan():
+    cfg = _tiny_rcnn_cfg()
+    cfg.MODEL.RESNETS.NORM = "GhostBN"
+    cfg.MODEL.ROI_BOX_HEAD.NORM = "GhostBN"
+    cfg.D2NORM.GHOST_BN.SIZE = 64
+    torch.manual_seed(0)
+    model = d2norm.layers.build_model(cfg)
+    model.train()
+    from detectron2.structures import Boxes, Instances
+
+    batch = []
+    for i in range(2):
+        inst = Instances((64, 64))
+        inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 30.0, 40.0], [32.0, 30.0, 60.0, 50.0]]))
+        inst.gt_classes = torch.tensor([0, 2])
+        from detectron2.structures import BitMasks
+
+        m = torch.zeros(2, 64, 64, dtype=torch.bool)
+        m[0, 6:40, 4:30] = True
+        m[1, 30:50, 32:60] = True
+        inst.gt_masks = BitMasks(m)
+        batch.append({"image": torch.rand(3, 64, 64) * 255, "instances": inst, "height": 64, "width": 64})
+    opt = d2norm.solver.build_optimizer(cfg, model)
+    from detectron2.utils.events import EventStorage
+
+    for _ in range(3):
+        with EventStorage():
+            losses = model(batch)
+        total = sum(losses.values())
+        assert torch.isfinite(total)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    norms = _norms_under(model, "")
+    assert all(int(m.num_batches_tracked) == 3 for m in norms.values())
