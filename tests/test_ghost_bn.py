@@ -124,8 +124,11 @@ def test_loads_batchnorm_and_frozenbn_state():
         assert torch.equal(layer.state_dict()[k], v)
     frozen = FrozenBatchNorm2d(3)
     frozen.running_mean.uniform_()
-    res = GhostBatchNorm2d(3, ghost_size=2).load_state_dict(frozen.state_dict(), strict=False)
-    assert res.missing_keys == ["num_batches_tracked"] and res.unexpected_keys == []
+    layer = GhostBatchNorm2d(3, ghost_size=2)
+    layer.load_state_dict(frozen.state_dict())  # strict: the counter FrozenBN lacks keeps its value (warned)
+    assert torch.equal(layer.running_mean, frozen.running_mean) and int(layer.num_batches_tracked) == 0
+    with pytest.raises(ValueError, match="momentum must be a number in"):
+        GhostBatchNorm2d(3, momentum=2.0)
 
 
 def test_registry_options_from_cfg(d2cfg):

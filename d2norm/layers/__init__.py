@@ -13,6 +13,9 @@ from .ghost_bn import GhostBatchNorm2d
 from .batch_group_norm import BatchGroupNorm
 from .mabn import CenteredConv2d, MABN2d
 from .evalnorm import EvalNorm2d
+from .batch_stats_bn import BatchStatsBatchNorm2d
+from .example_weighted_bn import ExampleWeightedBatchNorm2d
+from .domain_bn import DomainBatchNorm2d, domain_scope
 from . import evalnorm_fit  # noqa: F401
 
 install()

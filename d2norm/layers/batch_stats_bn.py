@@ -8,55 +8,17 @@ Also home of two small helpers every BN-derived d2norm layer of this family uses
 checkpoints without ``num_batches_tracked``).
 """
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import D2NormModule
+from .base import D2NormModule, check_bn_options, fill_missing_num_batches_tracked
 from .registry import register_norm
 
-__all__ = ["BatchStatsBatchNorm2d", "check_bn_options", "fill_missing_num_batches_tracked"]
+__all__ = ["BatchStatsBatchNorm2d"]
 
 logger = logging.getLogger(__name__)
-
-
-def check_bn_options(eps, momentum) -> None:
-    """Validate torch-convention BN options; ValueError naming the bad value and what is allowed."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"BN eps must be a finite number > 0 (D2NORM.BN.EPS), got {eps!r}")
-    if momentum is not None and (
-        isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0.0 <= momentum <= 1.0)
-    ):
-        raise ValueError(
-            f"BN momentum must be a number in [0, 1] (torch convention, D2NORM.BN.MOMENTUM) or None "
-            f"(cumulative average), got {momentum!r}"
-        )
-
-
-def fill_missing_num_batches_tracked(module: nn.Module, state_dict: dict, prefix: str) -> None:
-    """Let a checkpoint without ``num_batches_tracked`` (detectron2's ``FrozenBatchNorm2d``) load strictly.
-
-    ``FrozenBatchNorm2d`` stores weight, bias, running_mean and running_var only, with state-dict version 3,
-    so torch's BN loader (which fills the counter only for versions < 2) would report it missing. The counter
-    cannot be mapped from such a checkpoint: we keep the module's current value and say so with a warning. It
-    only matters with ``momentum=None`` (cumulative average), where it weights the next EMA update.
-    Only acts when the checkpoint holds this module's ``running_mean`` (a partial checkpoint that lacks the
-    module entirely is still reported as missing by torch).
-    """
-    key = prefix + "num_batches_tracked"
-    nbt = getattr(module, "num_batches_tracked", None)
-    if nbt is None or key in state_dict or (prefix + "running_mean") not in state_dict:
-        return
-    state_dict[key] = nbt.detach().clone()
-    logger.warning(
-        "%s: checkpoint has no %r (e.g. a FrozenBatchNorm2d checkpoint); keeping the current value %s. "
-        "It only affects EMA updates when momentum is None.",
-        type(module).__name__,
-        key,
-        nbt.tolist(),
-    )
 
 
 class BatchStatsBatchNorm2d(nn.BatchNorm2d, D2NormModule):

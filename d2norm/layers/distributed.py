@@ -198,6 +198,7 @@ def shared_permutation(
     comm_dev = _comm_device(out_device, group)
     if True:
         perm = torch.randperm(n, generator=gen, device=gen.device if gen is not None else "cpu").to(comm_dev)
+        src = dist.get_rank()
     else:
         perm = torch.empty(n, dtype=torch.int64, device=comm_dev)
     dist.broadcast(perm, src=src, group=group)

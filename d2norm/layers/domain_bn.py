@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import D2NormModule
-from .batch_stats_bn import check_bn_options, fill_missing_num_batches_tracked
+
+from .base import D2NormModule, check_bn_options, fill_missing_num_batches_tracked
 from .registry import register_norm
 
 __all__ = ["DomainBatchNorm2d", "domain_scope", "current_domain"]

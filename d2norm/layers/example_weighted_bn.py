@@ -13,8 +13,8 @@ unchanged, so it applies retroactively to any BN checkpoint (§3.1, Fig. 1).
 import torch
 from torch import nn
 
-from .base import D2NormModule
-from .batch_stats_bn import check_bn_options, fill_missing_num_batches_tracked
+
+from .base import D2NormModule, check_bn_options, fill_missing_num_batches_tracked
 from .registry import register_norm
 
 __all__ = ["ExampleWeightedBatchNorm2d"]

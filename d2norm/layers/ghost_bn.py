@@ -7,10 +7,9 @@ import math
 from typing import List
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import D2NormModule
+from .base import D2NormModule, check_bn_options, fill_missing_num_batches_tracked
 from .registry import register_norm
 
 __all__ = ["GhostBatchNorm2d", "ghost_batch_sizes"]
@@ -54,11 +53,18 @@ class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     State dict is identical to ``BatchNorm2d``'s, so BN checkpoints load unchanged.
     """
 
-    def __init__(self, num_features: int, ghost_size: int = 16, remainder: str = "balanced", **kwargs):
-        super().__init__(num_features, **kwargs)
+    def __init__(
+        self, num_features: int, ghost_size: int = 16, remainder: str = "balanced", eps=1e-5, momentum=0.1, **kwargs
+    ):
+        check_bn_options(eps, momentum)
+        super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
         ghost_batch_sizes(0, ghost_size, remainder)  # validates the options
         self.ghost_size = int(ghost_size)
         self.remainder = remainder
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fill_missing_num_batches_tracked(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         return super().extra_repr() + f", ghost_size={self.ghost_size}, remainder={self.remainder!r}"

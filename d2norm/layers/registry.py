@@ -175,7 +175,7 @@ def install() -> None:
     # Import every detectron2 module that binds get_norm / build_model by name, so the rebinding sees them.
     import detectron2.engine.defaults  # noqa: F401
     import detectron2.layers.aspp  # noqa: F401
-    import detectron2.modeling  # noqa: F401
+    import detectron2.modeling  # noqa: F401  (imports fpn, resnet, heads, retinanet, semantic_seg)
     from detectron2.layers import batch_norm
     from detectron2.modeling.meta_arch import build as meta_build
 

@@ -8,7 +8,7 @@ Differences from torch's ``nn.SyncBatchNorm``: it runs on CPU tensors (gloo), an
 by each rank's element count N·H·W, so the result equals BatchNorm over the concatenated batch of all ranks
 for any per-rank N (including 0) and any per-rank H, W.
 """
-from typing import Optional
+
 
 import torch
 import torch.nn.functional as F
