@@ -26,6 +26,10 @@ Gaps (each has a test in ``tests/test_compat.py``):
     detectron2 main does, so ``--num-gpus N`` runs N CPU processes.
 ``cpu_ddp``
     v0.6's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which DDP rejects for CPU modules.
+``retinanet_norm_probe``
+    v0.6's ``RetinaNetHead`` calls ``get_norm(norm, 1)`` just to log the norm's type name, so any grouped norm
+    (detectron2's own "GN", d2norm's "BGN") fails there for 1 channel; upstream probes with 32 channels. The
+    retinanet module's ``get_norm`` maps that probe to 32 channels (a real 1-channel head conv does not exist).
 """
 import importlib
 import importlib.util
@@ -222,6 +226,23 @@ def _shim_cpu_ddp():
     return True
 
 
+def _retinanet_get_norm(norm, out_channels):
+    import detectron2.layers
+
+    # Resolved at call time, so d2norm's registry-aware get_norm (installed later) is used.
+    return detectron2.layers.get_norm(norm, 32 if out_channels == 1 else out_channels)
+
+
+def _shim_retinanet_norm_probe():
+    retinanet = importlib.import_module("detectron2.modeling.meta_arch.retinanet")
+    if getattr(retinanet, "get_norm", None) is _retinanet_get_norm:
+        return False
+    if "get_norm(norm, 1)" not in inspect.getsource(retinanet.RetinaNetHead.__init__):
+        return False
+    retinanet.get_norm = _retinanet_get_norm
+    return True
+
+
 def _apply():
     # Order matters: PIL and _C before anything imports detectron2.data / detectron2.layers.
     APPLIED["pil_linear"] = _shim_pil_linear()
@@ -230,6 +251,7 @@ def _apply():
     APPLIED["fast_coco_eval"] = _shim_fast_coco_eval()
     APPLIED["cpu_launch"] = _shim_cpu_launch()
     APPLIED["cpu_ddp"] = _shim_cpu_ddp()
+    APPLIED["retinanet_norm_probe"] = _shim_retinanet_norm_probe()
     applied = [k for k, v in APPLIED.items() if v]
     if applied:
         logger.debug("d2norm.compat applied: %s", ", ".join(applied))

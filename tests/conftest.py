@@ -10,9 +10,6 @@ import d2norm  # noqa: E402,F401  (compat shims + registrations)
 torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: trains a model or spawns processes (CI runs them all)")
-
 
 @pytest.fixture
 def d2cfg():

@@ -59,6 +59,7 @@ def test_shims_are_inert_once_gap_is_closed():
     assert compat._shim_pil_linear() is False
     assert compat._shim_cpu_launch() is False
     assert compat._shim_cpu_ddp() is False
+    assert compat._shim_retinanet_norm_probe() is False
     if importlib.util.find_spec("pkg_resources") is not None:
         assert compat._shim_pkg_resources() is False
 
@@ -70,3 +71,14 @@ def test_launch_worker_and_ddp_on_cpu():
     if not torch.cuda.is_available():
         assert launch_mod._distributed_worker is compat._distributed_worker
         assert defaults.create_ddp_model.__wrapped__ is not None
+
+
+def test_retinanet_head_accepts_grouped_norms():
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+    from torch import nn
+
+    shapes = [ShapeSpec(channels=64, stride=s) for s in (8, 16)]
+    head = RetinaNetHead(input_shape=shapes, num_classes=3, num_anchors=9, conv_dims=[64, 64], norm="GN")
+    gns = [m for m in head.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(gns) == 4 and all(g.num_channels == 64 and g.num_groups == 32 for g in gns)

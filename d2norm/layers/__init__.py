@@ -16,6 +16,8 @@ from .evalnorm import EvalNorm2d
 from .batch_stats_bn import BatchStatsBatchNorm2d
 from .example_weighted_bn import ExampleWeightedBatchNorm2d
 from .domain_bn import DomainBatchNorm2d, domain_scope
+from .sync_bn import AnySyncBatchNorm2d
+from .convert import ConversionReport, convert_norm
 from . import evalnorm_fit  # noqa: F401
 
 install()

@@ -196,9 +196,8 @@ def shared_permutation(
         return perm.to(out_device)
     src = 0 if group is None else dist.get_global_rank(group, 0)
     comm_dev = _comm_device(out_device, group)
-    if True:
+    if dist.get_rank() == src:
         perm = torch.randperm(n, generator=gen, device=gen.device if gen is not None else "cpu").to(comm_dev)
-        src = dist.get_rank()
     else:
         perm = torch.empty(n, dtype=torch.int64, device=comm_dev)
     dist.broadcast(perm, src=src, group=group)
