@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Speed of every registered d2norm layer relative to torch's BatchNorm2d (train fwd+bwd, eval fwd).
+
+Prints ratios (layer time / BatchNorm2d time); no assertions. Example:
+
+    python tools/benchmark_norms.py --shape 8 64 56 56 --iters 20
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import d2norm  # noqa: E402,F401
+import torch  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from torch import nn  # noqa: E402
+
+from d2norm.layers import NORM_REGISTRY  # noqa: E402
+
+
+def _time(fn, iters):
+    fn()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def bench(layer, x, iters):
+    layer.train()
+    xg = x.clone().requires_grad_()
+
+    def train_step():
+        layer(xg).sum().backward()
+
+    layer.eval()
+    with torch.no_grad():
+        eval_t = _time(lambda: layer(x), iters)
+    layer.train()
+    return _time(train_step, iters), eval_t
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=4, default=[8, 64, 56, 56], metavar=("N", "C", "H", "W"))
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    cfg = d2norm.add_d2norm_config(get_cfg())
+    cfg.D2NORM.DOMAIN_BN.NUM_DOMAINS = 1
+    x = torch.randn(*args.shape, device=args.device) * 2 + 1
+    base_train, base_eval = bench(nn.BatchNorm2d(args.shape[1]).to(args.device), x, args.iters)
+    print(f"shape={tuple(args.shape)} device={args.device} BatchNorm2d: train {base_train*1e3:.2f} ms, "
+          f"eval {base_eval*1e3:.2f} ms")
+    print(f"{'layer':<20}{'train ratio':>12}{'eval ratio':>12}")
+    for name, builder in sorted(NORM_REGISTRY):
+        t, e = bench(builder(cfg, args.shape[1]).to(args.device), x, args.iters)
+        print(f"{name:<20}{t / base_train:>12.2f}{e / base_eval:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
