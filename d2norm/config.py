@@ -136,6 +136,81 @@ def add_d2norm_config(cfg: CN) -> CN:
 
     # ---- XBNBlock ResNet backbones: estimation-shift §5.1-5.3 ----------------------------------------
     _C.D2NORM.XBNBLOCK = CN()
+    # Used by MODEL.BACKBONE.NAME "build_xbn_resnet_backbone" / "build_xbn_resnet_fpn_backbone" /
+    # "build_xbn_retinanet_resnet_fpn_backbone" (d2norm/modeling/backbone/xbn_resnet.py); the BN part of every
+    # block keeps MODEL.RESNETS.NORM.
+    # Which norm of an XBNBlock's residual branch becomes batch-free (§5.2.1, Table 1): 1/2/3 = the norm after
+    # conv1/conv2/conv3 (P1/P2/P3); 2 = Fig. 6b, the paper's default. BasicBlocks (R18/R34) have positions 1-2.
+    _C.D2NORM.XBNBLOCK.POSITION = 2
+    # Every DENSITY-th residual block is an XBNBlock (§5.2.1, Fig. 7): blocks numbered 1..N in forward order
+    # across res2-res5 (R50: N = 16), block k iff k % DENSITY == 0. 1 = all (the paper's "XBNBlock"), 2/4/8 =
+    # XBNBlock-D2/D4/D8.
+    _C.D2NORM.XBNBLOCK.DENSITY = 1
+    # The batch-free norm (§5.1): "GN" (GroupNorm with NUM_GROUPS groups) or "IN" (InstanceNorm = GroupNorm
+    # with one channel per group).
+    _C.D2NORM.XBNBLOCK.NORM_TYPE = "GN"
+    # GN group count g (§5.2.1 uses g = 64); must divide the channels of every replaced norm (ValueError
+    # listing the layers otherwise). Ignored for "IN".
+    _C.D2NORM.XBNBLOCK.NUM_GROUPS = 64
+    # eps of the batch-free norm (GroupNorm's default).
+    _C.D2NORM.XBNBLOCK.EPS = 1e-5
+
+    # ---- MABN backbones and heads: mabn §4.2 eq 18, §5.2, Appendix B.3 ------------------------------
+    # Used by MODEL.BACKBONE.NAME "build_mabn_resnet_backbone" / "build_mabn_resnet_fpn_backbone" /
+    # "build_mabn_retinanet_resnet_fpn_backbone" and the heads "MABNConvFCHead" (ROI_BOX_HEAD.NAME),
+    # "MABNMaskRCNNConvUpsampleHead" (ROI_MASK_HEAD.NAME) in d2norm/modeling/backbone/mabn_resnet.py: every
+    # MABN layer is preceded by a weight-centralized conv (eq 18). MABN's own options are in D2NORM.MABN.
+    _C.D2NORM.MABN_MODEL = CN()
+    # Warm-up iterations (batch statistics, D2NORM.MABN.WARMUP_ITERS semantics: counted per layer as training
+    # forwards) of the MABN layers in the backbone (ResNet and FPN); -1 = D2NORM.MABN.WARMUP_ITERS.
+    _C.D2NORM.MABN_MODEL.BACKBONE_WARMUP_ITERS = -1
+    # The same for the MABN box/mask heads; Appendix B.3: "batch statistics in normalization layers on head
+    # during first 10,000 iterations". -1 = D2NORM.MABN.WARMUP_ITERS.
+    _C.D2NORM.MABN_MODEL.HEAD_WARMUP_ITERS = 10000
+
+    # ---- RetinaNet head with per-level BN: rethinking §5.2, Table 5, Alg. 1, A.9 ----------------------
+    # Used by MODEL.META_ARCHITECTURE "DomainBNRetinaNet" (d2norm/modeling/meta_arch/retinanet_domain.py);
+    # the other head options stay in MODEL.RETINANET.* (whose NORM must be ""). Every norm of the shared head
+    # (NUM_CONVS per subnet) sees the K = len(MODEL.RETINANET.IN_FEATURES) FPN levels as K domains.
+    # Table 5 rows as (TRAIN_STATS, POP_STATS, AFFINE):
+    #   1 (shared, shared, shared) 39.1 AP        2 (shared, per_level, shared) 2.1
+    #   3 (per_level, shared, shared) 34.1        4 (per_level, per_level, shared) 39.1 (= detectron2's "BN" head)
+    #   5 (per_level, shared, per_level) 35.5     6 (per_level, per_level, per_level) 39.2
+    # Every Table 5 row uses SyncBN (SYNC True). Defaults = row 4. EPS / MOMENTUM come from D2NORM.BN.
+    _C.D2NORM.RETINANET_HEAD = CN()
+    # Table 5 "SGD Training" (Fig. 7): "per_level": each level normalized by its own mini-batch statistics;
+    # "shared": every level normalized by statistics of all levels concatenated (Alg. 1 RetinaNetHead_Row1).
+    _C.D2NORM.RETINANET_HEAD.TRAIN_STATS = "per_level"
+    # Table 5 "Population Stats": "per_level": one EMA set (K, C) per level, used at test time for that
+    # level; "shared": one set (C,) for all levels (updated once per level call with per_level TRAIN_STATS,
+    # once per forward with the pooled statistics with shared TRAIN_STATS).
+    _C.D2NORM.RETINANET_HEAD.POP_STATS = "per_level"
+    # Table 5 "Affine Parameters": "shared": one (gamma, beta) of shape (C,); "per_level": (K, C).
+    _C.D2NORM.RETINANET_HEAD.AFFINE = "shared"
+    # Table 5 "SyncBN": True = batch statistics all-reduced over ranks (weighted by element count, A.6);
+    # False = per-GPU BN. No effect in a single process.
+    _C.D2NORM.RETINANET_HEAD.SYNC = True
+    # With SYNC: number of consecutive ranks normalized together (0 = all ranks, as the paper's 16 images).
+    _C.D2NORM.RETINANET_HEAD.SYNC_GROUP_SIZE = 0
+
+    # ---- PreciseBN hook: rethinking §3.2, A.2, A.3, A.10; Tables 1-2 ------------------------------------
+    # d2norm.engine.hooks.PreciseBNHook over d2norm.stats.recompute_population_stats. Replaces detectron2's
+    # TEST.PRECISE_BN (enabling both is a ValueError).
+    _C.D2NORM.PRECISE_BN = CN()
+    _C.D2NORM.PRECISE_BN.ENABLED = False
+    # Run every PERIOD iterations and always after the last one. -1 = TEST.EVAL_PERIOD (statistics are fresh
+    # for every evaluation, §3.2 Fig. 3), 0 = only after the last iteration.
+    _C.D2NORM.PRECISE_BN.PERIOD = -1
+    # N: images over all ranks per run (§3.2 Table 1: 10^3-10^4 suffice). Each rank forwards its share.
+    _C.D2NORM.PRECISE_BN.NUM_SAMPLES = 1000
+    # B: images per forward on each rank = the normalization batch of the pass, independent of
+    # SOLVER.IMS_PER_BATCH (§3.2 Table 2: B >= 10^2 where memory allows; no backward is run).
+    _C.D2NORM.PRECISE_BN.BATCH_SIZE = 16
+    # "population": eq 2 with per-batch sizes (variance of all samples); "mean_of_batch_var": eq 3 (A.2).
+    _C.D2NORM.PRECISE_BN.ESTIMATOR = "population"
+    # A.3: estimate layer k with layers < k already using their exact population statistics (= the whole
+    # population forwarded as one batch). One pass per layer and this rank's N/W images kept in memory.
+    _C.D2NORM.PRECISE_BN.EXACT_LAYERWISE = False
 
     # ---- data --------------------------------------------------------------------------------------
     _C.D2NORM.DATA = CN()

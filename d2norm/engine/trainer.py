@@ -6,6 +6,8 @@ from typing import List
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .. import compat
 from ..config import add_d2norm_config
@@ -45,7 +47,19 @@ class Trainer(DefaultTrainer):
         )
 
     def build_d2norm_hooks(self) -> List:
-        return []
+        """d2norm hooks enabled in ``cfg.D2NORM`` (run after IterationTimer/LRScheduler, before checkpointing
+        and evaluation, so checkpoints and evaluations see their effect).
+
+        * ``D2NORM.PRECISE_BN``: :class:`~d2norm.engine.hooks.PreciseBNHook` (rethinking §3.2, A.3) with a
+          training-style loader of ``BATCH_SIZE`` images per rank built by :meth:`build_train_loader`.
+        """
+        from .hooks import build_precise_bn_hook, check_precise_bn_cfg
+
+        check_precise_bn_cfg(self.cfg)
+        ret = []
+        if self.cfg.D2NORM.PRECISE_BN.ENABLED:
+            ret.append(build_precise_bn_hook(self.cfg, self.model, build_train_loader=self.build_train_loader))
+        return ret
 
     def build_hooks(self):
         ret = super().build_hooks()
@@ -63,5 +77,8 @@ def setup_cfg(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # detectron2's default_setup configures the "detectron2"/"fvcore" loggers only; d2norm logs its hooks,
+    # conversions and compat decisions under "d2norm".
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2norm", abbrev_name="d2norm")
     prepare_datasets(cfg)
     return cfg

@@ -79,12 +79,17 @@ def batch_moments(x: torch.Tensor, dims: Sequence[int]):
     return n, mean, var
 
 
+def _rows(t) -> torch.Tensor:
+    if isinstance(t, (list, tuple)):
+        return torch.stack([torch.as_tensor(e, dtype=_ACC).reshape(-1) for e in t])
+    return torch.as_tensor(t, dtype=_ACC)
+
+
 def population_estimate(counts, means, vars_biased) -> PopulationEstimate:
     """Eq 2 over batches with sizes ``counts`` (k,), means and biased variances (k, R): a float64 reference
     form of what :class:`MomentAccumulator` computes incrementally."""
     n = torch.as_tensor(counts, dtype=_ACC).reshape(-1, 1)
-    m = torch.as_tensor(means, dtype=_ACC)
-    v = torch.as_tensor(vars_biased, dtype=_ACC)
+    m, v = _rows(means), _rows(vars_biased)
     N = float(n.sum())
     mean = (n * m).sum(0) / N
     m2 = (n * (v + (m - mean) ** 2)).sum(0)  # same value as N·(E[μ²+σ²] − μ_pop²), cancellation-free
@@ -94,8 +99,7 @@ def population_estimate(counts, means, vars_biased) -> PopulationEstimate:
 def mean_of_batch_var_estimate(counts, means, vars_biased) -> PopulationEstimate:
     """Eq 3 (every batch weighted equally; per-batch Bessel correction n_i/(n_i−1))."""
     n = torch.as_tensor(counts, dtype=_ACC).reshape(-1, 1)
-    m = torch.as_tensor(means, dtype=_ACC)
-    v = torch.as_tensor(vars_biased, dtype=_ACC)
+    m, v = _rows(means), _rows(vars_biased)
     ok = (n > 1).to(_ACC)
     k = int(n.numel())
     return _finish_batch_mean(

@@ -1,0 +1,23 @@
+"""Population-statistics math shared by hooks, tools and tests (DESIGN principle 5). Pure functions, no I/O.
+
+* :mod:`.estimators` — eq 2 / eq 3 of rethinking A.2 from per-batch moments, a count-weighted all-reducible
+  moment accumulator;
+* :mod:`.adapters`   — which statistics each norm layer holds and how to recompute / write them;
+* :mod:`.state`      — snapshot / restore of everything a forward must not change (rethinking A.10);
+* :mod:`.precise_bn` — :func:`recompute_population_stats` (PreciseBN, rethinking §3.2, A.3).
+"""
+from .estimators import (
+    ESTIMATORS,
+    MomentAccumulator,
+    PopulationEstimate,
+    all_reduce_accumulators_,
+    batch_moments,
+    check_estimator,
+    mean_of_batch_var_estimate,
+    population_estimate,
+)
+from .adapters import StatsAdapter, get_stats_adapter, register_stats_adapter
+from .state import capture_state, restore_state
+from .precise_bn import population_stat_layers, rank_share, recompute_population_stats
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -1,0 +1,338 @@
+"""PreciseBN: recompute population statistics of a fixed model (rethinking §3.2, A.2, A.3, A.10).
+
+:func:`recompute_population_stats` is the one implementation used by the training hook
+(:class:`d2norm.engine.hooks.PreciseBNHook`) and the tools. Compared with fvcore's ``update_bn_stats`` /
+detectron2's ``hooks.PreciseBN``:
+
+* eq 2 with per-batch sizes (the population variance of all samples) by default, eq 3 as an option
+  (:mod:`d2norm.stats.estimators`); merged in float64 without E[x²] − μ² cancellation;
+* N (samples, i.e. images) and the forward batch B are set here, independently of the training loader: batches
+  are re-chunked to exactly B samples (the last one smaller) until this rank's share of N is used;
+* distributed: rank r forwards ⌊N/W⌋ (+1 for the first N mod W ranks) samples; the moments are all-reduced
+  weighted by counts (two collectives in all) so every rank writes identical statistics; no collective runs
+  inside the forward, so ranks may call layers different numbers of times;
+* every layer type with population statistics has an adapter (:mod:`d2norm.stats.adapters`): BN family,
+  GhostBN, EvalNorm, example weighing, BGN, MABN's χ̂, DomainBN's per-domain rows; a layer called several
+  times per forward contributes one batch per call; frozen layers are not touched;
+* nothing else changes (A.10 "unintended updates"): adapted layers normalize without writing anything; all
+  other buffers and plain module attributes (RetinaNet's ``loss_normalizer``, ``CycleBatchNormList._pos``, ...)
+  are restored (:mod:`d2norm.stats.state`); event-storage writes go to a discarded storage; the torch /
+  numpy / python RNG streams of the caller are restored afterwards, so training continues as if the pass had not
+  happened (apart from the data the pass consumed from its own loader);
+* ``exact_layerwise`` (A.3): layer k is estimated in pass k with layers < k normalizing with their exact
+  population statistics, which equals forwarding the whole population as one batch.
+"""
+import contextlib
+import itertools
+import logging
+import random
+import time
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters import StatsAdapter, get_stats_adapter
+from .estimators import PopulationEstimate, all_reduce_accumulators_, check_estimator
+from .state import capture_state, restore_state
+
+__all__ = ["recompute_population_stats", "population_stat_layers", "rank_share"]
+
+logger = logging.getLogger(__name__)
+
+
+def population_stat_layers(model: nn.Module) -> Dict[str, StatsAdapter]:
+    """``{module name: adapter}`` for every layer whose population statistics would be recomputed."""
+    out = {}
+    for name, m in _unwrap(model).named_modules():
+        a = get_stats_adapter(m)
+        if a is not None:
+            out[name] = a
+    return out
+
+
+def rank_share(num_samples: int, rank: int, world: int) -> int:
+    """Samples rank ``rank`` forwards: ⌊N/W⌋, plus one for the first N mod W ranks."""
+    return num_samples // world + (1 if rank < num_samples % world else 0)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    # forward the wrapped module itself: no DDP buffer broadcast or gradient bookkeeping in this pass
+    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
+
+
+def _check_positive_int(name: str, v, allow_none=False) -> None:
+    if allow_none and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"PreciseBN: {name} must be a positive integer, got {v!r}")
+
+
+# ---- batching ---------------------------------------------------------------------------------------------
+def _length(batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, (list, tuple)):
+        return len(batch)
+    raise TypeError(
+        f"PreciseBN: a data batch must be a list of samples (detectron2) or a tensor, got {type(batch).__name__}"
+    )
+
+
+def _slice(batch, start: int, stop: int):
+    return batch[start:stop]
+
+
+def _concat(parts: List[Any]):
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    out = []
+    for p in parts:
+        out.extend(p)
+    return out
+
+
+def _batches(data: Iterator, total: int, batch_size: Optional[int]) -> Iterator:
+    """Batches of exactly ``batch_size`` samples (the last possibly fewer), ``total`` samples in all; without
+    ``batch_size`` the loader's own batches (the last one trimmed)."""
+    pending, have, done = [], 0, 0
+    while done < total:
+        want = min(batch_size or 0, total - done) if batch_size else None
+        if want is not None and have >= want:
+            merged = _concat(pending)
+            yield _slice(merged, 0, want)
+            rest = _slice(merged, want, _length(merged))
+            pending, have = ([rest], _length(rest)) if _length(rest) else ([], 0)
+            done += want
+            continue
+        try:
+            b = next(data)
+        except StopIteration:
+            if have:
+                merged = _concat(pending)
+                take = min(have, total - done)
+                yield _slice(merged, 0, take)
+                done += take
+            if done < total:
+                logger.warning("PreciseBN: the data ran out after %d of %d samples on this rank", done, total)
+            return
+        if want is None:
+            take = min(_length(b), total - done)
+            yield b if take == _length(b) else _slice(b, 0, take)
+            done += take
+        else:
+            pending.append(b)
+            have += _length(b)
+
+
+# ---- context ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _isolated_rng():
+    """Restore the caller's torch (CPU + CUDA), numpy and python RNG states afterwards."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=_cuda_devices()):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+@contextlib.contextmanager
+def _patched(adapters: Dict[str, StatsAdapter]):
+    """Route every adapted layer's forward (and DomainBN's ``forward_domains``) to its adapter."""
+    saved = []
+    try:
+        for a in adapters.values():
+            for attr in ("forward", "forward_domains"):
+                if not (hasattr(a.module, attr) and hasattr(a, attr)):
+                    continue
+                saved.append((a.module, attr, a.module.__dict__.get(attr, _MISSING)))
+                a.module.__dict__[attr] = getattr(a, attr)
+        yield
+    finally:
+        for mod, attr, old in reversed(saved):
+            if old is _MISSING:
+                mod.__dict__.pop(attr, None)
+            else:
+                mod.__dict__[attr] = old
+
+
+_MISSING = object()
+
+
+def _cuda_devices() -> List[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
+def _get_rng():
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in _cuda_devices()]
+
+
+def _set_rng(state) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(_cuda_devices(), state[1]):
+        torch.cuda.set_rng_state(s, d)
+
+
+def _storage():
+    try:
+        from detectron2.utils.events import EventStorage
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return EventStorage()  # the model's put_scalar calls go here and are discarded
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    try:
+        import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm.tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+# ---- main entry -------------------------------------------------------------------------------------------
+def recompute_population_stats(
+    model: nn.Module,
+    data_loader: Iterable,
+    num_samples: int,
+    batch_size: Optional[int] = None,
+    estimator: str = "population",
+    exact_layerwise: bool = False,
+    progress: bool = True,
+    group=None,
+    forward_fn=None,
+) -> Dict[str, List[Optional[PopulationEstimate]]]:
+    """Recompute the population statistics of every adapted layer of ``model`` and write them.
+
+    Args:
+        model: the model (DDP/DP wrappers are unwrapped). Its modes are not changed: layers in training mode
+            with population statistics are recomputed; layers in eval mode (frozen by design) run their eval
+            forward and are untouched. For a detectron2 meta-architecture in training mode the batches need
+            ``instances`` (a training loader); its losses are computed and discarded.
+        data_loader: iterable of batches (a list of samples, e.g. detectron2's list of dicts, or a tensor whose
+            dim 0 is the sample); iterated once (``iter(data_loader)``), so pass a persistent iterator to
+            continue where the previous call stopped.
+        num_samples: N, the total number of samples over all ranks (rethinking §3.2: 10³–10⁴ images).
+        batch_size: B, samples per forward on each rank (the normalization batch of the pass; rethinking Table 2:
+            B ≥ 10² where memory allows). ``None``: the loader's batches.
+        estimator: ``"population"`` (eq 2, default) or ``"mean_of_batch_var"`` (eq 3).
+        exact_layerwise: A.3. The batches of this rank are kept in memory and forwarded once per layer
+            (cost quadratic in depth). Layers are estimated in the order of their first call in a forward of
+            the first batch (rank 0's order on every rank), a topological order for feed-forward models. The
+            result equals the one-batch forward of the population with ``estimator="population"``; with eq 3
+            layer k's statistics are still averaged over the B-sized batches of pass k.
+        progress: show a progress bar (on the main process only).
+        group: process group for the moment all-reduce (``None`` = all ranks).
+        forward_fn: ``forward_fn(model, batch)``; default ``model(batch)``.
+
+    Returns:
+        ``{layer name: [estimate per slot]}`` (slots = domains of a per-domain DomainBN, else one; ``None``
+        where a slot saw no data, whose statistics are then left unchanged).
+    """
+    from detectron2.utils import comm
+
+    check_estimator(estimator)
+    _check_positive_int("num_samples (D2NORM.PRECISE_BN.NUM_SAMPLES)", num_samples)
+    _check_positive_int("batch_size (D2NORM.PRECISE_BN.BATCH_SIZE)", batch_size, allow_none=True)
+    if not isinstance(exact_layerwise, bool):
+        raise ValueError(f"PreciseBN: exact_layerwise must be True or False, got {exact_layerwise!r}")
+    net = _unwrap(model)
+    forward_fn = forward_fn or (lambda m, b: m(b))
+    adapters = population_stat_layers(net)
+    if not adapters:
+        logger.info("PreciseBN: no layer with population statistics in training mode; nothing to do")
+        return {}
+    if group is None:
+        world, rank = comm.get_world_size(), comm.get_rank()
+    else:
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+    share = rank_share(num_samples, rank, world)
+    device = next(itertools.chain(net.parameters(), net.buffers())).device
+    for a in adapters.values():
+        a.reset(device)
+    show = progress and comm.is_main_process()
+    start = time.perf_counter()
+
+    snap = capture_state(net)
+    data = iter(data_loader)
+    try:
+        with torch.no_grad(), _isolated_rng(), _storage(), _patched(adapters):
+            if not exact_layerwise:
+                for a in adapters.values():
+                    a.mode = "record"
+                nb = -(-share // batch_size) if batch_size else None
+                for batch in _progress(_batches(data, share, batch_size), nb, "PreciseBN", show):
+                    forward_fn(net, batch)
+                _reduce_and_estimate(list(adapters.values()), estimator, group)
+            else:
+                _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, forward_fn, show)
+    finally:
+        restore_state(net, snap)
+
+    results = {}
+    for name, a in adapters.items():
+        for slot, est in enumerate(a.estimates):
+            if est is not None:
+                a.write(slot, est)
+        if all(e is None for e in a.estimates):
+            logger.warning("PreciseBN: layer %s saw no data; its statistics are unchanged", name)
+        results[name] = list(a.estimates)
+    logger.info(
+        "PreciseBN: population statistics (%s%s) of %d layers from %d samples (B=%s per rank, %d ranks) in %.2fs",
+        estimator, ", exact layer-wise" if exact_layerwise else "", len(adapters), num_samples,
+        batch_size or "loader", world, time.perf_counter() - start,
+    )
+    return results
+
+
+def _reduce_and_estimate(adapters: List[StatsAdapter], estimator: str, group) -> None:
+    all_reduce_accumulators_([acc for a in adapters for acc in a.accs], group)
+    for a in adapters:
+        a.estimates = [acc.estimate(estimator) for acc in a.accs]
+
+
+def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, forward_fn, show) -> None:
+    """rethinking A.3: pass k estimates layer k with layers < k normalizing with their population statistics."""
+    from detectron2.utils import comm
+
+    rng = _get_rng()
+    batches = list(_batches(data, share, batch_size))
+
+    # Order = first call in a forward of the first batch (a topological order for feed-forward models: a
+    # layer's input depends only on layers called before it). Rank 0's order is used everywhere, so the
+    # per-layer collectives match across ranks.
+    log: List[StatsAdapter] = []
+    for a in adapters.values():
+        a.mode, a.calls, a.call_log = "batch", 0, log
+    try:
+        if batches:
+            _set_rng(rng)
+            forward_fn(net, batches[0])
+    finally:
+        for a in adapters.values():
+            a.call_log = None
+    name_of = {id(a): n for n, a in adapters.items()}
+    seen = [name_of[id(a)] for a in log]
+    from ..layers.distributed import group_world_size
+
+    names = comm.all_gather(seen, group=group)[0] if group_world_size(group) > 1 else seen
+    names = names + [n for n in adapters if n not in names]
+    order = [adapters[n] for n in names]
+
+    for k, a in enumerate(_progress(order, len(order), "PreciseBN layer-wise", show)):
+        for j, other in enumerate(order):
+            other.mode = "population" if j < k else ("record" if j == k else "batch")
+        for b in batches:
+            _set_rng(rng)  # same random choices (e.g. RoI sampling) in every pass
+            forward_fn(net, b)
+        _reduce_and_estimate([a], estimator, group)
+        # later passes normalize layer k with its population statistics (mean, biased variance), i.e. exactly
+        # what a forward of the whole population as one batch normalizes with
