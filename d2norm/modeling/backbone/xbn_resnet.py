@@ -1,0 +1,238 @@
+"""XBNBlock ResNet backbones (estimation-shift §5.1-5.3, Fig. 6, Tables 1, 4-6).
+
+An XBNBlock is a residual block in which ONE batch normalization is replaced by a batch-free normalization
+(BFN: GroupNorm or InstanceNorm), which blocks the accumulation of the BNs' estimation shift through the network
+(estimation-shift §4.2.2, §5.1). Everything else is detectron2's ResNet: the backbone is built by detectron2's
+``build_resnet_backbone`` (so ``MODEL.RESNETS.*`` keep their meaning and the BN part uses ``MODEL.RESNETS.NORM``,
+which may be any detectron2 or d2norm name), then the chosen norm slots are swapped for :class:`BatchFreeNorm`.
+Module and parameter names are detectron2's, so standard ResNet checkpoints load.
+
+Options (``cfg.D2NORM.XBNBLOCK``):
+
+* ``POSITION`` p ∈ {1, 2, 3} (§5.2.1 "Positions of BFN in an XBNBlock", Table 1): the BFN replaces the norm of
+  ``conv{p}`` of the residual branch: P1 = after the first 1x1 conv, P2 = after the 3x3 conv (Fig. 6b, the
+  paper's default), P3 = after the last 1x1 conv. ResNet-18/34 ``BasicBlock``s have two norms (conv1, conv2),
+  so only p ∈ {1, 2} exists there. Stem and shortcut norms are never replaced (Fig. 6 changes one BN of the
+  bottleneck branch only).
+* ``DENSITY`` D (§5.2.1 "Positions of XBNBlock in a network", Fig. 7): the residual blocks are numbered
+  k = 1..N in forward order *across* stages res2..res5 (one global count; N = 16 for ResNet-50, 33 for
+  ResNet-101); block k is an XBNBlock iff ``k % D == 0``. D = 1 is every block (the paper's "XBNBlock");
+  D = 2, 4, 8 give the paper's {2n}-th, {4n}-th, {8n}-th bottlenecks (XBNBlock-D2/D4/D8). Stages that are not
+  built because ``OUT_FEATURES`` stops earlier are the last ones, so they never shift the numbering.
+* ``NORM_TYPE`` "GN" (GroupNorm with ``NUM_GROUPS`` groups; the paper uses g = 64, §5.2.1) or "IN"
+  (InstanceNorm = GroupNorm with one channel per group, §5.1), with ``EPS``. ``NUM_GROUPS`` must divide the
+  channels of every replaced norm (else a ValueError listing each layer, its channels and the group count).
+
+Loading checkpoints: a :class:`BatchFreeNorm` keeps γ/β (``weight``/``bias``) of the BN-type layer a checkpoint
+holds for its slot and drops that layer's statistics (``running_mean``, ``running_var``,
+``num_batches_tracked``, or any other per-layer buffer); the dropped keys are logged in one warning per load
+and returned by :func:`xbn_dropped_statistics`. Note γ/β of BN and of the BFN act on differently normalized
+activations: a BN checkpoint is a warm start, not an equivalent network (the paper fine-tunes from ImageNet
+models pre-trained *with* XBNBlock, §5.3.1).
+"""
+import logging
+import numbers
+from typing import Dict, List
+
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
+from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
+from torch import nn
+
+from ...layers.registry import norm_options
+
+__all__ = [
+    "BatchFreeNorm",
+    "XBNOptions",
+    "xbn_options_from_cfg",
+    "xbn_block_flags",
+    "convert_resnet_to_xbn",
+    "xbn_dropped_statistics",
+    "build_xbn_resnet_backbone",
+    "build_xbn_resnet_fpn_backbone",
+    "build_xbn_retinanet_resnet_fpn_backbone",
+]
+
+logger = logging.getLogger(__name__)
+
+_NORM_TYPES = ("GN", "IN")
+
+
+class BatchFreeNorm(nn.GroupNorm):
+    """The batch-free normalization of an XBNBlock (estimation-shift §5.1): GN, or IN when ``num_groups`` equals
+    ``num_channels`` (per-sample, per-channel statistics over H, W — exactly GroupNorm with C groups).
+
+    Same state dict as ``nn.GroupNorm`` (``weight``, ``bias``; no buffers): identical behaviour in training and
+    inference, which is why it stops the estimation shift (§4.2.2). Loading a checkpoint that held a BN-type
+    layer in this slot keeps γ/β and drops the layer's other direct entries (its statistics); the dropped keys of
+    the latest load are in :attr:`dropped_keys`.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        super().__init__(num_groups, num_channels, eps=eps, affine=True)
+        self.dropped_keys: List[str] = []
+
+    @property
+    def is_instance_norm(self) -> bool:
+        return self.num_groups == self.num_channels
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # `state_dict` is torch's per-module copy, so popping here never touches the caller's dict.
+        own = set(self._parameters) | set(self._buffers)
+        dropped = [k for k in state_dict
+                   if k.startswith(prefix) and "." not in k[len(prefix):] and k[len(prefix):] not in own]
+        for k in dropped:
+            state_dict.pop(k)
+        self.dropped_keys = dropped
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+def xbn_dropped_statistics(model: nn.Module) -> List[str]:
+    """Checkpoint keys that the latest ``load_state_dict`` dropped because their slot is now batch-free.
+
+    Full key names as in the loaded state dict (e.g. ``backbone.bottom_up.res2.0.conv2.norm.running_mean``).
+    """
+    return [k for m in model.modules() if isinstance(m, BatchFreeNorm) for k in m.dropped_keys]
+
+
+def _report_dropped(module: nn.Module, incompatible_keys) -> None:
+    per_layer: Dict[str, List[str]] = {}
+    for key in xbn_dropped_statistics(module):
+        layer, _, name = key.rpartition(".")
+        per_layer.setdefault(layer, []).append(name)
+    if per_layer:
+        logger.warning(
+            "XBNBlock: the checkpoint has statistics for %d norms that are batch-free (GN/IN) in this model; "
+            "their gamma/beta were loaded, these entries were dropped:\n  %s",
+            len(per_layer), "\n  ".join(f"{layer}.{{{', '.join(names)}}}" for layer, names in per_layer.items()),
+        )
+
+
+class XBNOptions:
+    """Validated ``cfg.D2NORM.XBNBLOCK`` values (see the module docstring for their meaning)."""
+
+    def __init__(self, position: int = 2, density: int = 1, norm_type: str = "GN", num_groups: int = 64,
+                 eps: float = 1e-5):
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        if not (is_int(position) and position in (1, 2, 3)):
+            raise ValueError(f"D2NORM.XBNBLOCK.POSITION must be 1, 2 or 3 (P1/P2/P3: which norm of the block "
+                             f"becomes batch-free), got {position!r}")
+        if not (is_int(density) and density >= 1):
+            raise ValueError(f"D2NORM.XBNBLOCK.DENSITY must be an integer >= 1 (every D-th block is an "
+                             f"XBNBlock; the paper uses 1, 2, 4, 8), got {density!r}")
+        if norm_type not in _NORM_TYPES:
+            raise ValueError(f"D2NORM.XBNBLOCK.NORM_TYPE must be one of {_NORM_TYPES}, got {norm_type!r}")
+        if not (is_int(num_groups) and num_groups >= 1):
+            raise ValueError(f"D2NORM.XBNBLOCK.NUM_GROUPS must be an integer >= 1, got {num_groups!r}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+            raise ValueError(f"D2NORM.XBNBLOCK.EPS must be a number > 0, got {eps!r}")
+        self.position, self.density, self.norm_type = int(position), int(density), norm_type
+        self.num_groups, self.eps = int(num_groups), float(eps)
+
+
+def xbn_options_from_cfg(cfg) -> XBNOptions:
+    c = cfg.D2NORM.XBNBLOCK
+    return XBNOptions(c.POSITION, c.DENSITY, c.NORM_TYPE, c.NUM_GROUPS, c.EPS)
+
+
+def xbn_block_flags(num_blocks: int, density: int) -> List[bool]:
+    """Which of the blocks 1..num_blocks (global forward order) are XBNBlocks: block k iff k % density == 0."""
+    return [k % density == 0 for k in range(1, num_blocks + 1)]
+
+
+def _branch_convs(block: nn.Module) -> List[nn.Module]:
+    # conv1, conv2[, conv3] of the residual branch (BasicBlock, BottleneckBlock, DeformBottleneckBlock).
+    convs, k = [], 1
+    while isinstance(getattr(block, f"conv{k}", None), nn.Module):
+        convs.append(getattr(block, f"conv{k}"))
+        k += 1
+    return convs
+
+
+def convert_resnet_to_xbn(resnet: ResNet, options: XBNOptions) -> Dict[str, BatchFreeNorm]:
+    """Swap the configured norm slots of ``resnet`` (a detectron2 ``ResNet``) for :class:`BatchFreeNorm`, in place.
+
+    Returns ``{module name: new norm}`` (e.g. ``"res2.1.conv2.norm"``) in block order. Call it before freezing
+    stages (``ResNet.freeze``) so frozen stages freeze the new layers too.
+    """
+    blocks = [(f"{sname}.{i}", block)
+              for sname, stage in zip(resnet.stage_names, resnet.stages) for i, block in enumerate(stage)]
+    flags = xbn_block_flags(len(blocks), options.density)
+    targets, bad_groups = [], []
+    for (name, block), is_xbn in zip(blocks, flags):
+        if not is_xbn:
+            continue
+        convs = _branch_convs(block)
+        if options.position > len(convs):
+            raise ValueError(
+                f"D2NORM.XBNBLOCK.POSITION={options.position}, but block {name} ({type(block).__name__}) has "
+                f"{len(convs)} norms in its residual branch (positions 1..{len(convs)}); P3 needs bottleneck "
+                f"blocks (ResNet-50 and deeper)"
+            )
+        conv = convs[options.position - 1]
+        slot = f"{name}.conv{options.position}.norm"
+        if getattr(conv, "norm", None) is None:
+            raise ValueError(f"{slot} does not exist (MODEL.RESNETS.NORM is empty?): XBNBlock replaces an "
+                             f"existing norm")
+        channels = conv.out_channels
+        groups = channels if options.norm_type == "IN" else options.num_groups
+        if channels % groups:
+            bad_groups.append(f"{slot} ({channels} channels)")
+        targets.append((slot, conv, groups, channels))
+    if bad_groups:
+        raise ValueError(
+            f"D2NORM.XBNBLOCK.NUM_GROUPS={options.num_groups} must divide the channels of every batch-free norm; "
+            f"it does not divide: {', '.join(bad_groups)}"
+        )
+    new = {}
+    for slot, conv, groups, channels in targets:
+        conv.norm = BatchFreeNorm(groups, channels, eps=options.eps).to(conv.weight.device)
+        new[slot] = conv.norm
+    if not getattr(resnet, "_xbn_report_hook", False):
+        resnet.register_load_state_dict_post_hook(_report_dropped)
+        resnet._xbn_report_hook = True
+    return new
+
+
+@BACKBONE_REGISTRY.register()
+def build_xbn_resnet_backbone(cfg, input_shape):
+    """detectron2's ResNet (``MODEL.RESNETS.*``) with XBNBlocks as set by ``D2NORM.XBNBLOCK`` (§5.1)."""
+    options = xbn_options_from_cfg(cfg)
+    unfrozen = cfg.clone()
+    unfrozen.defrost()
+    unfrozen.MODEL.BACKBONE.FREEZE_AT = 0  # freeze after the swap, so frozen stages include the BFNs
+    with norm_options(cfg):
+        resnet = build_resnet_backbone(unfrozen, input_shape)
+    convert_resnet_to_xbn(resnet, options)
+    return resnet.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+def _fpn(cfg, bottom_up, top_block) -> FPN:
+    # detectron2's build_resnet_fpn_backbone / build_retinanet_resnet_fpn_backbone with another bottom-up.
+    with norm_options(cfg):
+        return FPN(
+            bottom_up=bottom_up,
+            in_features=cfg.MODEL.FPN.IN_FEATURES,
+            out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+            norm=cfg.MODEL.FPN.NORM,
+            top_block=top_block,
+            fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        )
+
+
+@BACKBONE_REGISTRY.register()
+def build_xbn_resnet_fpn_backbone(cfg, input_shape):
+    """XBNBlock ResNet + FPN with P6 by max-pooling (Faster/Mask R-CNN, estimation-shift Tables 4-6)."""
+    return _fpn(cfg, build_xbn_resnet_backbone(cfg, input_shape), LastLevelMaxPool())
+
+
+@BACKBONE_REGISTRY.register()
+def build_xbn_retinanet_resnet_fpn_backbone(cfg, input_shape):
+    """XBNBlock ResNet + FPN with P6/P7 from res5 (RetinaNet)."""
+    bottom_up = build_xbn_resnet_backbone(cfg, input_shape)
+    in_channels_p6p7 = bottom_up.output_shape()["res5"].channels
+    return _fpn(cfg, bottom_up, LastLevelP6P7(in_channels_p6p7, cfg.MODEL.FPN.OUT_CHANNELS))
