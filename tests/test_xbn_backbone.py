@@ -1,0 +1,289 @@
+"""XBNBlock ResNet backbones (estimation-shift §5.1-5.3, Fig. 6, Table 1, Fig. 7)."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling import build_backbone
+from torch import nn
+
+import d2norm.modeling.backbone.xbn_resnet  # noqa: F401  (registers the backbones)
+from d2norm import add_d2norm_config
+from d2norm.layers.ghost_bn import GhostBatchNorm2d
+from d2norm.layers.registry import norm_options
+from d2norm.modeling.backbone.xbn_resnet import BatchFreeNorm, xbn_dropped_statistics
+
+ALL_FEATURES = ["res2", "res3", "res4", "res5"]
+BLOCKS = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
+
+
+def make_cfg(depth=50, position=2, density=1, norm_type="GN", groups=4, norm="BN",
+             name="build_xbn_resnet_backbone", slim=True, freeze_at=0):
+    cfg = add_d2norm_config(get_cfg())
+    cfg.MODEL.BACKBONE.NAME = name
+    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
+    r = cfg.MODEL.RESNETS
+    r.DEPTH, r.NORM, r.OUT_FEATURES = depth, norm, list(ALL_FEATURES)
+    if slim and depth >= 50:  # bottleneck widths 8/16/32/64, outputs 32/64/128/256
+        r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS, r.WIDTH_PER_GROUP = 8, 32, 8
+    elif slim:  # R18 needs RES2_OUT_CHANNELS 64
+        r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS = 16, 64
+    cfg.MODEL.FPN.IN_FEATURES = list(ALL_FEATURES)
+    cfg.MODEL.FPN.OUT_CHANNELS = 16
+    x = cfg.D2NORM.XBNBLOCK
+    x.POSITION, x.DENSITY, x.NORM_TYPE, x.NUM_GROUPS = position, density, norm_type, groups
+    return cfg
+
+
+def build(cfg):
+    with norm_options(cfg):
+        return build_backbone(cfg, ShapeSpec(channels=3))
+
+
+def stock_cfg(cfg):
+    cfg = cfg.clone()
+    cfg.MODEL.BACKBONE.NAME = {
+        "build_xbn_resnet_backbone": "build_resnet_backbone",
+        "build_xbn_resnet_fpn_backbone": "build_resnet_fpn_backbone",
+        "build_xbn_retinanet_resnet_fpn_backbone": "build_retinanet_resnet_fpn_backbone",
+    }[cfg.MODEL.BACKBONE.NAME]
+    return cfg
+
+
+def global_blocks(depth):
+    """[(name, k)] with k the 1-based global block index, written from §5.2.1's counting."""
+    out, k = [], 0
+    for stage, n in zip(ALL_FEATURES, BLOCKS[depth]):
+        for i in range(n):
+            k += 1
+            out.append((f"{stage}.{i}", k))
+    return out
+
+
+def _images(n=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g) * 3 + 2
+
+
+@pytest.mark.parametrize("position", [1, 2, 3])
+@pytest.mark.parametrize("density", [1, 2, 4, 8])
+def test_norm_types_follow_position_and_density(position, density):
+    model = build(make_cfg(position=position, density=density, groups=4))
+    modules = dict(model.named_modules())
+    assert type(modules["stem.conv1"].norm) is nn.BatchNorm2d
+    n_xbn = 0
+    for name, k in global_blocks(50):
+        block = modules[name]
+        is_xbn = k % density == 0
+        for p in (1, 2, 3):
+            norm = getattr(block, f"conv{p}").norm
+            if is_xbn and p == position:
+                n_xbn += 1
+                assert type(norm) is BatchFreeNorm, (name, p)
+                assert norm.num_groups == 4 and not norm.is_instance_norm
+                assert norm.num_channels == getattr(block, f"conv{p}").out_channels
+            else:
+                assert type(norm) is nn.BatchNorm2d, (name, p, type(norm))
+        if block.shortcut is not None:
+            assert type(block.shortcut.norm) is nn.BatchNorm2d
+    assert n_xbn == 16 // density
+    assert sum(isinstance(m, BatchFreeNorm) for m in model.modules()) == n_xbn
+
+
+@pytest.mark.parametrize("depth,density,expected", [
+    (50, 4, ["res3.0", "res4.0", "res4.4", "res5.2"]),   # blocks 4, 8, 12, 16 of 16
+    (50, 8, ["res4.0", "res5.2"]),                       # blocks 8, 16
+    (101, 8, ["res4.0", "res4.8", "res4.16", "res5.1"]),  # blocks 8, 16, 24, 32 of 33
+    (18, 2, ["res2.1", "res3.1", "res4.1", "res5.1"]),
+    (50, 32, []),
+])
+def test_density_counts_blocks_globally_across_stages(depth, density, expected):
+    model = build(make_cfg(depth=depth, density=density, groups=4))
+    xbn = sorted(n.rsplit(".conv2.norm", 1)[0] for n, m in model.named_modules() if isinstance(m, BatchFreeNorm))
+    assert xbn == sorted(expected)
+
+
+def test_instance_norm_and_basic_blocks():
+    model = build(make_cfg(norm_type="IN", groups=5))  # NUM_GROUPS is ignored for IN
+    norms = [m for m in model.modules() if isinstance(m, BatchFreeNorm)]
+    assert len(norms) == 16 and all(m.is_instance_norm and m.num_groups == m.num_channels for m in norms)
+    r18 = build(make_cfg(depth=18, position=1, groups=8))
+    assert sorted(n for n, m in r18.named_modules() if isinstance(m, BatchFreeNorm)) == sorted(
+        f"{b}.conv1.norm" for b, _ in global_blocks(18))
+    with pytest.raises(ValueError, match=r"POSITION=3.*res2\.0 \(BasicBlock\) has 2 norms"):
+        build(make_cfg(depth=18, position=3, groups=8))
+
+
+@pytest.mark.parametrize("norm,cls", [("FrozenBN", FrozenBatchNorm2d), ("GhostBN", GhostBatchNorm2d)])
+def test_bn_part_keeps_resnets_norm(norm, cls):
+    model = build(make_cfg(norm=norm, density=2))
+    for name, m in model.named_modules():
+        if hasattr(m, "norm") and m.norm is not None:
+            is_slot = name.endswith("conv2") and isinstance(m.norm, BatchFreeNorm)
+            assert is_slot or type(m.norm) is cls, name
+    assert sum(isinstance(m, BatchFreeNorm) for m in model.modules()) == 8
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("POSITION", 4, "POSITION must be 1, 2 or 3.*got 4"),
+    ("POSITION", 0, "POSITION must be 1, 2 or 3.*got 0"),
+    ("DENSITY", 0, "DENSITY must be an integer >= 1.*got 0"),
+    ("NORM_TYPE", "BN", r"NORM_TYPE must be one of \('GN', 'IN'\), got 'BN'"),
+    ("NUM_GROUPS", 0, "NUM_GROUPS must be an integer >= 1, got 0"),
+    ("EPS", 0.0, "EPS must be a number > 0, got 0.0"),
+])
+def test_bad_options_raise(key, value, match):
+    cfg = make_cfg()
+    cfg.D2NORM.XBNBLOCK[key] = value
+    with pytest.raises(ValueError, match=match):
+        build(cfg)
+
+
+def test_group_count_must_divide_channels():
+    with pytest.raises(ValueError) as err:
+        build(make_cfg(groups=16))  # P2 slot channels 8/16/32/64: res2 (8) fails
+    msg = str(err.value)
+    assert "NUM_GROUPS=16" in msg and "res2.0.conv2.norm (8 channels)" in msg and "res2.2.conv2.norm" in msg
+    assert "res3." not in msg  # 16, 32, 64 are fine
+
+
+def _randomize_(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                if name.endswith("running_var"):
+                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+                else:
+                    t.copy_(torch.randn(t.shape, generator=g))
+            elif name.endswith("num_batches_tracked"):
+                t.fill_(7)
+
+
+@pytest.mark.parametrize("norm", ["BN", "FrozenBN"])
+def test_standard_r50_state_dict_loads(norm, caplog):
+    """A detectron2 R-50 (full size) checkpoint loads strictly; GN slots keep gamma/beta; statistics reported."""
+    cfg = make_cfg(norm=norm, groups=64, slim=False)
+    stock = build(stock_cfg(cfg))
+    _randomize_(stock)
+    sd = stock.state_dict()
+    xbn = build(cfg)
+    with caplog.at_level(logging.WARNING):
+        result = xbn.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    stats = ["running_mean", "running_var"] + (["num_batches_tracked"] if norm == "BN" else [])
+    expected = [f"{b}.conv2.norm.{s}" for b, _ in global_blocks(50) for s in stats]
+    assert xbn_dropped_statistics(xbn) == expected
+    assert "res4.5.conv2.norm.{" + ", ".join(stats) + "}" in caplog.text
+    mine = xbn.state_dict()
+    assert set(mine) == set(sd) - set(expected)
+    for k, v in mine.items():
+        assert torch.equal(v, sd[k]), k  # gamma/beta of GN slots included
+    assert torch.equal(xbn.res3[1].conv2.norm.weight, sd["res3.1.conv2.norm.weight"])
+    assert sd["res3.1.conv2.norm.running_mean"].abs().sum() > 0  # the dropped entries held real statistics
+
+
+def test_checkpointer_load_into_fpn_reports_prefixed_keys(tmp_path, caplog):
+    cfg = make_cfg(name="build_xbn_resnet_fpn_backbone", density=8)
+    stock = build(stock_cfg(cfg))
+    _randomize_(stock, seed=1)
+    torch.save({"model": stock.state_dict()}, tmp_path / "stock.pth")
+    xbn = build(cfg)
+    with caplog.at_level(logging.WARNING):
+        DetectionCheckpointer(xbn).load(str(tmp_path / "stock.pth"))
+    assert xbn_dropped_statistics(xbn) == [
+        f"bottom_up.{b}.conv2.norm.{s}" for b in ("res4.0", "res5.2")
+        for s in ("running_mean", "running_var", "num_batches_tracked")
+    ]
+    assert "bottom_up.res5.2.conv2.norm.{running_mean, running_var, num_batches_tracked}" in caplog.text
+    assert torch.equal(xbn.bottom_up.res4[0].conv2.norm.weight, stock.bottom_up.res4[0].conv2.norm.weight)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+@pytest.mark.parametrize("name", ["build_xbn_resnet_backbone", "build_xbn_resnet_fpn_backbone",
+                                  "build_xbn_retinanet_resnet_fpn_backbone"])
+def test_shapes_equal_stock_and_forward_backward(depth, name):
+    cfg = make_cfg(depth=depth, name=name, groups=8 if depth == 18 else 4)
+    if "retinanet" in name:
+        cfg.MODEL.RESNETS.OUT_FEATURES = cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+    torch.manual_seed(0)
+    model = build(cfg)
+    stock = build(stock_cfg(cfg))
+    assert model.output_shape() == stock.output_shape()
+    x = _images()
+    out, ref = model(x), stock(x)
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in ref.items()}
+    loss = sum((v * v).mean() for v in out.values())
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    slot = next(m for m in model.modules() if isinstance(m, BatchFreeNorm))
+    assert slot.weight.grad.abs().sum() > 0
+
+
+def test_no_xbn_block_equals_stock_numerically():
+    """Density above the block count replaces nothing: same module tree, same outputs as detectron2's."""
+    cfg = make_cfg(density=17)
+    stock = build(stock_cfg(cfg))
+    xbn = build(cfg)
+    xbn.load_state_dict(stock.state_dict())
+    x = _images()
+    for mode in (True, False):
+        stock.train(mode)
+        xbn.train(mode)
+        out, ref = xbn(x), stock(x)
+        assert out.keys() == ref.keys()
+        for k, v in ref.items():
+            torch.testing.assert_close(out[k], v, rtol=0, atol=0)
+
+
+def _bn_ref(x, bn, training):
+    if training:
+        mu = x.mean(dim=(0, 2, 3), keepdim=True)
+        var = ((x - mu) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    else:
+        mu, var = bn.running_mean.view(1, -1, 1, 1), bn.running_var.view(1, -1, 1, 1)
+    return (x - mu) / torch.sqrt(var + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+
+
+def _gn_ref(x, groups, gn):
+    n, c, h, w = x.shape
+    xg = x.reshape(n, groups, c // groups * h * w)
+    mu = xg.mean(-1, keepdim=True)
+    var = ((xg - mu) ** 2).mean(-1, keepdim=True)
+    y = ((xg - mu) / torch.sqrt(var + gn.eps)).reshape(n, c, h, w)
+    return y * gn.weight.view(1, -1, 1, 1) + gn.bias.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_xbnblock_p2_matches_float64_reference(training):
+    """Fig. 6b: conv1-BN-ReLU, conv2-GN-ReLU, conv3-BN, + shortcut, ReLU (block res2.1, identity shortcut)."""
+    model = build(make_cfg(groups=4)).double()
+    _randomize_(model, seed=3)
+    model.train(training)
+    block = model.res2[1]
+    x = torch.randn(3, 32, 6, 5, dtype=torch.float64) * 3 + 2
+    h = F.relu(_bn_ref(F.conv2d(x, block.conv1.weight), block.conv1.norm, training))
+    h = F.relu(_gn_ref(F.conv2d(h, block.conv2.weight, padding=1), 4, block.conv2.norm))
+    h = _bn_ref(F.conv2d(h, block.conv3.weight), block.conv3.norm, training)
+    ref = F.relu(h + x)
+    torch.testing.assert_close(block(x), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_freeze_at_freezes_batch_free_norms_too():
+    model = build(make_cfg(freeze_at=2))
+    assert isinstance(model.res2[0].conv1.norm, FrozenBatchNorm2d)
+    assert isinstance(model.res2[0].conv2.norm, BatchFreeNorm)
+    assert not model.res2[0].conv2.norm.weight.requires_grad
+    assert model.res3[0].conv2.norm.weight.requires_grad
+    assert type(model.res3[0].conv1.norm) is nn.BatchNorm2d
+
+
+def test_batch_free_norm_zero_size_and_bf16():
+    norm = BatchFreeNorm(2, 4)
+    assert norm(torch.randn(0, 4, 3, 3)).shape == (0, 4, 3, 3)
+    y = norm(torch.randn(2, 4, 3, 3).bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
