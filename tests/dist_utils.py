@@ -67,6 +67,9 @@ def _entry(rank, fn, world_size, tmpdir, timeout, args):
         comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))
         result = fn(rank, world_size, *args)
         torch.save(result, result_file)
+        # No rank tears the group down while another is still inside a collective (gloo would then report
+        # "connection closed" there). Only on success: a failed rank makes the parent terminate the others.
+        dist.barrier()
     except BaseException:
         with open(error_file, "w") as f:
             f.write(traceback.format_exc())

@@ -1,6 +1,8 @@
 """AnySyncBN (rethinking A.5, A.6, A.10) against an independent float64 BatchNorm reference over the union of
 every rank's batch, on 2 real gloo processes (equal, uneven, empty and differently-shaped per-rank batches),
 plus the single-process shared requirements."""
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -106,7 +108,30 @@ def _dist_data(seed=0):
         xs = [_rand(s, g).to(dtype) for s in shapes]
         dys = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
         data[name] = (xs, dys, _params(g))
+    data["roi"] = [_rand((n, C, 3, 3), g) for n in ROI_SIZES]
+    data["roi_dy"] = [torch.randn(n, 6, generator=g, dtype=torch.float64) for n in ROI_SIZES]
     return data
+
+
+ROI_SIZES = (0, 5)  # RoIs per rank
+
+
+def _box_head():
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
+
+    from d2norm import add_d2norm_config
+
+    cfg = add_d2norm_config(get_cfg())
+    cfg.MODEL.ROI_BOX_HEAD.NORM = "AnySyncBN"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_CONV, cfg.MODEL.ROI_BOX_HEAD.CONV_DIM = 2, 4
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC, cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 1, 6
+    torch.manual_seed(0)  # identical weights on every rank and in the single-process reference
+    with norm_options(cfg):
+        head = FastRCNNConvFCHead(cfg, ShapeSpec(channels=C, height=3, width=3)).double().train()
+    assert sum(isinstance(m, AnySyncBatchNorm2d) for m in head.modules()) == 2
+    return head
 
 
 class _CountingAllReduce:
@@ -154,6 +179,13 @@ def _sync_bn_worker(rank, world_size, data):
             ye.sum().backward()
             out["eval"] = dict(y=ye.detach(), gx=xe.grad.clone(), calls=ev.calls,
                                unchanged=all(torch.equal(before[k], v) for k, v in layer.named_buffers()))
+    # stock detectron2 box head with NORM "AnySyncBN", rank 0 with no RoI (rethinking A.10): no deadlock
+    head = _box_head()
+    roi = data["roi"][rank].clone().requires_grad_()
+    feat = head(roi)
+    (feat * data["roi_dy"][rank]).sum().backward()
+    out["head"] = dict(y=feat.detach(), grads={k: p.grad.clone() for k, p in head.named_parameters()},
+                       buffers={k: v.clone() for k, v in head.named_buffers()})
     # a group size that does not divide the world size: ValueError on every rank
     try:
         AnySyncBatchNorm2d(C, sync_group_size=3).train()(torch.randn(2, C, 2, 2))
@@ -220,6 +252,20 @@ def test_sync_bn_two_gloo_ranks_equals_bn_on_concatenation():
     assert ev["calls"] == 0 and ev["unchanged"]
     torch.testing.assert_close(ev["y"], ye.detach(), rtol=0, atol=1e-10)
     torch.testing.assert_close(ev["gx"], xe.grad, rtol=0, atol=1e-10)
+    # the box head over 2 ranks (0 and 5 RoIs) equals the same head (plain BN) on the 5 RoIs in one process;
+    # parameter gradients summed over ranks (what DDP does) equal the single-process ones
+    head = _box_head()
+    roi = torch.cat(data["roi"]).requires_grad_()
+    feat = head(roi)
+    (feat * torch.cat(data["roi_dy"])).sum().backward()
+    assert res[0]["head"]["y"].shape == (0, 6)
+    torch.testing.assert_close(res[1]["head"]["y"], feat.detach(), rtol=0, atol=1e-10)
+    for k, p in head.named_parameters():
+        torch.testing.assert_close(res[0]["head"]["grads"][k] + res[1]["head"]["grads"][k], p.grad,
+                                   rtol=0, atol=1e-10, msg=lambda m: f"head grad {k}: {m}")
+    for k, v in head.named_buffers():
+        assert torch.equal(res[0]["head"]["buffers"][k], res[1]["head"]["buffers"][k]), k
+        torch.testing.assert_close(res[1]["head"]["buffers"][k], v, rtol=0, atol=1e-10)
     for r in range(2):
         assert res[r]["bad_group"] is not None and "3" in res[r]["bad_group"] and "world size 2" in res[r]["bad_group"]
 
@@ -346,7 +392,7 @@ def test_bf16_single_process():
     torch.testing.assert_close(layer.running_var.double(), ref["rv"], rtol=1e-4, atol=1e-4)
 
 
-def test_state_dict_round_trip_and_bn_checkpoints():
+def test_state_dict_round_trip_and_bn_checkpoints(caplog):
     from detectron2.layers import FrozenBatchNorm2d
 
     g = torch.Generator().manual_seed(8)
@@ -367,8 +413,8 @@ def test_state_dict_round_trip_and_bn_checkpoints():
     target.load_state_dict(bn.state_dict())  # strict
     x = _rand((2, C, 3, 3), g)
     assert torch.equal(target.eval()(x), bn.eval()(x))
-    # detectron2's FrozenBatchNorm2d: weight/bias/statistics map; num_batches_tracked has no source and is
-    # reported as missing, never silently defaulted
+    # detectron2's FrozenBatchNorm2d: weight/bias/statistics map; num_batches_tracked has no source: the
+    # current value is kept and reported with a warning (d2norm.layers.base convention), never silently
     frozen = FrozenBatchNorm2d(C, eps=EPS)
     with torch.no_grad():
         frozen.weight.copy_(torch.rand(C) + 0.5)
@@ -376,10 +422,16 @@ def test_state_dict_round_trip_and_bn_checkpoints():
         frozen.running_mean.copy_(torch.randn(C))
         frozen.running_var.copy_(torch.rand(C) + 0.5)
     target = AnySyncBatchNorm2d(C, eps=EPS)
-    with pytest.raises(RuntimeError, match="num_batches_tracked"):
-        target.load_state_dict(frozen.state_dict())
-    report = target.load_state_dict(frozen.state_dict(), strict=False)
-    assert report.missing_keys == ["num_batches_tracked"] and report.unexpected_keys == []
+    target.num_batches_tracked.fill_(7)
+    with caplog.at_level(logging.WARNING):
+        report = target.load_state_dict(frozen.state_dict())  # strict
+    assert report.missing_keys == [] and report.unexpected_keys == []
+    assert "num_batches_tracked" in caplog.text and target.num_batches_tracked.item() == 7
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(target, k), getattr(frozen, k)), k
+    # a checkpoint lacking the module entirely is still reported missing
+    report = AnySyncBatchNorm2d(C).load_state_dict({}, strict=False)
+    assert {"weight", "bias", "running_mean", "running_var"} <= set(report.missing_keys)
     xf = _rand((2, C, 3, 3), g).float()
     torch.testing.assert_close(target.eval()(xf), frozen(xf), rtol=1e-5, atol=1e-5)
 
@@ -405,6 +457,10 @@ def test_registry_builds_with_cfg_options():
     cfg_bad = cfg_a.clone()
     cfg_bad.D2NORM.SYNC_BN.GROUP_SIZE = -1
     with norm_options(cfg_bad), pytest.raises(ValueError, match=r"-1.*>= 0|>= 0.*-1"):
+        get_norm("AnySyncBN", 8)
+    cfg_bad = cfg_a.clone()
+    cfg_bad.D2NORM.BN.MOMENTUM = 1.5
+    with norm_options(cfg_bad), pytest.raises(ValueError, match=r"\[0, 1\].*1\.5"):
         get_norm("AnySyncBN", 8)
 
 

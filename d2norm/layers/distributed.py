@@ -31,6 +31,7 @@ from detectron2.utils import comm
 __all__ = [
     "group_world_size",
     "all_reduce_sum",
+    "all_reduce_sum_detached",
     "all_gather_variable",
     "shared_permutation",
     "sync_subgroup",
@@ -57,11 +58,16 @@ def _comm_device(device: torch.device, group=None) -> torch.device:
     return device
 
 
-def _all_reduce_(t: torch.Tensor, group=None) -> torch.Tensor:
-    """SUM all-reduce of a fresh contiguous copy of ``t`` on the backend's device; result on ``t.device``."""
+def all_reduce_sum_detached(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Non-differentiable SUM all-reduce of a fresh contiguous copy of ``t`` (``t`` is never modified), done
+    on the backend's device; the result is on ``t.device``. Must be called with more than one rank."""
     buf = t.detach().to(_comm_device(t.device, group), copy=True).contiguous()
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
     return buf.to(t.device)
+
+
+# Earlier name, imported by d2norm.stats.estimators.
+_all_reduce_ = all_reduce_sum_detached
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -71,11 +77,11 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_reduce_(x, group)
+        return all_reduce_sum_detached(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce_(grad, ctx.group), None
+        return all_reduce_sum_detached(grad, ctx.group), None
 
 
 def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -139,7 +145,7 @@ class _AllGatherVariable(torch.autograd.Function):
         # gradient w.r.t. its own slice. (gloo has no reduce_scatter, hence all-reduce + slice.)
         if sum(ctx.sizes) == 0:
             return grad.new_zeros((0,) + tuple(grad.shape[1:])), None, None
-        total = _all_reduce_(grad, ctx.group)
+        total = all_reduce_sum_detached(grad, ctx.group)
         start = sum(ctx.sizes[: ctx.rank])
         return total[start : start + ctx.sizes[ctx.rank]], None, None
 

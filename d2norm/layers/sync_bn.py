@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import D2NormModule
-from .distributed import _all_reduce_, group_world_size, sync_subgroup
+from .base import D2NormModule, check_bn_options, fill_missing_num_batches_tracked
+from .distributed import all_reduce_sum_detached, group_world_size, sync_subgroup
 from .registry import register_norm
 
 __all__ = ["AnySyncBatchNorm2d", "SyncBatchNormFunction"]
@@ -43,6 +43,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
     backward reaches this node, independent of which inputs need gradients, so it cannot differ by rank).
 
     Returns ``(y, mean, biased_var, count)``; the last three are the global statistics (not differentiable).
+
+    Numerics: locally Σx, Σx² come from a Welford ``var_mean``, but the global variance is A.6's
+    E[x²] − E[x]² (clamped at 0), which loses precision when |mean| ≫ std in float32; the exact alternative
+    (all-gather of per-rank mean/M2/count) needs a world-size-proportional message instead of one all-reduce.
+    fp16/bf16 inputs are upcast to float32 for the reductions (forward and backward).
     """
 
     @staticmethod
@@ -57,7 +62,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             local = torch.cat([mean_l * n, (var_l + mean_l * mean_l) * n, mean_l.new_full((1,), n)])
         else:
             local = torch.zeros(2 * C + 1, dtype=sd, device=x.device)
-        total = _all_reduce_(local, group) if group_world_size(group) > 1 else local
+        total = all_reduce_sum_detached(local, group) if group_world_size(group) > 1 else local
         sum_x, sum_x2, count = total[:C], total[C : 2 * C], total[2 * C]
         m = count.clamp(min=1)  # M = 0 only if every rank is empty: statistics are then 0, never NaN
         mean = sum_x / m
@@ -94,7 +99,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             sum_dy = torch.zeros(C, dtype=sd, device=x.device)
             sum_dy_xmu = torch.zeros(C, dtype=sd, device=x.device)
         local = torch.cat([sum_dy, sum_dy_xmu])
-        total = _all_reduce_(local, ctx.group) if group_world_size(ctx.group) > 1 else local
+        total = all_reduce_sum_detached(local, ctx.group) if group_world_size(ctx.group) > 1 else local
         m = count.clamp(min=1)
         mean_dy = total[:C] / m
         mean_dy_xmu = total[C:] / m
@@ -127,19 +132,26 @@ class AnySyncBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     Eval: population statistics, exactly ``nn.BatchNorm2d``; no communication.
 
     ``sync_group_size``: ranks per sync group (consecutive ranks; 0 = all). The state dict is
-    ``nn.BatchNorm2d``'s, so BN checkpoints load unchanged.
+    ``nn.BatchNorm2d``'s, so BN checkpoints load unchanged; a detectron2 ``FrozenBatchNorm2d`` checkpoint
+    loads strictly too, its missing ``num_batches_tracked`` kept at the current value with a warning.
 
     Contract: every rank of the group calls forward of every AnySyncBN layer in the same order, and runs
     backward through its output (also when empty), as for any synchronized BN.
     """
 
-    def __init__(self, num_features: int, sync_group_size: int = 0, **kwargs):
-        super().__init__(num_features, **kwargs)
+    def __init__(self, num_features: int, sync_group_size: int = 0, eps: float = 1e-5, momentum=0.1, **kwargs):
+        check_bn_options(eps, momentum)
+        super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
         if not isinstance(sync_group_size, int) or isinstance(sync_group_size, bool) or sync_group_size < 0:
             raise ValueError(
                 f"AnySyncBN: sync_group_size must be an integer >= 0 (0 = all ranks), got {sync_group_size!r}"
             )
         self.sync_group_size = sync_group_size
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # detectron2's FrozenBatchNorm2d has no num_batches_tracked: kept, with a warning (layers/base.py)
+        fill_missing_num_batches_tracked(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         return super().extra_repr() + f", sync_group_size={self.sync_group_size}"
