@@ -247,14 +247,8 @@ class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
             )
         return self._train_one(x, k)
 
-    def forward_domains(
-        self, xs: Sequence[torch.Tensor], domains: Optional[Sequence[int]] = None
-    ) -> List[torch.Tensor]:
-        """Normalize every domain's input; ``xs[i]`` belongs to domain ``domains[i]`` (default ``i``).
-
-        Training with ``train_stats="shared"`` computes one set of statistics over all xs (rethinking Fig. 7b,
-        Alg. 1 Row1); otherwise this is ``forward`` applied per domain, in order (see class docstring).
-        """
+    def _domain_inputs(self, xs: Sequence[torch.Tensor], domains: Optional[Sequence[int]]):
+        """Validated ``(xs, domain indices)`` for :meth:`forward_domains` (also used by synced subclasses)."""
         xs = list(xs)
         if domains is None:
             if len(xs) != self.num_domains:
@@ -271,6 +265,17 @@ class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
                 )
         for x in xs:
             self._check_input(x)
+        return xs, ks
+
+    def forward_domains(
+        self, xs: Sequence[torch.Tensor], domains: Optional[Sequence[int]] = None
+    ) -> List[torch.Tensor]:
+        """Normalize every domain's input; ``xs[i]`` belongs to domain ``domains[i]`` (default ``i``).
+
+        Training with ``train_stats="shared"`` computes one set of statistics over all xs (rethinking Fig. 7b,
+        Alg. 1 Row1); otherwise this is ``forward`` applied per domain, in order (see class docstring).
+        """
+        xs, ks = self._domain_inputs(xs, domains)
         if not self.training:
             return [self._eval_one(x, k) for x, k in zip(xs, ks)]
         if self.train_stats == "per_domain":

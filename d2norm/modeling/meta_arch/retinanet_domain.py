@@ -153,22 +153,7 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
         group, world = self._group()
         if world == 1:
             return super().forward_domains(xs, domains)
-        xs = list(xs)
-        if domains is None:
-            if len(xs) != self.num_domains:
-                raise ValueError(
-                    f"forward_domains got {len(xs)} inputs but NUM_DOMAINS={self.num_domains}; pass one input "
-                    f"per domain or give `domains`"
-                )
-            ks = list(range(len(xs)))
-        else:
-            ks = [self._check_domain(d) for d in domains]
-            if len(ks) != len(xs) or len(set(ks)) != len(ks):
-                raise ValueError(
-                    f"domains must be distinct and one per input, got {list(domains)!r} for {len(xs)} inputs"
-                )
-        for x in xs:
-            self._check_input(x)
+        xs, ks = self._domain_inputs(xs, domains)
         return self._train_sync(xs, ks, group, world)
 
     def _train_sync(self, xs: List[Tensor], ks: List[int], group, world: int) -> List[Tensor]:
