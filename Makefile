@@ -1,7 +1,7 @@
 # d2norm entry points (README). Each target installs what it needs into ./.venv first (idempotent).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_CONFIG ?= configs/cpu/retinanet_R18_ghostbn.yaml
+DEMO_CONFIG ?= configs/cpu/faster_rcnn_R18_FPN_ghostbn.yaml
 
 .PHONY: install demo test bench
 

@@ -12,7 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "cpu", "e2e_test.yaml")
 # Calibrated on this machine: see the config's header for the AP measured at this schedule.
-MIN_AP50 = float(os.environ.get("D2NORM_E2E_MIN_AP50", "10.0"))
+MIN_AP50 = float(os.environ.get("D2NORM_E2E_MIN_AP50", "3.0"))
 
 
 def _run(args, out_dir, data_dir, extra=()):

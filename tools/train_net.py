@@ -31,7 +31,9 @@ def main(args):
         return res
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    # DefaultTrainer.train returns results only with TEST.EXPECTED_RESULTS; return the final evaluation always.
+    return getattr(trainer, "_last_eval_results", None)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,13 @@ def _convert_one(old: nn.Module, to: str, prefix: str, report: ConversionReport)
     if missing:
         report.uninitialized_target[prefix] = missing
     new.train(old.training)
-    if isinstance(old, FrozenBatchNorm2d):
+    if getattr(old, "weight", None) is None:
+        # affine-less source (e.g. detectron2's CycleBatchNormList members): the identity affine the new layer
+        # got must stay identity, or conversion would add trainable parameters.
+        for p in new.parameters(recurse=False):
+            p.requires_grad_(False)
+        report.uninitialized_target.setdefault(prefix, []).append("(affine frozen at identity: source had none)")
+    elif isinstance(old, FrozenBatchNorm2d):
         # A frozen source stays frozen: its affine is not trained unless the caller unfreezes it.
         for p in new.parameters(recurse=False):
             p.requires_grad_(False)

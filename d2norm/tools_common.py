@@ -1,0 +1,362 @@
+"""Plumbing shared by the population-statistics tools (``tools/recompute_bn_stats.py``, ``fit_evalnorm.py``,
+``tune_example_weight.py``, ``analyze_bn.py``): cfg + checkpoint loading with clear errors, data loaders,
+COCO evaluation, checkpoint / JSON writing, and the ``main(argv) -> exit code`` wrapper that turns expected
+failures (missing config, checkpoint or dataset; bad option) into one ``error: ...`` line instead of a
+traceback. The statistics math itself lives in :mod:`d2norm.stats` (DESIGN principles 5-6).
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ToolError",
+    "run_tool",
+    "base_parser",
+    "load_cfg",
+    "prepare_dataset",
+    "load_model",
+    "save_checkpoint",
+    "train_style_loader",
+    "test_loader",
+    "evaluate",
+    "main_metric",
+    "convert_bn_layers",
+    "cfg_with_norm",
+    "write_json",
+    "format_table",
+    "BN_NORM_NAMES",
+    "NORM_KEYS",
+]
+
+logger = logging.getLogger("d2norm.tools")
+
+#: detectron2 cfg keys that name a norm layer (DESIGN principle 3)
+NORM_KEYS = (
+    "MODEL.RESNETS.NORM",
+    "MODEL.FPN.NORM",
+    "MODEL.ROI_BOX_HEAD.NORM",
+    "MODEL.ROI_MASK_HEAD.NORM",
+    "MODEL.RETINANET.NORM",
+    "MODEL.SEM_SEG_HEAD.NORM",
+)
+#: detectron2's trainable BN names (FrozenBN is frozen by design: never converted by the tools)
+BN_NORM_NAMES = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN")
+
+
+class ToolError(Exception):
+    """An expected failure of a tool (bad input): printed as ``error: <message>``, exit code 2."""
+
+
+def run_tool(fn: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parse ``argv`` and run ``fn(args)``; :class:`ToolError` (and the ValueError / KeyError /
+    FileNotFoundError of bad options) become one line on stderr and exit code 2."""
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        fn(args)
+    except (ToolError, FileNotFoundError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at emit time (tools run in-process, e.g. under pytest's capture)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging() -> None:
+    """INFO logs of detectron2 / d2norm on stdout (progress), unless the process already configured them."""
+    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    for name in ("detectron2", "d2norm"):
+        lg = logging.getLogger(name)
+        if lg.handlers:
+            continue
+        h = _CurrentStdout()
+        h.setFormatter(fmt)
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+
+
+def base_parser(description: str, multi_weights: bool = False) -> argparse.ArgumentParser:
+    """``--config-file``, ``--weights`` (one or several), ``--output-dir``, ``--seed`` and trailing
+    ``KEY VALUE`` cfg overrides."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, metavar="FILE", help="the model's yaml config")
+    if multi_weights:
+        p.add_argument("--weights", nargs="+", required=True, metavar="CKPT",
+                       help="checkpoints (DetectionCheckpointer .pth/.pkl), in training order")
+    else:
+        p.add_argument("--weights", metavar="CKPT", help="checkpoint to load (default: MODEL.WEIGHTS of the cfg)")
+    p.add_argument("--output-dir", metavar="DIR", help="where outputs go (default: OUTPUT_DIR of the cfg)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                   help="cfg overrides, e.g. MODEL.DEVICE cpu D2NORM.DATA.SYNTHETIC_ROOT /tmp/data")
+    return p
+
+
+# ---- cfg, datasets, model ---------------------------------------------------------------------------------
+def load_cfg(config_file: str, opts: Sequence[str] = ()):
+    """The cfg of ``config_file`` with d2norm's keys and the ``KEY VALUE`` overrides (mutable)."""
+    from detectron2.config import get_cfg
+
+    from .config import add_d2norm_config
+
+    if not config_file or not os.path.isfile(config_file):
+        raise ToolError(f"config file not found: {config_file!r}")
+    cfg = add_d2norm_config(get_cfg())
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts or []))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ToolError(f"bad config {config_file!r} / overrides {list(opts or [])}: {e}") from None
+    return cfg
+
+
+def prepare_dataset(cfg, name: str) -> str:
+    """Register ``name`` (generating the synthetic set if it is one of d2norm's) and check it exists; a clear
+    :class:`ToolError` for an unregistered dataset or missing files."""
+    from .data import TRAIN_NAME, VAL_NAME, check_datasets_exist, register_synthetic_dataset, spec_from_cfg
+
+    if not name:
+        raise ToolError("no dataset given (and none in the cfg's DATASETS)")
+    if name in (TRAIN_NAME, VAL_NAME):
+        register_synthetic_dataset(cfg.D2NORM.DATA.SYNTHETIC_ROOT, spec_from_cfg(cfg))
+    try:
+        check_datasets_exist([name])
+    except KeyError as e:
+        raise ToolError(e.args[0]) from None
+    except FileNotFoundError as e:
+        raise ToolError(str(e)) from None
+    return name
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def load_model(cfg, weights: Optional[str] = None, return_checkpoint: bool = False):
+    """``build_model(cfg)`` in training mode with ``weights`` (default ``cfg.MODEL.WEIGHTS``) loaded by
+    detectron2's ``DetectionCheckpointer``; :class:`ToolError` when the checkpoint is missing or unreadable.
+    With ``return_checkpoint``: ``(model, the checkpoint's other entries, e.g. "iteration")``."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from .layers import build_model
+
+    weights = weights if weights is not None else cfg.MODEL.WEIGHTS
+    if not weights:
+        raise ToolError("no checkpoint given: pass --weights CKPT (or set MODEL.WEIGHTS)")
+    if not _is_remote(weights) and not os.path.isfile(weights):
+        raise ToolError(f"checkpoint not found: {weights!r}")
+    model = build_model(cfg)
+    try:
+        extra = DetectionCheckpointer(model).load(weights)
+    except Exception as e:  # corrupt / foreign file: say which one
+        raise ToolError(f"cannot load checkpoint {weights!r}: {type(e).__name__}: {e}") from None
+    model.train()
+    return (model, extra or {}) if return_checkpoint else model
+
+
+def save_checkpoint(model: nn.Module, output_dir: str, name: str, **extra) -> str:
+    """Write ``output_dir/name.pth`` in DetectionCheckpointer format (``{"model": state_dict, **extra}``)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    os.makedirs(output_dir, exist_ok=True)
+    DetectionCheckpointer(model, save_dir=output_dir).save(name, **extra)
+    return os.path.join(output_dir, f"{name}.pth")
+
+
+def cfg_with_norm(cfg, to: str, weights: str, **overrides):
+    """A copy of ``cfg`` whose BN norm keys (:data:`BN_NORM_NAMES`) name ``to`` and whose MODEL.WEIGHTS is
+    ``weights``; extra ``{"D2NORM.X.Y": value}`` overrides are applied too (for a config written next to a
+    converted checkpoint). Returns ``(cfg, keys left unchanged)``: ``MODEL.RETINANET.NORM`` "BN"/"SyncBN"
+    (detectron2's per-level head BN) cannot be named by a registered norm without changing the layout."""
+    c = cfg.clone()
+    c.defrost()
+    opts, kept = [], []
+    for key in NORM_KEYS:
+        node, leaf = c, key.split(".")
+        for part in leaf[:-1]:
+            node = node.get(part) if node is not None else None
+        if node is not None and node.get(leaf[-1]) in BN_NORM_NAMES:
+            if key == "MODEL.RETINANET.NORM":
+                # detectron2 builds "BN"/"SyncBN" heads as per-level CycleBatchNormList; a registered name
+                # would build one shared layer with other state-dict keys, so the name stays
+                kept.append(key)
+                continue
+            opts += [key, to]
+    opts += ["MODEL.WEIGHTS", weights]
+    for k, v in overrides.items():
+        opts += [k, v]
+    c.merge_from_list(opts)
+    return c, kept
+
+
+def convert_bn_layers(model: nn.Module, to: str, cfg) -> List[str]:
+    """:func:`d2norm.layers.convert.convert_norm` on the trainable BN layers only; detectron2's
+    ``FrozenBatchNorm2d`` layers stay (they were frozen in training: no batch statistics, so no train/test
+    discrepancy for EvalNorm / example weighing to correct). Returns the converted module names."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    from .layers.convert import convert_norm
+
+    frozen = {n: m for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d) and n}
+    model, report = convert_norm(model, to, cfg)
+    for name, mod in frozen.items():  # put the frozen layers back
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, mod)
+    return [n for n in report.converted if n not in frozen]
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+def _seed(seed: int) -> None:
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(seed)
+
+
+def train_style_loader(cfg, dataset: str, batch_size: int, seed: int = 0) -> Iterable:
+    """detectron2's training loader on ``dataset`` (training mapper: batches carry ``instances``), shuffled
+    with ``seed``, ``batch_size`` images per rank, no worker processes (as the PreciseBN hook's loader)."""
+    from .engine.hooks import build_precise_bn_loader
+
+    c = cfg.clone()
+    c.defrost()
+    c.DATASETS.TRAIN = (dataset,)
+    c.D2NORM.PRECISE_BN.BATCH_SIZE = int(batch_size)
+    _seed(seed)  # TrainingSampler draws its shared seed from numpy
+    try:
+        return build_precise_bn_loader(c)
+    except (AssertionError, ValueError) as e:  # e.g. every image filtered out for lack of annotations
+        raise ToolError(
+            f"cannot build a training loader on {dataset!r} ({e}); a dataset without annotations can still be "
+            f"used by a forward in inference mode (see --help)"
+        ) from None
+
+
+def test_loader(cfg, dataset: str) -> Iterable:
+    """detectron2's test loader (one image per batch, no annotations needed, each image once)."""
+    from detectron2.data import build_detection_test_loader
+
+    c = cfg.clone()
+    c.defrost()
+    c.DATALOADER.NUM_WORKERS = 0
+    return build_detection_test_loader(c, dataset)
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+def evaluate(cfg, model: nn.Module, dataset: str, output_dir: str) -> Dict[str, Dict[str, float]]:
+    """COCO evaluation (detectron2's ``inference_on_dataset`` + d2norm's evaluator) of ``model`` on
+    ``dataset``; the model's train/eval flags are restored afterwards."""
+    from detectron2.evaluation import inference_on_dataset
+
+    from .engine.trainer import Trainer
+
+    evaluator = Trainer.build_evaluator(cfg, dataset, output_folder=output_dir)
+    res = inference_on_dataset(model, test_loader(cfg, dataset), evaluator)
+    return {k: {m: float(v) for m, v in d.items()} for k, d in (res or {}).items()}
+
+
+def same_results(a: Dict[str, Dict[str, float]], b: Dict[str, Dict[str, float]]) -> bool:
+    """Exact equality of two evaluation results, NaN (a metric without ground truth) equal to NaN."""
+    if a.keys() != b.keys():
+        return False
+    for task in a:
+        if a[task].keys() != b[task].keys():
+            return False
+        for k, v in a[task].items():
+            w = b[task][k]
+            if not (v == w or (v != v and w != w)):
+                return False
+    return True
+
+
+def main_metric(results: Dict[str, Dict[str, float]]) -> float:
+    """The first task's AP (``bbox`` for detectors), NaN when there is none."""
+    for task in ("bbox", "segm", "keypoints"):
+        if task in results and "AP" in results[task]:
+            return results[task]["AP"]
+    return float("nan")
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+def write_json(path: str, obj: Any) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+    return path
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep] + [line(r) for r in cells])
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# ---- forward modes of a population-statistics pass ------------------------------------------------------
+FORWARD_MODES = ("train", "inference")
+
+
+class norm_layers_training:
+    """Context: the model in eval mode except its layers with population statistics (those PreciseBN would
+    recompute with the model in training mode), which stay in training mode. A forward is then detectron2's
+    inference path (no annotations needed, no losses) while the norm layers' inputs are recorded: PreciseBN
+    on an unlabeled target domain (rethinking §5.1 "Adaptive BN"). Flags are restored on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        from .stats import population_stat_layers
+
+        self.saved = [(m, m.training) for m in self.model.modules()]
+        self.model.train()
+        names = set(population_stat_layers(self.model))
+        self.model.eval()
+        for n, m in self.model.named_modules():
+            if n in names:
+                m.training = True
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, flag in self.saved:
+            m.training = flag
+        return False
+
+
+def first(names: Sequence[str]) -> Optional[str]:
+    return names[0] if len(names) else None
+
+
+def maybe_evaluate(enabled: bool, cfg, model, dataset: Optional[str], output_dir: str, tag: str):
+    """COCO evaluation under ``output_dir/inference/<tag>`` when ``enabled``; prints the AP."""
+    if not enabled:
+        return None
+    res = evaluate(cfg, model, dataset, os.path.join(output_dir, "inference", tag))
+    print(f"[{tag}] {dataset}: AP = {main_metric(res):.4f}", flush=True)
+    return res

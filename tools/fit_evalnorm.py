@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Offline EvalNorm α̂, β̂ for a trained checkpoint (evalnorm §3.4 "Offline estimation"), or the 1/B² rule of
+thumb (evalnorm §3.3/§4.1), and write a new checkpoint.
+
+A BN checkpoint is first converted: its trainable BN layers become EvalNorm layers with the same affine and
+statistics (``convert_norm``; detectron2's FrozenBN layers stay frozen). α̂, β̂ are then fitted by the
+stop-gradient aux loss of eq 9 on training batches (the model's training forward; batch size = the training
+normalization batch, SOLVER.IMS_PER_BATCH by default) with every other parameter and statistic unchanged.
+``--rule [B]`` instead sets α̂ = β̂ = 1/B² (B = the recorded training batch size of each layer when omitted).
+The new checkpoint stores α̂, β̂; a config ``<name>.yaml`` next to it evaluates it (EvalNorm, MODE "offline").
+
+Example:
+    python tools/fit_evalnorm.py --config-file configs/cpu/faster_rcnn_R18_FPN_ghostbn.yaml \\
+        --weights output/.../model_final.pth --iters 200 --eval
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import d2norm  # noqa: E402,F401  (compat + registrations)
+from d2norm import tools_common as tc  # noqa: E402
+
+
+def build_parser():
+    p = tc.base_parser(__doc__)
+    p.add_argument("--dataset", help="training dataset for the fit (default: the cfg's first DATASETS.TRAIN)")
+    p.add_argument("--iters", type=int, help="optimizer steps (default D2NORM.EVALNORM.OFFLINE_ITERS)")
+    p.add_argument("--lr", type=float, help="Adam learning rate on the logits (default D2NORM.EVALNORM.OFFLINE_LR)")
+    p.add_argument("--batch-size", type=int, help="images per fitting batch (default SOLVER.IMS_PER_BATCH)")
+    p.add_argument("--rule", nargs="?", type=int, const=0, default=None, metavar="B",
+                   help="no fit: alpha = beta = 1/B^2 (B omitted: each layer's recorded training batch size)")
+    p.add_argument("--eval", action="store_true", help="COCO AP before and after")
+    p.add_argument("--eval-dataset", help="dataset for --eval (default: the cfg's first DATASETS.TEST)")
+    p.add_argument("--output-name", help="checkpoint name without .pth (default model_evalnorm_offline|rule)")
+    return p
+
+
+def run(args):
+    import math
+
+    import torch
+
+    from d2norm.layers.evalnorm import evalnorm_alpha_beta, evalnorm_modules
+    from d2norm.layers.evalnorm_fit import fit_evalnorm_offline
+
+    cfg = tc.load_cfg(args.config_file, args.opts)
+    ec = cfg.D2NORM.EVALNORM
+    if args.rule is not None and args.rule < 0:
+        raise tc.ToolError(f"--rule B must be a positive integer (or omitted), got {args.rule}")
+    iters = args.iters if args.iters is not None else ec.OFFLINE_ITERS
+    lr = args.lr if args.lr is not None else ec.OFFLINE_LR
+    batch_size = args.batch_size or cfg.SOLVER.IMS_PER_BATCH
+    dataset = None if args.rule is not None else tc.prepare_dataset(cfg, args.dataset or tc.first(cfg.DATASETS.TRAIN))
+    eval_ds = tc.prepare_dataset(cfg, args.eval_dataset or tc.first(cfg.DATASETS.TEST)) if args.eval else None
+    out_dir = args.output_dir or cfg.OUTPUT_DIR
+    name = args.output_name or f"model_evalnorm_{'rule' if args.rule is not None else 'offline'}"
+
+    model = tc.load_model(cfg, args.weights)
+    before = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "before")
+    # every trainable BN layer becomes EvalNorm; EvalNorm layers already in the checkpoint are used as they are
+    en_cfg = cfg.clone()
+    en_cfg.defrost()
+    en_cfg.D2NORM.EVALNORM.MODE = "offline"
+    converted = tc.convert_bn_layers(model, "EvalNorm", en_cfg)
+    if converted:
+        print(f"converted {len(converted)} BN layer(s) to EvalNorm", flush=True)
+    layers = evalnorm_modules(model)
+    if not layers:
+        raise tc.ToolError("the model has no BN or EvalNorm layer to fit")
+
+    if args.rule is not None:
+        info = {"method": "rule", "rule_batch_size": args.rule or "recorded"}
+        with torch.no_grad():
+            for lname, m in layers.items():
+                m.rule_batch_size = args.rule
+                m.mode = "rule"
+                try:
+                    a, _ = m.eval_alpha_beta()
+                except RuntimeError as e:
+                    raise tc.ToolError(f"{lname}: {e} (pass --rule B)") from None
+                a = min(max(float(a), 1e-12), 1 - 1e-7)  # B = 1 gives 1/B² = 1: the logit parametrization's edge
+                logit = math.log(a / (1 - a))
+                m.alpha_logit.fill_(logit)  # the checkpoint carries α̂ = β̂ = 1/B² (evaluated in "offline" mode)
+                m.beta_logit.fill_(logit)
+    else:
+        loader = tc.train_style_loader(cfg, dataset, batch_size, seed=args.seed)
+        print(f"fitting alpha/beta of {len(layers)} EvalNorm layers: {iters} iterations of {batch_size} images "
+              f"from {dataset!r}, lr={lr}", flush=True)
+        res = fit_evalnorm_offline(model, loader, iters, lr=lr)
+        losses = res["losses"]
+        if losses:
+            print(f"aux loss (eq 9): first {losses[0]:.5f}, last {losses[-1]:.5f}", flush=True)
+        info = {"method": "offline", "dataset": dataset, "iters": iters, "lr": lr, "batch_size": batch_size,
+                "losses": losses}
+    for m in layers.values():
+        m.mode = "offline"  # eval with the fitted (or rule) α̂, β̂
+
+    alpha_beta = evalnorm_alpha_beta(model)
+    path = tc.save_checkpoint(model, out_dir, name, evalnorm_fit={k: v for k, v in info.items() if k != "losses"})
+    yaml_cfg, kept = tc.cfg_with_norm(cfg, "EvalNorm", path, **{"D2NORM.EVALNORM.MODE": "offline"})
+    if kept:
+        print(f"note: {', '.join(kept)} keep their BN name in {name}.yaml (detectron2's per-level head BN has no "
+              f"registered-name equivalent); this tool converts them again when given that config", flush=True)
+    yaml_path = os.path.join(out_dir, f"{name}.yaml")
+    with open(yaml_path, "w") as f:
+        f.write(yaml_cfg.dump())
+    after = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "after")
+    report = {**info, "checkpoint": path, "config": yaml_path, "converted": converted, "alpha_beta": alpha_beta}
+    if args.eval:
+        report.update(eval_dataset=eval_ds, before=before, after=after)
+        print(tc.format_table(["", "AP"], [["before", tc.main_metric(before)], ["after", tc.main_metric(after)]]))
+    vals = [v["alpha"] for v in alpha_beta.values()]
+    print(f"alpha-hat over {len(vals)} layers: min {min(vals):.4g}, max {max(vals):.4g}", flush=True)
+    tc.write_json(os.path.join(out_dir, f"{name}.json"), report)
+    print(f"wrote {path} and {yaml_path}", flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    return tc.run_tool(run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
