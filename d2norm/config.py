@@ -212,6 +212,97 @@ def add_d2norm_config(cfg: CN) -> CN:
     # population forwarded as one batch). One pass per layer and this rank's N/W images kept in memory.
     _C.D2NORM.PRECISE_BN.EXACT_LAYERWISE = False
 
+    # ---- shuffled-RoI BN heads: rethinking §6.1, Fig. 9, Table 6 ------------------------------------
+    # Used by ROI_BOX_HEAD.NAME "ShuffledConvFCHead" and ROI_MASK_HEAD.NAME "ShuffledMaskRCNNConvUpsampleHead"
+    # (d2norm/modeling/roi_heads/shuffle_heads.py); the head's norm is the stock NORM key (paper: per-GPU "BN").
+    # In training, all workers' RoI features are gathered, permuted by one shared permutation, each worker runs
+    # the head on an equal share (remainder to the first ranks) and the predictions are shuffled back.
+    # Inference never shuffles. One worker: the plain stock head.
+    _C.D2NORM.SHUFFLE_HEAD = CN()
+    # True: shuffle in training (Table 6 "per-GPU BN w/ shuffle"); False: the stock per-GPU head (rows 1-2),
+    # same parameters and checkpoint keys.
+    _C.D2NORM.SHUFFLE_HEAD.ENABLED = True
+    # Permutation source (drawn on rank 0 and broadcast, so ranks always agree): -1 = torch's global RNG of
+    # rank 0 (seeded by detectron2's SEED); >= 0 = a dedicated generator per head (box: SEED, mask: SEED + 1).
+    _C.D2NORM.SHUFFLE_HEAD.SEED = -1
+
+    # ---- EvalNorm-aware models: evalnorm §3.4 (online estimation), §4.3 Table 2 -----------------------
+    # Used by MODEL.META_ARCHITECTURE "EvalNormGeneralizedRCNN" / "EvalNormRetinaNet" / "EvalNormMetaArch"
+    # (d2norm/modeling/meta_arch/evalnorm_arch.py). In training they add ONE loss term `loss_evalnorm` =
+    # D2NORM.EVALNORM.AUX_LOSS_WEIGHT x (sum of every EvalNorm layer's eq-9 aux loss) when a layer is in
+    # MODE "online", and write alpha-hat/beta-hat to the event storage. Table 2 rows (N images per GPU):
+    #   (a) random init:  MODEL.WEIGHTS "",        STATS_INIT "fresh",  AFFINE_INIT "fresh",  FREEZE_STATS False
+    #   (b) ImageNet, BN from [11]: WEIGHTS R-50,  STATS_INIT "fresh",  AFFINE_INIT "fresh",  FREEZE_STATS False
+    #   (c) ImageNet, stats frozen: WEIGHTS R-50,  STATS_INIT "loaded", AFFINE_INIT "loaded", FREEZE_STATS True
+    #   (d) ImageNet, fine-tuned:   WEIGHTS R-50,  STATS_INIT "loaded", AFFINE_INIT "loaded", FREEZE_STATS False
+    _C.D2NORM.EVALNORM_MODEL = CN()
+    # "EvalNormMetaArch" only: the registered meta-architecture made EvalNorm-aware (parameter names unchanged).
+    _C.D2NORM.EVALNORM_MODEL.BASE_META_ARCHITECTURE = "GeneralizedRCNN"
+    # Table 2 "BN EMA Stats / Init": "loaded" = running statistics as loaded from MODEL.WEIGHTS (rows a, c, d);
+    # "fresh" = reset to BN's initial values (mean 0, var 1; "Random" in row b) at the start of training
+    # (first training forward of a run that is not resumed). Applies to every BN-derived layer.
+    _C.D2NORM.EVALNORM_MODEL.STATS_INIT = "loaded"
+    # §4.3 row (b): "initial values of BN parameters from [11]": "fresh" also resets gamma = 1, beta = 0 at
+    # that moment; "loaded" keeps them (rows c, d). Table 2's column is the statistics; the text says "BN
+    # parameters" for (b), hence a separate key.
+    _C.D2NORM.EVALNORM_MODEL.AFFINE_INIT = "loaded"
+    # Table 2 "BN EMA Stats / Train?": True (row c) = the EMA is never updated in training (momentum 0 in every
+    # BN-derived layer); the training forward still normalizes with mini-batch statistics and alpha/beta
+    # still learn (EvalNorm mixes the stale EMA with each sample's statistics). False = rows a, b, d.
+    _C.D2NORM.EVALNORM_MODEL.FREEZE_STATS = False
+    # Write alpha-hat / beta-hat (values the layers use at eval) to the event storage every LOG_PERIOD
+    # iterations: "evalnorm/{alpha,beta}_{mean,min,max}", and with LOG_PER_LAYER "evalnorm/alpha/<layer>",
+    # "evalnorm/beta/<layer>" (evalnorm Fig. 3 plots them per layer). 0 = never.
+    _C.D2NORM.EVALNORM_MODEL.LOG_PERIOD = 20
+    _C.D2NORM.EVALNORM_MODEL.LOG_PER_LAYER = True
+
+    # ---- FrozenBN switch: rethinking §4.3, Fig. 6 (d2norm.engine.hooks.FrozenBNSwitchHook) ------------------
+    # At iteration ITER every BN-family layer becomes a constant affine map (d2norm/layers/frozen.py: BN,
+    # GhostBN, AnySyncBN, EvalNorm/BatchStatsBN/ExampleWeightedBN with their EMA, MABN exactly; BGN and
+    # per-domain DomainBN are left unchanged). Fig. 6: the last 20 of 100 epochs with FrozenBN.
+    _C.D2NORM.FROZEN_BN_SWITCH = CN()
+    _C.D2NORM.FROZEN_BN_SWITCH.ENABLED = False
+    # The first iteration trained with FrozenBN (integer >= 0; >= SOLVER.MAX_ITER: no switch in this run, warned).
+    _C.D2NORM.FROZEN_BN_SWITCH.ITER = 0
+    # Recompute population statistics right before the switch (PreciseBN, §3.2) with D2NORM.PRECISE_BN's
+    # NUM_SAMPLES / BATCH_SIZE / ESTIMATOR / EXACT_LAYERWISE; False freezes the EMA.
+    _C.D2NORM.FROZEN_BN_SWITCH.PRECISE_BN = True
+    # §4.3 keeps the affine gamma/beta after FrozenBN trainable (True); False freezes them as well
+    # (detectron2's FrozenBatchNorm2d, the fine-tuning variant of §4.4 / footnote 4).
+    _C.D2NORM.FROZEN_BN_SWITCH.TRAINABLE_AFFINE = True
+    # LR re-warm-up after the switch (Fig. 6: "a linear warmup of one epoch"): WARMUP_ITERS iterations, factor
+    # from WARMUP_FACTOR to 1 (detectron2's linear warm-up rule) applied on top of the LR schedule. 0 = none.
+    _C.D2NORM.FROZEN_BN_SWITCH.WARMUP_ITERS = 0
+    _C.D2NORM.FROZEN_BN_SWITCH.WARMUP_FACTOR = 0.001
+    # Regular expressions (re.search) on module names; only matching layers are switched. [] = all.
+    _C.D2NORM.FROZEN_BN_SWITCH.LAYERS = []
+
+    # ---- EvalNorm offline fitting hook: evalnorm §3.4 "Offline estimation" (EvalNormFitHook) ------------------
+    # Fits alpha-hat/beta-hat with D2NORM.EVALNORM.OFFLINE_ITERS Adam steps at OFFLINE_LR on training batches;
+    # nothing else in the model changes.
+    _C.D2NORM.EVALNORM_FIT = CN()
+    _C.D2NORM.EVALNORM_FIT.ENABLED = False
+    # -1 = after the last iteration (before the final checkpoint / evaluation); k >= 1 = after iteration k.
+    _C.D2NORM.EVALNORM_FIT.ITER = -1
+    # Images per rank per fitting step (N = OFFLINE_ITERS x BATCH_SIZE x ranks); 0 = the training batch per rank.
+    _C.D2NORM.EVALNORM_FIT.BATCH_SIZE = 0
+    # After the final fit, set every EvalNorm layer's mode to "offline" so evaluation uses the fitted values.
+    _C.D2NORM.EVALNORM_FIT.SET_OFFLINE_MODE = True
+
+    # ---- BN-statistics monitor: rethinking §3.1 Fig. 2; estimation-shift Def. 2 (BNMonitorHook) ------------
+    # Writes bn_monitor/<layer>/{mean_gap, std_gap, batch_mean_gap, batch_std_gap, batch_mean_spread,
+    # batch_std_spread} (d2norm/stats/monitor.py) to the event storage.
+    _C.D2NORM.BN_MONITOR = CN()
+    _C.D2NORM.BN_MONITOR.ENABLED = False
+    # Every PERIOD iterations (>= 1).
+    _C.D2NORM.BN_MONITOR.PERIOD = 100
+    # Training batches forwarded per measurement (Fig. 2 uses 100; keep small, it costs NUM_BATCHES forwards).
+    _C.D2NORM.BN_MONITOR.NUM_BATCHES = 4
+    # Images per rank per batch; 0 = the training batch per rank (the batch the EMA is updated with, Fig. 2).
+    _C.D2NORM.BN_MONITOR.BATCH_SIZE = 0
+    # Regular expressions (re.search) on layer names; [] = every layer with population statistics.
+    _C.D2NORM.BN_MONITOR.LAYERS = []
+
     # ---- data --------------------------------------------------------------------------------------
     _C.D2NORM.DATA = CN()
     # Root of the bundled synthetic COCO-format set (generated on first use; see d2norm/data/synthetic.py).

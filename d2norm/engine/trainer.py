@@ -48,17 +48,43 @@ class Trainer(DefaultTrainer):
 
     def build_d2norm_hooks(self) -> List:
         """d2norm hooks enabled in ``cfg.D2NORM`` (run after IterationTimer/LRScheduler, before checkpointing
-        and evaluation, so checkpoints and evaluations see their effect).
+        and evaluation, so checkpoints and evaluations see their effect), in this order:
 
+        * ``D2NORM.BN_MONITOR``: :class:`~d2norm.engine.hooks.BNMonitorHook` (rethinking Fig. 2; estimation-shift
+          Def. 2), first so it measures the training EMA before PreciseBN replaces it;
+        * ``D2NORM.FROZEN_BN_SWITCH``: :class:`~d2norm.engine.hooks.FrozenBNSwitchHook` (rethinking §4.3); it is
+          attached to :attr:`checkpointer` so a checkpoint written after the switch loads into a converted model;
         * ``D2NORM.PRECISE_BN``: :class:`~d2norm.engine.hooks.PreciseBNHook` (rethinking §3.2, A.3) with a
-          training-style loader of ``BATCH_SIZE`` images per rank built by :meth:`build_train_loader`.
+          training-style loader of ``BATCH_SIZE`` images per rank built by :meth:`build_train_loader`;
+        * ``D2NORM.EVALNORM_FIT``: :class:`~d2norm.engine.hooks.EvalNormFitHook` (evalnorm §3.4), after PreciseBN
+          so α̂, β̂ are fitted against the final population statistics.
         """
-        from .hooks import build_precise_bn_hook, check_precise_bn_cfg
+        from .hooks import (
+            build_bn_monitor_hook,
+            build_evalnorm_fit_hook,
+            build_frozen_bn_switch_hook,
+            build_precise_bn_hook,
+            check_bn_monitor_cfg,
+            check_evalnorm_fit_cfg,
+            check_frozen_bn_switch_cfg,
+            check_precise_bn_cfg,
+        )
 
-        check_precise_bn_cfg(self.cfg)
+        cfg = self.cfg
+        check_precise_bn_cfg(cfg)
+        check_frozen_bn_switch_cfg(cfg)
+        check_evalnorm_fit_cfg(cfg)
+        check_bn_monitor_cfg(cfg)
+        loader = self.build_train_loader
         ret = []
-        if self.cfg.D2NORM.PRECISE_BN.ENABLED:
-            ret.append(build_precise_bn_hook(self.cfg, self.model, build_train_loader=self.build_train_loader))
+        if cfg.D2NORM.BN_MONITOR.ENABLED:
+            ret.append(build_bn_monitor_hook(cfg, build_train_loader=loader))
+        if cfg.D2NORM.FROZEN_BN_SWITCH.ENABLED:
+            ret.append(build_frozen_bn_switch_hook(cfg, self))
+        if cfg.D2NORM.PRECISE_BN.ENABLED:
+            ret.append(build_precise_bn_hook(cfg, self.model, build_train_loader=loader))
+        if cfg.D2NORM.EVALNORM_FIT.ENABLED:
+            ret.append(build_evalnorm_fit_hook(cfg, build_train_loader=loader))
         return ret
 
     def build_hooks(self):

@@ -22,6 +22,8 @@ for the differentiable ones, every rank runs backward through their output (an e
 detectron2's losses keep empty predictions in the graph with ``x.sum() * 0``), because backward is itself a
 collective.
 """
+import contextlib
+import contextvars
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -242,3 +244,26 @@ def sync_subgroup(group_size: int):
         entry = (dist.group.WORLD, mine)
         _SUBGROUPS[key] = entry
     return entry[1]
+
+
+_LOCAL_ONLY = contextvars.ContextVar("d2norm_local_only", default=False)
+
+
+@contextlib.contextmanager
+def local_only():
+    """Inside, d2norm modules that exchange activations across ranks inside a forward (the shuffled-RoI heads)
+    run on the local rank only.
+
+    Statistics passes (PreciseBN, the BN monitor, probes) enter it: there ranks may run different numbers of
+    forwards (their sample shares differ by one), so a collective inside a forward could deadlock, and the
+    population statistics of a shuffled head do not depend on the shuffle (same union of RoIs).
+    """
+    token = _LOCAL_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.reset(token)
+
+
+def is_local_only() -> bool:
+    return _LOCAL_ONLY.get()

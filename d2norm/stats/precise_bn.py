@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..layers.distributed import local_only
 from .adapters import StatsAdapter, get_stats_adapter
 from .estimators import PopulationEstimate, all_reduce_accumulators_, check_estimator
 from .state import capture_state, restore_state
@@ -143,8 +144,11 @@ def _isolated_rng():
 
 @contextlib.contextmanager
 def _patched(adapters: Dict[str, StatsAdapter]):
-    """Route every adapted layer's forward (and DomainBN's ``forward_domains``) to its adapter."""
+    """Route every adapted layer's forward (and DomainBN's ``forward_domains``) to its adapter; cross-rank
+    activation exchange (shuffled heads) is off meanwhile (``local_only``)."""
     saved = []
+    local = local_only()
+    local.__enter__()
     try:
         for a in adapters.values():
             for attr in ("forward", "forward_domains"):
@@ -159,6 +163,7 @@ def _patched(adapters: Dict[str, StatsAdapter]):
                 mod.__dict__.pop(attr, None)
             else:
                 mod.__dict__[attr] = old
+        local.__exit__(None, None, None)
 
 
 _MISSING = object()

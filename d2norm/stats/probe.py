@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..layers.distributed import local_only
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
 from .precise_bn import _batches, _isolated_rng, _storage, _unwrap
 from .state import capture_state, restore_state
@@ -289,7 +290,7 @@ def batch_statistics(
     snap = capture_state(net)
     done = 0
     try:
-        with _flags(net, True), _isolated_rng(), _storage(), _intercept(all_layers, on_input):
+        with _flags(net, True), _isolated_rng(), _storage(), local_only(), _intercept(all_layers, on_input):
             it = iter(data)
             total = num_batches * batch_size if batch_size else float("inf")
             for batch in _batches(it, total, batch_size):

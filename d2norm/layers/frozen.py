@@ -1,0 +1,262 @@
+"""FrozenBN: normalization layers turned into constant affine transforms (rethinking §4.3, Fig. 6; A.8).
+
+rethinking §4.3: "FrozenBN is merely a constant affine transform y = (x − μ)/sqrt(σ² + ε), where μ, σ are fixed
+population statistics computed ahead of time"; in the Fig. 6 experiment the last 20 of 100 epochs are trained
+with every BN replaced by FrozenBN, the affine γ, β following it still being trained (it is "the subsequent
+affine transform"; freezing it too is the fine-tuning variant of the §4.4 paragraph and footnote 4).
+
+:func:`freeze_bn_layers` replaces, in place, each layer whose inference is a per-channel affine map by
+
+* :class:`FrozenBatchNorm` with ``trainable_affine=True``: the statistics are buffers, γ/β stay
+  ``nn.Parameter``s — **the very same Parameter objects** as in the replaced layer, so an optimizer that holds
+  them (and its momentum state) stays valid;
+* detectron2's ``FrozenBatchNorm2d`` (statistics *and* γ/β buffers) with ``trainable_affine=False`` for
+  ``nn.BatchNorm2d``-derived layers (4-D inputs), :class:`FrozenBatchNorm` with buffer γ/β for the others
+  (``BatchNorm1d/3d``, ``SyncBatchNorm`` and MABN accept other ranks).
+
+Both have the state-dict keys ``weight, bias, running_mean, running_var`` (those of BN without
+``num_batches_tracked``), so checkpoints of either variant load into the other.
+
+What each layer type becomes (the mapping keeps the layer's population statistics; nothing is re-estimated here:
+run PreciseBN first for exact population statistics, rethinking §3.2):
+
+* torch ``_BatchNorm`` family (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``),
+  d2norm GhostBN and AnySyncBN: μ = ``running_mean``, σ² = ``running_var``, same ε. Exactly the layer's eval
+  output.
+* DomainBN with shared population statistics and shared affine: as BN (its state is BN's). With per-domain
+  statistics or affine there is no single constant affine map (the domain picks the row at call time):
+  **left unchanged** and reported as skipped.
+* MABN (mabn §4.2): its inference z = γ·x/χ̂ + β is already a constant affine map; exactly
+  μ = 0, σ² = χ̂² − ε with the layer's ε, so sqrt(σ² + ε) = χ̂ (``running_chi``). Exactly its eval output.
+* BatchStatsBN (rethinking §4.2), ExampleWeightedBN (four-things §3.1) and EvalNorm (evalnorm §3.3): they
+  train as BN and keep BN's EMA; their *inference* uses each input's own statistics, which is not a constant
+  map. FrozenBN uses their population statistics (μ_E, σ_E²): after the switch training and inference are the
+  same constant map, so the train-test inconsistency those inference rules correct no longer exists
+  (rethinking §4.3: FrozenBN "no longer introduces train-test inconsistency"). EvalNorm's α̂, β̂ are dropped.
+  Output then equals plain-BN inference of the layer (α = 0), not its own eval output; logged.
+* BGN (four-things §3.4): its statistics are per channel *group* and its inference mixes in the example's own
+  group statistics (eq 3, α > 0); it is a batch-*group* norm, not BN family: **left unchanged**, reported.
+* already frozen layers (detectron2 ``FrozenBatchNorm2d``, :class:`FrozenBatchNorm`), BN without running
+  statistics (``track_running_stats=False``: no population statistics to freeze; skipped, reported), and
+  batch-free norms (GN, LN, ...) are not touched.
+"""
+import logging
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .base import D2NormModule
+
+__all__ = ["FrozenBatchNorm", "freeze_bn_layers", "frozen_bn_source", "FreezeReport"]
+
+logger = logging.getLogger(__name__)
+
+
+class FrozenBatchNorm(nn.Module, D2NormModule):
+    """Constant per-channel affine map ``y = (x − μ)/sqrt(σ² + ε)·γ + β`` over inputs ``(N, C, *)``
+    (rethinking §4.3).
+
+    μ, σ² (``running_mean``, ``running_var``) are registered buffers that nothing updates. γ, β (``weight``,
+    ``bias``) are ``nn.Parameter``s when ``trainable_affine`` (the §4.3 setting: FrozenBN followed by a
+    trainable affine layer), else buffers (detectron2's ``FrozenBatchNorm2d`` semantics for any rank). Forward
+    and eval are identical (``F.batch_norm`` with ``training=False``: exactly BN's eval output, one fused op);
+    statistics stay float32 for fp16/bf16 inputs, output has the input dtype; zero-size input gives a
+    zero-size output. A :class:`D2NormModule`, so ``SOLVER.WEIGHT_DECAY_NORM`` applies to trainable γ/β as it
+    did to the BN they come from.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, trainable_affine: bool = True):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"FrozenBatchNorm: num_features must be a positive integer, got {num_features!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+            raise ValueError(f"FrozenBatchNorm: eps must be a number >= 0, got {eps!r}")
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.trainable_affine = bool(trainable_affine)
+        if self.trainable_affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_buffer("weight", torch.ones(num_features))
+            self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, trainable_affine={self.trainable_affine}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"FrozenBatchNorm expects input (N, {self.num_features}, *), got {tuple(x.shape)}")
+        if x.numel() == 0:
+            view = [1, -1] + [1] * (x.dim() - 2)
+            return x * self.weight.to(x.dtype).view(view) + self.bias.to(x.dtype).view(view)
+        sd = self.running_mean.dtype
+        w, b = self.weight.to(sd), self.bias.to(sd)
+        # training=False: supplied statistics, never updated; gradients flow to x, γ and β
+        return F.batch_norm(x, self.running_mean, self.running_var, w, b, False, 0.0, self.eps)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a BN checkpoint (same keys + num_batches_tracked) loads: the counter has no meaning here
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+# ---- mapping -----------------------------------------------------------------------------------------------
+#: (running_mean, running_var, eps, weight, bias, note); weight/bias may be None (no affine)
+_Frozen = Tuple[torch.Tensor, torch.Tensor, float, Optional[nn.Parameter], Optional[nn.Parameter], str]
+
+
+def _is_frozen(m: nn.Module) -> bool:
+    from detectron2.layers import FrozenBatchNorm2d
+
+    return isinstance(m, (FrozenBatchNorm2d, FrozenBatchNorm))
+
+
+_NOTE_OWN_STATS = (
+    "inference used the input's own statistics; FrozenBN uses its population statistics (plain BN inference)"
+)
+
+
+def frozen_bn_source(m: nn.Module) -> Tuple[Optional[_Frozen], str]:
+    """``(mapping, reason)``: the constant affine map of ``m`` as ``(μ, σ², ε, γ, β, note)``, or ``(None,
+    reason)`` when ``m`` is not converted (reason ``""`` for modules that are not normalization layers or
+    already frozen)."""
+    from .batch_group_norm import BatchGroupNorm
+    from .batch_stats_bn import BatchStatsBatchNorm2d
+    from .domain_bn import DomainBatchNorm2d
+    from .evalnorm import EvalNorm2d
+    from .example_weighted_bn import ExampleWeightedBatchNorm2d
+    from .mabn import MABN2d
+
+    if _is_frozen(m):
+        return None, ""
+    if isinstance(m, MABN2d):
+        # z = γ·x/χ̂ + β (mabn §4.2) = FrozenBN with μ = 0 and σ² + ε = χ̂²
+        chi = m.running_chi.detach()
+        return (torch.zeros_like(chi), chi * chi - m.eps, m.eps, m.weight, m.bias, ""), ""
+    if isinstance(m, BatchGroupNorm):
+        return None, "BGN: per-channel-group statistics mixed with the example's own (four-things eq 3)"
+    if not isinstance(m, _BatchNorm):
+        return None, ""
+    if not m.track_running_stats or m.running_mean is None or m.running_var is None:
+        return None, "no population statistics (track_running_stats=False)"
+    if isinstance(m, DomainBatchNorm2d) and (m.pop_stats == "per_domain" or m.affine_per_domain):
+        if m.num_domains > 1:
+            return None, "DomainBN with per-domain statistics/affine: no single constant affine map"
+    note = ""
+    if isinstance(m, (BatchStatsBatchNorm2d, EvalNorm2d)) or (
+        isinstance(m, ExampleWeightedBatchNorm2d) and m.alpha > 0
+    ):
+        note = _NOTE_OWN_STATS
+    rm, rv = m.running_mean.detach(), m.running_var.detach()
+    if rm.dim() == 2:  # DomainBN with a single domain: row 0
+        rm, rv = rm[0], rv[0]
+    w, b = m.weight, m.bias
+    if w is not None and w.dim() == 2:
+        w, b = nn.Parameter(w.detach()[0].clone(), requires_grad=w.requires_grad), nn.Parameter(
+            b.detach()[0].clone(), requires_grad=b.requires_grad)
+    return (rm, rv, m.eps, w, b, note), ""
+
+
+class FreezeReport(dict):
+    """``{module name: source class name}`` of converted layers, with ``skipped`` = ``{name: reason}`` and
+    ``notes`` = ``{name: note}`` (layers whose eval behaviour differs from FrozenBN's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped: Dict[str, str] = {}
+        self.notes: Dict[str, str] = {}
+
+
+def _make_frozen(m: nn.Module, mapping: _Frozen, trainable_affine: bool) -> nn.Module:
+    from detectron2.layers import FrozenBatchNorm2d
+
+    rm, rv, eps, w, b, _ = mapping
+    c = rm.numel()
+    ref = rm
+    if trainable_affine and w is not None:
+        new = FrozenBatchNorm(c, eps=eps, trainable_affine=True)
+        # the same Parameter objects: optimizer references and momentum state stay valid
+        new.weight, new.bias = w, b
+    elif isinstance(m, nn.BatchNorm2d):
+        new = FrozenBatchNorm2d(c, eps=eps)
+    else:
+        new = FrozenBatchNorm(c, eps=eps, trainable_affine=False)
+    new.to(device=ref.device)
+    with torch.no_grad():
+        sd = rm.dtype if rm.is_floating_point() else torch.float32
+        for name, val in (("running_mean", rm), ("running_var", rv)):
+            setattr(new, name, val.detach().clone().to(sd))
+        if not (trainable_affine and w is not None):
+            new.weight = (w.detach().clone() if w is not None else torch.ones(c, device=ref.device)).to(sd)
+            new.bias = (b.detach().clone() if b is not None else torch.zeros(c, device=ref.device)).to(sd)
+    new.train(m.training)
+    return new
+
+
+def freeze_bn_layers(
+    model: nn.Module,
+    trainable_affine: bool = True,
+    names: Optional[Iterable[str]] = None,
+    name_filter: Optional[Callable[[str], bool]] = None,
+) -> FreezeReport:
+    """Replace every BN-family layer of ``model`` (in place) by its FrozenBN (module docstring).
+
+    Args:
+        model: the model (not a DDP wrapper: pass ``ddp.module``).
+        trainable_affine: keep γ/β as the layer's own ``nn.Parameter`` objects (rethinking §4.3), else freeze
+            them into buffers (detectron2 ``FrozenBatchNorm2d``).
+        names: convert exactly these module names (e.g. a checkpoint's record of a previous switch); a name that
+            is not a convertible layer raises ``ValueError``.
+        name_filter: convert only names for which it returns True.
+
+    Returns:
+        a :class:`FreezeReport`. A module reachable under several names (shared) is converted once and replaced
+        everywhere it is referenced.
+    """
+    wanted = None if names is None else set(names)
+    report = FreezeReport()
+    replaced: Dict[int, nn.Module] = {}
+    todo = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name == "":
+            continue
+        if id(m) in replaced:
+            continue
+        if wanted is not None and name not in wanted:
+            continue
+        if name_filter is not None and not name_filter(name):
+            continue
+        mapping, reason = frozen_bn_source(m)
+        if mapping is None:
+            if reason:
+                report.skipped[name] = reason
+            continue
+        new = _make_frozen(m, mapping, trainable_affine)
+        replaced[id(m)] = new
+        report[name] = type(m).__name__
+        if mapping[5]:
+            report.notes[name] = mapping[5]
+        todo.append(m)
+    if wanted is not None:
+        bad = sorted(wanted - set(report))
+        if bad:
+            raise ValueError(f"freeze_bn_layers: cannot convert {bad} (not convertible BN-family layers of the model)")
+    # replace every reference (shared modules: all parents)
+    for parent in list(model.modules()):
+        for key, child in list(parent._modules.items()):
+            if child is not None and id(child) in replaced:
+                parent._modules[key] = replaced[id(child)]
+    for name, reason in report.skipped.items():
+        logger.warning("FrozenBN switch: %s left unchanged: %s", name, reason)
+    if report.notes:
+        logger.warning("FrozenBN switch: %d layers (%s, ...) change their eval behaviour: %s", len(report.notes),
+                       next(iter(report.notes)), _NOTE_OWN_STATS)
+    return report

@@ -1,0 +1,189 @@
+"""R-CNN heads whose BatchNorm normalizes a random share of all workers' RoIs (rethinking §6.1, Fig. 9, Table 6).
+
+rethinking §6.1: "randomly shuffle the RoI features among GPUs before entering the head. This assigns each GPU a
+random subset of samples to normalize, and also weakens the correlation between samples within a normalization
+batch." Fig. 9: "RoI features are first shuffled among GPUs ... Other computation in the head is independent for
+each RoI. After the head, all RoI predictions are shuffled back to form predictions for each image."
+
+Where the shuffle sits (as in Fig. 9): the pooled RoI features are shuffled before the head's first layer and
+the head's output is shuffled back, so the *whole* head (every conv + BN + ReLU, and the fc / deconv / predictor
+layers, which are per-RoI anyway) runs on the random share. One shuffle per head instead of one per BN layer.
+
+Heads (registered in detectron2's registries, selected by ``MODEL.ROI_BOX_HEAD.NAME`` / ``ROI_MASK_HEAD.NAME``):
+
+* ``ShuffledConvFCHead``: detectron2's :class:`FastRCNNConvFCHead` (4conv1fc with ``NUM_CONV 4, NUM_FC 1`` and a
+  BN ``NORM``) with shuffled training.
+* ``ShuffledMaskRCNNConvUpsampleHead``: detectron2's :class:`MaskRCNNConvUpsampleHead` with shuffled training.
+
+Both keep the stock head's parameters and state-dict keys (checkpoints are interchangeable with the stock heads),
+read every stock key (``NUM_CONV``, ``CONV_DIM``, ``NORM``, ...) and add ``cfg.D2NORM.SHUFFLE_HEAD``. The norm is
+the stock ``NORM`` key (the paper: per-GPU "BN"). Inference never shuffles (population statistics, Table 6).
+"""
+import logging
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+from detectron2.config import configurable
+from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
+from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
+
+from ...layers.distributed import all_gather_variable, group_world_size, is_local_only, shared_permutation
+
+__all__ = [
+    "balanced_shares",
+    "shuffled_apply",
+    "shuffle_head_options",
+    "ShuffledConvFCHead",
+    "ShuffledMaskRCNNConvUpsampleHead",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def balanced_shares(total: int, world_size: int) -> List[int]:
+    """How many of the ``total`` shuffled RoIs each rank normalizes: an equal split, the remainder
+    ``total % world_size`` going one each to the first ranks (sizes differ by at most one; a rank gets 0 only
+    when ``total < world_size``). Rank ``r`` takes the contiguous slice of the permuted order after ranks < r.
+    """
+    q, rem = divmod(int(total), int(world_size))
+    return [q + (1 if r < rem else 0) for r in range(world_size)]
+
+
+def shuffled_apply(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+    group=None,
+) -> torch.Tensor:
+    """``fn`` applied to a random, equally sized share of all ranks' rows of ``x``; returns ``fn``'s output for
+    this rank's own rows, in their original order (rethinking §6.1, Fig. 9).
+
+    ``fn`` must be per-row except for its normalization layers (an R-CNN head: per-RoI convs/fcs + BN).
+
+    Steps: (1) gather every rank's rows (``all_gather_variable``, rank order; per-rank counts may differ, 0
+    included); (2) one permutation of all rows, identical on every rank (``shared_permutation``: drawn from the
+    group's first rank's ``generator`` and broadcast); (3) this rank applies ``fn`` to its share
+    (:func:`balanced_shares`) of the permuted rows, so its BN layers normalize that random share; (4) the shares'
+    outputs are gathered and this rank picks the rows of its own inputs (inverse permutation).
+
+    Differentiable end to end: both gathers are differentiable (their backward is an all-reduce), so the
+    gradient of every rank's loss reaches each rank's own input rows. Collectives: forward 5 (2 per gather, 1
+    broadcast), backward 2, on every rank, whatever its number of rows. To keep the backward collectives on
+    every rank, ``x`` is made to require grad when autograd is recording and it does not (e.g. a rank whose
+    pooled features were created without a graph), so no rank can skip a gather's backward while another
+    runs it. Every rank must call this in the same order and run backward through the result (as for any
+    synchronized layer; detectron2's losses keep empty predictions in the graph).
+
+    Single process (or a group of one): exactly ``fn(x)``.
+
+    Cost: each rank receives all ranks' rows (all-gather, as in A.6's remark that "each synchronization
+    transfers more data" than SyncBN), i.e. world_size x the local features in memory for the duration of the
+    forward.
+    """
+    world = group_world_size(group)
+    if world == 1:
+        return fn(x)
+    if torch.is_grad_enabled() and not x.requires_grad:
+        x = x.detach().requires_grad_()
+    x_all, sizes = all_gather_variable(x, group=group, return_sizes=True)
+    total = sum(sizes)
+    rank = dist.get_rank(group)
+    perm = shared_permutation(total, generator, device=x.device, group=group)
+    shares = balanced_shares(total, world)
+    start = sum(shares[:rank])
+    y_share = fn(x_all[perm[start : start + shares[rank]]])
+    y_perm = all_gather_variable(y_share, group=group)  # row i = output for original row perm[i]
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(total, device=perm.device)
+    offset = sum(sizes[:rank])
+    return y_perm[inverse[offset : offset + sizes[rank]]]
+
+
+def shuffle_head_options(cfg, seed_offset: int) -> dict:
+    """Validated ``cfg.D2NORM.SHUFFLE_HEAD`` options for a head: ``{"shuffle": bool, "seed": int}``.
+
+    ``seed_offset`` separates the generators of the box head (0) and the mask head (1) when ``SEED >= 0``.
+    """
+    opts = cfg.D2NORM.SHUFFLE_HEAD
+    enabled, seed = opts.ENABLED, opts.SEED
+    if not isinstance(enabled, bool):
+        raise ValueError(f"D2NORM.SHUFFLE_HEAD.ENABLED must be True or False, got {enabled!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < -1:
+        raise ValueError(
+            f"D2NORM.SHUFFLE_HEAD.SEED must be an integer >= 0 (a dedicated generator) or -1 (the global torch "
+            f"RNG of rank 0), got {seed!r}"
+        )
+    return {"shuffle": enabled, "seed": seed if seed < 0 else seed + seed_offset}
+
+
+class _ShuffleMixin:
+    """Holds the shuffle switch and the permutation generator of a head."""
+
+    def _init_shuffle(self, shuffle: bool, seed: int, norm) -> None:
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        # A dedicated generator so the permutations do not depend on (nor consume) the model's other random
+        # draws; only the first rank's generator is used (shared_permutation broadcasts). Not checkpointed:
+        # a resumed run restarts the sequence, which only changes which random shares are drawn.
+        self._generator = torch.Generator().manual_seed(self.seed) if self.seed >= 0 else None
+        if self.shuffle and not norm:
+            logger.warning(
+                "%s has no norm (NORM %r): shuffling RoIs across workers only changes what BatchNorm "
+                "normalizes, so it has no effect here.", type(self).__name__, norm,
+            )
+
+    def _shuffled(self, fn, x):
+        if self.training and self.shuffle and not is_local_only():
+            return shuffled_apply(fn, x, self._generator)
+        return fn(x)
+
+
+@ROI_BOX_HEAD_REGISTRY.register()
+class ShuffledConvFCHead(_ShuffleMixin, FastRCNNConvFCHead):
+    """:class:`FastRCNNConvFCHead` (e.g. 4conv1fc + BN, rethinking §4.2 / [GN paper]) whose training forward
+    runs on a random share of all workers' RoIs (rethinking §6.1, Fig. 9, Table 6 "per-GPU BN w/ shuffle").
+
+    Training with more than one worker and ``D2NORM.SHUFFLE_HEAD.ENABLED``: :func:`shuffled_apply` around the
+    whole head. Otherwise (one worker, ``ENABLED False``, eval): exactly ``FastRCNNConvFCHead``.
+    """
+
+    @configurable
+    def __init__(self, input_shape, *, conv_dims, fc_dims, conv_norm="", shuffle: bool = True, seed: int = -1):
+        """Arguments of :class:`FastRCNNConvFCHead`, plus ``shuffle`` (shuffle in training) and ``seed``
+        (``>= 0``: a dedicated generator; ``-1``: the global torch RNG of rank 0)."""
+        super().__init__(input_shape, conv_dims=conv_dims, fc_dims=fc_dims, conv_norm=conv_norm)
+        self._init_shuffle(shuffle, seed, conv_norm)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret.update(shuffle_head_options(cfg, seed_offset=0))
+        return ret
+
+    def forward(self, x):
+        return self._shuffled(super().forward, x)
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class ShuffledMaskRCNNConvUpsampleHead(_ShuffleMixin, MaskRCNNConvUpsampleHead):
+    """:class:`MaskRCNNConvUpsampleHead` (convs + BN, deconv, predictor) whose training ``layers`` run on a random
+    share of all workers' RoIs (rethinking §6.1, Fig. 9, Table 6). The loss / inference of
+    ``BaseMaskRCNNHead.forward`` see the mask logits back in the original RoI order. One worker, ``ENABLED
+    False`` or eval: exactly ``MaskRCNNConvUpsampleHead``.
+    """
+
+    @configurable
+    def __init__(self, input_shape, *, num_classes, conv_dims, conv_norm="", shuffle: bool = True,
+                 seed: int = -1, **kwargs):
+        super().__init__(input_shape, num_classes=num_classes, conv_dims=conv_dims, conv_norm=conv_norm, **kwargs)
+        self._init_shuffle(shuffle, seed, conv_norm)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret.update(shuffle_head_options(cfg, seed_offset=1))
+        return ret
+
+    def layers(self, x):
+        return self._shuffled(super().layers, x)

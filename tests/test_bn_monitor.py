@@ -1,0 +1,161 @@
+"""BN-statistics monitor (rethinking Fig. 2; estimation-shift Def. 2): values against an independent float64
+computation from the layers' inputs, no side effects, and the hook's event-storage scalars."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import d2norm.engine.hooks as H
+from d2norm.layers.batch_group_norm import BatchGroupNorm
+from d2norm.layers.mabn import MABN2d
+from d2norm.stats.monitor import MONITOR_METRICS, bn_statistics_gaps
+from d2norm.stats.state import capture_state
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.n2 = nn.Conv2d(4, 4, 3, padding=1), MABN2d(4, buffer_size=2, warmup_iters=0)
+        self.c3, self.n3 = nn.Conv2d(4, 4, 1), BatchGroupNorm(4, num_groups=2, alpha=0.5)
+        self.shared = nn.BatchNorm2d(4)  # called twice per forward
+
+    def forward(self, x):
+        x = F.relu(self.n1(self.c1(x)))
+        x = F.relu(self.n2(self.c2(x)))
+        x = self.n3(self.c3(x))
+        return self.shared(x) + self.shared(x * 2 + 1)
+
+
+def _batches(k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3 + i, 3, 5, 4, generator=g, dtype=torch.float64) * 3 + 2 for i in range(k)]
+
+
+def _ref(inputs, ema_mean, ema_sigma, kind, eps=None):
+    """Def. 2 / Fig. 2 quantities from the raw per-forward inputs (list over forwards of lists over calls)."""
+    def stats(xs):  # xs: list of (N, C, H, W) fed in one "batch"
+        if kind == "bgn":
+            v = torch.cat([x.unflatten(1, (2, -1)).transpose(0, 1).reshape(2, -1) for x in xs], 1)
+        else:
+            v = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], 1)
+        mean = v.mean(1)
+        if kind == "mabn":
+            return None, ((v * v).mean(1) + eps).sqrt()
+        if kind == "bgn":
+            return mean, v.var(1, unbiased=False).sqrt()
+        return mean, v.var(1, unbiased=True).sqrt()
+
+    pop_m, pop_s = stats([x for xs in inputs for x in xs])
+    per = [stats(xs) for xs in inputs]
+    n = torch.linalg.vector_norm
+    out = {"std_gap": n(ema_sigma - pop_s), "batch_std_gap": sum(n(ema_sigma - s) for _, s in per) / len(per),
+           "batch_std_spread": sum(n(s - pop_s) for _, s in per) / len(per)}
+    if pop_m is not None:
+        out.update(mean_gap=n(ema_mean - pop_m), batch_mean_gap=sum(n(ema_mean - m) for m, _ in per) / len(per),
+                   batch_mean_spread=sum(n(m - pop_m) for m, _ in per) / len(per))
+    return {k: float(v) for k, v in out.items()}
+
+
+def test_gaps_equal_direct_computation_and_no_side_effects():
+    torch.manual_seed(0)
+    net = Net().double().train()
+    for x in _batches(3, seed=1):  # training steps: EMAs move
+        net(x).sum().backward()
+    inputs = {n: [] for n in ("n1", "n2", "n3", "shared")}
+    for name in inputs:
+        getattr(net, name).register_forward_pre_hook(
+            lambda m, inp, name=name: inputs[name][-1].append(inp[0].detach().clone()))
+    batches = _batches(4, seed=2)
+
+    def fwd(model, b):
+        for v in inputs.values():
+            v.append([])
+        return model(b)
+
+    before = capture_state(net)
+    buffers = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    res = bn_statistics_gaps(net, batches, num_batches=3, forward_fn=fwd)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(buffers[k], v) for k, v in net.state_dict().items())  # nothing written
+    assert before["attrs"].keys() == capture_state(net)["attrs"].keys()
+    assert set(res) == {"n1", "n2", "n3", "shared"}
+    assert all(len(v) == 3 for v in inputs.values()) and len(inputs["shared"][0]) == 2
+    d = lambda t: t.detach().double()  # noqa: E731
+    refs = {
+        "n1": _ref(inputs["n1"], d(net.n1.running_mean), d(net.n1.running_var).sqrt(), "bn"),
+        "shared": _ref(inputs["shared"], d(net.shared.running_mean), d(net.shared.running_var).sqrt(), "bn"),
+        "n2": _ref(inputs["n2"], None, d(net.n2.running_chi), "mabn", eps=net.n2.eps),
+        "n3": _ref(inputs["n3"], d(net.n3.running_mean),
+                   (d(net.n3.running_mean_sq) - d(net.n3.running_mean) ** 2).sqrt(), "bgn"),
+    }
+    for name, ref in refs.items():
+        assert set(res[name]) == set(ref), name
+        for k, v in ref.items():
+            assert res[name][k] == pytest.approx(v, rel=1e-7, abs=1e-9), (name, k)
+    assert set(res["n1"]) == set(MONITOR_METRICS)
+    assert res["n1"]["mean_gap"] > 0 and res["n1"]["batch_mean_spread"] > 0
+    # layer filter (regular expressions)
+    assert set(bn_statistics_gaps(net, batches, 1, layers=["^n[12]$"])) == {"n1", "n2"}
+    with pytest.raises(ValueError, match="num_batches must be a positive integer, got 0"):
+        bn_statistics_gaps(net, batches, 0)
+
+
+def test_cfg_validation(d2cfg):
+    H.check_bn_monitor_cfg(d2cfg)
+    for key, val, match in (("PERIOD", 0, "PERIOD must be an integer >= 1, got 0"),
+                            ("NUM_BATCHES", -2, "NUM_BATCHES must be an integer >= 1"),
+                            ("BATCH_SIZE", -1, "BATCH_SIZE must be an integer >= 0"),
+                            ("LAYERS", "stem", "list of regular expressions"), ("ENABLED", 1, "True or False")):
+        old = d2cfg.D2NORM.BN_MONITOR[key]
+        d2cfg.D2NORM.BN_MONITOR[key] = val
+        with pytest.raises(ValueError, match=match):
+            H.check_bn_monitor_cfg(d2cfg)
+        d2cfg.D2NORM.BN_MONITOR[key] = old
+
+
+@pytest.mark.slow
+def test_hook_writes_scalars_equal_to_direct_computation(tmp_path):
+    from test_frozen_bn_switch import _cfg
+
+    from d2norm.engine import Trainer
+
+    cfg = _cfg(tmp_path, max_iter=3, extra=[
+        "D2NORM.FROZEN_BN_SWITCH.ENABLED", False, "SOLVER.CHECKPOINT_PERIOD", 1000,
+        "D2NORM.BN_MONITOR.ENABLED", True, "D2NORM.BN_MONITOR.PERIOD", 2, "D2NORM.BN_MONITOR.NUM_BATCHES", 2,
+        "D2NORM.BN_MONITOR.LAYERS", ["stem", "cls_subnet"],
+    ])
+    trainer = Trainer(cfg)
+    hook = [h for h in trainer._hooks if isinstance(h, H.BNMonitorHook)][0]
+    assert hook.period == 2 and hook.num_batches == 2
+    stem = trainer.model.backbone.bottom_up.stem.conv1.norm
+    inputs, refs, calls = [], {}, []
+    orig = hook.measure
+
+    def spy():
+        inputs.clear()
+        h = stem.register_forward_pre_hook(lambda m, inp: inputs.append([inp[0].detach().double().clone()]))
+        ema = (stem.running_mean.double().clone(), stem.running_var.double().clone())
+        try:
+            res = orig()
+        finally:
+            h.remove()
+        calls.append(trainer.iter + 1)
+        refs.update(_ref(inputs, ema[0], ema[1].sqrt(), "bn"))
+        return res
+
+    hook.measure = spy
+    trainer.train()
+    assert calls == [2] and len(inputs) == 2
+    hist = trainer.storage.histories()
+    names = {k for k in hist if k.startswith("bn_monitor/")}
+    layers = {"backbone.bottom_up.stem.conv1.norm"} | {f"head.cls_subnet.1.{i}" for i in range(5)}
+    assert names == {f"bn_monitor/{n}/{m}" for n in layers for m in MONITOR_METRICS} | {"bn_monitor/time"}
+    for m, v in refs.items():
+        assert hist[f"bn_monitor/backbone.bottom_up.stem.conv1.norm/{m}"].latest() == pytest.approx(v, rel=1e-5)
+    assert hist["bn_monitor/backbone.bottom_up.stem.conv1.norm/mean_gap"].values()[0][1] == 1  # iteration 2
