@@ -64,6 +64,11 @@ class _AffineL1Mean(torch.autograd.Function):
     """
 
     @staticmethod
+    @property
+    def fitting(self) -> bool:
+        """True while :func:`~d2norm.layers.evalnorm_fit.fit_evalnorm_offline` is fitting this layer."""
+        return self._fitting
+
     def forward(ctx, x, a, b):
         if x.requires_grad:
             raise RuntimeError("_AffineL1Mean: x must be detached (stop-gradient of evalnorm eq 9)")

@@ -4,7 +4,10 @@
   moment accumulator;
 * :mod:`.adapters`   — which statistics each norm layer holds and how to recompute / write them;
 * :mod:`.state`      — snapshot / restore of everything a forward must not change (rethinking A.10);
-* :mod:`.precise_bn` — :func:`recompute_population_stats` (PreciseBN, rethinking §3.2, A.3).
+* :mod:`.precise_bn` — :func:`recompute_population_stats` (PreciseBN, rethinking §3.2, A.3);
+* :mod:`.esm`        — estimation shift magnitude (estimation-shift Def 2);
+* :mod:`.probe`      — expected statistics of a test set (Def 1) and rethinking Fig 2 batch statistics;
+* :mod:`.monitor`    — EMA vs batch / population gaps for the BN-statistics monitor hook.
 """
 from .estimators import (
     ESTIMATORS,
@@ -19,5 +22,8 @@ from .estimators import (
 from .adapters import StatsAdapter, get_stats_adapter, register_stats_adapter
 from .state import capture_state, restore_state
 from .precise_bn import population_stat_layers, rank_share, recompute_population_stats
+from .esm import estimation_shift_magnitude, layer_esm, model_layer_esm
+from .probe import batch_statistics, expected_population_stats
+from .monitor import bn_statistics_gaps
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -18,7 +18,8 @@ every layer here runs once per training iteration, so the count is the iteration
 Registered: backbones ``build_mabn_resnet_backbone``, ``build_mabn_resnet_fpn_backbone``,
 ``build_mabn_retinanet_resnet_fpn_backbone``; box head ``MABNConvFCHead``; mask head
 ``MABNMaskRCNNConvUpsampleHead``. detectron2 v0.6's ``RetinaNetHead`` uses plain ``nn.Conv2d`` without a norm
-attribute, so a centered MABN RetinaNet head is not provided here.
+attribute; its centered MABN version is the meta-architecture ``MABNRetinaNet``
+(``d2norm/modeling/meta_arch/mabn_retinanet.py``).
 
 Freezing (``MODEL.BACKBONE.FREEZE_AT``) stops γ/β of frozen MABN layers, not their statistics (detectron2's
 ``freeze`` only converts BatchNorm); the paper's COCO runs train from scratch with nothing frozen.

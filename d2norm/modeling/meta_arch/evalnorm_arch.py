@@ -295,7 +295,7 @@ class EvalNormModelMixin:
         if not self.training:
             return super().forward(batched_inputs)
         layers = evalnorm_modules(self)
-        if any(getattr(m, "_fitting", False) for m in layers.values()):
+        if any(m.fitting for m in layers.values()):
             # fit_evalnorm_offline drives this forward and collects the aux terms itself
             return super().forward(batched_inputs)
         self._maybe_apply_init()
