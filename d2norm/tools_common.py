@@ -53,16 +53,67 @@ class ToolError(Exception):
     """An expected failure of a tool (bad input): printed as ``error: <message>``, exit code 2."""
 
 
-def run_tool(fn: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv=None) -> int:
-    """Parse ``argv`` and run ``fn(args)``; :class:`ToolError` (and the ValueError / KeyError /
-    FileNotFoundError of bad options) become one line on stderr and exit code 2."""
-    args = parser.parse_args(argv)
+_EXPECTED_ERRORS = (ToolError, FileNotFoundError, KeyError, ValueError)
+
+
+def _report(e: BaseException) -> None:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def is_main_process() -> bool:
+    from detectron2.utils import comm
+
+    return comm.is_main_process()
+
+
+def distributed_tool(fn: Callable) -> Callable:
+    """Mark a tool's ``run`` as safe to launch on several processes (``--num-gpus``): it writes outputs on the
+    main process only and its statistics are all-reduced."""
+    fn.distributed_ok = True
+    return fn
+
+
+def _distributed_entry(fn, args) -> None:
+    from detectron2.utils import comm
+
     _setup_logging()
+    if not comm.is_main_process():
+        sys.stdout = open(os.devnull, "w")  # one copy of the progress/report, from rank 0
     try:
         fn(args)
-    except (ToolError, FileNotFoundError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
+    except _EXPECTED_ERRORS as e:
+        if comm.is_main_process():
+            _report(e)
+        raise SystemExit(2)
+
+
+def run_tool(fn: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parse ``argv`` and run ``fn(args)`` (on ``--num-gpus`` processes through detectron2's ``launch``, gloo
+    on CPU); :class:`ToolError` (and the ValueError / KeyError / FileNotFoundError of bad options) become one
+    line on stderr and exit code 2."""
+    args = parser.parse_args(argv)
+    _setup_logging()
+    world = getattr(args, "num_gpus", 1) * getattr(args, "num_machines", 1)
+    if world > 1:
+        if not getattr(fn, "distributed_ok", False):
+            _report(ToolError(f"this tool runs in one process; got --num-gpus {args.num_gpus} "
+                              f"--num-machines {args.num_machines}"))
+            return 2
+        from detectron2.engine import launch
+
+        try:
+            launch(_distributed_entry, args.num_gpus, num_machines=args.num_machines,
+                   machine_rank=args.machine_rank, dist_url=args.dist_url, args=(fn, args))
+        except Exception as e:  # a rank exited (its error was printed by rank 0) or crashed
+            if "exit code 2" in str(e) or "exitcode 2" in str(e).replace(" ", ""):
+                return 2
+            raise
+        return 0
+    try:
+        fn(args)
+    except _EXPECTED_ERRORS as e:
+        _report(e)
         return 2
     return 0
 
@@ -105,6 +156,11 @@ def base_parser(description: str, multi_weights: bool = False) -> argparse.Argum
         p.add_argument("--weights", metavar="CKPT", help="checkpoint to load (default: MODEL.WEIGHTS of the cfg)")
     p.add_argument("--output-dir", metavar="DIR", help="where outputs go (default: OUTPUT_DIR of the cfg)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (gloo on CPU, NCCL on CUDA); "
+                   "only tools that compute statistics support more than one")
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0)
+    p.add_argument("--dist-url", default="auto", help="init URL of the process group (default: a free local port)")
     p.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                    help="cfg overrides, e.g. MODEL.DEVICE cpu D2NORM.DATA.SYNTHETIC_ROOT /tmp/data")
     return p
@@ -295,6 +351,11 @@ def main_metric(results: Dict[str, Dict[str, float]]) -> float:
 
 # ---- output ---------------------------------------------------------------------------------------------
 def write_json(path: str, obj: Any) -> str:
+    """Write ``obj`` as JSON (on the main process only, in a distributed run)."""
+    from detectron2.utils import comm
+
+    if not comm.is_main_process():
+        return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=False)

@@ -30,10 +30,14 @@ class _ParamProbe(HookBase):
         self.steps.append(torch.cat([p.detach().double().flatten() for p in model.parameters()]))
 
     def after_train(self):
+        model = self.trainer.model
+        model = getattr(model, "module", model)
         out = {
             "world_size": comm.get_world_size(),
             "backend": dist.get_backend() if dist.is_initialized() else None,
             "steps": torch.stack(self.steps),
+            # after every after_train hook that precedes this one (e.g. the EvalNorm fit)
+            "final_state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         }
         torch.save(out, os.path.join(self.trainer.cfg.OUTPUT_DIR, f"probe_rank{comm.get_rank()}.pt"))
 

@@ -354,3 +354,36 @@ def test_analyze_bn_plots_and_json(tiny, tmp_path):
     # the checkpoints differ, so do their EMA values
     a, b = (ck["fig2"][layers[0]]["0"]["ema_mean"] for ck in rep["checkpoints"])
     assert a != b
+
+
+# ---- several processes (gloo) ----------------------------------------------------------------------------
+def test_recompute_two_processes_equals_one(tiny, tmp_path):
+    """rethinking A.3 exact layer-wise statistics over the whole val split do not depend on how the images are
+    batched or sharded: 2 gloo processes (the CLI's --num-gpus 2: each forwards its share, moments all-reduced)
+    equal 1 process."""
+    import subprocess
+    import sys
+
+    common = [sys.executable, os.path.join(ROOT, "tools", "recompute_bn_stats.py"), "--config-file", tiny["yaml"],
+              "--weights", tiny["ckpts"][1], "--dataset", "d2norm_synthetic_val", "--forward", "inference",
+              "--exact-layerwise", "--num-samples", "4", "--batch-size", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"w{n}"
+        res = subprocess.run(common + ["--num-gpus", str(n), "--output-dir", str(out), *tiny["opts"]], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        outs[n] = _load_state(out / "model_precise_bn_d2norm_synthetic_val.pth")
+    src = _load_state(tiny["ckpts"][1])
+    stats = [k for k in outs[1] if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for k in stats:
+        torch.testing.assert_close(outs[2][k], outs[1][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.equal(outs[1][k], src[k]) for k in stats)
+
+
+def test_single_process_tools_refuse_num_gpus(tiny, tmp_path, capsys):
+    rc = _tool("analyze_bn").main(["--config-file", tiny["yaml"], "--weights", tiny["ckpts"][0], "--num-gpus", "2",
+                                   "--output-dir", str(tmp_path), *tiny["opts"]])
+    assert rc == 2 and "runs in one process" in capsys.readouterr().err

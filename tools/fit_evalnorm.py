@@ -36,6 +36,7 @@ def build_parser():
     return p
 
 
+@tc.distributed_tool
 def run(args):
     import math
 
@@ -103,8 +104,9 @@ def run(args):
         print(f"note: {', '.join(kept)} keep their BN name in {name}.yaml (detectron2's per-level head BN has no "
               f"registered-name equivalent); this tool converts them again when given that config", flush=True)
     yaml_path = os.path.join(out_dir, f"{name}.yaml")
-    with open(yaml_path, "w") as f:
-        f.write(yaml_cfg.dump())
+    if tc.is_main_process():
+        with open(yaml_path, "w") as f:
+            f.write(yaml_cfg.dump())
     after = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "after")
     report = {**info, "checkpoint": path, "config": yaml_path, "converted": converted, "alpha_beta": alpha_beta}
     if args.eval:

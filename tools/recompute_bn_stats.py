@@ -42,6 +42,7 @@ def build_parser():
     return p
 
 
+@tc.distributed_tool
 def run(args):
     cfg = tc.load_cfg(args.config_file, args.opts)
     c = cfg.D2NORM.PRECISE_BN
