@@ -36,7 +36,7 @@ from torch import nn
 from ..layers.distributed import local_only
 from .adapters import StatsAdapter, get_stats_adapter
 from .estimators import PopulationEstimate, all_reduce_accumulators_, check_estimator
-from .state import capture_state, restore_state
+from .state import capture_state, patched_instance_attrs, restore_state
 
 __all__ = ["recompute_population_stats", "population_stat_layers", "rank_share"]
 
@@ -146,27 +146,14 @@ def _isolated_rng():
 def _patched(adapters: Dict[str, StatsAdapter]):
     """Route every adapted layer's forward (and DomainBN's ``forward_domains``) to its adapter; cross-rank
     activation exchange (shuffled heads) is off meanwhile (``local_only``)."""
-    saved = []
-    local = local_only()
-    local.__enter__()
-    try:
-        for a in adapters.values():
-            for attr in ("forward", "forward_domains"):
-                if not (hasattr(a.module, attr) and hasattr(a, attr)):
-                    continue
-                saved.append((a.module, attr, a.module.__dict__.get(attr, _MISSING)))
-                a.module.__dict__[attr] = getattr(a, attr)
+    patches = [
+        (a.module, attr, getattr(a, attr))
+        for a in adapters.values()
+        for attr in ("forward", "forward_domains")
+        if hasattr(a.module, attr) and hasattr(a, attr)
+    ]
+    with local_only(), patched_instance_attrs(patches):
         yield
-    finally:
-        for mod, attr, old in reversed(saved):
-            if old is _MISSING:
-                mod.__dict__.pop(attr, None)
-            else:
-                mod.__dict__[attr] = old
-        local.__exit__(None, None, None)
-
-
-_MISSING = object()
 
 
 def _cuda_devices() -> List[int]:

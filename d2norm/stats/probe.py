@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.distributed import local_only
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
+from .state import patched_instance_attrs
 from .precise_bn import _batches, _isolated_rng, _storage, _unwrap
 from .state import capture_state, restore_state
 
@@ -104,7 +105,7 @@ def _intercept(layers: Dict[str, nn.Module], on_input: Callable[[str, int, torch
     """Call ``on_input(name, slot, x)`` for every input of every layer (``forward`` and DomainBN's
     ``forward_domains``), then run the layer unchanged. A layer's calls nested in its own call (e.g. a
     ``forward_domains`` implemented through ``forward``) are not counted twice."""
-    saved, active = [], set()
+    active = set()
 
     def wrap_forward(name, m, orig):
         def forward(x, *args, **kwargs):
@@ -133,21 +134,14 @@ def _intercept(layers: Dict[str, nn.Module], on_input: Callable[[str, int, torch
 
         return forward_domains
 
-    _missing = object()
-    try:
-        for name, m in layers.items():
-            for attr, wrap in (("forward", wrap_forward), ("forward_domains", wrap_domains)):
-                if not hasattr(m, attr):
-                    continue
-                saved.append((m, attr, m.__dict__.get(attr, _missing)))
-                m.__dict__[attr] = wrap(name, m, getattr(m, attr))
+    patches = [
+        (m, attr, wrap(name, m, getattr(m, attr)))
+        for name, m in layers.items()
+        for attr, wrap in (("forward", wrap_forward), ("forward_domains", wrap_domains))
+        if hasattr(m, attr)
+    ]
+    with patched_instance_attrs(patches):
         yield
-    finally:
-        for m, attr, old in reversed(saved):
-            if old is _missing:
-                m.__dict__.pop(attr, None)
-            else:
-                m.__dict__[attr] = old
 
 
 def _moments(x: torch.Tensor):
@@ -182,6 +176,17 @@ class ExpectedStats:
 
 
 @torch.no_grad()
+def _select_layers(net: nn.Module, layers: Optional[Sequence[str]]) -> Dict[str, nn.Module]:
+    """:func:`probed_layers` of ``net``, restricted to ``layers`` (ValueError naming unknown names)."""
+    all_layers = probed_layers(net)
+    if layers is None:
+        return all_layers
+    unknown = [n for n in layers if n not in all_layers]
+    if unknown:
+        raise ValueError(f"not BN layers with population statistics: {unknown}; valid: {list(all_layers)}")
+    return {n: all_layers[n] for n in layers}
+
+
 def expected_population_stats(
     model: nn.Module,
     data: Iterable,
@@ -198,12 +203,7 @@ def expected_population_stats(
         layers: restrict to these layer names (default: :func:`probed_layers`).
     """
     net = _unwrap(model)
-    all_layers = probed_layers(net)
-    if layers is not None:
-        unknown = [n for n in layers if n not in all_layers]
-        if unknown:
-            raise ValueError(f"not BN layers with population statistics: {unknown}; valid: {list(all_layers)}")
-        all_layers = {n: all_layers[n] for n in layers}
+    all_layers = _select_layers(net, layers)
     device = _device(net)
     accs = {n: [MomentAccumulator(m.num_features, device) for _ in range(num_slots(m))] for n, m in all_layers.items()}
     order: List[str] = []
@@ -267,12 +267,7 @@ def batch_statistics(
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
     net = _unwrap(model)
-    all_layers = probed_layers(net)
-    if layers is not None:
-        unknown = [n for n in layers if n not in all_layers]
-        if unknown:
-            raise ValueError(f"not BN layers with population statistics: {unknown}; valid: {list(all_layers)}")
-        all_layers = {n: all_layers[n] for n in layers}
+    all_layers = _select_layers(net, layers)
     device = _device(net)
     ema = {n: estimated_stats(m) for n, m in all_layers.items()}
     pop = {n: [MomentAccumulator(m.num_features, device) for _ in range(num_slots(m))] for n, m in all_layers.items()}

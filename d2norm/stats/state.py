@@ -6,12 +6,13 @@ detectron2's RetinaNet keeps an EMA ``loss_normalizer`` (a Python float it creat
 buffers. :func:`capture_state` records every buffer (cloned) and the plain attributes of every module's
 ``__dict__``; :func:`restore_state` puts them back and deletes attributes the pass added.
 """
-from typing import Any, Dict, Tuple
+import contextlib
+from typing import Any, Dict, Iterable, Iterator, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["capture_state", "restore_state"]
+__all__ = ["capture_state", "restore_state", "patched_instance_attrs"]
 
 # nn.Module bookkeeping that a forward never changes (parameters are not touched under no_grad; modules and
 # hooks are our own patching's business)
@@ -65,3 +66,25 @@ def restore_state(model: nn.Module, snap: Dict[str, Any]) -> None:
                 obj.clear()
                 obj.update(copy)
             mod.__dict__[k] = obj
+
+
+@contextlib.contextmanager
+def patched_instance_attrs(patches: Iterable[Tuple[nn.Module, str, Any]]) -> Iterator[None]:
+    """Set ``module.__dict__[attr] = value`` for each ``(module, attr, value)`` (shadowing the class's method,
+    e.g. ``forward``) for the duration of the context, then restore exactly what was there (including nothing).
+    Used by the statistics passes to route layer calls without touching the modules' classes."""
+    saved = []
+    try:
+        for mod, attr, value in patches:
+            saved.append((mod, attr, mod.__dict__.get(attr, _MISSING)))
+            mod.__dict__[attr] = value
+        yield
+    finally:
+        for mod, attr, old in reversed(saved):
+            if old is _MISSING:
+                mod.__dict__.pop(attr, None)
+            else:
+                mod.__dict__[attr] = old
+
+
+_MISSING = object()
