@@ -46,6 +46,21 @@ class Trainer(DefaultTrainer):
             dataset_name, output_dir=output_folder, use_fast_impl=compat.HAS_COMPILED_OPS
         )
 
+    # detectron2 v0.6's DefaultTrainer does not checkpoint its SimpleTrainer (optimizer state: SGD momentum,
+    # AMP grad scaler), so --resume silently restarted momentum; later detectron2 versions added exactly this.
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("Checkpoint has no optimizer state (written by detectron2's DefaultTrainer): "
+                           "resuming with a fresh optimizer state.")
+
     def build_d2norm_hooks(self) -> List:
         """d2norm hooks enabled in ``cfg.D2NORM`` (run after IterationTimer/LRScheduler, before checkpointing
         and evaluation, so checkpoints and evaluations see their effect), in this order:
