@@ -64,11 +64,6 @@ class _AffineL1Mean(torch.autograd.Function):
     """
 
     @staticmethod
-    @property
-    def fitting(self) -> bool:
-        """True while :func:`~d2norm.layers.evalnorm_fit.fit_evalnorm_offline` is fitting this layer."""
-        return self._fitting
-
     def forward(ctx, x, a, b):
         if x.requires_grad:
             raise RuntimeError("_AffineL1Mean: x must be detached (stop-gradient of evalnorm eq 9)")
@@ -248,6 +243,11 @@ class EvalNorm2d(nn.BatchNorm2d, D2NormModule):
         return _AffineL1Mean.apply(x, r_b - r_hat, mu_hat * r_hat - mu_b * r_b)
 
     # ---- forward ----------------------------------------------------------------------------------------
+    @property
+    def fitting(self) -> bool:
+        """True while :func:`~d2norm.layers.evalnorm_fit.fit_evalnorm_offline` is fitting this layer."""
+        return self._fitting
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"EvalNorm2d expects NCHW input, got shape {tuple(x.shape)}")
