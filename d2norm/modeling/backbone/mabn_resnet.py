@@ -30,12 +30,12 @@ from typing import List
 from detectron2.config import configurable
 from detectron2.layers import Conv2d
 from detectron2.modeling import BACKBONE_REGISTRY, ROI_BOX_HEAD_REGISTRY, ROI_MASK_HEAD_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from torch import nn
 
+from .fpn import fpn_from_cfg, rcnn_top_block, retinanet_top_block
 from ...layers.mabn import CenteredConv2d, MABN2d
 from ...layers.registry import norm_options
 
@@ -119,32 +119,23 @@ def build_mabn_resnet_backbone(cfg, input_shape):
     return _prepare(resnet, mabn_warmup_from_cfg(cfg, "BACKBONE"), "MABN ResNet")
 
 
-def _fpn(cfg, bottom_up, top_block) -> FPN:
+def _fpn(cfg, bottom_up, top_block):
     _require(cfg.MODEL.FPN.NORM, ("", "MABN"), "MODEL.FPN.NORM")
-    with norm_options(cfg):
-        fpn = FPN(
-            bottom_up=bottom_up,
-            in_features=cfg.MODEL.FPN.IN_FEATURES,
-            out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-            norm=cfg.MODEL.FPN.NORM,
-            top_block=top_block,
-            fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-        )
-    return _prepare(fpn, mabn_warmup_from_cfg(cfg, "BACKBONE"), "MABN FPN")
+    return _prepare(fpn_from_cfg(cfg, bottom_up, top_block), mabn_warmup_from_cfg(cfg, "BACKBONE"), "MABN FPN")
 
 
 @BACKBONE_REGISTRY.register()
 def build_mabn_resnet_fpn_backbone(cfg, input_shape):
     """MABN ResNet + FPN (P6 by max-pooling), mabn §5.2 / Appendix B.3 Mask R-CNN."""
-    return _fpn(cfg, build_mabn_resnet_backbone(cfg, input_shape), LastLevelMaxPool())
+    bottom_up = build_mabn_resnet_backbone(cfg, input_shape)
+    return _fpn(cfg, bottom_up, rcnn_top_block(cfg, bottom_up))
 
 
 @BACKBONE_REGISTRY.register()
 def build_mabn_retinanet_resnet_fpn_backbone(cfg, input_shape):
     """MABN ResNet + FPN with P6/P7 from res5 (RetinaNet backbone, mabn Appendix B.3 Table 7)."""
     bottom_up = build_mabn_resnet_backbone(cfg, input_shape)
-    in_channels_p6p7 = bottom_up.output_shape()["res5"].channels
-    return _fpn(cfg, bottom_up, LastLevelP6P7(in_channels_p6p7, cfg.MODEL.FPN.OUT_CHANNELS))
+    return _fpn(cfg, bottom_up, retinanet_top_block(cfg, bottom_up))
 
 
 @ROI_BOX_HEAD_REGISTRY.register()

@@ -35,10 +35,10 @@ import numbers
 from typing import Dict, List
 
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
 from torch import nn
 
+from .fpn import fpn_from_cfg, rcnn_top_block, retinanet_top_block
 from ...layers.registry import norm_options
 
 __all__ = [
@@ -211,28 +211,15 @@ def build_xbn_resnet_backbone(cfg, input_shape):
     return resnet.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
-def _fpn(cfg, bottom_up, top_block) -> FPN:
-    # detectron2's build_resnet_fpn_backbone / build_retinanet_resnet_fpn_backbone with another bottom-up.
-    with norm_options(cfg):
-        return FPN(
-            bottom_up=bottom_up,
-            in_features=cfg.MODEL.FPN.IN_FEATURES,
-            out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-            norm=cfg.MODEL.FPN.NORM,
-            top_block=top_block,
-            fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-        )
-
-
 @BACKBONE_REGISTRY.register()
 def build_xbn_resnet_fpn_backbone(cfg, input_shape):
     """XBNBlock ResNet + FPN with P6 by max-pooling (Faster/Mask R-CNN, estimation-shift Tables 4-6)."""
-    return _fpn(cfg, build_xbn_resnet_backbone(cfg, input_shape), LastLevelMaxPool())
+    bottom_up = build_xbn_resnet_backbone(cfg, input_shape)
+    return fpn_from_cfg(cfg, bottom_up, rcnn_top_block(cfg, bottom_up))
 
 
 @BACKBONE_REGISTRY.register()
 def build_xbn_retinanet_resnet_fpn_backbone(cfg, input_shape):
     """XBNBlock ResNet + FPN with P6/P7 from res5 (RetinaNet)."""
     bottom_up = build_xbn_resnet_backbone(cfg, input_shape)
-    in_channels_p6p7 = bottom_up.output_shape()["res5"].channels
-    return _fpn(cfg, bottom_up, LastLevelP6P7(in_channels_p6p7, cfg.MODEL.FPN.OUT_CHANNELS))
+    return fpn_from_cfg(cfg, bottom_up, retinanet_top_block(cfg, bottom_up))
