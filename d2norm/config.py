@@ -306,7 +306,9 @@ def add_d2norm_config(cfg: CN) -> CN:
     # ---- data --------------------------------------------------------------------------------------
     _C.D2NORM.DATA = CN()
     # Root of the bundled synthetic COCO-format set (generated on first use; see d2norm/data/synthetic.py).
-    _C.D2NORM.DATA.SYNTHETIC_ROOT = "datasets/d2norm_synthetic"
+    # "" = $DETECTRON2_DATASETS/d2norm_synthetic ($DETECTRON2_DATASETS defaults to ./datasets, as detectron2's
+    # builtin datasets).
+    _C.D2NORM.DATA.SYNTHETIC_ROOT = ""
     _C.D2NORM.DATA.SYNTHETIC_IMAGE_SIZE = 128
     _C.D2NORM.DATA.SYNTHETIC_NUM_TRAIN = 400
     _C.D2NORM.DATA.SYNTHETIC_NUM_VAL = 100

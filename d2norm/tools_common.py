@@ -187,12 +187,13 @@ def load_cfg(config_file: str, opts: Sequence[str] = ()):
 def prepare_dataset(cfg, name: str) -> str:
     """Register ``name`` (generating the synthetic set if it is one of d2norm's) and check it exists; a clear
     :class:`ToolError` for an unregistered dataset or missing files."""
-    from .data import TRAIN_NAME, VAL_NAME, check_datasets_exist, register_synthetic_dataset, spec_from_cfg
+    from .data import (TRAIN_NAME, VAL_NAME, check_datasets_exist, register_synthetic_dataset, spec_from_cfg,
+                       synthetic_root)
 
     if not name:
         raise ToolError("no dataset given (and none in the cfg's DATASETS)")
     if name in (TRAIN_NAME, VAL_NAME):
-        register_synthetic_dataset(cfg.D2NORM.DATA.SYNTHETIC_ROOT, spec_from_cfg(cfg))
+        register_synthetic_dataset(synthetic_root(cfg), spec_from_cfg(cfg))
     try:
         check_datasets_exist([name])
     except KeyError as e:

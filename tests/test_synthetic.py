@@ -127,3 +127,38 @@ def test_builtin_coco_names_follow_DETECTRON2_DATASETS(dataset, tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path))
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert f"N {SPEC.num_val}" in res.stdout, res.stderr[-2000:]
+
+
+def test_synthetic_root_follows_DETECTRON2_DATASETS_with_normal_permissions(tmp_path, monkeypatch):
+    """A user's steps: default cfg, ``DETECTRON2_DATASETS`` set (then unset) -> the set goes to
+    ``$DETECTRON2_DATASETS/d2norm_synthetic`` (default ``./datasets/d2norm_synthetic`` as detectron2's own
+    builtin datasets), readable by others as any directory the user creates (umask), not mode 0700."""
+    from detectron2.config import get_cfg
+
+    from d2norm import add_d2norm_config
+    from d2norm.data import prepare_datasets, synthetic_root
+
+    cfg = add_d2norm_config(get_cfg())
+    cfg.merge_from_list(["DATASETS.TRAIN", ("d2norm_synthetic_train",), "DATASETS.TEST", ("d2norm_synthetic_val",),
+                         "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 32, "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", 2,
+                         "D2NORM.DATA.SYNTHETIC_NUM_VAL", 1])
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "d2data"))
+    monkeypatch.chdir(tmp_path)
+    assert synthetic_root(cfg) == str(tmp_path / "d2data" / "d2norm_synthetic")
+    prepare_datasets(cfg)
+    from detectron2.data import MetadataCatalog
+
+    json_file = MetadataCatalog.get("d2norm_synthetic_val").json_file
+    assert json_file.startswith(str(tmp_path / "d2data" / "d2norm_synthetic") + os.sep)
+    assert not (tmp_path / "datasets").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    directory = os.path.dirname(os.path.dirname(json_file))
+    for d in (directory, os.path.join(directory, "val"), os.path.join(directory, "annotations")):
+        assert os.stat(d).st_mode & 0o777 == 0o777 & ~umask, (d, oct(os.stat(d).st_mode))
+
+    monkeypatch.delenv("DETECTRON2_DATASETS")
+    assert synthetic_root(cfg) == os.path.join("datasets", "d2norm_synthetic")
+    cfg.D2NORM.DATA.SYNTHETIC_ROOT = str(tmp_path / "explicit")  # an explicit root wins over the variable
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "d2data"))
+    assert synthetic_root(cfg) == str(tmp_path / "explicit")

@@ -7,6 +7,7 @@ from .synthetic import (
     ensure_synthetic_dataset,
     register_synthetic_dataset,
     spec_from_cfg,
+    synthetic_root,
 )
 from .datasets import check_datasets_exist, prepare_datasets
 

@@ -9,7 +9,7 @@ from typing import Iterable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .synthetic import TRAIN_NAME, VAL_NAME, register_synthetic_dataset, spec_from_cfg
+from .synthetic import TRAIN_NAME, VAL_NAME, register_synthetic_dataset, spec_from_cfg, synthetic_root
 
 __all__ = ["prepare_datasets", "check_datasets_exist"]
 
@@ -40,5 +40,5 @@ def prepare_datasets(cfg) -> None:
     """Generate/register the synthetic set if the cfg uses it, then check every dataset in the cfg exists."""
     names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     if any(n in (TRAIN_NAME, VAL_NAME) for n in names):
-        register_synthetic_dataset(cfg.D2NORM.DATA.SYNTHETIC_ROOT, spec_from_cfg(cfg))
+        register_synthetic_dataset(synthetic_root(cfg), spec_from_cfg(cfg))
     check_datasets_exist(names)

@@ -28,6 +28,7 @@ __all__ = [
     "ensure_synthetic_dataset",
     "register_synthetic_dataset",
     "spec_from_cfg",
+    "synthetic_root",
     "TRAIN_NAME",
     "VAL_NAME",
 ]
@@ -201,6 +202,7 @@ def ensure_synthetic_dataset(root: str, spec: SyntheticSpec) -> str:
         with open(os.path.join(tmp, "spec.json"), "w") as f:
             json.dump({**asdict(spec), "generator_version": _GENERATOR_VERSION}, f, indent=1)
         open(os.path.join(tmp, "DONE"), "w").close()
+        _normal_permissions(tmp)
         try:
             os.rename(tmp, final)
             logger.info("Generated synthetic dataset at %s", final)
@@ -211,6 +213,15 @@ def ensure_synthetic_dataset(root: str, spec: SyntheticSpec) -> str:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _normal_permissions(directory: str) -> None:
+    """``tempfile.mkdtemp`` creates its directory with mode 0700; give it (and its subdirectories) the mode of
+    any directory the user creates (0777 minus the umask), as ``os.makedirs`` does for the rest of the tree."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for d, _, _ in os.walk(directory):
+        os.chmod(d, 0o777 & ~umask)
 
 
 def register_synthetic_dataset(root: str, spec: SyntheticSpec) -> Dict[str, str]:
@@ -230,6 +241,16 @@ def register_synthetic_dataset(root: str, spec: SyntheticSpec) -> Dict[str, str]
         register_coco_instances(name, {}, json_file, image_root)
         MetadataCatalog.get(name).set(thing_classes=list(CLASSES), evaluator_type="coco")
     return {TRAIN_NAME: directory, VAL_NAME: directory}
+
+
+def synthetic_root(cfg) -> str:
+    """Where the synthetic set lives: ``D2NORM.DATA.SYNTHETIC_ROOT`` when set, else
+    ``$DETECTRON2_DATASETS/d2norm_synthetic`` with detectron2's default ``./datasets`` for the variable (the
+    rule of detectron2's builtin datasets, ``detectron2/data/datasets/builtin.py``)."""
+    root = cfg.D2NORM.DATA.SYNTHETIC_ROOT
+    if root:
+        return root
+    return os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "d2norm_synthetic")
 
 
 def spec_from_cfg(cfg) -> SyntheticSpec:
