@@ -1,11 +1,19 @@
 """What every d2norm normalization layer shares."""
 import logging
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
+import torch
 from torch import nn
 
-__all__ = ["D2NormModule", "check_bn_options", "fill_missing_num_batches_tracked"]
+__all__ = [
+    "D2NormModule",
+    "NotAnAffine",
+    "affine_from_stats",
+    "bn_inference_affine",
+    "check_bn_options",
+    "fill_missing_num_batches_tracked",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +29,54 @@ class D2NormModule:
 
     #: names of direct parameters of this module that must never be weight-decayed
     no_weight_decay: Tuple[str, ...] = ()
+
+    def inference_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)``, float tensors of shape (C,), such that the eval-mode forward of this layer is
+        ``x * scale[None, :, None, None] + shift[None, :, None, None]`` for every input, or raise
+        :class:`NotAnAffine` saying why not (e.g. inference uses the input's own statistics).
+
+        Used to fold the layer into the preceding convolution for deployment (:mod:`d2norm.deploy`). Each layer
+        overrides it; the default says the layer has not declared its inference to be an affine map. Computed
+        from the current buffers/parameters (detached); the float dtype of the layer's statistics.
+        """
+        raise NotAnAffine(f"{type(self).__name__} does not declare its inference as a fixed affine map")
+
+
+class NotAnAffine(Exception):
+    """Raised by ``inference_affine()`` of a layer whose inference is not a fixed per-channel affine map; the
+    message says why (e.g. "inference uses each sample's own statistics")."""
+
+
+def affine_from_stats(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Normalization with fixed statistics as an affine map: ``scale = γ / sqrt(σ² + ε)``,
+    ``shift = β − μ·scale`` (rethinking §4.3: with population statistics BN "is merely a constant affine
+    transform"). ``weight``/``bias`` None = no affine (γ = 1, β = 0). Detached, in the statistics' float dtype
+    (float32 at least)."""
+    sd = var.dtype if var.is_floating_point() and var.dtype not in (torch.float16, torch.bfloat16) else torch.float32
+    scale = torch.rsqrt(var.detach().to(sd) + eps)
+    if weight is not None:
+        scale = scale * weight.detach().to(sd)
+    shift = -mean.detach().to(sd) * scale
+    if bias is not None:
+        shift = shift + bias.detach().to(sd)
+    return scale, shift
+
+
+def bn_inference_affine(m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``inference_affine`` of a torch-``_BatchNorm``-like layer whose eval uses its population statistics
+    ``running_mean``/``running_var``; :class:`NotAnAffine` when it keeps none (``track_running_stats=False``:
+    eval then normalizes with the batch's statistics)."""
+    if not getattr(m, "track_running_stats", True) or m.running_mean is None or m.running_var is None:
+        raise NotAnAffine(
+            f"{type(m).__name__}: no population statistics (track_running_stats=False), eval uses batch statistics"
+        )
+    return affine_from_stats(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
 
 
 def check_bn_options(eps, momentum) -> None:

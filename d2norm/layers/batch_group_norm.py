@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .base import D2NormModule
+from .base import D2NormModule, NotAnAffine, affine_from_stats
 from .ghost_bn import ghost_batch_sizes
 from .registry import register_norm
 
@@ -172,6 +172,17 @@ class BatchGroupNorm(nn.Module, D2NormModule):
             mean = a * mu_i + (1.0 - a) * m
             var = a * var_i + (1.0 - a) * pop_var + (a * (1.0 - a)) * (mu_i - m) ** 2
         return self._normalize(x, mean, var, xs)
+
+    def inference_affine(self):
+        """α = 0 (eq 3 with the moving statistics only) is a fixed affine map per channel; α > 0 is not."""
+        if self.alpha > 0.0:
+            raise NotAnAffine(
+                f"BGN with alpha={self.alpha}: inference mixes in each sample's own group statistics "
+                f"(four-things eq 3)"
+            )
+        m, var = self._population_moments(self.running_mean.dtype)
+        cpg = self.num_channels // self.num_groups
+        return affine_from_stats(m.repeat_interleave(cpg), var.repeat_interleave(cpg), self.eps, self.weight, self.bias)
 
     def _population_moments(self, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``m_x`` and ``m_{x²} − m_x²`` (clamped at 0 against rounding) from the buffers, as ``dtype``."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import D2NormModule, check_bn_options, fill_missing_num_batches_tracked
+from .base import D2NormModule, NotAnAffine, check_bn_options, fill_missing_num_batches_tracked
 from .registry import register_norm
 
 __all__ = ["BatchStatsBatchNorm2d"]
@@ -48,6 +48,9 @@ class BatchStatsBatchNorm2d(nn.BatchNorm2d, D2NormModule):
             return super().forward(x)
         # running stats None + training=True: batch statistics, nothing updated (momentum unused).
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    def inference_affine(self):
+        raise NotAnAffine("BatchStatsBN: inference normalizes with the current mini-batch's statistics (rethinking §4.2)")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         fill_missing_num_batches_tracked(self, state_dict, prefix)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-from .base import D2NormModule, check_bn_options, fill_missing_num_batches_tracked
+from .base import D2NormModule, NotAnAffine, affine_from_stats, check_bn_options, fill_missing_num_batches_tracked
 from .registry import register_norm
 
 __all__ = ["DomainBatchNorm2d", "domain_scope", "current_domain"]
@@ -246,6 +246,19 @@ class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
                 "call forward_domains(xs) with every domain's input (or set TRAIN_STATS='per_domain')"
             )
         return self._train_one(x, k)
+
+    def inference_affine(self, domain: Optional[int] = None):
+        """Eval of one domain is BN with that domain's population statistics and affine: a fixed affine map
+        when the domain is static, i.e. given (``domain=`` or an active :func:`domain_scope`) or irrelevant
+        (K = 1, or shared statistics and shared affine). Otherwise :class:`NotAnAffine` (the domain is chosen
+        per call, e.g. per FPN level of a shared head)."""
+        try:
+            k = self._resolve_domain(domain)
+        except ValueError as e:
+            raise NotAnAffine(f"DomainBN: per-domain statistics/affine and no static domain ({e})") from None
+        rm, rv = self._pop(k)
+        w, b = self._affine(k)
+        return affine_from_stats(rm, rv, self.eps, w, b)
 
     def _domain_inputs(self, xs: Sequence[torch.Tensor], domains: Optional[Sequence[int]]):
         """Validated ``(xs, domain indices)`` for :meth:`forward_domains` (also used by synced subclasses)."""

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import D2NormModule
+from .base import D2NormModule, NotAnAffine
 from .registry import register_norm
 
 __all__ = [
@@ -305,6 +305,9 @@ class EvalNorm2d(nn.BatchNorm2d, D2NormModule):
         else:
             shift = -mu_hat * scale
         return torch.addcmul(shift, xs, scale).to(x.dtype)
+
+    def inference_affine(self):
+        raise NotAnAffine("EvalNorm: inference uses each sample's own statistics (evalnorm eqs 5-6)")
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _load_from_state_dict(

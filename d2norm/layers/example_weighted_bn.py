@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 
-from .base import D2NormModule, check_bn_options, fill_missing_num_batches_tracked
+from .base import D2NormModule, NotAnAffine, bn_inference_affine, check_bn_options, fill_missing_num_batches_tracked
 from .registry import register_norm
 
 __all__ = ["ExampleWeightedBatchNorm2d"]
@@ -91,6 +91,15 @@ class ExampleWeightedBatchNorm2d(nn.BatchNorm2d, D2NormModule):
             shift = -mu * scale
         y = torch.addcmul(shift[:, :, None, None], xs, scale[:, :, None, None])
         return y.to(x.dtype) if low_precision else y
+
+    def inference_affine(self):
+        """α = 0 is BN inference (a fixed affine map); α > 0 mixes in each sample's own statistics (eq 3)."""
+        if self.alpha > 0.0:
+            raise NotAnAffine(
+                f"ExampleWeightedBN with alpha={self.alpha}: inference mixes in each sample's own statistics "
+                f"(four-things eq 3)"
+            )
+        return bn_inference_affine(self)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         fill_missing_num_batches_tracked(self, state_dict, prefix)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .base import D2NormModule
+from .base import D2NormModule, affine_from_stats
 
 __all__ = ["FrozenBatchNorm", "freeze_bn_layers", "frozen_bn_source", "FreezeReport"]
 
@@ -99,6 +99,10 @@ class FrozenBatchNorm(nn.Module, D2NormModule):
         w, b = self.weight.to(sd), self.bias.to(sd)
         # training=False: supplied statistics, never updated; gradients flow to x, γ and β
         return F.batch_norm(x, self.running_mean, self.running_var, w, b, False, 0.0, self.eps)
+
+    def inference_affine(self):
+        """A constant affine map by construction (rethinking §4.3)."""
+        return affine_from_stats(self.running_mean, self.running_var, self.eps, self.weight, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

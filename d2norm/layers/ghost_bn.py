@@ -9,7 +9,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .base import D2NormModule, check_bn_options, fill_missing_num_batches_tracked
+from .base import D2NormModule, bn_inference_affine, check_bn_options, fill_missing_num_batches_tracked
 from .registry import register_norm
 
 __all__ = ["GhostBatchNorm2d", "ghost_batch_sizes"]
@@ -104,6 +104,10 @@ class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         if self.track_running_stats:
             self._update_running_stats(torch.cat(means), torch.cat(vars_), torch.cat(counts))
         return y
+
+    def inference_affine(self):
+        """Eval uses the population statistics (= BN inference, rethinking §4.3): a fixed affine map."""
+        return bn_inference_affine(self)
 
     @torch.no_grad()
     def _update_running_stats(self, means, vars_, counts):

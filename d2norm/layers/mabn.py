@@ -219,6 +219,12 @@ class MABN2d(nn.Module, D2NormModule):
         return torch.addcmul(_channel_view(self.bias.to(sd), xs), xs, _channel_view(scale, xs)).to(x.dtype)
 
 
+    def inference_affine(self):
+        """Inference z = γ·x/χ̂ + β (mabn §4.2) is a fixed affine map: scale γ/χ̂, shift β."""
+        sd = _stat_dtype(self.running_chi.dtype)
+        scale = self.weight.detach().to(sd) / self.running_chi.detach().to(sd)
+        return scale, self.bias.detach().to(sd).clone()
+
 class CenteredConv2d(Conv2d):
     """detectron2 ``Conv2d`` with Weight Centralization (mabn §4.2, eq 18).
 

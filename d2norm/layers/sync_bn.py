@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import D2NormModule, check_bn_options, fill_missing_num_batches_tracked
+from .base import D2NormModule, bn_inference_affine, check_bn_options, fill_missing_num_batches_tracked
 from .distributed import all_reduce_sum_detached, group_world_size, sync_subgroup
 from .registry import register_norm
 
@@ -169,6 +169,10 @@ class AnySyncBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         if self.track_running_stats:
             self._update_running_stats(mean, var, count)
         return y
+
+    def inference_affine(self):
+        """Eval uses the population statistics (= BN inference, no communication): a fixed affine map."""
+        return bn_inference_affine(self)
 
     @torch.no_grad()
     def _update_running_stats(self, mean, var, count):
