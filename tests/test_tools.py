@@ -53,7 +53,7 @@ def tiny(tmp_path_factory):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.utils.events import EventStorage
 
-    from d2norm import tools_common as tc
+    from d2norm.engine import cli as tc
     from d2norm.data import prepare_datasets
     from d2norm.layers import build_model
 
@@ -124,7 +124,7 @@ def test_clear_errors(name, tiny, capsys, tmp_path):
 def test_recompute_bn_stats_equals_direct_precise_bn(tiny, tmp_path):
     from detectron2.layers import FrozenBatchNorm2d
 
-    from d2norm import tools_common as tc
+    from d2norm.engine import cli as tc
     from d2norm.stats import recompute_population_stats
 
     src = tiny["ckpts"][1]
@@ -159,7 +159,7 @@ def test_recompute_bn_stats_equals_direct_precise_bn(tiny, tmp_path):
 def test_recompute_bn_stats_inference_forward_on_other_domain(tiny, tmp_path):
     """Adaptive BN (rethinking §5.1): statistics from the (unlabeled-style) val set through the inference path
     equal the population statistics of the norm layers' inputs."""
-    from d2norm import tools_common as tc
+    from d2norm.engine import cli as tc
     from d2norm.stats import recompute_population_stats
 
     src = tiny["ckpts"][0]
@@ -206,7 +206,7 @@ def test_fit_evalnorm_changes_only_alpha_beta(tiny, tmp_path):
     report = json.loads((tmp_path / "fit.json").read_text())
     assert len(report["losses"]) == 2 and report["method"] == "offline"
     # the written config evaluates the new checkpoint with EvalNorm layers in "offline" mode
-    from d2norm import tools_common as tc
+    from d2norm.engine import cli as tc
     from d2norm.layers.evalnorm import EvalNorm2d
 
     cfg = tc.load_cfg(str(tmp_path / "fit.yaml"), tiny["opts"])
@@ -245,7 +245,7 @@ def test_fit_evalnorm_rule_on_evalnorm_checkpoint(tiny, tmp_path):
 
 # ---- tune_example_weight ----------------------------------------------------------------------------------
 def test_tune_example_weight_alpha0_is_plain_bn(tiny, tmp_path):
-    from d2norm import tools_common as tc
+    from d2norm.engine import cli as tc
 
     src = tiny["ckpts"][1]
     rc = _tool("tune_example_weight").main([
@@ -316,7 +316,7 @@ def _direct_esm(model, loader):
 
 
 def test_analyze_bn_plots_and_json(tiny, tmp_path):
-    from d2norm import tools_common as tc
+    from d2norm.engine import cli as tc
 
     layers = ["backbone.bottom_up.res2.0.conv1.norm", "head.cls_subnet.1.3"]
     rc = _tool("analyze_bn").main([

@@ -6,19 +6,15 @@ Prints ratios (layer time / BatchNorm2d time); no assertions. Example:
     python tools/benchmark_norms.py --shape 8 64 56 56 --iters 20
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import d2norm  # noqa: F401
+import torch
+from detectron2.config import get_cfg
+from torch import nn
 
-import d2norm  # noqa: E402,F401
-import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from torch import nn  # noqa: E402
-
-from d2norm.layers import NORM_REGISTRY  # noqa: E402
-from d2norm.layers.evalnorm import evalnorm_aux_loss  # noqa: E402
+from d2norm.layers import NORM_REGISTRY
+from d2norm.layers.evalnorm import evalnorm_aux_loss
 
 
 def _time(fn, iters, repeats=5):

@@ -17,11 +17,9 @@ Example:
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import d2norm  # noqa: E402,F401  (compat + registrations)
-from d2norm import tools_common as tc  # noqa: E402
-from d2norm.stats import ESTIMATORS, population_stat_layers, recompute_population_stats  # noqa: E402
+import d2norm  # noqa: F401  (compat + registrations)
+from d2norm.engine import cli as tc
+from d2norm.stats import ESTIMATORS, population_stat_layers, recompute_population_stats
 
 
 def build_parser():

@@ -6,18 +6,13 @@
     python tools/train_net.py --config-file <yaml> --eval-only MODEL.WEIGHTS output/.../model_final.pth
     python tools/train_net.py --config-file <yaml> --resume                # continue from last checkpoint
 """
-import os
-import sys
+import d2norm  # noqa: F401  (compat + registrations before detectron2 is used)
+from detectron2.engine import default_argument_parser, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import d2norm  # noqa: E402,F401  (compat + registrations before detectron2 is used)
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
-from detectron2.evaluation import verify_results  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-
-from d2norm.engine import Trainer, setup_cfg  # noqa: E402
-from d2norm.engine.checkpoint import InferenceCheckpointer  # noqa: E402
+from d2norm.engine import Trainer, setup_cfg
+from d2norm.engine.checkpoint import InferenceCheckpointer
 
 
 def main(args):

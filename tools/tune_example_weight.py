@@ -15,10 +15,8 @@ Example:
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import d2norm  # noqa: E402,F401  (compat + registrations)
-from d2norm import tools_common as tc  # noqa: E402
+import d2norm  # noqa: F401  (compat + registrations)
+from d2norm.engine import cli as tc
 
 DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 

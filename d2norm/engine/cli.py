@@ -171,7 +171,7 @@ def load_cfg(config_file: str, opts: Sequence[str] = ()):
     """The cfg of ``config_file`` with d2norm's keys and the ``KEY VALUE`` overrides (mutable)."""
     from detectron2.config import get_cfg
 
-    from .config import add_d2norm_config
+    from ..config import add_d2norm_config
 
     if not config_file or not os.path.isfile(config_file):
         raise ToolError(f"config file not found: {config_file!r}")
@@ -187,7 +187,7 @@ def load_cfg(config_file: str, opts: Sequence[str] = ()):
 def prepare_dataset(cfg, name: str) -> str:
     """Register ``name`` (generating the synthetic set if it is one of d2norm's) and check it exists; a clear
     :class:`ToolError` for an unregistered dataset or missing files."""
-    from .data import (TRAIN_NAME, VAL_NAME, check_datasets_exist, register_synthetic_dataset, spec_from_cfg,
+    from ..data import (TRAIN_NAME, VAL_NAME, check_datasets_exist, register_synthetic_dataset, spec_from_cfg,
                        synthetic_root)
 
     if not name:
@@ -211,8 +211,8 @@ def load_model(cfg, weights: Optional[str] = None, return_checkpoint: bool = Fal
     """``build_model(cfg)`` in training mode with ``weights`` (default ``cfg.MODEL.WEIGHTS``) loaded by
     detectron2's ``DetectionCheckpointer``; :class:`ToolError` when the checkpoint is missing or unreadable.
     With ``return_checkpoint``: ``(model, the checkpoint's other entries, e.g. "iteration")``."""
-    from .engine.checkpoint import InferenceCheckpointer
-    from .layers import build_model
+    from .checkpoint import InferenceCheckpointer
+    from ..layers import build_model
 
     weights = weights if weights is not None else cfg.MODEL.WEIGHTS
     if not weights:
@@ -269,7 +269,7 @@ def convert_bn_layers(model: nn.Module, to: str, cfg) -> List[str]:
     discrepancy for EvalNorm / example weighing to correct). Returns the converted module names."""
     from detectron2.layers import FrozenBatchNorm2d
 
-    from .layers.convert import convert_norm
+    from ..layers.convert import convert_norm
 
     frozen = {n: m for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d) and n}
     model, report = convert_norm(model, to, cfg)
@@ -289,7 +289,7 @@ def _seed(seed: int) -> None:
 def train_style_loader(cfg, dataset: str, batch_size: int, seed: int = 0) -> Iterable:
     """detectron2's training loader on ``dataset`` (training mapper: batches carry ``instances``), shuffled
     with ``seed``, ``batch_size`` images per rank, no worker processes (as the PreciseBN hook's loader)."""
-    from .engine.hooks import build_precise_bn_loader
+    from .hooks import build_precise_bn_loader
 
     c = cfg.clone()
     c.defrost()
@@ -321,7 +321,7 @@ def evaluate(cfg, model: nn.Module, dataset: str, output_dir: str) -> Dict[str, 
     ``dataset``; the model's train/eval flags are restored afterwards."""
     from detectron2.evaluation import inference_on_dataset
 
-    from .engine.trainer import Trainer
+    from .trainer import Trainer
 
     evaluator = Trainer.build_evaluator(cfg, dataset, output_folder=output_dir)
     res = inference_on_dataset(model, test_loader(cfg, dataset), evaluator)
@@ -393,7 +393,7 @@ class norm_layers_training:
         self.model = model
 
     def __enter__(self):
-        from .stats import population_stat_layers
+        from ..stats import population_stat_layers
 
         self.saved = [(m, m.training) for m in self.model.modules()]
         self.model.train()
