@@ -188,7 +188,7 @@ def prepare_dataset(cfg, name: str) -> str:
     """Register ``name`` (generating the synthetic set if it is one of d2norm's) and check it exists; a clear
     :class:`ToolError` for an unregistered dataset or missing files."""
     from ..data import (TRAIN_NAME, VAL_NAME, check_datasets_exist, register_synthetic_dataset, spec_from_cfg,
-                       synthetic_root)
+                        synthetic_root)
 
     if not name:
         raise ToolError("no dataset given (and none in the cfg's DATASETS)")
