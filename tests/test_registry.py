@@ -142,7 +142,7 @@ def test_two_builds_do_not_share_options(caplog):
     assert d2norm.layers.registry._ACTIVE_CFG.get() is None
     with norm_options(b):
         assert get_norm("GhostBN", 4).ghost_size == 9
-    d2norm.layers.registry._state["warned_default"] = False
+    d2norm.layers.registry._state["warned_default"].clear()
     with caplog.at_level(logging.WARNING):
         assert get_norm("GhostBN", 4).ghost_size == 16
     assert "outside d2norm.build_model" in caplog.text

@@ -59,8 +59,8 @@ def main(argv=None):
     print(f"shape={tuple(args.shape)} device={args.device} BatchNorm2d: train {base_train*1e3:.2f} ms, "
           f"eval {base_eval*1e3:.2f} ms")
     print(f"{'layer':<20}{'train ratio':>12}{'eval ratio':>12}")
-    for name, builder in sorted(NORM_REGISTRY):
-        t, e = bench(builder(cfg, args.shape[1]).to(args.device), x, args.iters)
+    for name, cls in sorted(NORM_REGISTRY):
+        t, e = bench(cls(**cls.from_config(cfg, args.shape[1])).to(args.device), x, args.iters)
         print(f"{name:<20}{t / base_train:>12.2f}{e / base_eval:>12.2f}")
 
 

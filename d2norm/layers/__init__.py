@@ -1,9 +1,11 @@
 """d2norm normalization layers. Importing this package registers every layer in ``NORM_REGISTRY``."""
 from .registry import (
     NORM_REGISTRY,
+    NormLayer,
     build_model,
     get_norm,
     install,
+    norm_layer,
     norm_options,
     register_norm,
     valid_norm_names,
@@ -20,6 +22,5 @@ from .sync_bn import AnySyncBatchNorm2d
 from .convert import ConversionReport, convert_norm
 from . import evalnorm_fit  # noqa: F401
 
-install()
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -44,6 +44,7 @@ def _example_group_average(t: torch.Tensor, sizes: List[int]) -> torch.Tensor:
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
+@register_norm("BGN")
 class BatchGroupNorm(nn.Module, D2NormModule):
     """Batch-Group Norm (four-things §3.4) with Inference Example Weighing (§3.1, eq 3) at inference.
 
@@ -85,6 +86,20 @@ class BatchGroupNorm(nn.Module, D2NormModule):
     fp16/bf16 input: statistics and the normalize step run in float32, output is cast back to the input dtype.
     Zero-size input returns a zero-size output and updates nothing.
     """
+
+    @classmethod
+    def from_config(cls, cfg, channels: int) -> dict:
+        """Constructor kwargs of ``NORM: "BGN"`` from
+        ``D2NORM.BGN.{NUM_CHANNEL_GROUPS, EXAMPLE_GROUP_SIZE, ALPHA, EPS, MOMENTUM}``."""
+        c = cfg.D2NORM.BGN
+        return dict(
+            num_channels=channels,
+            num_groups=c.NUM_CHANNEL_GROUPS,
+            example_group_size=c.EXAMPLE_GROUP_SIZE,
+            alpha=c.ALPHA,
+            eps=c.EPS,
+            momentum=c.MOMENTUM,
+        )
 
     def __init__(
         self,
@@ -225,17 +240,3 @@ class BatchGroupNorm(nn.Module, D2NormModule):
 def _check_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"BGN: {name} must be a positive integer, got {value!r}")
-
-
-@register_norm("BGN")
-def build_batch_group_norm(cfg, channels: int) -> BatchGroupNorm:
-    """``NORM: "BGN"``; options ``D2NORM.BGN.{NUM_CHANNEL_GROUPS, EXAMPLE_GROUP_SIZE, ALPHA, EPS, MOMENTUM}``."""
-    c = cfg.D2NORM.BGN
-    return BatchGroupNorm(
-        channels,
-        num_groups=c.NUM_CHANNEL_GROUPS,
-        example_group_size=c.EXAMPLE_GROUP_SIZE,
-        alpha=c.ALPHA,
-        eps=c.EPS,
-        momentum=c.MOMENTUM,
-    )

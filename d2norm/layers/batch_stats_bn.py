@@ -21,6 +21,7 @@ __all__ = ["BatchStatsBatchNorm2d"]
 logger = logging.getLogger(__name__)
 
 
+@register_norm("BatchStatsBN")
 class BatchStatsBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     """BatchNorm2d that normalizes with the current mini-batch's statistics in eval as well (rethinking §4.2).
 
@@ -36,6 +37,16 @@ class BatchStatsBatchNorm2d(nn.BatchNorm2d, D2NormModule):
 
     State dict is identical to ``BatchNorm2d``'s.
     """
+
+    @classmethod
+    def from_config(cls, cfg, channels: int) -> dict:
+        """Constructor kwargs of ``NORM: "BatchStatsBN"`` from
+        ``D2NORM.BN.{MOMENTUM, EPS}`` (D2NORM.BATCH_STATS_BN has no keys)."""
+        return dict(
+            num_features=channels,
+            eps=cfg.D2NORM.BN.EPS,
+            momentum=cfg.D2NORM.BN.MOMENTUM,
+        )
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, **kwargs):
         check_bn_options(eps, momentum)
@@ -55,9 +66,3 @@ class BatchStatsBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         fill_missing_num_batches_tracked(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-@register_norm("BatchStatsBN")
-def build_batch_stats_bn(cfg, channels: int) -> BatchStatsBatchNorm2d:
-    """``NORM: "BatchStatsBN"``; options ``D2NORM.BN.{MOMENTUM, EPS}`` (D2NORM.BATCH_STATS_BN has no keys)."""
-    return BatchStatsBatchNorm2d(channels, eps=cfg.D2NORM.BN.EPS, momentum=cfg.D2NORM.BN.MOMENTUM)

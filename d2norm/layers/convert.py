@@ -6,6 +6,7 @@ AnySyncBN, DomainBN with per-domain sets filled from the single set). What canno
 running mean; BGN keeps statistics per channel group) is reported in the returned :class:`ConversionReport`
 and logged, never silently defaulted.
 """
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -15,7 +16,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 from .base import D2NormModule
-from .registry import NORM_REGISTRY, active_cfg, get_norm, norm_options, valid_norm_names
+from .registry import NORM_REGISTRY, get_norm, norm_options, valid_norm_names
 
 __all__ = ["convert_norm", "ConversionReport", "SOURCE_TYPES"]
 
@@ -119,7 +120,8 @@ def convert_norm(model: nn.Module, to: str, cfg=None) -> "tuple[nn.Module, Conve
             f"{', '.join(n for n in valid_norm_names() if n in NORM_REGISTRY)}"
         )
     report = ConversionReport(target=to)
-    ctx = norm_options(cfg) if cfg is not None else norm_options(active_cfg())
+    # Without cfg, an enclosing norm_options(...) applies, else the defaults (the layer says so once per type).
+    ctx = norm_options(cfg) if cfg is not None else contextlib.nullcontext()
 
     def recurse(module: nn.Module, prefix: str) -> nn.Module:
         if isinstance(module, SOURCE_TYPES) and not isinstance(module, D2NormModule):

@@ -65,6 +65,7 @@ def current_domain() -> Optional[int]:
     return _CURRENT_DOMAIN.get()
 
 
+@register_norm("DomainBN")
 class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     """BatchNorm2d holding ``K = num_domains`` sets of population statistics and/or affine parameters.
 
@@ -132,6 +133,21 @@ class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     converter; and ``FrozenBatchNorm2d.convert_frozen_batchnorm`` / ``nn.SyncBatchNorm.convert_sync_batchnorm``
     do not understand per-domain state.
     """
+
+    @classmethod
+    def from_config(cls, cfg, channels: int) -> dict:
+        """Constructor kwargs of ``NORM: "DomainBN"`` from
+        ``D2NORM.DOMAIN_BN.{NUM_DOMAINS, TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN}`` and ``D2NORM.BN.{MOMENTUM, EPS}``."""
+        c = cfg.D2NORM.DOMAIN_BN
+        return dict(
+            num_features=channels,
+            num_domains=c.NUM_DOMAINS,
+            train_stats=c.TRAIN_STATS,
+            pop_stats=c.POP_STATS,
+            affine_per_domain=c.AFFINE_PER_DOMAIN,
+            eps=cfg.D2NORM.BN.EPS,
+            momentum=cfg.D2NORM.BN.MOMENTUM,
+        )
 
     def __init__(
         self,
@@ -361,19 +377,3 @@ class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
                 self.num_domains,
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-@register_norm("DomainBN")
-def build_domain_bn(cfg, channels: int) -> DomainBatchNorm2d:
-    """``NORM: "DomainBN"``; options ``D2NORM.DOMAIN_BN.{NUM_DOMAINS, TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN}``
-    and ``D2NORM.BN.{MOMENTUM, EPS}``."""
-    c = cfg.D2NORM.DOMAIN_BN
-    return DomainBatchNorm2d(
-        channels,
-        num_domains=c.NUM_DOMAINS,
-        train_stats=c.TRAIN_STATS,
-        pop_stats=c.POP_STATS,
-        affine_per_domain=c.AFFINE_PER_DOMAIN,
-        eps=cfg.D2NORM.BN.EPS,
-        momentum=cfg.D2NORM.BN.MOMENTUM,
-    )

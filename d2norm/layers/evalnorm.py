@@ -85,6 +85,7 @@ def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
 
+@register_norm("EvalNorm")
 class EvalNorm2d(nn.BatchNorm2d, D2NormModule):
     """``nn.BatchNorm2d`` with EvalNorm's evaluation statistics (evalnorm §3.3-3.4, eqs 5-9).
 
@@ -123,6 +124,21 @@ class EvalNorm2d(nn.BatchNorm2d, D2NormModule):
     #: training-time aux-loss terms kept until :func:`evalnorm_aux_loss` collects them; beyond this the oldest
     #: is dropped (with a warning), so a model that never collects them does not hold its activations forever
     max_pending_aux = 32
+
+    @classmethod
+    def from_config(cls, cfg, channels: int) -> dict:
+        """Constructor kwargs of ``NORM: "EvalNorm"`` from
+        ``D2NORM.EVALNORM.{MODE, RULE_BATCH_SIZE, INIT_ALPHA, INIT_BETA}``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
+        c = cfg.D2NORM.EVALNORM
+        return dict(
+            num_features=channels,
+            mode=c.MODE,
+            rule_batch_size=c.RULE_BATCH_SIZE,
+            init_alpha=c.INIT_ALPHA,
+            init_beta=c.INIT_BETA,
+            eps=cfg.D2NORM.BN.EPS,
+            momentum=cfg.D2NORM.BN.MOMENTUM,
+        )
 
     def __init__(
         self,
@@ -380,19 +396,3 @@ def evalnorm_alpha_beta(model: nn.Module, effective: bool = False) -> Dict[str, 
         a, b = m.eval_alpha_beta() if effective else (m.alpha_hat.detach(), m.beta_hat.detach())
         out[name] = {"alpha": float(a), "beta": float(b)}
     return out
-
-
-@register_norm("EvalNorm")
-def build_evalnorm(cfg, channels: int) -> EvalNorm2d:
-    """``NORM: "EvalNorm"``; options ``D2NORM.EVALNORM.{MODE, RULE_BATCH_SIZE, INIT_ALPHA, INIT_BETA}``,
-    ``D2NORM.BN.{MOMENTUM, EPS}``."""
-    c = cfg.D2NORM.EVALNORM
-    return EvalNorm2d(
-        channels,
-        mode=c.MODE,
-        rule_batch_size=c.RULE_BATCH_SIZE,
-        init_alpha=c.INIT_ALPHA,
-        init_beta=c.INIT_BETA,
-        eps=cfg.D2NORM.BN.EPS,
-        momentum=cfg.D2NORM.BN.MOMENTUM,
-    )

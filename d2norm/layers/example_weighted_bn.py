@@ -29,6 +29,7 @@ def _check_alpha(alpha) -> float:
     return float(alpha)
 
 
+@register_norm("ExampleWeightedBN")
 class ExampleWeightedBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     """BatchNorm2d with inference example weighing (four-things §3.1, eq 3).
 
@@ -54,6 +55,17 @@ class ExampleWeightedBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     One statistics pass and one fused normalize ``y = x·scale_i + shift_i`` over the activation. No buffer is
     written in eval. State dict is identical to ``BatchNorm2d``'s.
     """
+
+    @classmethod
+    def from_config(cls, cfg, channels: int) -> dict:
+        """Constructor kwargs of ``NORM: "ExampleWeightedBN"`` from
+        ``D2NORM.EXAMPLE_WEIGHING.ALPHA``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
+        return dict(
+            num_features=channels,
+            alpha=cfg.D2NORM.EXAMPLE_WEIGHING.ALPHA,
+            eps=cfg.D2NORM.BN.EPS,
+            momentum=cfg.D2NORM.BN.MOMENTUM,
+        )
 
     def __init__(self, num_features: int, alpha: float = 0.1, eps: float = 1e-5, momentum=0.1, **kwargs):
         check_bn_options(eps, momentum)
@@ -104,14 +116,3 @@ class ExampleWeightedBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         fill_missing_num_batches_tracked(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-@register_norm("ExampleWeightedBN")
-def build_example_weighted_bn(cfg, channels: int) -> ExampleWeightedBatchNorm2d:
-    """``NORM: "ExampleWeightedBN"``; options ``D2NORM.EXAMPLE_WEIGHING.ALPHA``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
-    return ExampleWeightedBatchNorm2d(
-        channels,
-        alpha=cfg.D2NORM.EXAMPLE_WEIGHING.ALPHA,
-        eps=cfg.D2NORM.BN.EPS,
-        momentum=cfg.D2NORM.BN.MOMENTUM,
-    )

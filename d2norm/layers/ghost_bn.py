@@ -40,6 +40,7 @@ def ghost_batch_sizes(n: int, ghost_size: int, remainder: str = "balanced") -> L
     return [base + 1] * extra + [base] * (k - extra)
 
 
+@register_norm("GhostBN")
 class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     """BatchNorm2d whose training statistics are computed over sub-batches of ``ghost_size`` examples.
 
@@ -52,6 +53,18 @@ class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
 
     State dict is identical to ``BatchNorm2d``'s, so BN checkpoints load unchanged.
     """
+
+    @classmethod
+    def from_config(cls, cfg, channels: int) -> dict:
+        """Constructor kwargs of ``NORM: "GhostBN"`` from
+        ``D2NORM.GHOST_BN.{SIZE, REMAINDER}``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
+        return dict(
+            num_features=channels,
+            ghost_size=cfg.D2NORM.GHOST_BN.SIZE,
+            remainder=cfg.D2NORM.GHOST_BN.REMAINDER,
+            eps=cfg.D2NORM.BN.EPS,
+            momentum=cfg.D2NORM.BN.MOMENTUM,
+        )
 
     def __init__(
         self, num_features: int, ghost_size: int = 16, remainder: str = "balanced", eps=1e-5, momentum=0.1, **kwargs
@@ -119,15 +132,3 @@ class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
         self.running_var.mul_(1 - m).add_(var.to(self.running_var.dtype), alpha=m)
-
-
-@register_norm("GhostBN")
-def build_ghost_bn(cfg, channels: int) -> GhostBatchNorm2d:
-    """``NORM: "GhostBN"``; options ``D2NORM.GHOST_BN.{SIZE, REMAINDER}``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
-    return GhostBatchNorm2d(
-        channels,
-        ghost_size=cfg.D2NORM.GHOST_BN.SIZE,
-        remainder=cfg.D2NORM.GHOST_BN.REMAINDER,
-        eps=cfg.D2NORM.BN.EPS,
-        momentum=cfg.D2NORM.BN.MOMENTUM,
-    )

@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from .base import D2NormModule
 from .registry import register_norm
 
-__all__ = ["MABN2d", "MABNFunction", "CenteredConv2d", "build_mabn"]
+__all__ = ["MABN2d", "MABNFunction", "CenteredConv2d"]
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -159,6 +159,7 @@ def _check_options(buffer_size, momentum, clip, warmup_iters, eps) -> None:
         raise ValueError(f"MABN eps must be a number >= 0, got {eps!r}")
 
 
+@register_norm("MABN")
 class MABN2d(nn.Module, D2NormModule):
     """Moving Average Batch Normalization (mabn §4.2, eqs 15, 19, 20) over inputs of shape (N, C, *).
 
@@ -179,6 +180,20 @@ class MABN2d(nn.Module, D2NormModule):
     input: statistics in float32, output in the input dtype. Not for activation checkpointing (a recomputed
     forward would push twice). ``momentum`` uses the paper's convention (weight of the old value).
     """
+
+    @classmethod
+    def from_config(cls, cfg, channels: int) -> dict:
+        """Constructor kwargs of ``NORM: "MABN"`` from
+        ``D2NORM.MABN.{BUFFER_SIZE, MOMENTUM, CLIP, WARMUP_ITERS, EPS}``."""
+        c = cfg.D2NORM.MABN
+        return dict(
+            num_features=channels,
+            buffer_size=c.BUFFER_SIZE,
+            momentum=c.MOMENTUM,
+            clip=c.CLIP,
+            warmup_iters=c.WARMUP_ITERS,
+            eps=c.EPS,
+        )
 
     def __init__(self, num_features: int, buffer_size: int = 16, momentum: float = 0.98, clip: float = 5.0,
                  warmup_iters: int = 100, eps: float = 1e-5):
@@ -247,11 +262,3 @@ class CenteredConv2d(Conv2d):
         if self.activation is not None:
             x = self.activation(x)
         return x
-
-
-@register_norm("MABN")
-def build_mabn(cfg, channels: int) -> MABN2d:
-    """``NORM: "MABN"``; options ``D2NORM.MABN.{BUFFER_SIZE, MOMENTUM, CLIP, WARMUP_ITERS, EPS}``."""
-    c = cfg.D2NORM.MABN
-    return MABN2d(channels, buffer_size=c.BUFFER_SIZE, momentum=c.MOMENTUM, clip=c.CLIP,
-                  warmup_iters=c.WARMUP_ITERS, eps=c.EPS)

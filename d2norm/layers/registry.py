@@ -1,31 +1,39 @@
 """The norm registry: a d2norm name in any detectron2 ``NORM`` key builds our layer.
 
-How it works (DESIGN principles 1-3):
+How it works:
 
-* ``NORM_REGISTRY`` maps a name to a *builder* ``builder(cfg, channels) -> nn.Module`` that reads its options
-  from ``cfg.D2NORM.<FAMILY>``.
+* ``NORM_REGISTRY`` maps a name to a layer *class* with ``from_config(cfg, channels) -> dict``: its constructor
+  kwargs read from ``cfg.D2NORM.<FAMILY>`` (detectron2's configurable convention).
 * :func:`norm_options` binds the cfg of the model being built (a ``ContextVar``, so nothing outlives the build
   and threads do not share it). :func:`build_model` is detectron2's ``build_model`` inside that context.
+* :func:`norm_layer` (``name, **options`` -> a picklable, printable ``channels -> module`` callable) carries
+  options with the name, for LazyConfig and code: detectron2 accepts such a callable wherever it accepts a norm.
 * :func:`get_norm` resolves d2norm names through the registry and everything else through detectron2's own
   ``get_norm``, so detectron2's names ("BN", "SyncBN", "FrozenBN", "GN", ...) keep their meaning. Unknown names
   raise a ``ValueError`` listing every valid name.
 * :func:`install` rebinds ``get_norm`` in every detectron2 module that imported it (detectron2's ``get_norm`` is
   a closed dict bound by name in ``layers/blocks.py``, ``backbone/fpn.py``, ``roi_heads/box_head.py``, ...), and
   wraps detectron2's ``build_model`` with :func:`norm_options`, so stock builders, ``DefaultTrainer`` and
-  ``DefaultPredictor`` all build our layers with the right cfg. It runs once when d2norm is imported.
+  ``DefaultPredictor`` all build our layers with the right cfg. It is, besides :mod:`d2norm.compat`, the only
+  place that patches detectron2; ``import d2norm`` calls it once (it is idempotent).
 """
 import contextlib
 import contextvars
 import functools
+import inspect
 import logging
 import sys
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import yaml
 
 from fvcore.common.registry import Registry
 from torch import nn
 
 __all__ = [
     "NORM_REGISTRY",
+    "NormLayer",
+    "norm_layer",
     "register_norm",
     "get_norm",
     "norm_options",
@@ -39,8 +47,9 @@ logger = logging.getLogger(__name__)
 
 NORM_REGISTRY = Registry("D2NORM_NORM")
 NORM_REGISTRY.__doc__ = """
-Registry of d2norm normalization layers. Each entry is ``builder(cfg, channels) -> nn.Module``; ``cfg`` is the
-full detectron2 config of the model being built (with ``cfg.D2NORM`` added).
+Registry of d2norm normalization layers. Each entry is a layer class with a classmethod
+``from_config(cfg, channels) -> dict`` of constructor kwargs; ``cfg`` is the full detectron2 config of the model
+being built (with ``cfg.D2NORM`` added).
 """
 
 # detectron2 names, probed against detectron2's own get_norm at install time (v0.6 has the first seven;
@@ -48,11 +57,11 @@ full detectron2 config of the model being built (with ``cfg.D2NORM`` added).
 _D2_CANDIDATE_NAMES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
 
 _ACTIVE_CFG: contextvars.ContextVar = contextvars.ContextVar("d2norm_active_cfg", default=None)
-_state = {"d2_get_norm": None, "d2_build_model": None, "d2_names": None, "warned_default": False}
+_state = {"d2_get_norm": None, "d2_build_model": None, "d2_names": None, "warned_default": set()}
 
 
 def register_norm(name: str) -> Callable:
-    """Decorator: register ``builder(cfg, channels)`` under ``name``.
+    """Class decorator: register a layer class (with ``from_config(cfg, channels) -> dict``) under ``name``.
 
     fvcore's ``Registry.register`` always uses ``obj.__name__``; norm names like "GhostBN" are not valid
     function names in our style, hence this wrapper around its ``_do_register``.
@@ -60,9 +69,11 @@ def register_norm(name: str) -> Callable:
     if name in _D2_CANDIDATE_NAMES:
         raise ValueError(f"d2norm must not shadow detectron2's norm name {name!r}")
 
-    def deco(builder: Callable) -> Callable:
-        NORM_REGISTRY._do_register(name, builder)
-        return builder
+    def deco(cls):
+        if not callable(getattr(cls, "from_config", None)):
+            raise TypeError(f"register_norm({name!r}): {cls!r} has no from_config(cfg, channels) classmethod")
+        NORM_REGISTRY._do_register(name, cls)
+        return cls
 
     return deco
 
@@ -106,21 +117,118 @@ def norm_options(cfg) -> Iterator[None]:
 
 
 def active_cfg():
-    """The cfg bound by :func:`norm_options`; outside one, detectron2 + d2norm defaults (with a warning)."""
-    cfg = _ACTIVE_CFG.get()
-    if cfg is not None:
-        return cfg
+    """The cfg bound by :func:`norm_options`, or ``None`` outside one."""
+    return _ACTIVE_CFG.get()
+
+
+@functools.lru_cache(maxsize=None)
+def _default_cfg():
+    """detectron2 + ``cfg.D2NORM`` defaults (frozen: ``from_config`` only reads it)."""
     from detectron2.config import get_cfg
 
     from ..config import add_d2norm_config
 
-    if not _state["warned_default"]:
-        logger.warning(
-            "A d2norm norm layer was built outside d2norm.build_model / norm_options(cfg): "
-            "using the default cfg.D2NORM options."
-        )
-        _state["warned_default"] = True
-    return add_d2norm_config(get_cfg())
+    cfg = add_d2norm_config(get_cfg())
+    cfg.freeze()
+    return cfg
+
+
+def _channel_arg(cls) -> str:
+    """Name of the constructor's first argument (the number of channels)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return params[0].name
+
+
+def _option_names(cls) -> List[str]:
+    """Keyword options ``cls`` accepts: its ``from_config`` keys and its constructor's named arguments (following
+    ``**kwargs`` into the base classes, e.g. ``affine``/``device``/``dtype`` of torch's BatchNorm)."""
+    names = set(cls.from_config(_default_cfg(), 32)) - {_channel_arg(cls)}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        params = list(inspect.signature(init).parameters.values())[2:]
+        names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return sorted(names)
+
+
+class NormLayer:
+    """``channels -> module`` for a registered d2norm norm with options given here (see :func:`norm_layer`).
+
+    Options named here are constructor kwargs of the layer class (``GhostBatchNorm2d(ghost_size=4)``); every
+    other option comes from the cfg bound by :func:`norm_options` / :func:`build_model` when there is one,
+    otherwise from the ``cfg.D2NORM`` defaults. Picklable, printable, comparable; ``LazyConfig.save`` writes it as
+    ``{_target_: d2norm.layers.norm_layer, name: ..., <options>}``, which ``instantiate`` turns back into it.
+    """
+
+    def __init__(self, name: str, **options: Any):
+        if not isinstance(name, str) or name not in NORM_REGISTRY:
+            d2 = isinstance(name, str) and name in _D2_CANDIDATE_NAMES
+            raise ValueError(
+                f"norm_layer: {name!r} is not a d2norm norm name; valid: "
+                f"{', '.join(sorted(k for k, _ in NORM_REGISTRY))}."
+                + (f" detectron2's own names take no options: write norm={name!r}." if d2 else "")
+            )
+        cls = NORM_REGISTRY.get(name)
+        allowed = _option_names(cls)
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"norm_layer({name!r}): unknown option(s) {', '.join(unknown)}; {cls.__name__} accepts "
+                f"{', '.join(allowed)} (the channel count is the call argument)."
+            )
+        self.name = name
+        self.options: Dict[str, Any] = dict(options)
+
+    @property
+    def layer_class(self):
+        return NORM_REGISTRY.get(self.name)
+
+    def __call__(self, channels: int) -> nn.Module:
+        cls = self.layer_class
+        bound = _ACTIVE_CFG.get()
+        kwargs = cls.from_config(bound if bound is not None else _default_cfg(), channels)
+        if bound is None and not self.options and cls not in _state["warned_default"]:
+            _state["warned_default"].add(cls)
+            used = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != _channel_arg(cls))
+            logger.warning(
+                "%s (%s) built with no bound cfg (outside d2norm.build_model / norm_options(cfg)) and no explicit "
+                "options: using the cfg.D2NORM defaults %s. Pass options with norm_layer(%r, ...) or build "
+                "inside norm_options(cfg). (Said once per layer type.)",
+                self.name, cls.__name__, used, self.name,
+            )
+        kwargs.update(self.options)
+        return cls(**kwargs)
+
+    def __repr__(self) -> str:
+        args = [repr(self.name)] + [f"{k}={v!r}" for k, v in self.options.items()]
+        return f"norm_layer({', '.join(args)})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NormLayer) and (self.name, self.options) == (other.name, other.options)
+
+    def __hash__(self) -> int:
+        return hash((self.name, tuple(sorted(self.options.items(), key=lambda kv: kv[0]))))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The LazyConfig form: ``instantiate`` of it returns an equal :class:`NormLayer`."""
+        return {"_target_": "d2norm.layers.norm_layer", "name": self.name, **self.options}
+
+
+def norm_layer(name: str, **options: Any) -> NormLayer:
+    """A d2norm norm with its options, as a ``channels -> module`` callable detectron2 accepts as ``norm``.
+
+    ``L(FPN)(norm=norm_layer("GhostBN", ghost_size=4), ...)`` in a LazyConfig, or ``Conv2d(..., norm=...)`` /
+    ``get_norm(norm_layer(...), C)`` in code. Unknown names and options raise a ``ValueError`` listing what is
+    allowed. In a yacs config keep ``NORM: "GhostBN"`` with ``cfg.D2NORM.*``.
+    """
+    return NormLayer(name, **options)
+
+
+# LazyConfig.save dumps with PyYAML's default Dumper: write a NormLayer as its instantiable mapping.
+yaml.add_representer(NormLayer, lambda dumper, n: dumper.represent_dict(n.to_dict()))
 
 
 def get_norm(norm, out_channels: int) -> Optional[nn.Module]:
@@ -136,7 +244,7 @@ def get_norm(norm, out_channels: int) -> Optional[nn.Module]:
         if len(norm) == 0:
             return None
         if norm in NORM_REGISTRY:
-            return NORM_REGISTRY.get(norm)(active_cfg(), out_channels)
+            return NormLayer(norm)(out_channels)
         if norm not in _d2_names():
             raise ValueError(
                 f"Unknown norm {norm!r}. Valid names: {', '.join(valid_norm_names())} (or '' / None for no norm)."

@@ -116,6 +116,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+@register_norm("AnySyncBN")
 class AnySyncBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     """SyncBN that works on CPU/gloo and CUDA/NCCL, weighted by each rank's element count (rethinking A.6).
 
@@ -138,6 +139,17 @@ class AnySyncBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     Contract: every rank of the group calls forward of every AnySyncBN layer in the same order, and runs
     backward through its output (also when empty), as for any synchronized BN.
     """
+
+    @classmethod
+    def from_config(cls, cfg, channels: int) -> dict:
+        """Constructor kwargs of ``NORM: "AnySyncBN"`` from
+        ``D2NORM.SYNC_BN.GROUP_SIZE``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
+        return dict(
+            num_features=channels,
+            sync_group_size=cfg.D2NORM.SYNC_BN.GROUP_SIZE,
+            eps=cfg.D2NORM.BN.EPS,
+            momentum=cfg.D2NORM.BN.MOMENTUM,
+        )
 
     def __init__(self, num_features: int, sync_group_size: int = 0, eps: float = 1e-5, momentum=0.1, **kwargs):
         check_bn_options(eps, momentum)
@@ -186,14 +198,3 @@ class AnySyncBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         rm, rv = self.running_mean, self.running_var
         rm.copy_(rm + (mean.to(rm.dtype) - rm) * m.to(rm.dtype))
         rv.copy_(rv + (unbiased.to(rv.dtype) - rv) * m.to(rv.dtype))
-
-
-@register_norm("AnySyncBN")
-def build_any_sync_bn(cfg, channels: int) -> AnySyncBatchNorm2d:
-    """``NORM: "AnySyncBN"``; options ``D2NORM.SYNC_BN.GROUP_SIZE``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
-    return AnySyncBatchNorm2d(
-        channels,
-        sync_group_size=cfg.D2NORM.SYNC_BN.GROUP_SIZE,
-        eps=cfg.D2NORM.BN.EPS,
-        momentum=cfg.D2NORM.BN.MOMENTUM,
-    )
