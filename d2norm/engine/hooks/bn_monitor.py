@@ -1,0 +1,65 @@
+"""BN-statistics monitor (rethinking Fig. 2; estimation-shift Def. 2), cfg ``D2NORM.BN_MONITOR``."""
+import time
+from typing import Dict, Iterable, Optional, Sequence
+
+from detectron2.engine.train_loop import HookBase
+
+from .common import build_d2norm_train_loader, check_bool, check_int, check_patterns, per_rank_batch
+
+__all__ = ["BNMonitorHook", "check_bn_monitor_cfg", "build_bn_monitor_hook"]
+
+
+def check_bn_monitor_cfg(cfg) -> None:
+    """ValueError naming the bad ``D2NORM.BN_MONITOR`` value and what is allowed."""
+    c = cfg.D2NORM.BN_MONITOR
+    p = "D2NORM.BN_MONITOR."
+    check_bool(p + "ENABLED", c.ENABLED)
+    check_int(p + "PERIOD", c.PERIOD, 1)
+    check_int(p + "NUM_BATCHES", c.NUM_BATCHES, 1)
+    check_int(p + "BATCH_SIZE", c.BATCH_SIZE, 0, " (0 = the training batch per rank)")
+    check_patterns(p + "LAYERS", c.LAYERS)
+
+
+class BNMonitorHook(HookBase):
+    """Every ``period`` iterations, per layer, the gaps between the EMA and the current model's batch and
+    population statistics (:func:`d2norm.stats.monitor.bn_statistics_gaps`; rethinking Fig. 2, estimation-shift
+    Def. 2) on ``num_batches`` training batches, written to the event storage as
+    ``bn_monitor/<layer>/<metric>`` (tensorboard / json writers show them). No side effect on the model or the
+    training RNG streams. Distributed: all ranks forward their batches; population moments are all-reduced.
+    """
+
+    def __init__(self, data_loader: Iterable, period: int, num_batches: int, layers: Sequence[str] = ()):
+        self._data_loader = data_loader
+        self._data_iter = None
+        self.period = int(period)
+        self.num_batches = int(num_batches)
+        self.layers = list(layers)
+        self.last_result: Optional[Dict[str, Dict[str, float]]] = None
+
+    def after_step(self):
+        if (self.trainer.iter + 1) % self.period == 0:
+            self.measure()
+
+    def measure(self) -> Dict[str, Dict[str, float]]:
+        from ...stats.monitor import bn_statistics_gaps
+
+        if self._data_iter is None:
+            self._data_iter = iter(self._data_loader)
+        start = time.perf_counter()
+        res = bn_statistics_gaps(self.trainer.model, self._data_iter, self.num_batches, self.layers)
+        self.last_result = res
+        storage = self.trainer.storage
+        for layer, metrics in res.items():
+            for k, v in metrics.items():
+                storage.put_scalar(f"bn_monitor/{layer}/{k}", v, smoothing_hint=False)
+        storage.put_scalar("bn_monitor/time", time.perf_counter() - start, smoothing_hint=False)
+        return res
+
+
+def build_bn_monitor_hook(cfg, data_loader=None, build_train_loader=None) -> BNMonitorHook:
+    """:class:`BNMonitorHook` from ``cfg.D2NORM.BN_MONITOR`` (validated)."""
+    check_bn_monitor_cfg(cfg)
+    c = cfg.D2NORM.BN_MONITOR
+    if data_loader is None:
+        data_loader = build_d2norm_train_loader(cfg, per_rank_batch(cfg, c.BATCH_SIZE), build_train_loader)
+    return BNMonitorHook(data_loader, c.PERIOD, c.NUM_BATCHES, c.LAYERS)
