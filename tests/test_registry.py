@@ -183,3 +183,33 @@ def test_tiny_model_with_registered_norm_trains_without_nan():
         opt.step()
     norms = _norms_under(model, "")
     assert all(int(m.num_batches_tracked) == 3 for m in norms.values())
+
+
+def test_registry_holds_layer_classes_whose_from_config_gives_constructor_kwargs():
+    from d2norm.layers import NORM_REGISTRY, D2NormModule
+
+    cfg = d2norm.add_d2norm_config(get_cfg())
+    cfg.D2NORM.GHOST_BN.SIZE = 3
+    names = [k for k, _ in NORM_REGISTRY]
+    assert len(names) == len(NORM_REGISTRY) >= 8 and "GhostBN" in repr(NORM_REGISTRY)
+    for name, cls in NORM_REGISTRY:
+        assert isinstance(cls, type) and issubclass(cls, D2NormModule), name
+        kwargs = cls.from_config(cfg, 64)
+        assert isinstance(kwargs, dict) and 64 in kwargs.values(), name
+        assert type(cls(**kwargs)) is cls
+    kwargs = NORM_REGISTRY.get("GhostBN").from_config(cfg, 16)
+    assert kwargs["ghost_size"] == 3 and kwargs["num_features"] == 16
+    with pytest.raises(KeyError, match="NoSuch.*registered: .*GhostBN"):
+        NORM_REGISTRY.get("NoSuch")
+
+
+def test_register_norm_rejects_duplicates_and_non_layers():
+    from d2norm.layers import NORM_REGISTRY
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_norm("GhostBN")(GhostBatchNorm2d)
+    with pytest.raises(ValueError, match="from_config"):
+        register_norm("NotALayer")(lambda cfg, c: nn.BatchNorm2d(c))
+    with pytest.raises(ValueError, match="from_config"):
+        register_norm("NotALayer")(nn.BatchNorm2d)
+    assert "NotALayer" not in NORM_REGISTRY

@@ -23,15 +23,15 @@ import functools
 import inspect
 import logging
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import yaml
-
-from fvcore.common.registry import Registry
+from tabulate import tabulate
 from torch import nn
 
 __all__ = [
     "NORM_REGISTRY",
+    "NormRegistry",
     "NormLayer",
     "norm_layer",
     "register_norm",
@@ -45,34 +45,71 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NORM_REGISTRY = Registry("D2NORM_NORM")
-NORM_REGISTRY.__doc__ = """
-Registry of d2norm normalization layers. Each entry is a layer class with a classmethod
-``from_config(cfg, channels) -> dict`` of constructor kwargs; ``cfg`` is the full detectron2 config of the model
-being built (with ``cfg.D2NORM`` added).
-"""
-
 # detectron2 names, probed against detectron2's own get_norm at install time (v0.6 has the first seven;
 # later versions add "LN").
 _D2_CANDIDATE_NAMES = ("BN", "SyncBN", "FrozenBN", "GN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "LN")
+
+
+class NormRegistry:
+    """Norm name -> layer class, with fvcore ``Registry``'s read interface: ``get``, ``in``, iteration over
+    ``(name, class)`` pairs, a table as ``repr``.
+
+    Our own rather than fvcore's ``Registry``: fvcore names every entry ``obj.__name__`` and has no public way to
+    register a class under another name, and norm names ("GhostBN") are not class names.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._classes: Dict[str, type] = {}
+
+    def add(self, name: str, cls: type) -> None:
+        """Register ``cls`` under ``name``; ValueError for a detectron2 name, a taken name or a non-layer."""
+        if name in _D2_CANDIDATE_NAMES:
+            raise ValueError(f"d2norm must not shadow detectron2's norm name {name!r}")
+        if name in self._classes:
+            raise ValueError(f"norm name {name!r} is already registered to {self._classes[name].__qualname__}")
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module) and callable(getattr(cls, "from_config", None))):
+            raise ValueError(
+                f"register_norm({name!r}): expected an nn.Module class with a from_config(cfg, channels) "
+                f"classmethod, got {cls!r}"
+            )
+        self._classes[name] = cls
+
+    def get(self, name: str) -> type:
+        cls = self._classes.get(name)
+        if cls is None:
+            raise KeyError(f"No norm named {name!r} in {self._name}; registered: {', '.join(sorted(self._classes))}")
+        return cls
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._classes
+
+    def __iter__(self) -> Iterator[Tuple[str, type]]:
+        return iter(list(self._classes.items()))
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+    def __repr__(self) -> str:
+        rows = [(k, f"{v.__module__}.{v.__qualname__}") for k, v in self._classes.items()]
+        return f"Registry of {self._name}:\n" + tabulate(rows, headers=["Names", "Classes"], tablefmt="fancy_grid")
+
+
+#: d2norm's normalization layers: ``NORM`` name -> layer class with a classmethod ``from_config(cfg, channels)``
+#: returning its constructor kwargs (``cfg`` is the full detectron2 config of the model being built)
+NORM_REGISTRY = NormRegistry("D2NORM_NORM")
 
 _ACTIVE_CFG: contextvars.ContextVar = contextvars.ContextVar("d2norm_active_cfg", default=None)
 _state = {"d2_get_norm": None, "d2_build_model": None, "d2_names": None, "warned_default": set()}
 
 
 def register_norm(name: str) -> Callable:
-    """Class decorator: register a layer class (with ``from_config(cfg, channels) -> dict``) under ``name``.
-
-    fvcore's ``Registry.register`` always uses ``obj.__name__``; norm names like "GhostBN" are not valid
-    function names in our style, hence this wrapper around its ``_do_register``.
-    """
+    """Class decorator: register a layer class (with ``from_config(cfg, channels) -> dict``) under ``name``."""
     if name in _D2_CANDIDATE_NAMES:
         raise ValueError(f"d2norm must not shadow detectron2's norm name {name!r}")
 
     def deco(cls):
-        if not callable(getattr(cls, "from_config", None)):
-            raise TypeError(f"register_norm({name!r}): {cls!r} has no from_config(cfg, channels) classmethod")
-        NORM_REGISTRY._do_register(name, cls)
+        NORM_REGISTRY.add(name, cls)
         return cls
 
     return deco
