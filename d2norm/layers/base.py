@@ -1,7 +1,8 @@
 """What every d2norm normalization layer shares."""
+import functools
 import logging
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -13,6 +14,10 @@ __all__ = [
     "bn_inference_affine",
     "check_bn_options",
     "fill_missing_num_batches_tracked",
+    "skip_nonfinite_stats",
+    "undo_nonfinite_update_",
+    "nonfinite_skip_counts",
+    "NONFINITE_COUNTER",
 ]
 
 logger = logging.getLogger(__name__)
@@ -114,3 +119,97 @@ def fill_missing_num_batches_tracked(module: nn.Module, state_dict: dict, prefix
         key,
         nbt.tolist(),
     )
+
+
+# ---- non-finite batch statistics -----------------------------------------------------------------------------
+#: attribute (a 0-dim long tensor, not in the state dict) counting the training updates a layer skipped
+NONFINITE_COUNTER = "nonfinite_skips"
+
+
+@torch.no_grad()
+def undo_nonfinite_update_(new: Sequence[torch.Tensor], old: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Undo an in-place update of the tensors ``new`` (whose values before it were ``old``) when it turned a
+    finite floating value non-finite; returns that decision as a 0-dim bool tensor on their device.
+
+    The rule of every d2norm layer: a batch whose statistics contain a NaN/Inf (one bad element is enough)
+    would leave the moving statistics of that channel non-finite for good (an EMA never forgets a NaN, even
+    with momentum 0, since NaN·0 = NaN). Such an update is skipped as a whole — every tensor of the layer's
+    state, counters included, keeps its old value, so the layer ends exactly as if the batch had not been
+    seen. Values that were already non-finite before (e.g. a bad checkpoint) do not block later updates.
+    Device-side only (``torch.where``): no host synchronization.
+    """
+    bad = None
+    for n, o in zip(new, old):
+        if n.is_floating_point():
+            b = (torch.isfinite(o) & ~torch.isfinite(n)).any()
+            bad = b if bad is None else bad | b
+    if bad is None:
+        return torch.zeros((), dtype=torch.bool)
+    for n, o in zip(new, old):
+        # Through .data: the version counter stays. torch's BN kernels hand the running buffers to their
+        # backward (which reads them only in eval mode), so a version bump would fail autograd's check.
+        n.data.copy_(torch.where(bad, o, n))
+    return bad
+
+
+def _state_buffers(module: nn.Module):
+    return [b for b in module.buffers(recurse=False) if b is not None]
+
+
+def _count_skip(module: nn.Module, bad: torch.Tensor) -> None:
+    # A plain tensor attribute, not a buffer: the state dict and the buffer set stay those of the layer.
+    # It follows the statistics' device (moved here once when the model was moved).
+    counter = getattr(module, NONFINITE_COUNTER, None)
+    if counter is None or counter.device != bad.device:
+        counter = torch.zeros((), dtype=torch.long, device=bad.device) if counter is None else counter.to(bad.device)
+        setattr(module, NONFINITE_COUNTER, counter)
+    counter.add_(bad.to(counter.dtype))
+    # The warning needs the decision on the host: free on CPU; on an accelerator it would stall every layer's
+    # forward, so there the count is reported by nonfinite_skip_counts() (the trainer does it each iteration).
+    if bad.device.type == "cpu" and bool(bad):
+        logger.warning(
+            "%s: non-finite batch statistics (NaN/Inf in its training input); this update of its moving "
+            "statistics was skipped (%d skipped so far)",
+            _describe(module),
+            int(counter),
+        )
+
+
+def _describe(module: nn.Module) -> str:
+    name = getattr(module, "_d2norm_name", None)
+    return f"{type(module).__name__} {name!r}" if name else f"{type(module).__name__}({module.extra_repr()})"
+
+
+def skip_nonfinite_stats(method):
+    """Decorator for the training forward of a normalization layer: when the call would make the layer's
+    moving statistics non-finite, every buffer of the layer keeps its value (:func:`undo_nonfinite_update_`),
+    the layer's ``nonfinite_skips`` counter (a 0-dim tensor attribute) is incremented and a warning names the
+    layer. Eval calls and calls nested inside an already guarded call of the same layer pass straight through."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not self.training or getattr(self, "_d2norm_guarded", False):
+            return method(self, *args, **kwargs)
+        bufs = _state_buffers(self)
+        old = [b.detach().clone() for b in bufs]
+        self._d2norm_guarded = True
+        try:
+            out = method(self, *args, **kwargs)
+        finally:
+            self._d2norm_guarded = False
+        if bufs:
+            _count_skip(self, undo_nonfinite_update_(bufs, old))
+        return out
+
+    return wrapper
+
+
+def nonfinite_skip_counts(model: nn.Module) -> Dict[str, int]:
+    """``{module name: skipped updates}`` of every layer of ``model`` that skipped at least one update because
+    of non-finite batch statistics (one host synchronization for the whole model)."""
+    named = [(n, getattr(m, NONFINITE_COUNTER)) for n, m in model.named_modules()
+             if isinstance(getattr(m, NONFINITE_COUNTER, None), torch.Tensor)]
+    if not named:
+        return {}
+    counts = torch.stack([c.to(named[0][1].device) for _, c in named]).tolist()
+    return {n: int(c) for (n, _), c in zip(named, counts) if c}

@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .base import D2NormModule, NotAnAffine, affine_from_stats
+from .base import D2NormModule, NotAnAffine, affine_from_stats, skip_nonfinite_stats
 from .ghost_bn import ghost_batch_sizes
 from .registry import register_norm
 
@@ -154,6 +154,7 @@ class BatchGroupNorm(nn.Module, D2NormModule):
             f"alpha={self.alpha}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
         )
 
+    @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import D2NormModule, NotAnAffine, check_bn_options, fill_missing_num_batches_tracked
+from .base import skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = ["BatchStatsBatchNorm2d"]
@@ -52,6 +53,7 @@ class BatchStatsBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         check_bn_options(eps, momentum)
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
 
+    @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"BatchStatsBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")

@@ -23,6 +23,7 @@ from torch import nn
 
 
 from .base import D2NormModule, NotAnAffine, affine_from_stats, check_bn_options, fill_missing_num_batches_tracked
+from .base import skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = ["DomainBatchNorm2d", "domain_scope", "current_domain"]
@@ -251,6 +252,7 @@ class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         rm, rv = self._pop(k)  # rows of the (K, C) buffers are contiguous views: updated in place
         return F.batch_norm(x, rm, rv, w, b, True, self._ema_factor(k), self.eps)
 
+    @skip_nonfinite_stats
     def forward(self, x: torch.Tensor, domain: Optional[int] = None) -> torch.Tensor:
         self._check_input(x)
         k = self._resolve_domain(domain)
@@ -296,6 +298,7 @@ class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
             self._check_input(x)
         return xs, ks
 
+    @skip_nonfinite_stats
     def forward_domains(
         self, xs: Sequence[torch.Tensor], domains: Optional[Sequence[int]] = None
     ) -> List[torch.Tensor]:

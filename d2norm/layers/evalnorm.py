@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import D2NormModule, NotAnAffine
+from .base import D2NormModule, NotAnAffine, skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = [
@@ -271,6 +271,7 @@ class EvalNorm2d(nn.BatchNorm2d, D2NormModule):
             return self._train_forward(x)
         return self._eval_forward(x)
 
+    @skip_nonfinite_stats
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         want_aux = (self._mode == "online" or self._fitting) and torch.is_grad_enabled()
         nonempty = x.numel() > 0

@@ -15,6 +15,7 @@ from torch import nn
 
 
 from .base import D2NormModule, NotAnAffine, bn_inference_affine, check_bn_options, fill_missing_num_batches_tracked
+from .base import skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = ["ExampleWeightedBatchNorm2d"]
@@ -81,6 +82,7 @@ class ExampleWeightedBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     def extra_repr(self):
         return super().extra_repr() + f", alpha={self.alpha}"
 
+    @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"ExampleWeightedBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .base import D2NormModule, bn_inference_affine, check_bn_options, fill_missing_num_batches_tracked
+from .base import skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = ["GhostBatchNorm2d", "ghost_batch_sizes"]
@@ -82,6 +83,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     def extra_repr(self):
         return super().extra_repr() + f", ghost_size={self.ghost_size}, remainder={self.remainder!r}"
 
+    @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"GhostBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")

@@ -24,7 +24,7 @@ from detectron2.layers import Conv2d
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import D2NormModule
+from .base import D2NormModule, skip_nonfinite_stats, undo_nonfinite_update_
 from .registry import register_norm
 
 __all__ = ["MABN2d", "MABNFunction", "CenteredConv2d"]
@@ -131,8 +131,10 @@ class MABNFunction(torch.autograd.Function):
         psi_sma, pos = _window_mean(ctx.psi_ring, ctx.psi_count, psi_b)
         psi_bar = torch.where(warm, psi_b, psi_sma)
         if ctx.update_state:
+            old = (ctx.psi_ring.clone(), ctx.psi_count.clone())
             ctx.psi_ring.index_copy_(0, pos, psi_b.view(1, -1).to(ctx.psi_ring.dtype))
             ctx.psi_count.add_(1)
+            undo_nonfinite_update_((ctx.psi_ring, ctx.psi_count), old)  # a non-finite Ψ_B is not pushed
 
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -217,6 +219,7 @@ class MABN2d(nn.Module, D2NormModule):
         return (f"{self.num_features}, buffer_size={self.buffer_size}, momentum={self.momentum}, "
                 f"clip={self.clip}, warmup_iters={self.warmup_iters}, eps={self.eps}")
 
+    @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"MABN2d({self.num_features}) expects (N, {self.num_features}, *) input, "

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import D2NormModule, bn_inference_affine, check_bn_options, fill_missing_num_batches_tracked
+from .base import skip_nonfinite_stats
 from .distributed import all_reduce_sum_detached, group_world_size, sync_subgroup
 from .registry import register_norm
 
@@ -168,6 +169,7 @@ class AnySyncBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     def extra_repr(self):
         return super().extra_repr() + f", sync_group_size={self.sync_group_size}"
 
+    @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"AnySyncBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")

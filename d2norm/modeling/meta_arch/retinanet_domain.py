@@ -72,6 +72,7 @@ from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from torch import Tensor, nn
 
+from ...layers.base import skip_nonfinite_stats
 from ...layers.distributed import all_reduce_sum, group_world_size, sync_subgroup
 from ...layers.domain_bn import DomainBatchNorm2d
 
@@ -137,6 +138,7 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
         group = sync_subgroup(self.sync_group_size)
         return group, group_world_size(group)
 
+    @skip_nonfinite_stats
     def forward(self, x: Tensor, domain: Optional[int] = None) -> Tensor:
         if not self.training:
             return super().forward(x, domain)
@@ -147,6 +149,7 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
         k = self._resolve_domain(domain)
         return self._train_sync([x], [0 if k is None else k], group, world)[0]
 
+    @skip_nonfinite_stats
     def forward_domains(self, xs: Sequence[Tensor], domains: Optional[Sequence[int]] = None) -> List[Tensor]:
         if not self.training:
             return super().forward_domains(xs, domains)
