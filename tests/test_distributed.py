@@ -1,11 +1,11 @@
-"""d2norm.layers.distributed on 2 real gloo processes (uneven and empty ranks), and the test helper itself."""
+"""d2norm.utils.comm on 2 real gloo processes (uneven and empty ranks), and the test helper itself."""
 import time
 
 import pytest
 import torch
 
 import d2norm  # noqa: F401
-from d2norm.layers import distributed as D
+from d2norm.utils import comm as D
 from dist_utils import DistributedTestError, run_distributed
 
 # (rank 0 rows, rank 1 rows): uneven, one empty rank, both empty

@@ -18,7 +18,7 @@ from d2norm.layers.evalnorm import (
     evalnorm_aux_loss,
     evalnorm_parameters,
 )
-from d2norm.layers.evalnorm_fit import fit_evalnorm_offline
+from d2norm.stats.evalnorm_fit import fit_evalnorm_offline
 
 C = 3
 

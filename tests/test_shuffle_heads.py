@@ -16,7 +16,7 @@ from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead, bu
 
 import d2norm
 import d2norm.modeling.roi_heads  # noqa: F401  (registers the heads)
-from d2norm.layers.distributed import shared_permutation
+from d2norm.utils.comm import shared_permutation
 from d2norm.layers.registry import norm_options
 from d2norm.modeling.roi_heads.shuffle_heads import (
     ShuffledConvFCHead,

@@ -41,7 +41,7 @@ def run(args):
     import torch
 
     from d2norm.layers.evalnorm import evalnorm_alpha_beta, evalnorm_modules
-    from d2norm.layers.evalnorm_fit import fit_evalnorm_offline
+    from d2norm.stats.evalnorm_fit import fit_evalnorm_offline
 
     cfg = tc.load_cfg(args.config_file, args.opts)
     ec = cfg.D2NORM.EVALNORM

@@ -20,7 +20,6 @@ from .example_weighted_bn import ExampleWeightedBatchNorm2d
 from .domain_bn import DomainBatchNorm2d, domain_scope
 from .sync_bn import AnySyncBatchNorm2d
 from .convert import ConversionReport, convert_norm
-from . import evalnorm_fit  # noqa: F401
 
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -13,7 +13,7 @@ the EMA buffers ``running_mean`` / ``running_var``. α̂, β̂ come from the lay
 * ``"online"``  (§3.4 "Online estimation"): learned during training by the stop-gradient L1 loss of eqs 7-9;
 * ``"rule"``    (§3.3 / §4.1 rule of thumb): α̂ = β̂ = 1/B²;
 * ``"offline"`` (§3.4 "Offline estimation"): fitted after training on a frozen model with
-  :func:`d2norm.layers.evalnorm_fit.fit_evalnorm_offline`.
+  :func:`d2norm.stats.evalnorm_fit.fit_evalnorm_offline`.
 
 Training normalization is exactly ``nn.BatchNorm2d``'s; the auxiliary loss only ever moves α̂ and β̂.
 """
@@ -90,7 +90,7 @@ class EvalNorm2d(nn.BatchNorm2d, D2NormModule):
     """``nn.BatchNorm2d`` with EvalNorm's evaluation statistics (evalnorm §3.3-3.4, eqs 5-9).
 
     Training: output, gradients and EMA updates are those of ``nn.BatchNorm2d``. In ``"online"`` mode (and
-    while :func:`~d2norm.layers.evalnorm_fit.fit_evalnorm_offline` runs) each training forward with grad
+    while :func:`~d2norm.stats.evalnorm_fit.fit_evalnorm_offline` runs) each training forward with grad
     enabled also computes the auxiliary loss of eqs 7-9,
 
         L_aux = mean | ⟨(x_i − μ_B)/σ_B⟩ − (⟨x_i⟩ − μ̂)/σ̂ |
@@ -261,7 +261,7 @@ class EvalNorm2d(nn.BatchNorm2d, D2NormModule):
     # ---- forward ----------------------------------------------------------------------------------------
     @property
     def fitting(self) -> bool:
-        """True while :func:`~d2norm.layers.evalnorm_fit.fit_evalnorm_offline` is fitting this layer."""
+        """True while :func:`~d2norm.stats.evalnorm_fit.fit_evalnorm_offline` is fitting this layer."""
         return self._fitting
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .base import D2NormModule, bn_inference_affine, check_bn_options, fill_missing_num_batches_tracked
 from .base import skip_nonfinite_stats
-from .distributed import all_reduce_sum_detached, group_world_size, sync_subgroup
+from ..utils.comm import all_reduce_sum_detached, group_world_size, sync_subgroup
 from .registry import register_norm
 
 __all__ = ["AnySyncBatchNorm2d", "SyncBatchNormFunction"]

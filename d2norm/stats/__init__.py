@@ -7,7 +7,8 @@
 * :mod:`.precise_bn` — :func:`recompute_population_stats` (PreciseBN, rethinking §3.2, A.3);
 * :mod:`.esm`        — estimation shift magnitude (estimation-shift Def 2);
 * :mod:`.probe`      — expected statistics of a test set (Def 1) and rethinking Fig 2 batch statistics;
-* :mod:`.monitor`    — EMA vs batch / population gaps for the BN-statistics monitor hook.
+* :mod:`.monitor`    — EMA vs batch / population gaps for the BN-statistics monitor hook;
+* :mod:`.evalnorm_fit` — offline α̂, β̂ of EvalNorm (evalnorm §3.4) on a trained model.
 """
 from .estimators import (
     ESTIMATORS,
@@ -25,5 +26,6 @@ from .precise_bn import population_stat_layers, rank_share, recompute_population
 from .esm import estimation_shift_magnitude, layer_esm, model_layer_esm
 from .probe import batch_statistics, expected_population_stats
 from .monitor import bn_statistics_gaps
+from .evalnorm_fit import fit_evalnorm_offline
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

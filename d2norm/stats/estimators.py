@@ -196,7 +196,7 @@ def all_reduce_accumulators_(accs: List[MomentAccumulator], group=None) -> None:
     Every rank must pass accumulators of the same rows in the same order. Two collectives in all, whatever the
     number of accumulators (rethinking §3.2: "each rank forwards its share").
     """
-    from ..layers.distributed import _all_reduce_, group_world_size
+    from ..utils.comm import _all_reduce_, group_world_size
 
     if group_world_size(group) == 1 or not accs:
         return

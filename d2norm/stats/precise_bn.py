@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..layers.distributed import local_only
+from ..utils.comm import local_only
 from .adapters import StatsAdapter, get_stats_adapter
 from .estimators import PopulationEstimate, all_reduce_accumulators_, check_estimator
 from .state import capture_state, patched_instance_attrs, restore_state
@@ -313,7 +313,7 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
             a.call_log = None
     name_of = {id(a): n for n, a in adapters.items()}
     seen = [name_of[id(a)] for a in log]
-    from ..layers.distributed import group_world_size
+    from ..utils.comm import group_world_size
 
     names = comm.all_gather(seen, group=group)[0] if group_world_size(group) > 1 else seen
     names = names + [n for n in adapters if n not in names]

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers.distributed import local_only
+from ..utils.comm import local_only
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
 from .state import patched_instance_attrs
 from .precise_bn import _batches, _isolated_rng, _storage, _unwrap

@@ -31,7 +31,7 @@ def check_evalnorm_fit_cfg(cfg) -> None:
 
 class EvalNormFitHook(HookBase):
     """Offline α̂, β̂ (evalnorm §3.4 "Offline estimation") with
-    :func:`d2norm.layers.evalnorm_fit.fit_evalnorm_offline` after iteration ``fit_iter`` (``-1``: after the
+    :func:`d2norm.stats.evalnorm_fit.fit_evalnorm_offline` after iteration ``fit_iter`` (``-1``: after the
     last one, before the final checkpoint and evaluation), on ``num_iters`` batches of the loader (N = num_iters
     × batch × ranks training images). Only α̂, β̂ change: every other parameter, buffer, flag and the training
     RNG streams are restored. With ``set_offline_mode`` the EvalNorm layers use mode ``"offline"`` (the fitted
@@ -56,7 +56,7 @@ class EvalNormFitHook(HookBase):
 
     def fit(self, final: bool = False) -> dict:
         from ...layers.evalnorm import evalnorm_modules
-        from ...layers.evalnorm_fit import fit_evalnorm_offline
+        from ...stats.evalnorm_fit import fit_evalnorm_offline
         from ...stats.precise_bn import _isolated_rng, _unwrap
 
         if self._data_iter is None:

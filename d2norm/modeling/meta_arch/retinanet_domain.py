@@ -25,7 +25,7 @@ What is built:
   every norm a :class:`~d2norm.layers.domain_bn.DomainBatchNorm2d` (domain k = level ``levels[k]``) applied
   to all levels at once through ``forward_domains`` (convs are applied per level, as in Alg. 1).
 * :class:`SyncDomainBatchNorm2d` — DomainBatchNorm2d whose training statistics are all-reduced across ranks
-  (composes :func:`d2norm.layers.distributed.all_reduce_sum`; same state dict as DomainBatchNorm2d).
+  (composes :func:`d2norm.utils.comm.all_reduce_sum`; same state dict as DomainBatchNorm2d).
 * ``META_ARCHITECTURE: "DomainBNRetinaNet"`` — detectron2's ``RetinaNet`` with that head (v0.6's RetinaNet
   constructs ``RetinaNetHead`` itself, hence the subclass). Everything else comes from ``MODEL.RETINANET.*``;
   ``MODEL.RETINANET.NORM`` must be empty (the head's norm is configured by ``D2NORM.RETINANET_HEAD``).
@@ -73,7 +73,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from torch import Tensor, nn
 
 from ...layers.base import skip_nonfinite_stats
-from ...layers.distributed import all_reduce_sum, group_world_size, sync_subgroup
+from ...utils.comm import all_reduce_sum, group_world_size, sync_subgroup
 from ...layers.domain_bn import DomainBatchNorm2d
 
 __all__ = [

@@ -28,7 +28,7 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
-from ...layers.distributed import all_gather_variable, group_world_size, is_local_only, shared_permutation
+from ...utils.comm import all_gather_variable, group_world_size, is_local_only, shared_permutation
 
 __all__ = [
     "balanced_shares",

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import torch
 from torch import nn
 
-from .evalnorm import evalnorm_aux_loss, evalnorm_alpha_beta, evalnorm_modules, evalnorm_parameters
+from ..layers.evalnorm import evalnorm_aux_loss, evalnorm_alpha_beta, evalnorm_modules, evalnorm_parameters
 
 __all__ = ["fit_evalnorm_offline"]
 

@@ -1,0 +1,1 @@
+"""Utilities shared by layers, modeling and statistics: :mod:`.comm`, the cross-process collectives."""
