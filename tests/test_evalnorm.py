@@ -504,7 +504,8 @@ def test_loads_batchnorm_and_frozen_bn_state_and_reports_missing(caplog):
     nested = nn.Sequential(nn.Conv2d(2, C, 1), EvalNorm2d(C))
     src = nn.Sequential(nn.Conv2d(2, C, 1), frozen)
     res = nested.load_state_dict(src.state_dict(), strict=False)
-    assert sorted(res.missing_keys) == ["1.alpha_logit", "1.beta_logit", "1.num_batches_tracked", "1.seen_batch_size", "1.seen_batches"]
+    # num_batches_tracked is kept (FrozenBN has none), as in every BN-derived d2norm layer; EvalNorm's own are missing
+    assert sorted(res.missing_keys) == ["1.alpha_logit", "1.beta_logit", "1.seen_batch_size", "1.seen_batches"]
     x = rand_x(n=2, c=2, dtype=torch.float32)
     # with alpha = beta -> 0 the loaded layer evaluates exactly like the FrozenBN it came from
     with torch.no_grad():
@@ -664,3 +665,9 @@ def test_offline_fit_averages_gradients_over_two_gloo_ranks():
         assert not torch.equal(r0[k], state[k])
     for k in ("running_mean", "running_var", "num_batches_tracked", "seen_batch_size", "seen_batches"):
         assert torch.equal(r0[k], state[k]) and torch.equal(r1[k], state[k]), k
+
+
+def test_bn_options_checked_like_every_bn_derived_layer():
+    for bad in (dict(eps=-1.0), dict(eps=0.0), dict(eps=float("nan")), dict(momentum=1.5), dict(momentum=True)):
+        with pytest.raises(ValueError, match="eps|momentum"):
+            EvalNorm2d(4, **bad)

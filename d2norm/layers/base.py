@@ -9,6 +9,7 @@ from torch import nn
 
 __all__ = [
     "D2NormModule",
+    "D2NormBatchNorm2d",
     "NotAnAffine",
     "affine_from_stats",
     "bn_inference_affine",
@@ -82,6 +83,43 @@ def bn_inference_affine(m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
             f"{type(m).__name__}: no population statistics (track_running_stats=False), eval uses batch statistics"
         )
     return affine_from_stats(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
+
+
+class D2NormBatchNorm2d(nn.BatchNorm2d, D2NormModule):
+    """Base of the d2norm layers derived from ``nn.BatchNorm2d`` (GhostBN, BatchStatsBN, ExampleWeightedBN,
+    EvalNorm, DomainBN, AnySyncBN): what they share with BN lives here once.
+
+    * Options: torch's (``eps``, ``momentum``, ``affine``, ``track_running_stats``, ``device``, ``dtype``),
+      validated by :func:`check_bn_options` (ValueError naming the bad value).
+    * Checkpoints: BN's state dict; a detectron2 ``FrozenBatchNorm2d`` state (no ``num_batches_tracked``) loads
+      strictly (:func:`fill_missing_num_batches_tracked`).
+    * Inference: population statistics ``running_mean``/``running_var`` (subclasses whose eval differs
+      override :meth:`inference_affine`).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        check_bn_options(eps, momentum)
+        super().__init__(
+            num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
+            device=device, dtype=dtype,
+        )
+
+    def inference_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Eval with the population statistics (= BN inference, rethinking §4.3): a fixed affine map."""
+        return bn_inference_affine(self)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fill_missing_num_batches_tracked(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def check_bn_options(eps, momentum) -> None:

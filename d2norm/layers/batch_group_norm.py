@@ -110,6 +110,8 @@ class BatchGroupNorm(nn.Module, D2NormModule):
         eps: float = 1e-5,
         momentum: Optional[float] = 0.1,
         affine: bool = True,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
         _check_int("num_channels", num_channels)
@@ -138,15 +140,16 @@ class BatchGroupNorm(nn.Module, D2NormModule):
         self.eps = float(eps)
         self.momentum = None if momentum is None else float(momentum)
         self.affine = bool(affine)
+        f = {"device": device, "dtype": dtype}
         if self.affine:
-            self.weight = nn.Parameter(torch.ones(num_channels))
-            self.bias = nn.Parameter(torch.zeros(num_channels))
+            self.weight = nn.Parameter(torch.ones(num_channels, **f))
+            self.bias = nn.Parameter(torch.zeros(num_channels, **f))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_groups))
-        self.register_buffer("running_mean_sq", torch.ones(num_groups))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("running_mean", torch.zeros(num_groups, **f))
+        self.register_buffer("running_mean_sq", torch.ones(num_groups, **f))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
     def extra_repr(self) -> str:
         return (

@@ -3,27 +3,18 @@
 rethinking §4.2 ("Use Mini-batch in Inference"), Table 3: in R-CNN heads one test image still yields a
 mini-batch of N = R_0 RoIs (10^2-10^3), so normalizing with μ_B, σ_B at test time is legitimate and removes the
 train-test inconsistency of population statistics (Table 3: 41.5 vs 30.7 AP^bb with 1 img/GPU in training).
-
-Also home of two small helpers every BN-derived d2norm layer of this family uses (option validation and
-checkpoints without ``num_batches_tracked``).
 """
-import logging
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .base import D2NormModule, NotAnAffine, check_bn_options, fill_missing_num_batches_tracked
-from .base import skip_nonfinite_stats
+from .base import D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = ["BatchStatsBatchNorm2d"]
 
-logger = logging.getLogger(__name__)
-
 
 @register_norm("BatchStatsBN")
-class BatchStatsBatchNorm2d(nn.BatchNorm2d, D2NormModule):
+class BatchStatsBatchNorm2d(D2NormBatchNorm2d):
     """BatchNorm2d that normalizes with the current mini-batch's statistics in eval as well (rethinking §4.2).
 
     Training: exactly ``nn.BatchNorm2d`` (batch mean / biased variance for normalization, EMA of mean and
@@ -50,7 +41,6 @@ class BatchStatsBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         )
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, **kwargs):
-        check_bn_options(eps, momentum)
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
 
     @skip_nonfinite_stats
@@ -64,7 +54,3 @@ class BatchStatsBatchNorm2d(nn.BatchNorm2d, D2NormModule):
 
     def inference_affine(self):
         raise NotAnAffine("BatchStatsBN: inference normalizes with the current mini-batch's statistics (rethinking §4.2)")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        fill_missing_num_batches_tracked(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-from .base import D2NormModule, NotAnAffine, affine_from_stats, check_bn_options, fill_missing_num_batches_tracked
-from .base import skip_nonfinite_stats
+from .base import D2NormBatchNorm2d, NotAnAffine, affine_from_stats, skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = ["DomainBatchNorm2d", "domain_scope", "current_domain"]
@@ -67,7 +66,7 @@ def current_domain() -> Optional[int]:
 
 
 @register_norm("DomainBN")
-class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
+class DomainBatchNorm2d(D2NormBatchNorm2d):
     """BatchNorm2d holding ``K = num_domains`` sets of population statistics and/or affine parameters.
 
     rethinking §5.2, Table 5, Alg. 1. Options and state:
@@ -159,8 +158,9 @@ class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         affine_per_domain: bool = False,
         eps: float = 1e-5,
         momentum=0.1,
+        device=None,
+        dtype=None,
     ):
-        check_bn_options(eps, momentum)
         if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains < 1:
             raise ValueError(f"NUM_DOMAINS must be an integer >= 1, got {num_domains!r}")
         if train_stats not in _STATS_CHOICES:
@@ -169,19 +169,22 @@ class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
             raise ValueError(f"POP_STATS must be one of {_STATS_CHOICES}, got {pop_stats!r}")
         if not isinstance(affine_per_domain, bool):
             raise ValueError(f"AFFINE_PER_DOMAIN must be True or False, got {affine_per_domain!r}")
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
+        super().__init__(
+            num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True, device=device, dtype=dtype
+        )
         self.num_domains = num_domains
         self.train_stats = train_stats
         self.pop_stats = pop_stats
         self.affine_per_domain = affine_per_domain
         K, C = num_domains, num_features
+        f = {"device": device, "dtype": dtype}
         if pop_stats == "per_domain":
-            self.register_buffer("running_mean", torch.zeros(K, C))
-            self.register_buffer("running_var", torch.ones(K, C))
-            self.register_buffer("num_batches_tracked", torch.zeros(K, dtype=torch.long))
+            self.register_buffer("running_mean", torch.zeros(K, C, **f))
+            self.register_buffer("running_var", torch.ones(K, C, **f))
+            self.register_buffer("num_batches_tracked", torch.zeros(K, dtype=torch.long, device=device))
         if affine_per_domain:
-            self.weight = nn.Parameter(torch.ones(K, C))
-            self.bias = nn.Parameter(torch.zeros(K, C))
+            self.weight = nn.Parameter(torch.ones(K, C, **f))
+            self.bias = nn.Parameter(torch.zeros(K, C, **f))
 
     def extra_repr(self):
         return (
@@ -362,7 +365,7 @@ class DomainBatchNorm2d(nn.BatchNorm2d, D2NormModule):
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        fill_missing_num_batches_tracked(self, state_dict, prefix)
+        # a single (BN) set is copied into every domain here; the base class then fills a missing counter
         mapped = []
         for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             key, ours = prefix + name, getattr(self, name)

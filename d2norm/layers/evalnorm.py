@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import D2NormModule, NotAnAffine, skip_nonfinite_stats
+from .base import D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = [
@@ -86,7 +86,7 @@ def _logit(p: float) -> float:
 
 
 @register_norm("EvalNorm")
-class EvalNorm2d(nn.BatchNorm2d, D2NormModule):
+class EvalNorm2d(D2NormBatchNorm2d):
     """``nn.BatchNorm2d`` with EvalNorm's evaluation statistics (evalnorm §3.3-3.4, eqs 5-9).
 
     Training: output, gradients and EMA updates are those of ``nn.BatchNorm2d``. In ``"online"`` mode (and

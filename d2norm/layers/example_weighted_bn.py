@@ -11,11 +11,9 @@ four-things §3.1, eq 3: in BN inference each example does not contribute to its
 unchanged, so it applies retroactively to any BN checkpoint (§3.1, Fig. 1).
 """
 import torch
-from torch import nn
 
 
-from .base import D2NormModule, NotAnAffine, bn_inference_affine, check_bn_options, fill_missing_num_batches_tracked
-from .base import skip_nonfinite_stats
+from .base import D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = ["ExampleWeightedBatchNorm2d"]
@@ -31,7 +29,7 @@ def _check_alpha(alpha) -> float:
 
 
 @register_norm("ExampleWeightedBN")
-class ExampleWeightedBatchNorm2d(nn.BatchNorm2d, D2NormModule):
+class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
     """BatchNorm2d with inference example weighing (four-things §3.1, eq 3).
 
     Training: exactly ``nn.BatchNorm2d`` (same output, same EMA updates).
@@ -69,7 +67,6 @@ class ExampleWeightedBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         )
 
     def __init__(self, num_features: int, alpha: float = 0.1, eps: float = 1e-5, momentum=0.1, **kwargs):
-        check_bn_options(eps, momentum)
         alpha_ = _check_alpha(alpha)
         if not kwargs.get("track_running_stats", True):
             raise ValueError(
@@ -113,8 +110,4 @@ class ExampleWeightedBatchNorm2d(nn.BatchNorm2d, D2NormModule):
                 f"ExampleWeightedBN with alpha={self.alpha}: inference mixes in each sample's own statistics "
                 f"(four-things eq 3)"
             )
-        return bn_inference_affine(self)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        fill_missing_num_batches_tracked(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        return super().inference_affine()

@@ -68,7 +68,7 @@ class FrozenBatchNorm(nn.Module, D2NormModule):
     did to the BN they come from.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, trainable_affine: bool = True):
+    def __init__(self, num_features: int, eps: float = 1e-5, trainable_affine: bool = True, device=None, dtype=None):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"FrozenBatchNorm: num_features must be a positive integer, got {num_features!r}")
@@ -77,14 +77,15 @@ class FrozenBatchNorm(nn.Module, D2NormModule):
         self.num_features = num_features
         self.eps = float(eps)
         self.trainable_affine = bool(trainable_affine)
+        f = {"device": device, "dtype": dtype}
         if self.trainable_affine:
-            self.weight = nn.Parameter(torch.ones(num_features))
-            self.bias = nn.Parameter(torch.zeros(num_features))
+            self.weight = nn.Parameter(torch.ones(num_features, **f))
+            self.bias = nn.Parameter(torch.zeros(num_features, **f))
         else:
-            self.register_buffer("weight", torch.ones(num_features))
-            self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+            self.register_buffer("weight", torch.ones(num_features, **f))
+            self.register_buffer("bias", torch.zeros(num_features, **f))
+        self.register_buffer("running_mean", torch.zeros(num_features, **f))
+        self.register_buffer("running_var", torch.ones(num_features, **f))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, trainable_affine={self.trainable_affine}"

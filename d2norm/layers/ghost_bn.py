@@ -7,10 +7,8 @@ import math
 from typing import List
 
 import torch
-from torch import nn
 
-from .base import D2NormModule, bn_inference_affine, check_bn_options, fill_missing_num_batches_tracked
-from .base import skip_nonfinite_stats
+from .base import D2NormBatchNorm2d, skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = ["GhostBatchNorm2d", "ghost_batch_sizes"]
@@ -42,7 +40,7 @@ def ghost_batch_sizes(n: int, ghost_size: int, remainder: str = "balanced") -> L
 
 
 @register_norm("GhostBN")
-class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
+class GhostBatchNorm2d(D2NormBatchNorm2d):
     """BatchNorm2d whose training statistics are computed over sub-batches of ``ghost_size`` examples.
 
     Training (four-things eq 4): example ``i`` is normalized with the mean and biased variance of its own
@@ -70,15 +68,10 @@ class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     def __init__(
         self, num_features: int, ghost_size: int = 16, remainder: str = "balanced", eps=1e-5, momentum=0.1, **kwargs
     ):
-        check_bn_options(eps, momentum)
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
         ghost_batch_sizes(0, ghost_size, remainder)  # validates the options
         self.ghost_size = int(ghost_size)
         self.remainder = remainder
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        fill_missing_num_batches_tracked(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         return super().extra_repr() + f", ghost_size={self.ghost_size}, remainder={self.remainder!r}"
@@ -119,10 +112,6 @@ class GhostBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         if self.track_running_stats:
             self._update_running_stats(torch.cat(means), torch.cat(vars_), torch.cat(counts))
         return y
-
-    def inference_affine(self):
-        """Eval uses the population statistics (= BN inference, rethinking §4.3): a fixed affine map."""
-        return bn_inference_affine(self)
 
     @torch.no_grad()
     def _update_running_stats(self, means, vars_, counts):

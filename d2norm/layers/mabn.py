@@ -198,7 +198,7 @@ class MABN2d(nn.Module, D2NormModule):
         )
 
     def __init__(self, num_features: int, buffer_size: int = 16, momentum: float = 0.98, clip: float = 5.0,
-                 warmup_iters: int = 100, eps: float = 1e-5):
+                 warmup_iters: int = 100, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         _check_options(buffer_size, momentum, clip, warmup_iters, eps)
         self.num_features = int(num_features)
@@ -207,13 +207,14 @@ class MABN2d(nn.Module, D2NormModule):
         self.clip = float(clip)
         self.warmup_iters = int(warmup_iters)
         self.eps = float(eps)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_chi", torch.ones(num_features))
-        self.register_buffer("chi_sq_buffer", torch.zeros(buffer_size, num_features))
-        self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        self.register_buffer("psi_count", torch.tensor(0, dtype=torch.long))
+        f = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.ones(num_features, **f))
+        self.bias = nn.Parameter(torch.zeros(num_features, **f))
+        self.register_buffer("running_chi", torch.ones(num_features, **f))
+        self.register_buffer("chi_sq_buffer", torch.zeros(buffer_size, num_features, **f))
+        self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features, **f))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.register_buffer("psi_count", torch.tensor(0, dtype=torch.long, device=device))
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, buffer_size={self.buffer_size}, momentum={self.momentum}, "

@@ -12,10 +12,8 @@ for any per-rank N (including 0) and any per-rank H, W.
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .base import D2NormModule, bn_inference_affine, check_bn_options, fill_missing_num_batches_tracked
-from .base import skip_nonfinite_stats
+from .base import D2NormBatchNorm2d, skip_nonfinite_stats
 from ..utils.comm import all_reduce_sum_detached, group_world_size, sync_subgroup
 from .registry import register_norm
 
@@ -118,7 +116,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
 
 @register_norm("AnySyncBN")
-class AnySyncBatchNorm2d(nn.BatchNorm2d, D2NormModule):
+class AnySyncBatchNorm2d(D2NormBatchNorm2d):
     """SyncBN that works on CPU/gloo and CUDA/NCCL, weighted by each rank's element count (rethinking A.6).
 
     Training, more than one rank in the sync group: normalizes with the statistics of the union of all ranks'
@@ -153,18 +151,12 @@ class AnySyncBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         )
 
     def __init__(self, num_features: int, sync_group_size: int = 0, eps: float = 1e-5, momentum=0.1, **kwargs):
-        check_bn_options(eps, momentum)
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
         if not isinstance(sync_group_size, int) or isinstance(sync_group_size, bool) or sync_group_size < 0:
             raise ValueError(
                 f"AnySyncBN: sync_group_size must be an integer >= 0 (0 = all ranks), got {sync_group_size!r}"
             )
         self.sync_group_size = sync_group_size
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # detectron2's FrozenBatchNorm2d has no num_batches_tracked: kept, with a warning (layers/base.py)
-        fill_missing_num_batches_tracked(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         return super().extra_repr() + f", sync_group_size={self.sync_group_size}"
@@ -183,10 +175,6 @@ class AnySyncBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         if self.track_running_stats:
             self._update_running_stats(mean, var, count)
         return y
-
-    def inference_affine(self):
-        """Eval uses the population statistics (= BN inference, no communication): a fixed affine map."""
-        return bn_inference_affine(self)
 
     @torch.no_grad()
     def _update_running_stats(self, mean, var, count):

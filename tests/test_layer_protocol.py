@@ -1,0 +1,76 @@
+"""What every d2norm layer shares: construction options, checkpoints, and the protocol other modules use."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import FrozenBatchNorm2d
+from torch import nn
+
+import d2norm
+from d2norm.layers import NORM_REGISTRY
+from d2norm.layers.base import D2NormBatchNorm2d
+from d2norm.layers.frozen import FrozenBatchNorm
+
+C = 8
+
+
+def _cfg():
+    cfg = d2norm.add_d2norm_config(get_cfg())
+    cfg.D2NORM.BGN.NUM_CHANNEL_GROUPS = 4
+    cfg.D2NORM.DOMAIN_BN.NUM_DOMAINS = 3
+    return cfg
+
+
+def _layers(**extra):
+    cfg = _cfg()
+    out = {}
+    for name, cls in NORM_REGISTRY:
+        kwargs = cls.from_config(cfg, C)
+        kwargs.update(extra)
+        out[name] = cls(**kwargs)
+    out["FrozenBatchNorm"] = FrozenBatchNorm(C, **extra)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_every_layer_accepts_device_and_dtype_like_torch_norms(dtype):
+    ref = nn.BatchNorm2d(C, device="meta", dtype=dtype)
+    for name, layer in _layers(device="meta", dtype=dtype).items():
+        floats = [t for t in list(layer.parameters()) + list(layer.buffers()) if t.is_floating_point()]
+        assert floats, name
+        for t in list(layer.parameters()) + list(layer.buffers()):
+            assert t.device.type == "meta", name
+        if name != "EvalNorm":  # EvalNorm keeps its α̂/β̂ logits and B in float32 (like its statistics math)
+            assert all(t.dtype == dtype for t in floats), name
+        else:
+            assert layer.running_mean.dtype == layer.weight.dtype == dtype
+    assert ref.weight.dtype == dtype
+
+
+def test_bn_derived_layers_load_frozen_bn_state_strictly():
+    frozen = FrozenBatchNorm2d(C)
+    with torch.no_grad():
+        frozen.weight.uniform_(0.5, 2)
+        frozen.bias.uniform_(-1, 1)
+        frozen.running_mean.uniform_(-1, 1)
+        frozen.running_var.uniform_(0.5, 2)
+    for name, layer in _layers().items():
+        if not isinstance(layer, D2NormBatchNorm2d):
+            continue
+        before = layer.num_batches_tracked.clone()
+        extra = {k: v for k, v in layer.state_dict().items() if k not in frozen.state_dict()}
+        res = layer.load_state_dict({**frozen.state_dict(), **extra}, strict=True)
+        assert res.missing_keys == [] and res.unexpected_keys == [], name
+        assert torch.equal(layer.num_batches_tracked, before), name
+        rm = layer.running_mean if layer.running_mean.dim() == 1 else layer.running_mean[1]
+        assert torch.equal(rm, frozen.running_mean), name
+
+
+@pytest.mark.parametrize("bad", [dict(eps=-1.0), dict(eps=0), dict(momentum=2.0), dict(momentum="0.1")])
+def test_bn_derived_layers_share_the_bn_option_checks(bad):
+    cfg = _cfg()
+    for name, cls in NORM_REGISTRY:
+        if not issubclass(cls, D2NormBatchNorm2d):
+            continue
+        kwargs = {**cls.from_config(cfg, C), **bad}
+        with pytest.raises(ValueError, match="eps|momentum"):
+            cls(**kwargs)
