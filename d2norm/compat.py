@@ -26,6 +26,11 @@ Gaps (each has a test in ``tests/test_compat.py``):
     detectron2 main does, so ``--num-gpus N`` runs N CPU processes.
 ``cpu_ddp``
     v0.6's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which DDP rejects for CPU modules.
+``jit_script_warning``
+    ``fvcore/nn/focal_loss.py`` and ``modeling/box_regression.py`` call ``torch.jit.script`` at import time,
+    which torch >= 2.10 answers with a ``FutureWarning`` per call and process (two per process, per rank with
+    ``--num-gpus``). Those imports run here with that one warning filtered; the filter is removed afterwards,
+    so a user's own ``torch.jit.script`` still warns.
 ``retinanet_norm_probe``
     v0.6's ``RetinaNetHead`` calls ``get_norm(norm, 1)`` just to log the norm's type name, so any grouped norm
     (detectron2's own "GN", d2norm's "BGN") fails there for 1 channel; upstream probes with 32 channels. The
@@ -38,6 +43,7 @@ import logging
 import os
 import sys
 import types
+import warnings
 from datetime import timedelta
 from typing import Dict
 
@@ -243,10 +249,29 @@ def _shim_retinanet_norm_probe():
     return True
 
 
+_JIT_DEPRECATION = "torch.jit.script` is deprecated"
+
+
+def _shim_jit_script_warning(shims):
+    """Run ``shims`` (they import detectron2.layers, hence fvcore.nn) and import detectron2's other module that
+    scripts at import time with warnings recorded; re-emit every recorded warning except torch's
+    ``torch.jit.script`` deprecation. Returns ``(applied = that warning was raised, the shims' results)``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [f() for f in shims]
+        importlib.import_module("fvcore.nn")
+        importlib.import_module("detectron2.modeling.box_regression")
+    jit = [w for w in caught if issubclass(w.category, FutureWarning) and _JIT_DEPRECATION in str(w.message)]
+    for w in caught:
+        if w not in jit:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return bool(jit), results
+
+
 def _apply():
     # Order matters: PIL and _C before anything imports detectron2.data / detectron2.layers.
     APPLIED["pil_linear"] = _shim_pil_linear()
-    APPLIED["compiled_ops"] = _shim_compiled_ops()
+    APPLIED["jit_script_warning"], (APPLIED["compiled_ops"],) = _shim_jit_script_warning([_shim_compiled_ops])
     APPLIED["pkg_resources"] = _shim_pkg_resources()
     APPLIED["fast_coco_eval"] = _shim_fast_coco_eval()
     APPLIED["cpu_launch"] = _shim_cpu_launch()

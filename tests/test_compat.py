@@ -82,3 +82,42 @@ def test_retinanet_head_accepts_grouped_norms():
     head = RetinaNetHead(input_shape=shapes, num_classes=3, num_anchors=9, conv_dims=[64, 64], norm="GN")
     gns = [m for m in head.modules() if isinstance(m, nn.GroupNorm)]
     assert len(gns) == 4 and all(g.num_channels == 64 and g.num_groups == 32 for g in gns)
+
+
+def _plus_one(x):
+    return x + 1
+
+
+def test_no_jit_deprecation_warnings_on_import(tmp_path):
+    """``import d2norm`` (and the engine/tools modules) prints no ``torch.jit.script`` FutureWarning from
+    fvcore / detectron2's import-time scripting, while a user's own ``torch.jit.script`` still warns as torch
+    decides (the filter is not left installed)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings; warnings.simplefilter('always')\n"
+        "import d2norm, d2norm.engine, d2norm.stats\n"
+        "from d2norm.engine import Trainer\n"
+        "import detectron2.modeling, fvcore.nn\n"
+        "sys.stderr.write('IMPORTED\\n'); sys.stderr.flush()\n"
+        "import torch\n"
+        "def f(x):\n    return x + 1\n"
+        "torch.jit.script(f)\n"
+    )
+    script = tmp_path / "user.py"  # TorchScript needs the source file
+    script.write_text(code)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "IMPORTED" in res.stderr, res.stderr[-3000:]
+    before, _, after = res.stderr.partition("IMPORTED")
+    msg = "torch.jit.script` is deprecated"
+    assert msg not in before, before
+    import torch
+
+    import warnings as _w
+
+    with _w.catch_warnings(record=True) as caught:  # does this torch deprecate jit.script at all?
+        _w.simplefilter("always")
+        torch.jit.script(_plus_one)
+    if any(msg in str(w.message) for w in caught):
+        assert msg in after, after  # the user's own call is not silenced
