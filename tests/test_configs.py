@@ -65,3 +65,18 @@ def test_cpu_config_trains_and_evaluates(path, tmp_path):
     ap = results["bbox"]["AP"]
     assert ap == ap and 0.0 <= ap <= 100.0  # COCOeval scored predictions (AP ~0 after 2 iterations)
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")
+
+
+@pytest.mark.parametrize("path", ALL, ids=REL)
+def test_configs_are_plain_yaml(path):
+    """No config needs ``yaml.unsafe_load`` (fvcore falls back to it, with a warning, for python tags such as
+    ``!!python/object/apply:eval``); the RetinaNet anchor sizes are written as the values the formula gave:
+    three octave scales x, x*2^(1/3), x*2^(2/3) per level (Lin et al.'s RetinaNet, detectron2's Base-RetinaNet)."""
+    import yaml
+
+    with open(path) as f:
+        yaml.safe_load(f)  # raises a ConstructorError on a python tag
+    sizes = _load(path).MODEL.ANCHOR_GENERATOR.SIZES
+    if len(sizes) == 5 and all(len(s) == 3 for s in sizes):
+        for s in sizes:
+            assert s[1] == pytest.approx(s[0] * 2 ** (1 / 3), abs=1e-9) and s[2] == pytest.approx(s[0] * 2 ** (2 / 3), abs=1e-9)
