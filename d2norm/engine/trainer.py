@@ -1,19 +1,25 @@
 """``Trainer(DefaultTrainer)``: builds d2norm models/optimizers/evaluators from cfg. No training math here."""
+import functools
 import logging
 import os
 from typing import List
+
+import numpy as np
 
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
 from ..config import add_d2norm_config
 from ..data import prepare_datasets
 from ..layers import build_model
+from ..modeling.meta_arch.evalnorm_arch import LOSS_KEY as EVALNORM_LOSS_KEY
 from ..solver import build_optimizer
+from .log_output import FILE_ONLY, has_log_file, route_log_handlers, setup_training_loggers
 
 __all__ = ["Trainer", "setup_cfg"]
 
@@ -27,10 +33,18 @@ class Trainer(DefaultTrainer):
     d2norm hooks are added by :meth:`build_d2norm_hooks` (extended by the hooks issue).
     """
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._trainer._write_metrics = functools.partial(_write_metrics, self._trainer._write_metrics)
+
     @classmethod
     def build_model(cls, cfg):
         model = build_model(cfg)
-        logger.info("Model:\n%s", model)
+        logger.info("Model:\n%s", model, extra=FILE_ONLY)
+        if has_log_file("d2norm"):
+            n = sum(p.numel() for p in model.parameters())
+            logger.info("Model: %s, %d parameters (full print in %s)", type(model).__name__, n,
+                        os.path.join(cfg.OUTPUT_DIR, "log.txt"))
         return model
 
     @classmethod
@@ -110,6 +124,28 @@ class Trainer(DefaultTrainer):
         return ret[:2] + extra + ret[2:]
 
 
+#: loss terms that train only a norm layer's own estimator parameters, not the detector: EvalNorm's eq-9 aux
+#: loss moves only α̂, β̂ (evalnorm §3.4, stop-gradient). They are back-propagated with the rest but logged
+#: apart from ``total_loss``, which stays the detection loss a user compares across runs.
+AUX_LOSS_KEYS = (EVALNORM_LOSS_KEY,)
+
+
+def _write_metrics(write, loss_dict, data_time, prefix=""):
+    """detectron2's ``SimpleTrainer._write_metrics`` with :data:`AUX_LOSS_KEYS` left out of ``total_loss`` and
+    written as their own scalars (averaged over ranks; a non-finite one stops training as detectron2 does)."""
+    aux = {k: v for k, v in loss_dict.items() if k in AUX_LOSS_KEYS}
+    write({k: v for k, v in loss_dict.items() if k not in aux}, data_time, prefix)
+    if not aux:
+        return
+    gathered = comm.gather({k: float(v.detach().cpu().item()) for k, v in aux.items()})
+    if comm.is_main_process():
+        storage = get_event_storage()
+        values = {k: float(np.mean([g[k] for g in gathered])) for k in aux}
+        if not all(np.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"Loss became infinite or NaN at iteration={storage.iter}!\nloss_dict = {values}")
+        storage.put_scalars(**values)  # as detectron2: only total_loss carries the prefix
+
+
 def setup_cfg(args):
     """cfg from ``--config-file`` and ``KEY VALUE`` overrides, with datasets prepared; detectron2's default_setup."""
     cfg = get_cfg()
@@ -117,9 +153,14 @@ def setup_cfg(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    # environment table, config dump and model print to OUTPUT_DIR/log.txt only; no colour codes in the file
+    setup_training_loggers(cfg.OUTPUT_DIR, comm.get_rank())
     default_setup(cfg, args)
     # detectron2's default_setup configures the "detectron2"/"fvcore" loggers only; d2norm logs its hooks,
     # conversions and compat decisions under "d2norm".
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2norm", abbrev_name="d2norm")
+    route_log_handlers()
+    if comm.is_main_process() and has_log_file():
+        logger.info("Environment info, config files and model print: %s", os.path.join(cfg.OUTPUT_DIR, "log.txt"))
     prepare_datasets(cfg)
     return cfg

@@ -1,0 +1,75 @@
+"""What training prints where: the console gets progress, ``OUTPUT_DIR/log.txt`` gets everything, without colour.
+
+detectron2's ``default_setup`` logs the environment table, the config file and the full config dump (several hundred lines) and
+the trainer logs the full model print; with a log file these go to the file only and the console says where
+they are. detectron2 highlights the config with ANSI codes (``_highlight``) and colours some messages
+(``colored`` in checkpoint reports) inside the message text, which its plain file formatter writes into
+``log.txt`` verbatim; file handlers here strip them. detectron2 has neither option, hence this module.
+"""
+import logging
+import re
+import sys
+
+from detectron2.utils.logger import setup_logger
+
+__all__ = ["FILE_ONLY", "setup_training_loggers", "route_log_handlers", "has_log_file"]
+
+#: ``logger.info(..., extra=FILE_ONLY)`` writes a record to the log file only (when there is one)
+FILE_ONLY = {"d2norm_file_only": True}
+#: detectron2 ``default_setup`` messages that go to the log file only
+_FILE_ONLY_PREFIXES = ("Environment info:", "Contents of args.config_file", "Running with full config:")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_LOGGERS = ("detectron2", "fvcore", "d2norm")
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (
+        sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+
+
+def _is_file(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and not _is_console(handler)
+
+
+class _ConsoleFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "d2norm_file_only", False):
+            return False
+        return not (isinstance(record.msg, str) and record.msg.startswith(_FILE_ONLY_PREFIXES))
+
+
+class _NoColourFormatter(logging.Formatter):
+    """Wraps a handler's formatter and removes ANSI escape sequences from what it writes."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _ANSI.sub("", self.inner.format(record))
+
+
+def has_log_file(name: str = "detectron2") -> bool:
+    return any(_is_file(h) for h in logging.getLogger(name).handlers)
+
+
+def route_log_handlers(names=_LOGGERS) -> None:
+    """Idempotent: file handlers of ``names`` write without colour codes; where a logger has a file handler,
+    its console handlers drop the file-only records."""
+    for name in names:
+        lg = logging.getLogger(name)
+        file_ok = has_log_file(name)
+        for h in lg.handlers:
+            if _is_file(h) and not isinstance(h.formatter, _NoColourFormatter):
+                h.setFormatter(_NoColourFormatter(h.formatter or logging.Formatter()))
+            if _is_console(h) and file_ok and not any(isinstance(f, _ConsoleFilter) for f in h.filters):
+                h.addFilter(_ConsoleFilter())
+
+
+def setup_training_loggers(output_dir: str, rank: int) -> None:
+    """Create detectron2's "fvcore" and "detectron2" loggers exactly as ``default_setup`` will (its
+    ``setup_logger`` is ``lru_cache``d, so default_setup then reuses them) and route their handlers, so the
+    environment table and config dump that default_setup logs reach the log file only."""
+    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
+    setup_logger(output_dir, distributed_rank=rank)
+    route_log_handlers(("fvcore", "detectron2"))

@@ -1,0 +1,69 @@
+"""What a user sees when training with ``tools/train_net.py`` (run as a user runs it, in a subprocess): no
+``torch.jit`` / ``yaml.unsafe_load`` warnings, no ANSI colour codes in ``log.txt``, the full model print and
+config dump in ``log.txt`` only, and an EvalNorm model's ``loss_evalnorm`` (which trains only α̂, β̂,
+evalnorm §3.4 eq 9) logged as its own scalar, not inside ``total_loss``."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TINY = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "64", "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", "64", "D2NORM.DATA.SYNTHETIC_NUM_TRAIN",
+        "4", "D2NORM.DATA.SYNTHETIC_NUM_VAL", "2", "DATALOADER.NUM_WORKERS", "0", "SOLVER.MAX_ITER", "1",
+        "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "100000"]
+
+
+def _train(config, tmp_path, *extra):
+    out = tmp_path / "out"
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), PYTHONWARNINGS="default")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file",
+           os.path.join(ROOT, config), *TINY, "OUTPUT_DIR", str(out), *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path), env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res, out
+
+
+@pytest.fixture(scope="module")
+def evalnorm_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalnorm_run")
+    return _train("configs/cpu/faster_rcnn_R18_C4_evalnorm_table2a.yaml", tmp, "SOLVER.IMS_PER_BATCH", "2")
+
+
+def test_console_has_no_warnings_and_no_model_print(evalnorm_run):
+    res, out = evalnorm_run
+    text = res.stdout + res.stderr
+    assert "torch.jit" not in text, text[-3000:]
+    assert "unsafe_load" not in text, text[-3000:]
+    # the model print (hundreds of lines) and the full config dump are in log.txt only
+    log = (out / "log.txt").read_text()
+    assert "Model:\nEvalNormGeneralizedRCNN(" in log
+    assert "EvalNormGeneralizedRCNN(" not in res.stdout
+    assert "Running with full config" in log and "Running with full config" not in res.stdout
+    assert "Contents of args.config_file" in log and "Contents of args.config_file" not in res.stdout
+    assert "Environment info" in log and "Environment info:" not in res.stdout
+    assert "log.txt" in res.stdout  # the console says where they went
+    n_setup = res.stdout.split("Starting training from iteration 0")[0].count("\n")
+    assert n_setup < 150, n_setup
+
+
+def test_log_file_has_no_colour_codes(evalnorm_run):
+    res, out = evalnorm_run
+    log = (out / "log.txt").read_text()
+    assert "Starting training" in log
+    assert not ANSI.search(log), ANSI.findall(log)[:5]
+
+
+def test_total_loss_excludes_evalnorm_aux_loss(evalnorm_run):
+    res, out = evalnorm_run
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "total_loss" in r]
+    assert rows  # one iteration: the written values are that iteration's (no smoothing window)
+    for r in rows:
+        det = sum(v for k, v in r.items() if k.startswith("loss_") and k != "loss_evalnorm")
+        assert "loss_evalnorm" in r and r["loss_evalnorm"] > 0
+        assert r["total_loss"] == pytest.approx(det, rel=1e-6, abs=1e-6), r
