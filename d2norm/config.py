@@ -211,6 +211,9 @@ def add_d2norm_config(cfg: CN) -> CN:
     # A.3: estimate layer k with layers < k already using their exact population statistics (= the whole
     # population forwarded as one batch). One pass per layer and this rank's N/W images kept in memory.
     _C.D2NORM.PRECISE_BN.EXACT_LAYERWISE = False
+    # A batch whose statistics are non-finite (NaN/Inf) in some layer: "error" stops with the layer and the
+    # batch named (statistics unchanged); "skip" leaves those layer calls out of the estimate, with a warning.
+    _C.D2NORM.PRECISE_BN.NONFINITE = "error"
 
     # ---- shuffled-RoI BN heads: rethinking §6.1, Fig. 9, Table 6 ------------------------------------
     # Used by ROI_BOX_HEAD.NAME "ShuffledConvFCHead" and ROI_MASK_HEAD.NAME "ShuffledMaskRCNNConvUpsampleHead"

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import d2norm
 import d2norm.engine.hooks  # noqa: F401
 import d2norm.stats  # noqa: F401
 from d2norm.layers.batch_group_norm import BatchGroupNorm
@@ -577,3 +578,49 @@ def test_hook_runs_at_period_and_after_last_iteration(tmp_path):
     assert int(runs[-1][2]) == 5
     assert torch.equal(runs[-1][1], trainer.model.head.cls_subnet[1][0].running_var)
     assert "precise_bn/time" in trainer.storage.histories()
+
+
+# ---- non-finite batch statistics -----------------------------------------------------------------------------
+def _nan_data():
+    data = _data(32, seed=7)
+    data[13, 1, 2, 3] = float("nan")  # one NaN pixel in sample 13, i.e. in the second batch of 8
+    return data
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_one_nan_pixel_fails_naming_layer_and_batch(exact):
+    model = _chain(kinds=("ghost", "bn"))
+    before = snapshot(model)
+    with pytest.raises(d2norm.stats.NonFiniteStatsError, match=r"layer 'norms\.0' in batch 1 of rank 0 "
+                       r"\(its samples 8\.\.15\).*nonfinite='skip'"):
+        recompute_population_stats(model, [_nan_data()], num_samples=32, batch_size=8, progress=False,
+                                   exact_layerwise=exact)
+    assert state_diff(before, snapshot(model)) == set()  # nothing written
+
+
+def test_one_nan_pixel_skipped_with_report(caplog):
+    model = _chain(kinds=("ghost", "bn"))
+    data = _nan_data()
+    with caplog.at_level("WARNING", logger="d2norm"):
+        res = recompute_population_stats(model, [data], num_samples=32, batch_size=8, progress=False,
+                                         nonfinite="skip")
+    assert "norms.0: batch 1 of rank 0" in caplog.text
+    # the NaN reaches every later layer through the conv: both layers leave batch 1 out
+    assert res.nonfinite == {"norms.0": ["batch 1 of rank 0 (its samples 8..15)"],
+                             "norms.1": ["batch 1 of rank 0 (its samples 8..15)"]}
+    clean = [data[0:8], data[16:24], data[24:32]]
+    seen = _ref_forward_stats(model, clean)
+    for norm, inputs in zip(model.norms, seen):
+        _check_buffers(norm, _expected_buffers(norm, inputs))
+        assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
+    assert all(r[0].num_batches == 3 for r in res.values())
+
+
+def test_nonfinite_option_validated(d2cfg):
+    from d2norm.engine.hooks import check_precise_bn_cfg
+
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        recompute_population_stats(_chain(), [_data(4)], 4, nonfinite="ignore", progress=False)
+    d2cfg.D2NORM.PRECISE_BN.NONFINITE = "ignore"
+    with pytest.raises(ValueError, match=r"D2NORM.PRECISE_BN.NONFINITE must be one of \('error', 'skip'\)"):
+        check_precise_bn_cfg(d2cfg)

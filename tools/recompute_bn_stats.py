@@ -19,7 +19,7 @@ import sys
 
 import d2norm  # noqa: F401  (compat + registrations)
 from d2norm.engine import cli as tc
-from d2norm.stats import ESTIMATORS, population_stat_layers, recompute_population_stats
+from d2norm.stats import ESTIMATORS, NONFINITE_POLICIES, population_stat_layers, recompute_population_stats
 
 
 def build_parser():
@@ -30,6 +30,10 @@ def build_parser():
     p.add_argument("--batch-size", type=int, help="B images per forward (default D2NORM.PRECISE_BN.BATCH_SIZE)")
     p.add_argument("--estimator", choices=ESTIMATORS, help="eq 2 'population' or eq 3 (default: the cfg's)")
     p.add_argument("--exact-layerwise", action="store_true", help="rethinking A.3 exact layer-wise estimation")
+    p.add_argument("--nonfinite", choices=NONFINITE_POLICIES,
+                   help="a batch with NaN/Inf statistics in some layer: 'error' (stop, naming the layer and the "
+                   "batch; nothing written) or 'skip' (leave it out of that layer's estimate, listed in the report); "
+                   "default D2NORM.PRECISE_BN.NONFINITE ('error')")
     p.add_argument("--forward", choices=tc.FORWARD_MODES, default="train",
                    help="'train': the model's training forward on a training-style loader (needs annotations; "
                    "what the PreciseBN hook does); 'inference': inference path with only the norm layers in "
@@ -50,6 +54,7 @@ def run(args):
     batch_size = args.batch_size if args.batch_size is not None else c.BATCH_SIZE
     estimator = args.estimator or c.ESTIMATOR
     exact = args.exact_layerwise or c.EXACT_LAYERWISE
+    nonfinite = args.nonfinite or c.NONFINITE
     out_dir = args.output_dir or cfg.OUTPUT_DIR
     name = args.output_name or f"model_precise_bn_{dataset}"
 
@@ -68,21 +73,25 @@ def run(args):
     if args.forward == "train":
         loader = tc.train_style_loader(cfg, dataset, batch_size, seed=args.seed)
         results = recompute_population_stats(model, loader, num_samples, batch_size=batch_size, estimator=estimator,
-                                             exact_layerwise=exact, progress=True)
+                                             exact_layerwise=exact, progress=True, nonfinite=nonfinite)
     else:
         loader = tc.test_loader(cfg, dataset)
         with tc.norm_layers_training(model):
             results = recompute_population_stats(model, loader, num_samples, batch_size=batch_size,
-                                                 estimator=estimator, exact_layerwise=exact, progress=True)
+                                                 estimator=estimator, exact_layerwise=exact, progress=True,
+                                                 nonfinite=nonfinite)
     unseen = [n for n, ests in results.items() if all(e is None for e in ests)]
     if unseen:
         print(f"warning: {len(unseen)} layer(s) saw no data and keep their statistics: {unseen[:5]}", flush=True)
+    if results.nonfinite:
+        print(f"WARNING: non-finite batch statistics were left out of {len(results.nonfinite)} layer(s) "
+              f"(--nonfinite skip): {dict(list(results.nonfinite.items())[:3])}", flush=True)
 
     info = {"dataset": dataset, "num_samples": num_samples, "batch_size": batch_size, "estimator": estimator,
             "exact_layerwise": exact, "forward": args.forward, "source": args.weights or cfg.MODEL.WEIGHTS}
     path = tc.save_checkpoint(model, out_dir, name, precise_bn=info)
     after = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "after")
-    report = {**info, "checkpoint": path, "layers": len(results),
+    report = {**info, "checkpoint": path, "layers": len(results), "nonfinite_skipped": results.nonfinite,
               "samples_seen": {n: [None if e is None else e.count for e in ests] for n, ests in results.items()}}
     if args.eval:
         report.update(eval_dataset=eval_ds, before=before, after=after)

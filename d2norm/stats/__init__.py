@@ -22,7 +22,14 @@ from .estimators import (
 )
 from .adapters import StatsAdapter, get_stats_adapter, register_stats_adapter
 from .state import capture_state, restore_state
-from .precise_bn import population_stat_layers, rank_share, recompute_population_stats
+from .precise_bn import (
+    NONFINITE_POLICIES,
+    NonFiniteStatsError,
+    PreciseBNResults,
+    population_stat_layers,
+    rank_share,
+    recompute_population_stats,
+)
 from .esm import estimation_shift_magnitude, layer_esm, model_layer_esm
 from .probe import batch_statistics, expected_population_stats
 from .monitor import bn_statistics_gaps

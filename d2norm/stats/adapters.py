@@ -98,6 +98,10 @@ class StatsAdapter:
         self.calls = 0
         #: when a list, the adapter appends itself on its first call (call order for layer-wise estimation)
         self.call_log: Optional[list] = None
+        #: set by the pass: ``current_batch()`` describes the batch being forwarded
+        self.current_batch: Callable[[], str] = lambda: "?"
+        #: descriptions of the recorded calls whose moments were non-finite (left out of the estimate)
+        self.nonfinite_batches: List[str] = []
 
     @classmethod
     def applies(cls, module: nn.Module) -> bool:
@@ -121,6 +125,11 @@ class StatsAdapter:
     def record(self, slot: int, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         self._touch()
         if self.mode == "record":
+            # A NaN/Inf in one call would make the whole population estimate of its channel non-finite: such
+            # a call is left out and reported; the pass decides whether that is an error.
+            if n and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                self.nonfinite_batches.append(self.current_batch())
+                return
             self.accs[slot].add(n, mean, var)
 
     def population(self, slot: int, dtype):

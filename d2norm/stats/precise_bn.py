@@ -38,7 +38,28 @@ from .adapters import StatsAdapter, get_stats_adapter
 from .estimators import PopulationEstimate, all_reduce_accumulators_, check_estimator
 from .state import capture_state, patched_instance_attrs, restore_state
 
-__all__ = ["recompute_population_stats", "population_stat_layers", "rank_share"]
+__all__ = [
+    "recompute_population_stats",
+    "population_stat_layers",
+    "rank_share",
+    "NONFINITE_POLICIES",
+    "NonFiniteStatsError",
+    "PreciseBNResults",
+]
+
+#: what a pass does with a batch whose statistics are non-finite in some layer
+NONFINITE_POLICIES = ("error", "skip")
+
+
+class NonFiniteStatsError(ValueError):
+    """A population-statistics pass met non-finite (NaN/Inf) batch statistics (policy ``"error"``)."""
+
+
+class PreciseBNResults(dict):
+    """``{layer name: [estimate per slot]}``; ``nonfinite`` maps each layer that met non-finite batch
+    statistics to the batches left out of its estimate (policy ``"skip"``)."""
+
+    nonfinite: Dict[str, List[str]] = {}
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +220,7 @@ def recompute_population_stats(
     progress: bool = True,
     group=None,
     forward_fn=None,
+    nonfinite: str = "error",
 ) -> Dict[str, List[Optional[PopulationEstimate]]]:
     """Recompute the population statistics of every adapted layer of ``model`` and write them.
 
@@ -222,14 +244,21 @@ def recompute_population_stats(
         progress: show a progress bar (on the main process only).
         group: process group for the moment all-reduce (``None`` = all ranks).
         forward_fn: ``forward_fn(model, batch)``; default ``model(batch)``.
+        nonfinite: a layer call whose batch mean / variance holds a NaN/Inf (one bad pixel is enough) would
+            make that channel's population statistics non-finite. ``"error"`` (default): after the pass (on
+            every rank together), :class:`NonFiniteStatsError` names the layer and the batch; the model is left
+            unchanged. ``"skip"``: such calls are left out of that layer's estimate, and a warning lists every
+            layer and batch concerned (also in ``results.nonfinite``).
 
     Returns:
-        ``{layer name: [estimate per slot]}`` (slots = domains of a per-domain DomainBN, else one; ``None``
-        where a slot saw no data, whose statistics are then left unchanged).
+        :class:`PreciseBNResults`, ``{layer name: [estimate per slot]}`` (slots = domains of a per-domain
+        DomainBN, else one; ``None`` where a slot saw no data, whose statistics are then left unchanged).
     """
     from detectron2.utils import comm
 
     check_estimator(estimator)
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"PreciseBN: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     _check_positive_int("num_samples (D2NORM.PRECISE_BN.NUM_SAMPLES)", num_samples)
     _check_positive_int("batch_size (D2NORM.PRECISE_BN.BATCH_SIZE)", batch_size, allow_none=True)
     if not isinstance(exact_layerwise, bool):
@@ -239,7 +268,7 @@ def recompute_population_stats(
     adapters = population_stat_layers(net)
     if not adapters:
         logger.info("PreciseBN: no layer with population statistics in training mode; nothing to do")
-        return {}
+        return PreciseBNResults()
     if group is None:
         world, rank = comm.get_world_size(), comm.get_rank()
     else:
@@ -248,8 +277,10 @@ def recompute_population_stats(
         world, rank = dist.get_world_size(group), dist.get_rank(group)
     share = rank_share(num_samples, rank, world)
     device = next(itertools.chain(net.parameters(), net.buffers())).device
+    current = {"batch": "?"}
     for a in adapters.values():
         a.reset(device)
+        a.current_batch = lambda: current["batch"]
     show = progress and comm.is_main_process()
     start = time.perf_counter()
 
@@ -261,15 +292,18 @@ def recompute_population_stats(
                 for a in adapters.values():
                     a.mode = "record"
                 nb = -(-share // batch_size) if batch_size else None
-                for batch in _progress(_batches(data, share, batch_size), nb, "PreciseBN", show):
+                batches = _described(_batches(data, share, batch_size), rank, current)
+                for batch in _progress(batches, nb, "PreciseBN", show):
                     forward_fn(net, batch)
                 _reduce_and_estimate(list(adapters.values()), estimator, group)
             else:
-                _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, forward_fn, show)
+                _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, forward_fn, show,
+                                 lambda b: _described(b, rank, current))
     finally:
         restore_state(net, snap)
 
-    results = {}
+    results = PreciseBNResults()
+    results.nonfinite = _check_nonfinite(adapters, nonfinite, group)
     for name, a in adapters.items():
         for slot, est in enumerate(a.estimates):
             if est is not None:
@@ -285,13 +319,61 @@ def recompute_population_stats(
     return results
 
 
+def _describe_batch(index: int, start: int, batch, rank: int) -> str:
+    n = _length(batch)
+    names = []
+    if isinstance(batch, (list, tuple)):
+        for s in batch[:3]:
+            if isinstance(s, dict):
+                names.append(str(s.get("file_name", s.get("image_id", "?"))))
+    more = ", ..." if n > len(names) and names else ""
+    what = f"; images {', '.join(names)}{more}" if names else ""
+    return f"batch {index} of rank {rank} (its samples {start}..{start + n - 1}{what})"
+
+
+def _described(batches: Iterable, rank: int, current: dict) -> Iterator:
+    """``batches``, with ``current["batch"]`` describing the one being forwarded (for error messages)."""
+    start = 0
+    for i, b in enumerate(batches):
+        current["batch"] = _describe_batch(i, start, b, rank)
+        yield b
+        start += _length(b)
+
+
+def _check_nonfinite(adapters: Dict[str, StatsAdapter], policy: str, group) -> Dict[str, List[str]]:
+    """Every rank's non-finite calls (gathered, so all ranks decide together); raises for ``"error"``."""
+    from detectron2.utils import comm
+
+    from ..utils.comm import group_world_size
+
+    local = {n: list(dict.fromkeys(a.nonfinite_batches)) for n, a in adapters.items() if a.nonfinite_batches}
+    merged: Dict[str, List[str]] = {}
+    for part in (comm.all_gather(local, group=group) if group_world_size(group) > 1 else [local]):
+        for n, batches in part.items():
+            merged.setdefault(n, []).extend(batches)
+    if not merged:
+        return merged
+    first = next(iter(merged))
+    total = sum(len(v) for v in merged.values())
+    summary = (f"non-finite (NaN/Inf) batch statistics in {len(merged)} layer(s), {total} layer call(s); first: "
+               f"layer {first!r} in {merged[first][0]}")
+    if policy == "error":
+        raise NonFiniteStatsError(
+            f"PreciseBN: {summary}. The statistics were not changed. Check the data (or the model) for NaN/Inf, "
+            f"or leave such batches out with nonfinite='skip' (tools: --nonfinite skip)"
+        )
+    logger.warning("PreciseBN: %s; those calls were left out of the estimates: %s", summary,
+                   "; ".join(f"{n}: {', '.join(b)}" for n, b in merged.items()))
+    return merged
+
+
 def _reduce_and_estimate(adapters: List[StatsAdapter], estimator: str, group) -> None:
     all_reduce_accumulators_([acc for a in adapters for acc in a.accs], group)
     for a in adapters:
         a.estimates = [acc.estimate(estimator) for acc in a.accs]
 
 
-def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, forward_fn, show) -> None:
+def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, forward_fn, show, described) -> None:
     """rethinking A.3: pass k estimates layer k with layers < k normalizing with their population statistics."""
     from detectron2.utils import comm
 
@@ -322,7 +404,7 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
     for k, a in enumerate(_progress(order, len(order), "PreciseBN layer-wise", show)):
         for j, other in enumerate(order):
             other.mode = "population" if j < k else ("record" if j == k else "batch")
-        for b in batches:
+        for b in described(batches):
             _set_rng(rng)  # same random choices (e.g. RoI sampling) in every pass
             forward_fn(net, b)
         _reduce_and_estimate([a], estimator, group)

@@ -336,7 +336,7 @@ def build_frozen_bn_switch_hook(cfg, trainer) -> FrozenBNSwitchHook:
             loader = build_precise_bn_loader(cfg, trainer.build_train_loader)
             return recompute_population_stats(
                 trainer.model, iter(loader), p.NUM_SAMPLES, batch_size=p.BATCH_SIZE, estimator=p.ESTIMATOR,
-                exact_layerwise=p.EXACT_LAYERWISE,
+                exact_layerwise=p.EXACT_LAYERWISE, nonfinite=p.NONFINITE,
             )
 
         precise = _precise

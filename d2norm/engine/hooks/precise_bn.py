@@ -6,7 +6,7 @@ from typing import Iterable, Optional
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
-from ...stats import ESTIMATORS, population_stat_layers, recompute_population_stats
+from ...stats import ESTIMATORS, NONFINITE_POLICIES, population_stat_layers, recompute_population_stats
 from .common import build_d2norm_train_loader, check_bool, is_int
 
 __all__ = ["PreciseBNHook", "check_precise_bn_cfg", "build_precise_bn_hook", "build_precise_bn_loader"]
@@ -29,6 +29,8 @@ def check_precise_bn_cfg(cfg) -> None:
             raise ValueError(f"D2NORM.PRECISE_BN.{key} must be a positive integer, got {c[key]!r}")
     if c.ESTIMATOR not in ESTIMATORS:
         raise ValueError(f"D2NORM.PRECISE_BN.ESTIMATOR must be one of {ESTIMATORS}, got {c.ESTIMATOR!r}")
+    if c.NONFINITE not in NONFINITE_POLICIES:
+        raise ValueError(f"D2NORM.PRECISE_BN.NONFINITE must be one of {NONFINITE_POLICIES}, got {c.NONFINITE!r}")
     if c.ENABLED and cfg.TEST.PRECISE_BN.ENABLED:
         raise ValueError(
             "TEST.PRECISE_BN.ENABLED (detectron2's PreciseBN) and D2NORM.PRECISE_BN.ENABLED are both True: "
@@ -61,6 +63,7 @@ class PreciseBNHook(HookBase):
         estimator: str = "population",
         exact_layerwise: bool = False,
         progress: bool = True,
+        nonfinite: str = "error",
     ):
         self._model = model
         self._data_loader = data_loader
@@ -71,6 +74,7 @@ class PreciseBNHook(HookBase):
         self.estimator = estimator
         self.exact_layerwise = exact_layerwise
         self.progress = progress
+        self.nonfinite = nonfinite
         self.num_runs = 0
         self.last_results: Optional[dict] = None
         n = len(population_stat_layers(model))
@@ -95,6 +99,7 @@ class PreciseBNHook(HookBase):
             estimator=self.estimator,
             exact_layerwise=self.exact_layerwise,
             progress=self.progress,
+            nonfinite=self.nonfinite,
         )
         elapsed = time.perf_counter() - start
         self.num_runs += 1
@@ -121,5 +126,5 @@ def build_precise_bn_hook(cfg, model, data_loader=None, build_train_loader=None)
         data_loader = build_precise_bn_loader(cfg, build_train_loader)
     return PreciseBNHook(
         model, data_loader, period, c.NUM_SAMPLES, c.BATCH_SIZE, estimator=c.ESTIMATOR,
-        exact_layerwise=c.EXACT_LAYERWISE,
+        exact_layerwise=c.EXACT_LAYERWISE, nonfinite=c.NONFINITE,
     )
