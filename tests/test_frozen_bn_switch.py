@@ -278,8 +278,28 @@ def test_trainer_switch(tmp_path, trainable):
         seen["frozen_state"] = {k: v.clone() for k, v in m.state_dict().items() if "norm" in k}
 
     hook.switch = spy
-    trainer.train()
+    import logging
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            seen.setdefault("log", []).append(record.getMessage())
+
+    keep, lg = _Keep(), logging.getLogger("d2norm.engine.hooks.frozen_bn_switch")
+    level = lg.level
+    lg.addHandler(keep)
+    lg.setLevel(logging.INFO)
+    try:
+        trainer.train()
+    finally:
+        lg.removeHandler(keep)
+        lg.setLevel(level)
     assert hook.switched and hook.switched_at == 2
+    # the log counts tensors and their values, not "parameters" (a tensor is not one parameter)
+    msg = [m for m in seen["log"] if m.startswith("FrozenBN switch:")]
+    n_after = sum(1 for p in trainer.model.parameters() if p.requires_grad)
+    v_after = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert len(msg) == 1 and f"trainable parameter tensors " in msg[0] and f"-> {n_after} (" in msg[0], msg
+    assert f"-> {v_after} values)" in msg[0], msg
     model = trainer.model
     assert len(_frozen(model)) == len(hook.converted) == 31  # 21 backbone + 5 per-level BNs x 2 subnets
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())

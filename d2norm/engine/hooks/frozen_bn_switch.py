@@ -218,8 +218,10 @@ def switch_to_frozen_bn(trainer, trainable_affine: bool = True, names=None, laye
                 if v is ddp:
                     setattr(h, k, new)
     logger.info(
-        "FrozenBN switch: %d layers converted (%s affine), %d left unchanged; %d -> %d trainable parameters%s",
+        "FrozenBN switch: %d layers converted (%s affine), %d left unchanged; trainable parameter tensors "
+        "%d -> %d (%d -> %d values)%s",
         len(report), "trainable" if trainable_affine else "frozen", len(report.skipped), len(before), len(after),
+        sum(p.numel() for p in before), sum(p.numel() for p in after),
         "; DDP rebuilt" if trainer.model is not model else "",
     )
     return report
