@@ -15,7 +15,7 @@ from d2norm.layers.base import D2NormModule
 from d2norm.layers.batch_group_norm import BatchGroupNorm, example_group_sizes
 
 torch.set_num_threads(1)
-BUFFERS = ("running_mean", "running_mean_sq", "num_batches_tracked")
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def set_moving_stats(m, G, seed=2):
     var = torch.rand(G, generator=g, dtype=torch.float64) * 4 + 0.5
     with torch.no_grad():
         m.running_mean.copy_(mean)
-        m.running_mean_sq.copy_(var + mean**2)
+        m.running_var.copy_(var)  # = m_{x²} − m_x²
     return mean, var + mean**2
 
 
@@ -206,7 +206,7 @@ def _functional(m, x, w, b):
 def test_ema_update_matches_documented_rule():
     G = 4
     m = make(8, G, 2, momentum=0.1).train()
-    rm, rsq = m.running_mean.clone(), m.running_mean_sq.clone()
+    rm, rsq = m.running_mean.clone(), m.running_var + m.running_mean**2
     assert torch.equal(rm, torch.zeros(G, dtype=torch.float64)) and torch.equal(rsq, torch.ones(G, dtype=torch.float64))
     for step, n in enumerate((4, 5, 1), start=1):  # uneven and single-example batches too
         x = rand_x(n, 8, 3, 3, seed=10 + step)
@@ -214,13 +214,14 @@ def test_ema_update_matches_documented_rule():
         m(x)
         rm, rsq = ref_ema(x, G, rm, rsq, 0.1)
         torch.testing.assert_close(m.running_mean, rm, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(m.running_mean_sq, rsq, rtol=1e-12, atol=1e-12)
+        # m_{x²} (the literal EMA of E[x²]) = running_var + m_x²
+        torch.testing.assert_close(m.running_var, rsq - rm**2, rtol=1e-12, atol=1e-12)
         assert int(m.num_batches_tracked) == step
         # train mode updates exactly the documented buffers, all of them
         assert set(before) == set(BUFFERS)
         for k in BUFFERS:
             assert not torch.equal(before[k], snapshot(m)[k]), k
-    assert torch.all(m.running_mean_sq >= m.running_mean**2)
+    assert torch.all(m.running_var >= 0)
 
 
 def test_ema_cumulative_when_momentum_none():
@@ -230,7 +231,8 @@ def test_ema_cumulative_when_momentum_none():
         m(x)
     allx = torch.cat(xs)  # equal-size batches: cumulative average = average over all of them
     torch.testing.assert_close(m.running_mean, torch.stack([allx[:, :2].mean(), allx[:, 2:].mean()]))
-    torch.testing.assert_close(m.running_mean_sq, torch.stack([(allx[:, :2] ** 2).mean(), (allx[:, 2:] ** 2).mean()]))
+    sq = torch.stack([(allx[:, :2] ** 2).mean(), (allx[:, 2:] ** 2).mean()])
+    torch.testing.assert_close(m.running_var, sq - m.running_mean**2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,14 +385,15 @@ def test_half_input_float32_statistics(dtype):
     w, b = m.weight.detach().double(), m.bias.detach().double()
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
     torch.testing.assert_close(y.double(), ref_train(xd, G, 2, w, b, 1e-5), rtol=tol, atol=tol)
-    assert m.running_mean.dtype == m.running_mean_sq.dtype == torch.float32
+    assert m.running_mean.dtype == m.running_var.dtype == torch.float32
     rm, rsq = ref_ema(xd, G, torch.zeros(G, dtype=torch.float64), torch.ones(G, dtype=torch.float64), 0.1)
     torch.testing.assert_close(m.running_mean.double(), rm, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(m.running_mean_sq.double(), rsq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m.running_var.double(), rsq - rm**2, rtol=1e-6, atol=1e-4)
     m.eval()
     ye = m(x)
     assert ye.dtype == dtype
-    mx, mx2 = m.running_mean.double(), m.running_mean_sq.double()
+    mx = m.running_mean.double()
+    mx2 = m.running_var.double() + mx**2
     torch.testing.assert_close(ye.double(), ref_eval(xd, G, 0.5, mx, mx2, w, b, 1e-5), rtol=tol, atol=tol)
     # backward in the input dtype
     xg = x.clone().requires_grad_(True)
@@ -413,7 +416,7 @@ def test_state_dict_round_trip():
         m(rand_x(4, 8, 3, 3, dtype=torch.float32, seed=s))
     sd = m.state_dict()
     assert set(sd) == {"weight", "bias", *BUFFERS}
-    assert sd["running_mean"].shape == sd["running_mean_sq"].shape == (4,)
+    assert sd["running_mean"].shape == sd["running_var"].shape == (4,)
     m2 = BatchGroupNorm(8, num_groups=4, example_group_size=2, alpha=0.3)
     res = m2.load_state_dict(sd)
     assert not res.missing_keys and not res.unexpected_keys

@@ -92,7 +92,7 @@ def test_gaps_equal_direct_computation_and_no_side_effects():
         "shared": _ref(inputs["shared"], d(net.shared.running_mean), d(net.shared.running_var).sqrt(), "bn"),
         "n2": _ref(inputs["n2"], None, d(net.n2.running_chi), "mabn", eps=net.n2.eps),
         "n3": _ref(inputs["n3"], d(net.n3.running_mean),
-                   (d(net.n3.running_mean_sq) - d(net.n3.running_mean) ** 2).sqrt(), "bgn"),
+                   d(net.n3.running_var).sqrt(), "bgn"),
     }
     for name, ref in refs.items():
         assert set(res[name]) == set(ref), name

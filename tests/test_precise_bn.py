@@ -205,7 +205,7 @@ def _expected_buffers(norm, inputs):
     if isinstance(norm, BatchGroupNorm):
         g = [x.unflatten(1, (norm.num_groups, -1)).flatten(2, 3) for x in inputs]
         mean, _, sq = _ref_pop(g)
-        return {"running_mean": mean, "running_mean_sq": sq}
+        return {"running_mean": mean, "running_var": sq - mean * mean}  # m_{x²} − m_x² of eq 3
     mean, var, sq = _ref_pop(inputs)
     if isinstance(norm, MABN2d):
         return {"running_chi": torch.sqrt(sq + norm.eps)}
@@ -231,7 +231,7 @@ def test_recompute_chain_rebatches_and_uses_eq2():
     changed = state_diff(before, snapshot(model))
     assert changed == {
         "norms.0.running_mean", "norms.0.running_var", "norms.1.running_mean", "norms.1.running_var",
-        "norms.2.running_mean", "norms.2.running_mean_sq", "norms.3.running_chi",
+        "norms.2.running_mean", "norms.2.running_var", "norms.3.running_chi",
     }
 
 
@@ -357,7 +357,7 @@ def test_every_layer_type_recomputed_and_nothing_else_changes():
     for name in ("evalnorm", "ghost", "ewbn", "bsbn", "anysync"):
         _check_buffers(getattr(model, name), {"running_mean": mean, "running_var": var})
     _check_buffers(model.mabn, {"running_chi": torch.sqrt(sq + model.mabn.eps)})
-    _check_buffers(model.bgn, {"running_mean": mean, "running_mean_sq": sq})  # 1 channel per group
+    _check_buffers(model.bgn, {"running_mean": mean, "running_var": sq - mean * mean})  # 1 channel per group
     m1, v1, _ = _ref_pop([2 * data + 1])
     torch.testing.assert_close(model.dom.running_mean, torch.stack([mean, m1]))
     torch.testing.assert_close(model.dom.running_var, torch.stack([var, v1]))
@@ -367,8 +367,9 @@ def test_every_layer_type_recomputed_and_nothing_else_changes():
 
     expected = {f"{n}.running_mean" for n in ("evalnorm", "ghost", "ewbn", "bsbn", "anysync", "bgn", "dom",
                                                  "dom_shared")}
-    expected |= {f"{n}.running_var" for n in ("evalnorm", "ghost", "ewbn", "bsbn", "anysync", "dom", "dom_shared")}
-    expected |= {"mabn.running_chi", "bgn.running_mean_sq"}
+    expected |= {f"{n}.running_var" for n in ("evalnorm", "ghost", "ewbn", "bsbn", "anysync", "bgn", "dom",
+                                               "dom_shared")}
+    expected |= {"mabn.running_chi"}
     assert state_diff(before, snapshot(model)) == expected
 
 

@@ -135,23 +135,32 @@ def _box_head():
 
 
 class _CountingAllReduce:
-    """Counts torch.distributed.all_reduce calls (the layer must make exactly one per forward/backward)."""
+    """Counts torch.distributed collectives (all_reduce, all_gather_into_tensor); the layer must make exactly
+    one per forward and one per backward."""
+
+    _NAMES = ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast")
 
     def __init__(self):
         import torch.distributed as dist
 
-        self.dist, self.orig, self.calls = dist, dist.all_reduce, 0
+        self.dist, self.calls = dist, 0
+        self.orig = {n: getattr(dist, n) for n in self._NAMES}
 
     def __enter__(self):
-        def counted(*a, **k):
-            self.calls += 1
-            return self.orig(*a, **k)
+        def counting(fn):
+            def counted(*a, **k):
+                self.calls += 1
+                return fn(*a, **k)
 
-        self.dist.all_reduce = counted
+            return counted
+
+        for n, fn in self.orig.items():
+            setattr(self.dist, n, counting(fn))
         return self
 
     def __exit__(self, *exc):
-        self.dist.all_reduce = self.orig
+        for n, fn in self.orig.items():
+            setattr(self.dist, n, fn)
 
 
 def _sync_bn_worker(rank, world_size, data):

@@ -6,6 +6,7 @@ channels of each example and *across* examples in groups within each batch"; com
 Inference Example Weighing (four-things §3.1, eq 3), as the paper does for every method of §3.4.
 """
 import itertools
+import logging
 from typing import List, Optional, Tuple
 
 import torch
@@ -16,6 +17,8 @@ from .ghost_bn import ghost_batch_sizes
 from .registry import register_norm
 
 __all__ = ["BatchGroupNorm", "example_group_sizes"]
+
+logger = logging.getLogger(__name__)
 
 
 def example_group_sizes(n: int, example_group_size: int) -> List[int]:
@@ -61,23 +64,35 @@ class BatchGroupNorm(nn.Module, D2NormModule):
 
     **Moving statistics** (registered buffers, one value per *channel group*, float32 unless the module is cast):
 
-    * ``running_mean``    ``m_x``:    EMA of the batch mean ``mean_i μ_i`` of each channel group,
-    * ``running_mean_sq`` ``m_{x²}``: EMA of the batch second moment ``mean_i (v_i + μ_i²)`` = ``E[x²]``,
+    * ``running_mean`` ``m_x``: EMA of the batch mean ``μ_b = mean_i μ_i`` of each channel group,
+    * ``running_var``  ``m_{x²} − m_x²``: the variance about ``m_x`` of the same EMA mixture, so that
+      ``m_{x²} = running_var + running_mean²`` is exactly the EMA of the batch second moment ``E[x²]`` that eq 3
+      is written in. It is updated in centered form (the variance of a two-component mixture),
+
+          v_b = mean_i (v_i + (μ_i − μ_b)²),   d = μ_b − m_x,
+          m_x ← m_x + f·d,   running_var ← (1 − f)·running_var + f·v_b + f(1 − f)·d²,
+
+      which equals ``EMA(E[x²]) − EMA(E[x])²`` in exact arithmetic but never forms that difference: storing
+      ``m_{x²}`` itself and subtracting ``m_x²`` at inference cancels catastrophically in float32 when
+      |mean| ≫ std (at mean 1e3, std 1 the output was off by 0.8; rethinking A.10 "numerical precision").
+      Checkpoints holding the earlier raw buffer ``running_mean_sq`` load (converted in float64, logged).
     * ``num_batches_tracked``: number of updates (used when ``momentum is None``: cumulative average).
 
-    ``r ← (1 − momentum)·r + momentum·batch`` (torch's convention), once per training forward with ``N > 0``.
-    Why the second moment and not a variance: eq 3 is written in ``m_x`` and ``m_{x²}``, and EMAs of ``E[x]``
-    and ``E[x²]`` estimate the population moments of each channel group without any bias correction, whereas the
-    biased example-group variances used in training underestimate the population variance by the spread of the
-    example-group means, by an amount that depends on the group size. Per channel group (not per channel) because
-    training normalizes per channel group, so ``α = 0`` normalizes at the same granularity as training. The
-    invariant ``m_{x²} ≥ m_x²`` holds for every EMA (init 0 / 1, convex updates).
+    ``f = momentum`` (torch's convention ``r ← (1 − f)·r + f·batch``), once per training forward with ``N > 0``.
+    Why the literal EMA of ``E[x²]`` (and not, like ExampleWeightedBN, BN's EMA of unbiased batch variances):
+    eq 3 is written in ``m_x`` and ``m_{x²}``, and EMAs of ``E[x]`` and ``E[x²]`` estimate the population moments of each channel group without any bias
+    correction, whereas the biased example-group variances used in training underestimate the population
+    variance by the spread of the example-group means, by an amount that depends on the group size. (Both
+    layers represent eq 3's moments the same way, ``m_{x²} = running_var + m_x²``; ExampleWeightedBN must use
+    BN's buffers so that α = 0 is exactly BN and BN checkpoints load.) Per channel group (not per channel)
+    because training normalizes per channel group, so ``α = 0`` normalizes at the same granularity as training.
+    ``running_var ≥ 0`` holds for every update.
 
     **Inference** (eq 3), per example ``i`` and channel group ``g``, never touching a buffer::
 
         μ_i  = α·E[x_i] + (1 − α)·m_x
         σ²_i = α·E[x_i²] + (1 − α)·m_{x²} − μ_i²
-             = α·v_i + (1 − α)·(m_{x²} − m_x²) + α(1 − α)·(E[x_i] − m_x)²      (same value, no cancellation)
+             = α·v_i + (1 − α)·running_var + α(1 − α)·(E[x_i] − m_x)²      (same value, no cancellation)
 
     ``α = 1``: GroupNorm (the example's own statistics only); ``α = 0``: moving statistics only (a fixed affine
     map, no reduction over ``x`` is computed). Each example is normalized independently of the others.
@@ -148,7 +163,7 @@ class BatchGroupNorm(nn.Module, D2NormModule):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self.register_buffer("running_mean", torch.zeros(num_groups, **f))
-        self.register_buffer("running_mean_sq", torch.ones(num_groups, **f))
+        self.register_buffer("running_var", torch.ones(num_groups, **f))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
     def extra_repr(self) -> str:
@@ -204,9 +219,18 @@ class BatchGroupNorm(nn.Module, D2NormModule):
         return affine_from_stats(m.repeat_interleave(cpg), var.repeat_interleave(cpg), self.eps, self.weight, self.bias)
 
     def _population_moments(self, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``m_x`` and ``m_{x²} − m_x²`` (clamped at 0 against rounding) from the buffers, as ``dtype``."""
-        m = self.running_mean.to(dtype)
-        return m, (self.running_mean_sq.to(dtype) - m * m).clamp(min=0.0)
+        """``m_x`` and ``m_{x²} − m_x²`` (= ``running_var``) from the buffers, as ``dtype``."""
+        return self.running_mean.to(dtype), self.running_var.to(dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        legacy, key = prefix + "running_mean_sq", prefix + "running_var"
+        if legacy in state_dict and key not in state_dict and prefix + "running_mean" in state_dict:
+            msq = state_dict.pop(legacy).double()
+            m = state_dict[prefix + "running_mean"].double()
+            state_dict[key] = (msq - m * m).clamp(min=0).to(self.running_var.dtype)
+            logger.info("BatchGroupNorm %r: converted the checkpoint's running_mean_sq (m_{x²}) into running_var "
+                        "= m_{x²} − m_x² (float64)", prefix.rstrip("."))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _normalize(self, x, mean, var, xs=None) -> torch.Tensor:
         """``y = xs·scale + shift`` in one fused op; ``mean``/``var`` are (N or 1, G) or scalars."""
@@ -232,13 +256,15 @@ class BatchGroupNorm(nn.Module, D2NormModule):
 
     @torch.no_grad()
     def _update_moving_stats(self, mu_i: torch.Tensor, var_i: torch.Tensor) -> None:
-        """EMA of the batch's ``E[x]`` and ``E[x²]`` per channel group (class docstring)."""
+        """EMA of the batch's ``E[x]`` and (centered) ``E[x²]`` per channel group (class docstring)."""
         batch_mean = mu_i.mean(0)
-        batch_mean_sq = (var_i + mu_i * mu_i).mean(0)
+        batch_var = (var_i + (mu_i - batch_mean) ** 2).mean(0)  # all examples hold equally many elements
         self.num_batches_tracked.add_(1)
-        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        self.running_mean.mul_(1.0 - m).add_(batch_mean.to(self.running_mean.dtype), alpha=m)
-        self.running_mean_sq.mul_(1.0 - m).add_(batch_mean_sq.to(self.running_mean_sq.dtype), alpha=m)
+        f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        d = batch_mean.to(self.running_mean.dtype) - self.running_mean
+        self.running_mean.add_(d, alpha=f)
+        self.running_var.mul_(1.0 - f).add_(batch_var.to(self.running_var.dtype), alpha=f)
+        self.running_var.add_(d * d, alpha=f * (1.0 - f))
 
 
 def _check_int(name: str, value) -> None:

@@ -64,7 +64,7 @@ def _convert_one(old: nn.Module, to: str, prefix: str, report: ConversionReport)
     dst = new.state_dict()
     # BN statistics mean the same thing only in BN-derived targets; other layers (MABN, BGN) take the affine.
     mappable = set(dst) if isinstance(new, nn.BatchNorm2d) else {"weight", "bias"}
-    unmapped = []
+    unmapped, copied = [], set()
     with torch.no_grad():
         for k, v in src.items():
             if k not in mappable:
@@ -75,7 +75,10 @@ def _convert_one(old: nn.Module, to: str, prefix: str, report: ConversionReport)
                 unmapped.append(k)
                 continue
             dst[k].copy_(value.to(dst[k].dtype))
-    missing = [k for k in dst if k not in src]
+            copied.add(k)
+    # every target entry not copied is left at its init (also one whose name the source has, e.g. BGN's
+    # running_var, which is not BN's)
+    missing = [k for k in dst if k not in copied]
     if unmapped:
         report.unmapped_source[prefix] = unmapped
     if missing:

@@ -23,6 +23,7 @@ from torch import nn
 
 
 from .base import D2NormBatchNorm2d, NotAnAffine, affine_from_stats, skip_nonfinite_stats
+from .moments import pooled_moments
 from .registry import register_norm
 
 __all__ = ["DomainBatchNorm2d", "domain_scope", "current_domain"]
@@ -333,8 +334,8 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
         if n < 2:
             raise ValueError(f"Expected more than 1 value per channel over all domains when training, got {n}")
         # Statistics of the concatenation from per-domain moments (no concatenated copy of the activations).
-        mean = sum(c / n * m for c, m in zip(counts, means))
-        var = sum(c / n * (v + (m - mean).square()) for c, m, v in zip(counts, means, vars_))
+        c = torch.tensor(counts, dtype=stat_dtype, device=means[0].device)[:, None]
+        _, mean, var = pooled_moments(c, torch.stack(means), torch.stack(vars_))
         inv_std = torch.rsqrt(var + self.eps)
 
         outs = []

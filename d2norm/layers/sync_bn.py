@@ -1,8 +1,9 @@
 """Synchronized BatchNorm for any device (CPU/gloo and CUDA/NCCL), exact with uneven and empty inputs.
 
-rethinking A.5 (SyncBN: the normalization batch spans the workers), A.6 (one all-reduce of per-channel
-E[x], E[x²]; Var = E[x²] − E[x]²; workers may hold different numbers of elements, e.g. RoIs), A.10 ("Empty
-inputs ... handling empty inputs and control flow without communication deadlocks").
+rethinking A.5 (SyncBN: the normalization batch spans the workers), A.6 (statistics of the union of the
+workers' batches; workers may hold different numbers of elements, e.g. RoIs), A.10 ("Empty inputs ...
+handling empty inputs and control flow without communication deadlocks"; "numerical precision": per-rank
+moments are merged exactly instead of forming E[x²] − E[x]²).
 
 Differences from torch's ``nn.SyncBatchNorm``: it runs on CPU tensors (gloo), and every statistic is weighted
 by each rank's element count N·H·W, so the result equals BatchNorm over the concatenated batch of all ranks
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import D2NormBatchNorm2d, skip_nonfinite_stats
-from ..utils.comm import all_reduce_sum_detached, group_world_size, sync_subgroup
+from ..utils.comm import all_gather_rows_detached, all_reduce_sum_detached, group_world_size, sync_subgroup
+from .moments import pooled_moments
 from .registry import register_norm
 
 __all__ = ["AnySyncBatchNorm2d", "SyncBatchNormFunction"]
@@ -29,23 +31,28 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode SyncBN over ``group`` (``None`` = all ranks; a single process = plain BN math).
 
-    Forward (rethinking A.6), per channel, with M = Σ_r N_r·H_r·W_r the global element count:
-        μ = Σ x / M,  σ² = Σ x² / M − μ²,  y = γ·(x − μ)/√(σ² + ε) + β
-    from **one** all-reduce of ``[Σx, Σx², count]`` (2C + 1 numbers, float32 for fp16/bf16 input).
+    Forward (rethinking A.6: the statistics of the whole normalization batch), per channel: every rank r
+    computes its element count c_r = N_r·H_r·W_r, mean m_r and biased variance v_r (one fused Welford pass),
+    the (m_r, v_r, c_r) of all ranks are exchanged with **one** all-gather (W·(2C + 1) numbers, float32 for
+    fp16/bf16 input; torch's ``nn.SyncBatchNorm`` gathers per-rank statistics the same way) and merged exactly
+    (:func:`d2norm.layers.moments.pooled_moments`):
+
+        M = Σ c_r,  μ = Σ (c_r/M)·m_r,  σ² = Σ (c_r/M)·(v_r + (m_r − μ)²),  y = γ·(x − μ)/√(σ² + ε) + β
+
+    We do not all-reduce A.6's [Σx, Σx²] (a (2C + 1)-number message): its σ² = E[x²] − μ² cancels
+    catastrophically in float32 when |μ| ≫ σ (rethinking A.10 "numerical precision": at mean 1e4, std 1 it is
+    off by orders of magnitude), whereas the pooled form is as accurate as torch's single-process BN.
 
     Backward (the BN gradient with global means; x̂ = (x − μ)/√(σ² + ε)):
         ∂L/∂x = γ/√(σ² + ε) · (dy − Σdy / M − x̂ · Σ(dy·x̂) / M)
-    from **one** all-reduce of ``[Σdy, Σdy·x̂]`` (2C numbers). ∂L/∂γ = Σ_local dy·x̂ and ∂L/∂β = Σ_local dy
-    are this rank's share: data parallelism (DDP) sums/averages parameter gradients across ranks.
+    from **one** all-reduce of ``[Σdy, Σdy·(x − μ)]`` (2C numbers; centered at the global μ on every rank, so
+    no cancellation either). ∂L/∂γ = Σ_local dy·x̂ and ∂L/∂β = Σ_local dy are this rank's share: data
+    parallelism (DDP) sums/averages parameter gradients across ranks.
 
-    A rank with N = 0 contributes zeros and still joins both all-reduces (the backward one runs whenever
+    A rank with N = 0 contributes c = 0 and still joins both collectives (the backward one runs whenever
     backward reaches this node, independent of which inputs need gradients, so it cannot differ by rank).
 
     Returns ``(y, mean, biased_var, count)``; the last three are the global statistics (not differentiable).
-
-    Numerics: locally Σx, Σx² come from a Welford ``var_mean``, but the global variance is A.6's
-    E[x²] − E[x]² (clamped at 0), which loses precision when |mean| ≫ std in float32; the exact alternative
-    (all-gather of per-rank mean/M2/count) needs a world-size-proportional message instead of one all-reduce.
     fp16/bf16 inputs are upcast to float32 for the reductions (forward and backward).
     """
 
@@ -55,17 +62,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
         C = x.shape[1]
         n = x.shape[0] * x.shape[2] * x.shape[3]
         if n > 0:
-            xs = x.to(sd)
-            # One fused (Welford) pass gives the local mean/var; Σx and Σx² follow exactly from them.
-            var_l, mean_l = torch.var_mean(xs, dim=_DIMS, correction=0)
-            local = torch.cat([mean_l * n, (var_l + mean_l * mean_l) * n, mean_l.new_full((1,), n)])
+            var_l, mean_l = torch.var_mean(x.to(sd), dim=_DIMS, correction=0)
+            local = torch.cat([mean_l, var_l, mean_l.new_full((1,), n)])
         else:
             local = torch.zeros(2 * C + 1, dtype=sd, device=x.device)
-        total = all_reduce_sum_detached(local, group) if group_world_size(group) > 1 else local
-        sum_x, sum_x2, count = total[:C], total[C : 2 * C], total[2 * C]
-        m = count.clamp(min=1)  # M = 0 only if every rank is empty: statistics are then 0, never NaN
-        mean = sum_x / m
-        var = (sum_x2 / m - mean * mean).clamp(min=0)
+        rows = all_gather_rows_detached(local, group) if group_world_size(group) > 1 else local[None]
+        # M = 0 only if every rank is empty: statistics are then 0, never NaN
+        count, mean, var = pooled_moments(rows[:, 2 * C :], rows[:, :C], rows[:, C : 2 * C])
+        count = count.reshape(())
         invstd = torch.rsqrt(var + eps)
 
         w = weight.to(sd) if weight is not None else None

@@ -27,7 +27,7 @@ Statistics per layer type (the "rows" of a layer's :class:`~d2norm.stats.estimat
   shows that population statistics estimated with small B (≈ the ghost size) are worse. Sync layers normalize
   per rank during the pass (no collective inside the forward; only the final moment all-reduce is one).
 * :class:`~d2norm.layers.batch_group_norm.BatchGroupNorm`: per channel group, ``running_mean`` ← E[x] and
-  ``running_mean_sq`` ← E[x²] over all values of the group (the m_x, m_{x²} of four-things eq 3).
+  ``running_var`` ← E[x²] − E[x]² over all values of the group (the m_x, m_{x²} − m_x² of four-things eq 3).
 * :class:`~d2norm.layers.mabn.MABN2d`: per channel, ``running_chi`` ← χ_pop = sqrt(E_pop[x²] + ε) (mabn eq 15
   with the population as the batch; inference is z = γ·x/χ̂ + β). The χ² / Ψ ring buffers and counters are
   training state and stay untouched. During the pass the layer normalizes with χ_B of the call (mabn eq 15,
@@ -323,7 +323,8 @@ class BGNAdapter(StatsAdapter):
     def write(self, slot, est):
         m = self.module
         m.running_mean.copy_(est.mean.to(m.running_mean.dtype))
-        m.running_mean_sq.copy_(est.sq_mean.to(m.running_mean_sq.dtype))
+        # m_{x²} − m_x² in float64 (the estimate's E[x²] is float64: no float32 cancellation)
+        m.running_var.copy_((est.sq_mean - est.mean * est.mean).clamp(min=0).to(m.running_var.dtype))
 
 
 class MABNAdapter(StatsAdapter):

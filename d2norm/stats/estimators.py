@@ -23,7 +23,7 @@ Numerics: moments are merged with Chan et al.'s pairwise update in float64 (coun
 a second one of M2_r + N_r(μ_r − μ)² the global M2.
 
 Besides mean and (unbiased) variance, every estimate carries the raw second moment E[x²] that MABN's χ̂
-(mabn eq 15) and BGN's ``running_mean_sq`` (four-things §3.1 eq 3's m_{x²}) store.
+(mabn eq 15) stores and BGN's m_{x²} (four-things §3.1 eq 3) is written in.
 """
 from dataclasses import dataclass
 from typing import List, Optional, Sequence

@@ -26,7 +26,7 @@ head, pools its calls, count-weighted). Which σ each layer type compares, match
 
 * BN family (GhostBN, EvalNorm, AnySyncBN, DomainBN, ...): σ = sqrt(unbiased variance) (torch's
   ``running_var``);
-* BGN: σ = sqrt(E[x²] − E[x]²) per channel group (its ``running_mean_sq`` is an EMA of the raw moment);
+* BGN: σ = sqrt(E[x²] − E[x]²) per channel group (its ``running_var``);
 * MABN: no mean (``mean_*`` not reported); σ is χ = sqrt(E[x²] + ε) (``running_chi``, mabn eq 15).
 """
 import re
@@ -63,7 +63,7 @@ def _ema(adapter: StatsAdapter, slot: int):
         return None, m.running_chi.detach().double()
     if isinstance(adapter, BGNAdapter):
         mean = m.running_mean.detach().double()
-        return mean, (m.running_mean_sq.detach().double() - mean * mean).clamp(min=0).sqrt()
+        return mean, m.running_var.detach().double().sqrt()
     rm, rv = m.running_mean.detach().double(), m.running_var.detach().double()
     if isinstance(adapter, DomainBNAdapter) and rm.dim() == 2:
         rm, rv = rm[slot], rv[slot]

@@ -34,6 +34,7 @@ __all__ = [
     "group_world_size",
     "all_reduce_sum",
     "all_reduce_sum_detached",
+    "all_gather_rows_detached",
     "all_gather_variable",
     "shared_permutation",
     "sync_subgroup",
@@ -66,6 +67,18 @@ def all_reduce_sum_detached(t: torch.Tensor, group=None) -> torch.Tensor:
     buf = t.detach().to(_comm_device(t.device, group), copy=True).contiguous()
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
     return buf.to(t.device)
+
+
+def all_gather_rows_detached(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Non-differentiable all-gather of an equal-shape tensor from every rank of ``group``: returns
+    ``(world, *t.shape)`` on ``t.device``, row r = rank r's ``t`` (one collective; torch's ``nn.SyncBatchNorm``
+    gathers its per-rank statistics the same way). Must be called with more than one rank."""
+    dev = _comm_device(t.device, group)
+    buf = t.detach().to(dev, copy=True).contiguous()
+    world = group_world_size(group)
+    out = buf.new_empty(world * buf.numel())  # flat: gloo accepts only a 1-d output here
+    dist.all_gather_into_tensor(out, buf.reshape(-1), group=group)
+    return out.view((world,) + tuple(buf.shape)).to(t.device)
 
 
 # Earlier name, imported by d2norm.stats.estimators.

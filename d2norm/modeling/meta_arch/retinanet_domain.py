@@ -75,6 +75,7 @@ from torch import Tensor, nn
 from ...layers.base import skip_nonfinite_stats
 from ...utils.comm import all_reduce_sum, group_world_size, sync_subgroup
 from ...layers.domain_bn import DomainBatchNorm2d
+from ...layers.moments import pooled_moments
 
 __all__ = [
     "SyncDomainBatchNorm2d",
@@ -102,7 +103,9 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
     Training with more than one rank in the group: each rank computes, per domain input, its element count
     c, mean m and biased variance v (one fused pass); the (c, m, v) of every rank and domain are exchanged
     with **one** differentiable SUM all-reduce (:func:`all_reduce_sum` of a (ranks, domains, 2C + 1) tensor
-    in which each rank fills its own slot) and combined exactly, weighted by element count:
+    in which each rank fills its own slot) and combined exactly, weighted by element count
+    (:func:`d2norm.layers.moments.pooled_moments`; never E[x²] − E[x]², which cancels in float32 when
+    |μ| ≫ σ, rethinking A.10):
 
         M = Σ c,   μ = Σ c·m / M,   σ² = Σ c·(v + (m − μ)²) / M
 
@@ -178,15 +181,12 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
         allstats = all_reduce_sum(slots, group)  # (world, D, 2C + 1): every rank's (m, v, c) per domain
         m_rd, v_rd, c_rd = allstats[..., :C], allstats[..., C : 2 * C], allstats[..., 2 * C :]
         # per domain input over ranks, then (shared) over domains: exact two-level pooling
-        c_d = c_rd.sum(0)  # (D, 1)
-        m_d = (c_rd * m_rd).sum(0) / c_d.clamp(min=1)
-        v_d = (c_rd * (v_rd + (m_rd - m_d).square())).sum(0) / c_d.clamp(min=1)
+        c_d, m_d, v_d = pooled_moments(c_rd, m_rd, v_rd)  # (D, 1), (D, C), (D, C)
         if self.train_stats == "per_domain":
             stats = [(m_d[i], v_d[i]) for i in range(D)]
         else:
-            M = c_d.sum()
-            mean = (c_d * m_d).sum(0) / M.clamp(min=1)
-            var = (c_d * (v_d + (m_d - mean).square())).sum(0) / M.clamp(min=1)
+            M, mean, var = pooled_moments(c_d, m_d, v_d)
+            M = M.reshape(())
             stats = [(mean, var)] * D
 
         outs = []
