@@ -538,3 +538,16 @@ def test_weight_decay_norm_applies_to_bgn_affine():
     assert wd[id(conv.weight)] == 1e-4
     assert wd[id(bgn.weight)] == 0.0 and wd[id(bgn.bias)] == 0.0
     assert len(wd) == 3  # buffers are not parameters
+
+
+def test_legacy_running_mean_sq_checkpoint_loads_as_centered_variance():
+    """A checkpoint with the raw m_{x²} buffer (``running_mean_sq``) loads strictly: running_var = m_{x²} − m_x²."""
+    m = make(8, 4, 2, alpha=0.5, dtype=torch.float32)
+    mean = torch.tensor([1.0, -2.0, 30.0, 0.5])
+    var = torch.tensor([0.5, 2.0, 1.5, 4.0])
+    sd = {"weight": m.weight.detach().clone(), "bias": m.bias.detach().clone(), "running_mean": mean,
+          "running_mean_sq": (var.double() + mean.double() ** 2).float(), "num_batches_tracked": torch.tensor(3)}
+    res = m.load_state_dict(sd)
+    assert not res.missing_keys and not res.unexpected_keys
+    torch.testing.assert_close(m.running_var, var, rtol=1e-5, atol=1e-5)
+    assert int(m.num_batches_tracked) == 3 and "running_mean_sq" not in m.state_dict()

@@ -65,7 +65,7 @@ def ref_bgn(clean, groups):
         v = x.reshape(N, groups, -1).transpose(0, 1).reshape(groups, -1)  # all values of each channel group
         rm = (1 - MOM) * rm + MOM * v.mean(1)
         rsq = (1 - MOM) * rsq + MOM * (v * v).mean(1)
-    return {"running_mean": rm, "running_mean_sq": rsq}
+    return {"running_mean": rm, "running_var": rsq - rm * rm}  # m_{x²} − m_x² (four-things eq 3)
 
 
 def ref_mabn(clean, alpha, eps):
