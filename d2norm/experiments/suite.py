@@ -1,0 +1,98 @@
+"""Run experiments: measure every seed, compute the verdict, write ``<name>.json`` + ``<name>.png``, print one
+line."""
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+from .core import Experiment, result_record
+from .runner import Context
+
+__all__ = ["run_experiment", "bar_plot", "write_record", "verdict_line", "summarize"]
+
+
+def summarize(values: Sequence[float]) -> str:
+    """``"mean ± spread"`` (sample std; no spread for one seed)."""
+    v = [float(x) for x in values]
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return f"{m:.2f}"
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return f"{m:.2f} ± {s:.2f}"
+
+
+def verdict_line(rec: Dict) -> str:
+    conds = "; ".join(f"{c} {summarize(v['ap'])}" for c, v in rec["conditions"].items())
+    return (f"[{rec['name']}] verdict: {rec['verdict']} (expected {rec['expected']}) | AP over seeds "
+            f"{rec['seeds']}: {conds} | {rec['wall_s']:.0f} s")
+
+
+def bar_plot(rec: Dict, path: str) -> str:
+    """Mean AP ± spread per condition with the per-seed values as dots; the verdict in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rec["conditions"])
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 2), 4.2))
+    for i, n in enumerate(names):
+        ap = rec["conditions"][n]["ap"]
+        m = sum(ap) / len(ap)
+        s = (math.sqrt(sum((x - m) ** 2 for x in ap) / (len(ap) - 1)) if len(ap) > 1 else 0.0)
+        ax.bar(i, m, yerr=s, color="#8fb3d9", edgecolor="k", capsize=4)
+        ax.scatter([i] * len(ap), ap, color="k", s=12, zorder=3)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("COCO box AP (synthetic val)")
+    ax.set_title(f"{rec['name']}: {rec['verdict']}  ({rec['paper']} {rec['section']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_record(rec: Dict, output_dir: str, plot=None) -> Dict[str, str]:
+    os.makedirs(output_dir, exist_ok=True)
+    jpath = os.path.join(output_dir, f"{rec['name']}.json")
+    with open(jpath, "w") as f:
+        json.dump(rec, f, indent=1)
+    ppath = (plot or bar_plot)(rec, os.path.join(output_dir, f"{rec['name']}.png"))
+    return {"json": jpath, "png": ppath}
+
+
+def run_experiment(exp: Experiment, ctx: Context, seeds: Sequence[int], output_dir: str, command: str,
+                   log=print, jobs: int = 1) -> Dict:
+    """Measure ``exp`` for each training seed (``jobs`` seeds at a time: their subprocesses run concurrently),
+    write its JSON and PNG into ``output_dir``, print the verdict."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.time()
+    first_cmd, first_train = len(ctx.commands), len(ctx.trainings)
+    per_seed, extras = {}, {}
+
+    def one(s):
+        log(f"[{exp.name}] seed {s}", flush=True)
+        return s, exp.measure(ctx, s)
+
+    with ThreadPoolExecutor(max_workers=max(1, int(jobs))) as pool:
+        results = list(pool.map(one, seeds))
+    for s, out in results:
+        res, extra = out if isinstance(out, tuple) else (out, None)
+        per_seed[s] = {c: tuple(v) for c, v in res.items()}
+        if extra is not None:
+            extras[str(s)] = extra
+    wall = time.time() - start
+    used = {t["dir"]: t["wall_s"] for t in ctx.trainings[first_train:]}
+    # wall_s is this invocation's time; trainings reused from an earlier experiment are listed with their own
+    details = {"data_seed": ctx.data_seed, "scale_note": exp.scale_note, "subcommands": ctx.commands[first_cmd:],
+               "trainings": [{"dir": d, "wall_s": w} for d, w in used.items()],
+               "training_wall_s": sum(used.values())}
+    if extras:
+        details["extra"] = extras
+    rec = result_record(exp, per_seed, command, wall, details)
+    if not ctx.dry_run:
+        write_record(rec, output_dir, exp.plot)
+    log(verdict_line(rec), flush=True)
+    return rec
