@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/cpu/faster_rcnn_R18_FPN_ghostbn.yaml
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench reproduce
 
 install:
 	bash scripts/install.sh
@@ -17,3 +17,8 @@ test: install
 
 bench: install
 	$(PY) tools/benchmark_norms.py
+
+# Paper effects at CPU scale (README): every experiment of d2norm/experiments, JSON + PNG into results/paper_effects.
+REPRODUCE_ARGS ?=
+reproduce: install
+	$(PY) tools/reproduce.py $(REPRODUCE_ARGS)

@@ -19,11 +19,14 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from d2norm.experiments import Context, get_experiments, run_experiment  # noqa: E402
+from d2norm.experiments.suite import markdown_table  # noqa: E402
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="list the experiments and their expectations, run nothing")
+    p.add_argument("--table", action="store_true",
+                   help="print the README table from the JSON records in --output-dir, run nothing")
     p.add_argument("--only", help="comma-separated experiment names (default: all)")
     p.add_argument("--seeds", type=int, help="training seeds 0..K-1 (default: each experiment's default, 2)")
     p.add_argument("--first-seed", type=int, default=0, help="first training seed (default 0)")
@@ -57,6 +60,9 @@ def main(argv=None) -> int:
     if args.list:
         for e in exps:
             print(f"{e.name:24s} {e.paper} {e.section}\n    expected: {e.expected}")
+        return 0
+    if args.table:
+        print(markdown_table(exps, args.output_dir))
         return 0
     ctx = Context(work_dir=args.work_dir, data_seed=args.data_seed, nice=args.nice, threads=args.threads,
                   dry_run=args.dry_run, extra_opts=tuple(args.opts))

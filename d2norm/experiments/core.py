@@ -36,6 +36,7 @@ __all__ = [
     "combine_verdicts",
     "result_record",
     "REQUIRED_KEYS",
+    "mean_std",
     "VERDICTS",
 ]
 
@@ -104,6 +105,12 @@ def _std(v: Sequence[float]) -> float:
         return float("nan")
     m = _mean(v)
     return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """(mean, sample std) of per-seed values; the std is NaN for one value."""
+    v = [float(x) for x in values]
+    return _mean(v), _std(v)
 
 
 def _term(side, values: Dict[str, Sequence[float]]) -> List[float]:

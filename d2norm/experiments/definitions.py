@@ -10,7 +10,7 @@ iterations at 128 px on the bundled 400-image synthetic set (``configs/cpu/``); 
 import math
 from typing import Dict, List, Tuple
 
-from .core import Experiment
+from .core import Experiment, mean_std
 from .runner import Context
 from . import runs as R
 
@@ -55,9 +55,8 @@ def _line_plot_along_training(rec: Dict, path: str) -> str:
         xs, ms, ss = [], [], []
         for it in PBN_ITERS:
             ap = rec["conditions"][f"{kind} @{it}"]["ap"]
-            m = sum(ap) / len(ap)
-            s = math.sqrt(sum((x - m) ** 2 for x in ap) / (len(ap) - 1)) if len(ap) > 1 else 0.0
-            xs.append(it), ms.append(m), ss.append(s)
+            m, s = mean_std(ap)
+            xs.append(it), ms.append(m), ss.append(0.0 if math.isnan(s) else s)
             ax.scatter([it] * len(ap), ap, color=color, s=10, alpha=0.6)
         ax.errorbar(xs, ms, yerr=ss, color=color, label=kind, capsize=3)
     ax.set_xlabel("iteration (LR 0.02 until 300, x0.1 at 300, x0.01 at 370)")

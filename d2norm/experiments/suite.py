@@ -6,7 +6,7 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .core import Experiment, result_record
+from .core import Experiment, mean_std, result_record
 from .runner import Context
 
 __all__ = ["run_experiment", "bar_plot", "write_record", "verdict_line", "summarize"]
@@ -14,12 +14,8 @@ __all__ = ["run_experiment", "bar_plot", "write_record", "verdict_line", "summar
 
 def summarize(values: Sequence[float]) -> str:
     """``"mean ± spread"`` (sample std; no spread for one seed)."""
-    v = [float(x) for x in values]
-    m = sum(v) / len(v)
-    if len(v) < 2:
-        return f"{m:.2f}"
-    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-    return f"{m:.2f} ± {s:.2f}"
+    m, s = mean_std(values)
+    return f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}"
 
 
 def verdict_line(rec: Dict) -> str:
@@ -39,9 +35,8 @@ def bar_plot(rec: Dict, path: str) -> str:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 2), 4.2))
     for i, n in enumerate(names):
         ap = rec["conditions"][n]["ap"]
-        m = sum(ap) / len(ap)
-        s = (math.sqrt(sum((x - m) ** 2 for x in ap) / (len(ap) - 1)) if len(ap) > 1 else 0.0)
-        ax.bar(i, m, yerr=s, color="#8fb3d9", edgecolor="k", capsize=4)
+        m, s = mean_std(ap)
+        ax.bar(i, m, yerr=0.0 if math.isnan(s) else s, color="#8fb3d9", edgecolor="k", capsize=4)
         ax.scatter([i] * len(ap), ap, color="k", s=12, zorder=3)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
@@ -96,3 +91,34 @@ def run_experiment(exp: Experiment, ctx: Context, seeds: Sequence[int], output_d
         write_record(rec, output_dir, exp.plot)
     log(verdict_line(rec), flush=True)
     return rec
+
+
+def _paper_numbers(values: Dict) -> str:
+    def fmt(v):
+        if isinstance(v, dict):
+            return ", ".join(f"{k} {fmt(x)}" for k, x in v.items())
+        return str(v)
+
+    return "; ".join(f"{k}: {fmt(v)}" for k, v in values.items() if k != "metric")
+
+
+def markdown_table(experiments: Sequence[Experiment], output_dir: str) -> str:
+    """The README table from the JSON records in ``output_dir``: one row per experiment; an experiment without
+    a record is listed as not run."""
+    rows = ["| experiment | paper claim (paper numbers) | ours: box AP mean ± std over seeds | verdict | command | time |",
+            "|---|---|---|---|---|---|"]
+    for e in experiments:
+        path = os.path.join(output_dir, f"{e.name}.json")
+        claim = f"{e.paper} {e.section}: {e.claim} ({_paper_numbers(e.paper_values)})"
+        if not os.path.isfile(path):
+            rows.append(f"| `{e.name}` | {claim} | not run (time) | – | `python tools/reproduce.py --only {e.name}` | – |")
+            continue
+        with open(path) as f:
+            rec = json.load(f)
+        ours = "; ".join(f"{c} {summarize(v['ap'])}" for c, v in rec["conditions"].items())
+        t = rec["wall_s"] + 0.0
+        train = rec.get("details", {}).get("training_wall_s", 0.0)
+        time_s = f"{t / 60:.0f} min" + (f" (+ {train / 60:.0f} min shared training)" if train else "")
+        rows.append(f"| `{e.name}` | {claim} | seeds {rec['seeds']}: {ours} | **{rec['verdict']}** | "
+                    f"`{rec['command']}` | {time_s} |")
+    return "\n".join(rows)
