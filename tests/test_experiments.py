@@ -280,3 +280,21 @@ def test_markdown_table_lists_records_and_not_run(tmp_path):
     assert len(table) == 4
     assert "A 12.50 ± 0.71; B 10.00 ± 0.00" in table[2] and "**yes**" in table[2] and "A: 1.0" in table[2]
     assert "`other_effect`" in table[3] and "not run (time)" in table[3]
+
+
+def test_esm_growth_and_its_verdict():
+    from d2norm.experiments.definitions import _esm_summary, esm_growth
+
+    rising = [{"esm_mu": float(i), "esm_sigma": 2.0 * i} for i in range(6)]  # thirds: [0,1] vs [4,5]
+    flat = [{"esm_mu": 1.0, "esm_sigma": 1.0} for _ in range(6)]
+    assert esm_growth(rising, "esm_mu") == pytest.approx(4.0) and esm_growth(rising) == pytest.approx(8.0)
+    assert esm_growth(flat) == 0.0 and math.isnan(esm_growth(rising[:2]))
+    rising2 = [{"esm_mu": 0.5 * i, "esm_sigma": 1.5 * i} for i in range(6)]  # growth 2 / 6
+    extras = {"0": {"esm": {"BN": rising, "XBNBlock-GN P2 D1": flat}},
+              "1": {"esm": {"BN": rising2, "XBNBlock-GN P2 D1": flat}}}
+    s = _esm_summary(extras)
+    assert s["esm_sigma_growth"]["values"]["BN"] == pytest.approx([8.0, 6.0])
+    assert s["esm_sigma_growth"]["gap"] == pytest.approx(7.0) and s["esm_sigma_growth"]["verdict"] == "yes"
+    swapped = {k: {"esm": {"BN": v["esm"]["XBNBlock-GN P2 D1"], "XBNBlock-GN P2 D1": v["esm"]["BN"]}}
+               for k, v in extras.items()}
+    assert _esm_summary(swapped)["esm_mu_growth"]["verdict"] == "no"

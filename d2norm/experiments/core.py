@@ -199,7 +199,8 @@ def result_record(exp: "Experiment", per_seed: Dict[int, Dict[str, Tuple[float, 
 class Experiment:
     """One paper effect. ``measure(ctx, seed) -> {condition: (AP, AP50)}`` (optionally also returning extra
     plot data as ``(results, extra)``); ``paired``: every condition of a seed is measured on the same
-    checkpoint; ``plot(record, path)`` overrides the default bar chart."""
+    checkpoint; ``plot(record, path)`` overrides the default bar chart; ``summarize_extra({seed: extra})``
+    adds a summary of the extra measurements (e.g. a second claim's verdict) to the record's details."""
 
     name: str
     paper: str
@@ -214,6 +215,7 @@ class Experiment:
     default_seeds: int = 2
     scale_note: str = ""
     plot: Optional[Callable] = None
+    summarize_extra: Optional[Callable] = None
     tags: List[str] = field(default_factory=list)
 
     def __post_init__(self):

@@ -229,6 +229,29 @@ def _estimation_shift(ctx: Context, seed: int):
     return out, {"esm": esm}
 
 
+def esm_growth(layers: List[Dict], key: str = "esm_sigma") -> float:
+    """How much the estimation shift grows with depth: mean ESM of the deepest third of the BN layers minus that
+    of the shallowest third (estimation-shift §4.2.1: it accumulates with depth)."""
+    ys = [l[key] for l in layers if l.get(key) is not None and not math.isnan(l[key])]
+    if len(ys) < 3:
+        return float("nan")
+    k = len(ys) // 3
+    return sum(ys[-k:]) / k - sum(ys[:k]) / k
+
+
+def _esm_summary(extras: Dict[str, Dict]) -> Dict:
+    """Verdict of the depth claim (Fig. 3-5) with the same rule as AP: BN's ESM growth > XBNBlock's."""
+    from .core import clause_verdict, parse_expected
+
+    seeds = sorted(extras)
+    out = {}
+    for key in ("esm_mu", "esm_sigma"):
+        values = {c: [esm_growth(extras[s]["esm"][c], key) for s in seeds] for c in ("BN", "XBNBlock-GN P2 D1")}
+        clause = parse_expected("BN > XBNBlock-GN P2 D1", list(values))[0]
+        out[f"{key}_growth"] = {"values": values, **clause_verdict(clause, values, paired=False)}
+    return out
+
+
 def _esm_plot(rec: Dict, path: str) -> str:
     import matplotlib
 
@@ -239,7 +262,7 @@ def _esm_plot(rec: Dict, path: str) -> str:
     colors = {"BN": "tab:red", "XBNBlock-GN P2 D1": "tab:blue"}
     for seed, extra in rec.get("details", {}).get("extra", {}).items():
         for cond, layers in extra["esm"].items():
-            for ax, key in zip(axes, ("esm_mean", "esm_std")):
+            for ax, key in zip(axes, ("esm_mu", "esm_sigma")):
                 ys = [l.get(key, float("nan")) for l in layers]
                 ax.plot(range(len(ys)), ys, color=colors.get(cond, "k"), alpha=0.7,
                         label=f"{cond} (seed {seed})")
@@ -373,7 +396,7 @@ EXPERIMENTS: List[Experiment] = [
                       "BS=8": {"BN": 29.56, "GN": 28.22, "XBNBlock_GN": 30.58}},
         conditions=["BN", "XBNBlock-GN P2 D1"],
         expected="XBNBlock-GN P2 D1 > BN",
-        measure=_estimation_shift, paired=False, plot=_esm_plot,
+        measure=_estimation_shift, paired=False, plot=_esm_plot, summarize_extra=_esm_summary,
         scale_note="slim ResNet-50 (widths / 4) at batch 2, 400 iterations; ESM per BN layer in the JSON details",
     ),
     Experiment(

@@ -86,6 +86,8 @@ def run_experiment(exp: Experiment, ctx: Context, seeds: Sequence[int], output_d
                "training_wall_s": sum(used.values())}
     if extras:
         details["extra"] = extras
+        if exp.summarize_extra is not None:
+            details["extra_summary"] = exp.summarize_extra(extras)
     rec = result_record(exp, per_seed, command, wall, details)
     if not ctx.dry_run:
         write_record(rec, output_dir, exp.plot)
