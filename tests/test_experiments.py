@@ -207,7 +207,7 @@ def test_bn_backbone_run_scales_lr_linearly():
 def test_definition_measures_exactly_its_conditions_with_valid_commands(exp, tmp_path):
     """A dry run (commands recorded, nothing executed) returns every declared condition, and every training
     command's config + overrides load (no unknown cfg key, no missing config file)."""
-    from d2norm.tools_common import load_cfg
+    from d2norm.engine.cli import load_cfg
 
     ctx = Context(work_dir=str(tmp_path), dry_run=True, quiet=True)
     out = exp.measure(ctx, 0)
