@@ -59,7 +59,7 @@ def run(args):
     train_ds = tc.prepare_dataset(cfg, args.train_dataset or tc.first(cfg.DATASETS.TRAIN))
     test_ds = tc.prepare_dataset(cfg, args.test_dataset or tc.first(cfg.DATASETS.TEST))
     batch_size = args.batch_size or cfg.SOLVER.IMS_PER_BATCH
-    out_dir = args.output_dir or cfg.OUTPUT_DIR
+    out_dir = tc.output_dir(args, cfg, "analyze_bn")
     for w in args.weights:  # fail before any work
         if not os.path.isfile(w) and "://" not in w:
             raise tc.ToolError(f"checkpoint not found: {w!r}")

@@ -8,6 +8,9 @@ stop-gradient aux loss of eq 9 on training batches (the model's training forward
 normalization batch, SOLVER.IMS_PER_BATCH by default) with every other parameter and statistic unchanged.
 ``--rule [B]`` instead sets α̂ = β̂ = 1/B² (B = the recorded training batch size of each layer when omitted).
 The new checkpoint stores α̂, β̂; a config ``<name>.yaml`` next to it evaluates it (EvalNorm, MODE "offline").
+Outputs go to ``<OUTPUT_DIR>/fit_evalnorm/`` unless ``--output-dir``; no ``last_checkpoint`` is written. The
+checkpoint keeps the source's iteration; its trainer state too when no layer was converted (α̂, β̂ only
+changed), else it is marked ``inference_only`` (the converted layers' new parameters have no optimizer state).
 
 Example:
     python tools/fit_evalnorm.py --config-file configs/cpu/faster_rcnn_R18_FPN_ghostbn.yaml \\
@@ -52,10 +55,10 @@ def run(args):
     batch_size = args.batch_size or cfg.SOLVER.IMS_PER_BATCH
     dataset = None if args.rule is not None else tc.prepare_dataset(cfg, args.dataset or tc.first(cfg.DATASETS.TRAIN))
     eval_ds = tc.prepare_dataset(cfg, args.eval_dataset or tc.first(cfg.DATASETS.TEST)) if args.eval else None
-    out_dir = args.output_dir or cfg.OUTPUT_DIR
+    out_dir = tc.output_dir(args, cfg, "fit_evalnorm")
     name = args.output_name or f"model_evalnorm_{'rule' if args.rule is not None else 'offline'}"
 
-    model = tc.load_model(cfg, args.weights)
+    model, source = tc.load_model(cfg, args.weights, return_checkpoint=True)
     before = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "before")
     # every trainable BN layer becomes EvalNorm; EvalNorm layers already in the checkpoint are used as they are
     en_cfg = cfg.clone()
@@ -96,7 +99,11 @@ def run(args):
         m.mode = "offline"  # eval with the fitted (or rule) α̂, β̂
 
     alpha_beta = evalnorm_alpha_beta(model)
-    path = tc.save_checkpoint(model, out_dir, name, evalnorm_fit={k: v for k, v in info.items() if k != "losses"})
+    # converted layers have new parameters (α̂, β̂): the source's optimizer state does not fit this model
+    inference_only = (f"{len(converted)} BN layer(s) were converted to EvalNorm; evaluate with {name}.yaml"
+                      if converted else None)
+    path = tc.save_checkpoint(model, out_dir, name, source=source, inference_only=inference_only,
+                              evalnorm_fit={k: v for k, v in info.items() if k != "losses"})
     yaml_cfg, kept = tc.cfg_with_norm(cfg, "EvalNorm", path, **{"D2NORM.EVALNORM.MODE": "offline"})
     if kept:
         print(f"note: {', '.join(kept)} keep their BN name in {name}.yaml (detectron2's per-level head BN has no "

@@ -8,7 +8,13 @@ dataset and write a new checkpoint.
 * every layer with population statistics is handled, including the per-level / shared layouts of d2norm's
   RetinaNet head (rethinking Table 5 rows 2 and 4: one set per FPN level or one shared set, whatever the
   checkpoint's DomainBN layers define); frozen layers are untouched;
-* ``--eval``: COCO AP before and after (on ``--eval-dataset``, default the cfg's first test set).
+* ``--eval``: COCO AP before and after (on ``--eval-dataset``, default the cfg's first test set);
+* output: ``<OUTPUT_DIR>/recompute_bn_stats/`` unless ``--output-dir``; the new checkpoint keeps the source's
+  iteration and trainer state (optimizer, scheduler), and no ``last_checkpoint`` is ever written, so
+  ``train_net.py --resume`` of the training run continues from its own last checkpoint;
+* a batch with NaN/Inf statistics stops the tool naming the layer and the batch (``--nonfinite skip`` leaves
+  it out instead); a checkpoint that does not fit the cfg's model (missing or mismatched parameters, e.g.
+  another architecture) is an error.
 
 Example:
     python tools/recompute_bn_stats.py --config-file configs/cpu/retinanet_R18_ghostbn.yaml \\
@@ -55,10 +61,10 @@ def run(args):
     estimator = args.estimator or c.ESTIMATOR
     exact = args.exact_layerwise or c.EXACT_LAYERWISE
     nonfinite = args.nonfinite or c.NONFINITE
-    out_dir = args.output_dir or cfg.OUTPUT_DIR
+    out_dir = tc.output_dir(args, cfg, "recompute_bn_stats")
     name = args.output_name or f"model_precise_bn_{dataset}"
 
-    model = tc.load_model(cfg, args.weights)
+    model, source = tc.load_model(cfg, args.weights, return_checkpoint=True)
     before = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "before")
     layers = population_stat_layers(model)
     if not layers:
@@ -89,7 +95,7 @@ def run(args):
 
     info = {"dataset": dataset, "num_samples": num_samples, "batch_size": batch_size, "estimator": estimator,
             "exact_layerwise": exact, "forward": args.forward, "source": args.weights or cfg.MODEL.WEIGHTS}
-    path = tc.save_checkpoint(model, out_dir, name, precise_bn=info)
+    path = tc.save_checkpoint(model, out_dir, name, source=source, precise_bn=info)
     after = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "after")
     report = {**info, "checkpoint": path, "layers": len(results), "nonfinite_skipped": results.nonfinite,
               "samples_seen": {n: [None if e is None else e.count for e in ests] for n, ests in results.items()}}

@@ -36,7 +36,7 @@ def run(args):
     cfg = tc.load_cfg(args.config_file, args.opts)
     alphas = sorted({_check_alpha(a) for a in list(args.alphas) + [0.0]})
     dataset = tc.prepare_dataset(cfg, args.dataset or tc.first(cfg.DATASETS.TEST))
-    out_dir = args.output_dir or cfg.OUTPUT_DIR
+    out_dir = tc.output_dir(args, cfg, "tune_example_weight")
     model = tc.load_model(cfg, args.weights)
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ExampleWeightedBatchNorm2d)}

@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -22,6 +23,7 @@ __all__ = [
     "prepare_dataset",
     "load_model",
     "save_checkpoint",
+    "output_dir",
     "train_style_loader",
     "test_loader",
     "evaluate",
@@ -154,7 +156,8 @@ def base_parser(description: str, multi_weights: bool = False) -> argparse.Argum
                        help="checkpoints (DetectionCheckpointer .pth/.pkl), in training order")
     else:
         p.add_argument("--weights", metavar="CKPT", help="checkpoint to load (default: MODEL.WEIGHTS of the cfg)")
-    p.add_argument("--output-dir", metavar="DIR", help="where outputs go (default: OUTPUT_DIR of the cfg)")
+    p.add_argument("--output-dir", metavar="DIR", help="where outputs go (default: a folder named after the tool "
+                   "inside the cfg's OUTPUT_DIR, so a training run's own checkpoints are never touched)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (gloo on CPU, NCCL on CUDA); "
                    "only tools that compute statistics support more than one")
@@ -228,13 +231,44 @@ def load_model(cfg, weights: Optional[str] = None, return_checkpoint: bool = Fal
     return (model, extra or {}) if return_checkpoint else model
 
 
-def save_checkpoint(model: nn.Module, output_dir: str, name: str, **extra) -> str:
-    """Write ``output_dir/name.pth`` in DetectionCheckpointer format (``{"model": state_dict, **extra}``)."""
-    from detectron2.checkpoint import DetectionCheckpointer
+def output_dir(args, cfg, tool: str) -> str:
+    """``--output-dir``, or ``<cfg.OUTPUT_DIR>/<tool>``: by default a tool writes into its own folder, never
+    next to a training run's checkpoints (what ``train_net.py --resume`` of that run picks up)."""
+    return args.output_dir or os.path.join(cfg.OUTPUT_DIR, tool)
 
-    os.makedirs(output_dir, exist_ok=True)
-    DetectionCheckpointer(model, save_dir=output_dir).save(name, **extra)
-    return os.path.join(output_dir, f"{name}.pth")
+
+#: the names detectron2's trainer gives its checkpoints (PeriodicCheckpointer, file_prefix "model")
+TRAINING_CHECKPOINT_NAME = re.compile(r"^model_(\d{7}|final)$")
+
+
+def save_checkpoint(model: nn.Module, output_dir: str, name: str, source: Optional[Dict[str, Any]] = None,
+                    inference_only: Optional[str] = None, **extra) -> str:
+    """Write ``output_dir/name.pth`` in DetectionCheckpointer format (``{"model": state_dict, **extra}``).
+
+    * ``source``: the entries of the checkpoint the tool started from besides its model (``load_model(...,
+      return_checkpoint=True)``): its ``iteration`` and trainer state (optimizer, scheduler, hooks) are kept, so
+      the new checkpoint is what the training run was at that iteration with the tool's change applied. With
+      ``inference_only`` (the reason, e.g. the tool changed the layer types, so the optimizer state no longer
+      fits), the trainer state is dropped and ``inference_only`` is recorded instead; the iteration stays.
+    * ``last_checkpoint`` is never written (``train_net.py --resume`` of a run in ``output_dir`` is unaffected),
+      and a name the trainer itself uses (``model_final``, ``model_0000123``) is refused in a training folder.
+    * Non-finite statistics are refused (an error naming the layers), never written silently.
+    * Written atomically (a crash leaves the old file or none, never a truncated one).
+    """
+    from .checkpoint import write_checkpoint
+
+    if TRAINING_CHECKPOINT_NAME.match(name) and os.path.exists(os.path.join(output_dir, "last_checkpoint")):
+        raise ToolError(f"--output-name {name!r} is a name the trainer uses and {output_dir!r} is a training folder "
+                        f"(it has a last_checkpoint): choose another name or --output-dir")
+    data = {k: v for k, v in (source or {}).items() if k in ("iteration", "trainer")}
+    if inference_only:
+        data.pop("trainer", None)
+        data["inference_only"] = inference_only
+    data.update(extra)
+    path = os.path.join(output_dir, f"{name}.pth")
+    if is_main_process():
+        write_checkpoint(model, path, on_nonfinite="error", **data)
+    return path
 
 
 def cfg_with_norm(cfg, to: str, weights: str, **overrides):

@@ -2,7 +2,7 @@
 import functools
 import logging
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ __all__ = [
     "skip_nonfinite_stats",
     "undo_nonfinite_update_",
     "nonfinite_skip_counts",
+    "nonfinite_statistics",
     "NONFINITE_COUNTER",
 ]
 
@@ -251,3 +252,15 @@ def nonfinite_skip_counts(model: nn.Module) -> Dict[str, int]:
         return {}
     counts = torch.stack([c.to(named[0][1].device) for _, c in named]).tolist()
     return {n: int(c) for (n, _), c in zip(named, counts) if c}
+
+
+@torch.no_grad()
+def nonfinite_statistics(model: nn.Module) -> Dict[str, List[str]]:
+    """``{module name: [buffer names]}`` of every floating buffer of ``model`` (its normalization statistics,
+    e.g. ``running_var``, MABN's ``running_chi``) that holds a NaN/Inf; ``{}`` when all are finite."""
+    bad: Dict[str, List[str]] = {}
+    for mname, m in model.named_modules():
+        for bname, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and not bool(torch.isfinite(b).all()):
+                bad.setdefault(mname or "<model>", []).append(bname)
+    return bad
