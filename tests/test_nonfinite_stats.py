@@ -192,3 +192,27 @@ def test_undo_keeps_values_that_were_already_non_finite():
     buf = torch.tensor([float("nan"), float("inf"), 2.5])
     assert bool(undo_nonfinite_update_([buf], [old]))
     assert torch.equal(buf[1:], old[1:])
+
+
+def test_trainer_hook_names_layers_and_writes_storage_scalar(caplog):
+    from types import SimpleNamespace
+
+    from detectron2.utils.events import EventStorage
+
+    from d2norm.engine.hooks import NonFiniteStatsHook
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(C, C, 1), GhostBatchNorm2d(C, ghost_size=2)).double()
+    hook = NonFiniteStatsHook(model)
+    bad, clean = _batches(6, float("nan"))
+    with EventStorage(0) as storage:
+        hook.trainer = SimpleNamespace(iter=0, storage=storage)
+        hook.before_train()
+        model(clean[0])
+        hook.after_step()
+        assert "nonfinite_stats/skipped" not in storage.histories()  # nothing skipped: nothing written
+        with caplog.at_level(logging.WARNING, logger="d2norm"):
+            model(bad)
+        assert "GhostBatchNorm2d '1': non-finite batch statistics" in caplog.text
+        storage.iter = hook.trainer.iter = 1
+        hook.after_step()
+        assert storage.histories()["nonfinite_stats/skipped"].latest() == 1

@@ -86,9 +86,13 @@ class Trainer(DefaultTrainer):
         * ``D2NORM.PRECISE_BN``: :class:`~d2norm.engine.hooks.PreciseBNHook` (rethinking §3.2, A.3) with a
           training-style loader of ``BATCH_SIZE`` images per rank built by :meth:`build_train_loader`;
         * ``D2NORM.EVALNORM_FIT``: :class:`~d2norm.engine.hooks.EvalNormFitHook` (evalnorm §3.4), after PreciseBN
-          so α̂, β̂ are fitted against the final population statistics.
+          so α̂, β̂ are fitted against the final population statistics;
+        * always: :class:`~d2norm.engine.hooks.NonFiniteStatsHook`, which reports (event storage
+          ``nonfinite_stats/skipped``, warnings naming the layers) the moving-statistics updates the layers
+          skipped because a training batch's statistics were non-finite.
         """
         from .hooks import (
+            NonFiniteStatsHook,
             build_bn_monitor_hook,
             build_evalnorm_fit_hook,
             build_frozen_bn_switch_hook,
@@ -114,6 +118,7 @@ class Trainer(DefaultTrainer):
             ret.append(build_precise_bn_hook(cfg, self.model, build_train_loader=loader))
         if cfg.D2NORM.EVALNORM_FIT.ENABLED:
             ret.append(build_evalnorm_fit_hook(cfg, build_train_loader=loader))
+        ret.append(NonFiniteStatsHook(self.model))
         return ret
 
     def build_hooks(self):
