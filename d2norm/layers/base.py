@@ -2,7 +2,7 @@
 import functools
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -10,6 +10,11 @@ from torch import nn
 __all__ = [
     "D2NormModule",
     "D2NormBatchNorm2d",
+    "FrozenBNState",
+    "stat_dtype",
+    "OWN_STATS_NOTE",
+    "bn_frozen_state",
+    "bn_estimated_stats",
     "NotAnAffine",
     "affine_from_stats",
     "bn_inference_affine",
@@ -26,16 +31,49 @@ logger = logging.getLogger(__name__)
 
 
 class D2NormModule:
-    """Marker mixin for d2norm normalization layers.
+    """The protocol of d2norm normalization layers: everything other modules need to know about a layer is
+    asked of the layer, and each layer answers in its own file.
 
     * Their affine parameters (γ, β) are norm parameters: ``SOLVER.WEIGHT_DECAY_NORM`` applies to them
       (four-things §3.3; see :func:`d2norm.solver.get_optimizer_params`), even for layers that are not
       subclasses of torch's norm classes.
     * Parameters named in :attr:`no_weight_decay` (e.g. EvalNorm's α̂, β̂) get no weight decay at all.
+    * :meth:`from_config` (registry), :meth:`stats_adapter` (PreciseBN, BN monitor), :meth:`estimated_stats` and
+      :meth:`stats_slot` (statistics probes), :meth:`frozen_bn_state` (FrozenBN switch), :meth:`inference_affine`
+      (folding), :attr:`bn_state_keys` (``convert_norm``). Modules that are not d2norm layers (torch's and
+      detectron2's norms) are handled by each consumer's default for them.
     """
 
     #: names of direct parameters of this module that must never be weight-decayed
     no_weight_decay: Tuple[str, ...] = ()
+    #: state-dict keys of a torch BN / detectron2 FrozenBN that mean the same in this layer: what ``convert_norm``
+    #: carries over (a per-channel tensor is repeated over a leading per-domain dimension); the rest is reported
+    bn_state_keys: Tuple[str, ...] = ("weight", "bias")
+
+    @classmethod
+    def from_config(cls, cfg, channels: int) -> dict:
+        """Constructor keyword arguments (the channel count included) read from ``cfg.D2NORM``."""
+        raise NotImplementedError(f"{cls.__qualname__} has no cfg options (not a registered norm)")
+
+    def stats_adapter(self):
+        """The :class:`~d2norm.stats.adapters.StatsAdapter` that recomputes this layer's population statistics
+        (PreciseBN, rethinking §3.2) and reads them for the BN monitor, or ``None`` when the layer holds none
+        to recompute. Asked only of layers in training mode."""
+        return None
+
+    def estimated_stats(self) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """The layer's estimated population (mean, variance in ``running_var``'s convention) per slot, float64
+        copies, or ``None`` when it holds no such pair (statistics probes, estimation-shift Def. 1)."""
+        return None
+
+    def stats_slot(self, *args, **kwargs) -> int:
+        """The slot of :meth:`estimated_stats` that a ``forward(x, *args, **kwargs)`` call addresses."""
+        return 0
+
+    def frozen_bn_state(self) -> Optional["FrozenBNState"]:
+        """The FrozenBN (rethinking §4.3) that replaces this layer in the FrozenBN switch; ``None`` when the
+        layer is a constant map already; :class:`NotAnAffine` with the reason when it has none."""
+        raise NotAnAffine(f"{type(self).__name__} has no FrozenBN equivalent")
 
     def inference_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(scale, shift)``, float tensors of shape (C,), such that the eval-mode forward of this layer is
@@ -52,6 +90,41 @@ class D2NormModule:
 class NotAnAffine(Exception):
     """Raised by ``inference_affine()`` of a layer whose inference is not a fixed per-channel affine map; the
     message says why (e.g. "inference uses each sample's own statistics")."""
+
+
+class FrozenBNState(NamedTuple):
+    """What a FrozenBN ``y = (x − μ)/sqrt(σ² + ε)·γ + β`` takes from a layer (rethinking §4.3). ``weight`` and
+    ``bias`` are the layer's own ``nn.Parameter`` objects where it has per-channel ones (so an optimizer holding
+    them stays valid), ``None`` without affine. ``note`` says how the FrozenBN's output differs from the layer's
+    eval output ("" when equal)."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    eps: float
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    note: str = ""
+
+
+#: FrozenBN note of the layers whose inference uses each input's own statistics
+OWN_STATS_NOTE = (
+    "inference used the input's own statistics; FrozenBN uses its population statistics (plain BN inference)"
+)
+
+
+def bn_frozen_state(m: nn.Module) -> FrozenBNState:
+    """:class:`FrozenBNState` of a torch-``_BatchNorm``-like layer: μ = ``running_mean``, σ² = ``running_var``,
+    same ε, γ, β; :class:`NotAnAffine` without population statistics."""
+    if not getattr(m, "track_running_stats", True) or m.running_mean is None or m.running_var is None:
+        raise NotAnAffine("no population statistics (track_running_stats=False)")
+    return FrozenBNState(m.running_mean.detach(), m.running_var.detach(), m.eps, m.weight, m.bias)
+
+
+def bn_estimated_stats(m: nn.Module) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """``[(running_mean, running_var)]`` (float64 copies) of a BN-like layer, ``None`` when it keeps none."""
+    if not getattr(m, "track_running_stats", True) or getattr(m, "running_mean", None) is None:
+        return None
+    return [(m.running_mean.detach().double().clone(), m.running_var.detach().double().clone())]
 
 
 def affine_from_stats(
@@ -114,13 +187,33 @@ class D2NormBatchNorm2d(nn.BatchNorm2d, D2NormModule):
             device=device, dtype=dtype,
         )
 
+    bn_state_keys = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
     def inference_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Eval with the population statistics (= BN inference, rethinking §4.3): a fixed affine map."""
         return bn_inference_affine(self)
 
+    def stats_adapter(self):
+        """BN's population statistics (mean, unbiased variance per channel): torch's BN adapter."""
+        from ..stats.adapters import BatchNormAdapter
+
+        return BatchNormAdapter(self) if BatchNormAdapter.applies(self) else None
+
+    def estimated_stats(self):
+        return bn_estimated_stats(self)
+
+    def frozen_bn_state(self) -> FrozenBNState:
+        return bn_frozen_state(self)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         fill_missing_num_batches_tracked(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype normalization statistics are computed in for inputs of ``dtype``: float32 for fp16/bf16 (their
+    sums of squares overflow or lose precision), the input's own dtype otherwise (float32, float64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def check_bn_options(eps, momentum) -> None:

@@ -12,7 +12,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .base import D2NormModule, NotAnAffine, affine_from_stats, skip_nonfinite_stats
+from ..stats.adapters import StatsAdapter
+from ..stats.estimators import batch_moments
+from .base import D2NormModule, NotAnAffine, affine_from_stats, skip_nonfinite_stats, stat_dtype
 from .ghost_bn import ghost_batch_sizes
 from .registry import register_norm
 
@@ -207,6 +209,14 @@ class BatchGroupNorm(nn.Module, D2NormModule):
             var = a * var_i + (1.0 - a) * pop_var + (a * (1.0 - a)) * (mu_i - m) ** 2
         return self._normalize(x, mean, var, xs)
 
+    # ---- protocol (layers/base.py) -----------------------------------------------------------------------
+    def stats_adapter(self):
+        """Population E[x], E[x²] per channel group (:class:`BGNAdapter`)."""
+        return BGNAdapter(self)
+
+    def frozen_bn_state(self):
+        raise NotAnAffine("BGN: per-channel-group statistics mixed with the example's own (four-things eq 3)")
+
     def inference_affine(self):
         """α = 0 (eq 3 with the moving statistics only) is a fixed affine map per channel; α > 0 is not."""
         if self.alpha > 0.0:
@@ -270,3 +280,42 @@ class BatchGroupNorm(nn.Module, D2NormModule):
 def _check_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"BGN: {name} must be a positive integer, got {value!r}")
+
+
+class BGNAdapter(StatsAdapter):
+    """:class:`~d2norm.layers.batch_group_norm.BatchGroupNorm`: per channel group E[x], E[x²]."""
+
+    @property
+    def rows(self) -> int:
+        return self.module.num_groups
+
+    def forward(self, x):
+        m = self.module
+        if x.dim() < 2 or x.shape[1] != m.num_channels:
+            raise ValueError(f"BatchGroupNorm expects input (N, {m.num_channels}, *), got shape {tuple(x.shape)}")
+        sd = stat_dtype(x.dtype)
+        if x.numel() == 0:
+            return m._normalize(x, x.new_zeros((), dtype=torch.float32), x.new_ones((), dtype=torch.float32))
+        xs = x.to(sd)
+        if self.mode == "population":
+            mean, var, _ = self.population(0, sd)
+            self._touch()
+        else:
+            g = xs.unflatten(1, (m.num_groups, -1))
+            n, mean, var = batch_moments(g, [0] + list(range(2, g.dim())))
+            self.record(0, n, mean, var)
+        return m._normalize(x, mean.unsqueeze(0), var.unsqueeze(0), xs)
+
+    @torch.no_grad()
+    def write(self, slot, est):
+        m = self.module
+        m.running_mean.copy_(est.mean.to(m.running_mean.dtype))
+        # m_{x²} − m_x² in float64 (the estimate's E[x²] is float64: no float32 cancellation)
+        m.running_var.copy_((est.sq_mean - est.mean * est.mean).clamp(min=0).to(m.running_var.dtype))
+
+    def ema_stats(self, slot):
+        """σ = sqrt(m_{x²} − m_x²) per channel group (``running_var``)."""
+        return self.module.running_mean.detach().double(), self.module.running_var.detach().double().sqrt()
+
+    def comparable_stats(self, est):
+        return est.mean, est.var_biased.clamp(min=0).sqrt()

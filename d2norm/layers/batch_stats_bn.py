@@ -7,7 +7,7 @@ train-test inconsistency of population statistics (Table 3: 41.5 vs 30.7 AP^bb w
 import torch
 import torch.nn.functional as F
 
-from .base import D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
+from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = ["BatchStatsBatchNorm2d"]
@@ -51,6 +51,11 @@ class BatchStatsBatchNorm2d(D2NormBatchNorm2d):
             return super().forward(x)
         # running stats None + training=True: batch statistics, nothing updated (momentum unused).
         return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    def frozen_bn_state(self):
+        """BN's population statistics (μ_E, σ_E²): after the switch training and inference are the same constant
+        map, so the train-test inconsistency this inference corrects no longer exists (rethinking §4.3)."""
+        return super().frozen_bn_state()._replace(note=OWN_STATS_NOTE)
 
     def inference_affine(self):
         raise NotAnAffine("BatchStatsBN: inference normalizes with the current mini-batch's statistics (rethinking §4.2)")

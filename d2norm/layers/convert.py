@@ -62,8 +62,9 @@ def _convert_one(old: nn.Module, to: str, prefix: str, report: ConversionReport)
         new = new.to(device=ref.device)
     src = old.state_dict()
     dst = new.state_dict()
-    # BN statistics mean the same thing only in BN-derived targets; other layers (MABN, BGN) take the affine.
-    mappable = set(dst) if isinstance(new, nn.BatchNorm2d) else {"weight", "bias"}
+    # what means the same as BN's state in the target (its bn_state_keys): BN-derived layers take the statistics
+    # too, the others (MABN, BGN) the affine only
+    mappable = set(new.bn_state_keys)
     unmapped, copied = [], set()
     with torch.no_grad():
         for k, v in src.items():

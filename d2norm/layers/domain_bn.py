@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-from .base import D2NormBatchNorm2d, NotAnAffine, affine_from_stats, skip_nonfinite_stats
+from ..stats.adapters import BatchNormAdapter, reduce_dims
+from ..stats.estimators import MomentAccumulator, batch_moments
+from .base import D2NormBatchNorm2d, FrozenBNState, NotAnAffine, affine_from_stats, skip_nonfinite_stats, stat_dtype
 from .moments import pooled_moments
 from .registry import register_norm
 
@@ -269,6 +271,38 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
             )
         return self._train_one(x, k)
 
+    # ---- protocol (layers/base.py) -----------------------------------------------------------------------
+    def stats_adapter(self):
+        """One slot per domain when population statistics are per domain (:class:`DomainBNAdapter`)."""
+        return DomainBNAdapter(self)
+
+    def estimated_stats(self):
+        rm, rv = self.running_mean.detach().double(), self.running_var.detach().double()
+        if self.pop_stats == "per_domain":
+            return [(rm[k].clone(), rv[k].clone()) for k in range(self.num_domains)]
+        return [(rm.clone(), rv.clone())]
+
+    def stats_slot(self, domain: Optional[int] = None) -> int:
+        """Row of the population statistics a call for ``domain`` (or the active :func:`domain_scope`) uses."""
+        if self.pop_stats != "per_domain":
+            return 0
+        k = self._resolve_domain(domain)
+        return 0 if k is None else k
+
+    def frozen_bn_state(self) -> FrozenBNState:
+        """As BN when the domain cannot matter (one domain, or shared statistics and affine): row 0 of a
+        per-domain layout; otherwise :class:`NotAnAffine` (the domain picks the row at call time)."""
+        if self.num_domains > 1 and (self.pop_stats == "per_domain" or self.affine_per_domain):
+            raise NotAnAffine("DomainBN with per-domain statistics/affine: no single constant affine map")
+        rm, rv = self.running_mean.detach(), self.running_var.detach()
+        if rm.dim() == 2:
+            rm, rv = rm[0], rv[0]
+        w, b = self.weight, self.bias
+        if w.dim() == 2:  # one domain with a per-domain affine: its row, as new Parameters
+            w = nn.Parameter(w.detach()[0].clone(), requires_grad=w.requires_grad)
+            b = nn.Parameter(b.detach()[0].clone(), requires_grad=b.requires_grad)
+        return FrozenBNState(rm, rv, self.eps, w, b)
+
     def inference_affine(self, domain: Optional[int] = None):
         """Eval of one domain is BN with that domain's population statistics and affine: a fixed affine map
         when the domain is static, i.e. given (``domain=`` or an active :func:`domain_scope`) or irrelevant
@@ -384,3 +418,88 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
                 self.num_domains,
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class DomainBNAdapter(BatchNormAdapter):
+    """:class:`~d2norm.layers.domain_bn.DomainBatchNorm2d`: one slot per domain when population statistics are
+    per domain (rethinking §5.2, Table 5)."""
+
+    @property
+    def num_slots(self) -> int:
+        return self.module.num_domains if self.module.pop_stats == "per_domain" else 1
+
+    def _slot(self, k) -> int:
+        return k if (self.module.pop_stats == "per_domain" and k is not None) else 0
+
+    def _affine(self, k):
+        return self.module._affine(k)
+
+    def _one_domain(self, x, k):
+        w, b = self._affine(k)
+        slot = self._slot(k)
+        if x.numel() == 0:
+            return self._empty(x, w, b)
+        if self.mode == "population":
+            mean, var, _ = self.population(slot, stat_dtype(x.dtype))
+            self._touch()
+            return self._normalize(x, mean, var, w, b)
+        n, mean, var = batch_moments(x, reduce_dims(x))
+        self.record(slot, n, mean, var)
+        return self._normalize(x, mean, var, w, b)
+
+    def forward(self, x, domain=None):
+        m = self.module
+        m._check_input(x)
+        k = m._resolve_domain(domain)
+        if m.train_stats == "shared" and m.num_domains > 1:
+            raise ValueError(
+                "DomainBatchNorm2d with TRAIN_STATS='shared' normalizes all domains together in training: "
+                "call forward_domains(xs) with every domain's input (or set TRAIN_STATS='per_domain')"
+            )
+        return self._one_domain(x, k)
+
+    def forward_domains(self, xs, domains=None):
+        m = self.module
+        xs, ks = m._domain_inputs(xs, domains)
+        if m.train_stats == "per_domain" or self.mode == "population" and m.pop_stats == "per_domain":
+            return [self._one_domain(x, k) for x, k in zip(xs, ks)]
+        live = [(x, k) for x, k in zip(xs, ks) if x.numel() > 0]
+        if not live:
+            return [self._empty(x, *self._affine(k)) for x, k in zip(xs, ks)]
+        sd = stat_dtype(live[0][0].dtype)
+        if self.mode == "population":
+            mean, var, _ = self.population(0, sd)
+            self._touch()
+        else:
+            # statistics of the concatenation (rethinking Fig. 7b), from per-domain moments
+            acc = MomentAccumulator(m.num_features, live[0][0].device)
+            parts = []
+            for x, k in live:
+                n, mu, v = batch_moments(x, reduce_dims(x))
+                acc.add(n, mu, v)
+                parts.append((k, n, mu, v))
+            est = acc.estimate("population")
+            mean, var = est.mean.to(sd), est.var_biased.to(sd)
+            if m.pop_stats == "shared":
+                self.record(0, int(est.count), est.mean, est.var_biased)
+            else:  # Table 5 row 2: each domain's EMA row from its own statistics
+                for k, n, mu, v in parts:
+                    self.record(self._slot(k), n, mu, v)
+        out = []
+        for x, k in zip(xs, ks):
+            w, b = self._affine(k)
+            out.append(self._empty(x, w, b) if x.numel() == 0 else self._normalize(x, mean, var, w, b))
+        return out
+
+    @torch.no_grad()
+    def write(self, slot, est):
+        m = self.module
+        if m.pop_stats == "per_domain":
+            m.running_mean[slot].copy_(est.mean.to(m.running_mean.dtype))
+            m.running_var[slot].copy_(est.var.to(m.running_var.dtype))
+        else:
+            super().write(slot, est)
+
+    def ema_stats(self, slot):
+        mean, sigma = super().ema_stats(slot)
+        return (mean[slot], sigma[slot]) if mean.dim() == 2 else (mean, sigma)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
+from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = [
@@ -322,6 +322,12 @@ class EvalNorm2d(D2NormBatchNorm2d):
         else:
             shift = -mu_hat * scale
         return torch.addcmul(shift, xs, scale).to(x.dtype)
+
+    def frozen_bn_state(self):
+        """BN's population statistics (μ_E, σ_E²): after the switch training and inference are the same constant
+        map, so the train-test inconsistency this inference corrects no longer exists (rethinking §4.3);
+        α̂, β̂ are dropped."""
+        return super().frozen_bn_state()._replace(note=OWN_STATS_NOTE)
 
     def inference_affine(self):
         raise NotAnAffine("EvalNorm: inference uses each sample's own statistics (evalnorm eqs 5-6)")

@@ -13,7 +13,7 @@ unchanged, so it applies retroactively to any BN checkpoint (§3.1, Fig. 1).
 import torch
 
 
-from .base import D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
+from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
 from .registry import register_norm
 
 __all__ = ["ExampleWeightedBatchNorm2d"]
@@ -102,6 +102,11 @@ class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
             shift = -mu * scale
         y = torch.addcmul(shift[:, :, None, None], xs, scale[:, :, None, None])
         return y.to(x.dtype) if low_precision else y
+
+    def frozen_bn_state(self):
+        """BN's population statistics; with α > 0 the FrozenBN output is plain BN inference (α = 0)."""
+        state = super().frozen_bn_state()
+        return state._replace(note=OWN_STATS_NOTE) if self.alpha > 0 else state
 
     def inference_affine(self):
         """α = 0 is BN inference (a fixed affine map); α > 0 mixes in each sample's own statistics (eq 3)."""

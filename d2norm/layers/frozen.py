@@ -17,8 +17,9 @@ affine transform"; freezing it too is the fine-tuning variant of the §4.4 parag
 Both have the state-dict keys ``weight, bias, running_mean, running_var`` (those of BN without
 ``num_batches_tracked``), so checkpoints of either variant load into the other.
 
-What each layer type becomes (the mapping keeps the layer's population statistics; nothing is re-estimated here:
-run PreciseBN first for exact population statistics, rethinking §3.2):
+What each layer type becomes (each d2norm layer answers in its own ``frozen_bn_state``; the mapping keeps the
+layer's population statistics; nothing is re-estimated here: run PreciseBN first for exact population
+statistics, rethinking §3.2):
 
 * torch ``_BatchNorm`` family (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, detectron2's ``NaiveSyncBatchNorm``),
   d2norm GhostBN and AnySyncBN: μ = ``running_mean``, σ² = ``running_var``, same ε. Exactly the layer's eval
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .base import D2NormModule, affine_from_stats
+from .base import D2NormModule, FrozenBNState, NotAnAffine, affine_from_stats, bn_frozen_state
 
 __all__ = ["FrozenBatchNorm", "freeze_bn_layers", "frozen_bn_source", "FreezeReport"]
 
@@ -101,6 +102,9 @@ class FrozenBatchNorm(nn.Module, D2NormModule):
         # training=False: supplied statistics, never updated; gradients flow to x, γ and β
         return F.batch_norm(x, self.running_mean, self.running_var, w, b, False, 0.0, self.eps)
 
+    def frozen_bn_state(self):
+        return None  # frozen already
+
     def inference_affine(self):
         """A constant affine map by construction (rethinking §4.3)."""
         return affine_from_stats(self.running_mean, self.running_var, self.eps, self.weight, self.bias)
@@ -114,60 +118,18 @@ class FrozenBatchNorm(nn.Module, D2NormModule):
 
 
 # ---- mapping -----------------------------------------------------------------------------------------------
-#: (running_mean, running_var, eps, weight, bias, note); weight/bias may be None (no affine)
-_Frozen = Tuple[torch.Tensor, torch.Tensor, float, Optional[nn.Parameter], Optional[nn.Parameter], str]
-
-
-def _is_frozen(m: nn.Module) -> bool:
-    from detectron2.layers import FrozenBatchNorm2d
-
-    return isinstance(m, (FrozenBatchNorm2d, FrozenBatchNorm))
-
-
-_NOTE_OWN_STATS = (
-    "inference used the input's own statistics; FrozenBN uses its population statistics (plain BN inference)"
-)
-
-
-def frozen_bn_source(m: nn.Module) -> Tuple[Optional[_Frozen], str]:
-    """``(mapping, reason)``: the constant affine map of ``m`` as ``(μ, σ², ε, γ, β, note)``, or ``(None,
-    reason)`` when ``m`` is not converted (reason ``""`` for modules that are not normalization layers or
-    already frozen)."""
-    from .batch_group_norm import BatchGroupNorm
-    from .batch_stats_bn import BatchStatsBatchNorm2d
-    from .domain_bn import DomainBatchNorm2d
-    from .evalnorm import EvalNorm2d
-    from .example_weighted_bn import ExampleWeightedBatchNorm2d
-    from .mabn import MABN2d
-
-    if _is_frozen(m):
-        return None, ""
-    if isinstance(m, MABN2d):
-        # z = γ·x/χ̂ + β (mabn §4.2) = FrozenBN with μ = 0 and σ² + ε = χ̂²
-        chi = m.running_chi.detach()
-        return (torch.zeros_like(chi), chi * chi - m.eps, m.eps, m.weight, m.bias, ""), ""
-    if isinstance(m, BatchGroupNorm):
-        return None, "BGN: per-channel-group statistics mixed with the example's own (four-things eq 3)"
-    if not isinstance(m, _BatchNorm):
-        return None, ""
-    if not m.track_running_stats or m.running_mean is None or m.running_var is None:
-        return None, "no population statistics (track_running_stats=False)"
-    if isinstance(m, DomainBatchNorm2d) and (m.pop_stats == "per_domain" or m.affine_per_domain):
-        if m.num_domains > 1:
-            return None, "DomainBN with per-domain statistics/affine: no single constant affine map"
-    note = ""
-    if isinstance(m, (BatchStatsBatchNorm2d, EvalNorm2d)) or (
-        isinstance(m, ExampleWeightedBatchNorm2d) and m.alpha > 0
-    ):
-        note = _NOTE_OWN_STATS
-    rm, rv = m.running_mean.detach(), m.running_var.detach()
-    if rm.dim() == 2:  # DomainBN with a single domain: row 0
-        rm, rv = rm[0], rv[0]
-    w, b = m.weight, m.bias
-    if w is not None and w.dim() == 2:
-        w, b = nn.Parameter(w.detach()[0].clone(), requires_grad=w.requires_grad), nn.Parameter(
-            b.detach()[0].clone(), requires_grad=b.requires_grad)
-    return (rm, rv, m.eps, w, b, note), ""
+def frozen_bn_source(m: nn.Module) -> Tuple[Optional[FrozenBNState], str]:
+    """``(state, reason)``: the FrozenBN that replaces ``m`` (:meth:`D2NormModule.frozen_bn_state` of a d2norm
+    layer; torch's BN family: its population statistics), or ``(None, reason)`` when ``m`` is not converted
+    (reason ``""`` for modules that are not normalization layers or are constant maps already)."""
+    try:
+        if isinstance(m, D2NormModule):
+            return m.frozen_bn_state(), ""
+        if isinstance(m, _BatchNorm):
+            return bn_frozen_state(m), ""
+    except NotAnAffine as e:
+        return None, str(e)
+    return None, ""  # detectron2's FrozenBatchNorm2d, GN, LN, ...: nothing to freeze
 
 
 class FreezeReport(dict):
@@ -180,7 +142,7 @@ class FreezeReport(dict):
         self.notes: Dict[str, str] = {}
 
 
-def _make_frozen(m: nn.Module, mapping: _Frozen, trainable_affine: bool) -> nn.Module:
+def _make_frozen(m: nn.Module, mapping: FrozenBNState, trainable_affine: bool) -> nn.Module:
     from detectron2.layers import FrozenBatchNorm2d
 
     rm, rv, eps, w, b, _ = mapping
@@ -247,8 +209,8 @@ def freeze_bn_layers(
         new = _make_frozen(m, mapping, trainable_affine)
         replaced[id(m)] = new
         report[name] = type(m).__name__
-        if mapping[5]:
-            report.notes[name] = mapping[5]
+        if mapping.note:
+            report.notes[name] = mapping.note
         todo.append(m)
     if wanted is not None:
         bad = sorted(wanted - set(report))
@@ -263,5 +225,5 @@ def freeze_bn_layers(
         logger.warning("FrozenBN switch: %s left unchanged: %s", name, reason)
     if report.notes:
         logger.warning("FrozenBN switch: %d layers (%s, ...) change their eval behaviour: %s", len(report.notes),
-                       next(iter(report.notes)), _NOTE_OWN_STATS)
+                       next(iter(report.notes)), next(iter(report.notes.values())))
     return report

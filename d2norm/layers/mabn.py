@@ -24,19 +24,12 @@ from detectron2.layers import Conv2d
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import D2NormModule, skip_nonfinite_stats, undo_nonfinite_update_
+from ..stats.adapters import StatsAdapter, reduce_dims
+from ..stats.estimators import batch_moments
+from .base import D2NormModule, FrozenBNState, skip_nonfinite_stats, stat_dtype, undo_nonfinite_update_
 from .registry import register_norm
 
 __all__ = ["MABN2d", "MABNFunction", "CenteredConv2d"]
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Statistics in float32 at least (fp16/bf16 sums of squares overflow / lose precision); float64 stays.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _reduce_dims(x: torch.Tensor):
-    return [0] + list(range(2, x.dim()))
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +80,8 @@ class MABNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, chi_sq_ring, psi_ring, running_chi, num_batches_tracked, psi_count,
                 warmup_iters: int, momentum: float, clip: float, eps: float, update_state: bool):
-        sd = _stat_dtype(x.dtype)
-        dims = _reduce_dims(x)
+        sd = stat_dtype(x.dtype)
+        dims = reduce_dims(x)
         n = x.numel() // x.shape[1]
         xs = x.to(sd)
 
@@ -120,7 +113,7 @@ class MABNFunction(torch.autograd.Function):
     def backward(ctx, grad_z):
         x, weight, chi, r, warm = ctx.saved_tensors
         sd = chi.dtype
-        dims = _reduce_dims(x)
+        dims = reduce_dims(x)
         n = x.numel() // x.shape[1]
         xs, gs = x.to(sd), grad_z.to(sd)
 
@@ -232,17 +225,67 @@ class MABN2d(nn.Module, D2NormModule):
                 self.eps, True,
             )
         # Inference (and empty training input): z = γ·x/χ̂ + β.
-        sd = _stat_dtype(x.dtype)
+        sd = stat_dtype(x.dtype)
         scale = self.weight.to(sd) / self.running_chi.to(sd)
         xs = x.to(sd)
         return torch.addcmul(_channel_view(self.bias.to(sd), xs), xs, _channel_view(scale, xs)).to(x.dtype)
 
 
+    # ---- protocol (layers/base.py) -----------------------------------------------------------------------
+    def stats_adapter(self):
+        """Population χ = sqrt(E[x²] + ε) per channel (:class:`MABNAdapter`)."""
+        return MABNAdapter(self)
+
+    def frozen_bn_state(self) -> FrozenBNState:
+        """z = γ·x/χ̂ + β (mabn §4.2) is FrozenBN with μ = 0 and σ² + ε = χ̂², exactly its eval output."""
+        chi = self.running_chi.detach()
+        return FrozenBNState(torch.zeros_like(chi), chi * chi - self.eps, self.eps, self.weight, self.bias)
+
     def inference_affine(self):
         """Inference z = γ·x/χ̂ + β (mabn §4.2) is a fixed affine map: scale γ/χ̂, shift β."""
-        sd = _stat_dtype(self.running_chi.dtype)
+        sd = stat_dtype(self.running_chi.dtype)
         scale = self.weight.detach().to(sd) / self.running_chi.detach().to(sd)
         return scale, self.bias.detach().to(sd).clone()
+
+
+class MABNAdapter(StatsAdapter):
+    """:class:`~d2norm.layers.mabn.MABN2d`: per channel χ = sqrt(E[x²] + ε) (mabn eq 15)."""
+
+    @property
+    def rows(self) -> int:
+        return self.module.num_features
+
+    def forward(self, x):
+        m = self.module
+        if x.dim() < 2 or x.shape[1] != m.num_features:
+            raise ValueError(f"MABN2d({m.num_features}) expects (N, {m.num_features}, *) input, got {tuple(x.shape)}")
+        sd = stat_dtype(x.dtype)
+        xs = x.to(sd)
+        if x.numel() == 0:
+            chi = m.running_chi.to(sd)
+        elif self.mode == "population":
+            _, _, sq = self.population(0, sd)
+            self._touch()
+            chi = (sq + m.eps).sqrt()
+        else:
+            n, mean, var = batch_moments(x, reduce_dims(x))
+            self.record(0, n, mean, var)
+            chi = (var + mean * mean + m.eps).sqrt()  # χ_B of eq 15
+        scale = m.weight.to(sd) / chi
+        return torch.addcmul(_channel_view(m.bias.to(sd), xs), xs, _channel_view(scale, xs)).to(x.dtype)
+
+    @torch.no_grad()
+    def write(self, slot, est):
+        m = self.module
+        m.running_chi.copy_((est.sq_mean + m.eps).sqrt().to(m.running_chi.dtype))
+
+    def ema_stats(self, slot):
+        """No mean (MABN does not center); σ is χ = sqrt(E[x²] + ε) (``running_chi``, mabn eq 15)."""
+        return None, self.module.running_chi.detach().double()
+
+    def comparable_stats(self, est):
+        return None, (est.sq_mean + self.module.eps).sqrt()
+
 
 class CenteredConv2d(Conv2d):
     """detectron2 ``Conv2d`` with Weight Centralization (mabn §4.2, eq 18).

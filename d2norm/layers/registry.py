@@ -68,10 +68,12 @@ class NormRegistry:
             raise ValueError(f"d2norm must not shadow detectron2's norm name {name!r}")
         if name in self._classes:
             raise ValueError(f"norm name {name!r} is already registered to {self._classes[name].__qualname__}")
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module) and callable(getattr(cls, "from_config", None))):
+        from .base import D2NormModule
+
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module) and issubclass(cls, D2NormModule)):
             raise ValueError(
-                f"register_norm({name!r}): expected an nn.Module class with a from_config(cfg, channels) "
-                f"classmethod, got {cls!r}"
+                f"register_norm({name!r}): expected an nn.Module class implementing the D2NormModule protocol "
+                f"(layers/base.py: from_config(cfg, channels), ...), got {cls!r}"
             )
         self._classes[name] = cls
 

@@ -13,7 +13,9 @@ without touching any buffer** (no EMA, no ring buffer, no aux loss, no counter),
   statistics a forward of the whole population as one batch would normalize with: mean and *biased*
   variance / E[x²]), for layer-wise estimation (A.3).
 
-Statistics per layer type (the "rows" of a layer's :class:`~d2norm.stats.estimators.MomentAccumulator`):
+Statistics per layer type (the "rows" of a layer's :class:`~d2norm.stats.estimators.MomentAccumulator`); a
+d2norm layer names its adapter itself (:meth:`~d2norm.layers.base.D2NormModule.stats_adapter`, defined in the
+layer's own file), torch's and detectron2's BN family get :class:`BatchNormAdapter`:
 
 * torch ``_BatchNorm`` family — ``nn.BatchNorm{1,2,3}d``, ``nn.SyncBatchNorm``, detectron2's
   ``NaiveSyncBatchNorm``, and d2norm's GhostBN, BatchStatsBN, ExampleWeightedBN (its m_x, m_{x²} are derived
@@ -38,53 +40,46 @@ Statistics per layer type (the "rows" of a layer's :class:`~d2norm.stats.estimat
   domains with the statistics of their concatenation and records that concatenation as one batch (shared
   population) or each domain's own moments (per-domain population, Table 5 row 2).
 
-Adapters are found through the class hierarchy (:func:`register_stats_adapter`, most specific class first).
 A layer gets an adapter only if it is in training mode and holds population statistics: layers frozen by
 design (``FrozenBatchNorm2d``, layers put in eval mode, BN without running statistics) are never touched.
+
+For the BN monitor every adapter also gives its EMA and an estimate in one convention
+(:meth:`StatsAdapter.ema_stats`, :meth:`StatsAdapter.comparable_stats`: mean or ``None``, and σ).
 """
-from typing import Callable, Dict, List, Optional, Type
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..layers.base import D2NormModule, stat_dtype
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
 
-__all__ = ["StatsAdapter", "register_stats_adapter", "get_stats_adapter", "MODES"]
+__all__ = ["StatsAdapter", "BatchNormAdapter", "get_stats_adapter", "reduce_dims", "MODES"]
 
 MODES = ("record", "batch", "population")
-_ADAPTERS: Dict[type, Type["StatsAdapter"]] = {}
-
-
-def register_stats_adapter(layer_cls: type) -> Callable:
-    """Class decorator: use this adapter for ``layer_cls`` and its subclasses (unless a subclass has its own)."""
-
-    def deco(adapter_cls):
-        _ADAPTERS[layer_cls] = adapter_cls
-        return adapter_cls
-
-    return deco
 
 
 def get_stats_adapter(module: nn.Module) -> Optional["StatsAdapter"]:
-    """The adapter for ``module``, or ``None`` when it has no population statistics to recompute (no
-    registered type, frozen / eval mode, no running statistics)."""
+    """The adapter for ``module``, or ``None`` when it has no population statistics to recompute (frozen / eval
+    mode, no running statistics, not a normalization layer)."""
     if not module.training:
         return None
-    for cls in type(module).__mro__:
-        adapter_cls = _ADAPTERS.get(cls)
-        if adapter_cls is not None:
-            return adapter_cls(module) if adapter_cls.applies(module) else None
+    if isinstance(module, D2NormModule):
+        return module.stats_adapter()
+    if isinstance(module, _BatchNorm):
+        return BatchNormAdapter(module) if BatchNormAdapter.applies(module) else None
     return None
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def _dims(x: torch.Tensor) -> List[int]:
+def reduce_dims(x: torch.Tensor) -> List[int]:
+    """Every dimension but the channel one (1)."""
     return [0] + list(range(2, x.dim()))
+
+
+#: (mean or None, σ) in float64, the BN monitor's convention
+MonitorStats = Tuple[Optional[torch.Tensor], torch.Tensor]
 
 
 class StatsAdapter:
@@ -148,8 +143,15 @@ class StatsAdapter:
     def write(self, slot: int, est: PopulationEstimate) -> None:
         raise NotImplementedError
 
+    def ema_stats(self, slot: int) -> MonitorStats:
+        """(EMA mean or ``None``, EMA σ) of one slot, float64, in the convention the layer's EMA estimates."""
+        raise NotImplementedError
 
-@register_stats_adapter(_BatchNorm)
+    def comparable_stats(self, est: PopulationEstimate) -> MonitorStats:
+        """(mean or ``None``, σ) of an estimate of this layer's input, comparable with :meth:`ema_stats`."""
+        raise NotImplementedError
+
+
 class BatchNormAdapter(StatsAdapter):
     """torch's BN family and every d2norm layer derived from ``nn.BatchNorm2d`` (see module docstring)."""
 
@@ -183,10 +185,10 @@ class BatchNormAdapter(StatsAdapter):
         if x.numel() == 0:
             return self._empty(x, w, b)
         if self.mode == "population":
-            mean, var, _ = self.population(slot, _stat_dtype(x))
+            mean, var, _ = self.population(slot, stat_dtype(x.dtype))
             self._touch()
             return self._normalize(x, mean, var, w, b)
-        n, mean, var = batch_moments(x, _dims(x))
+        n, mean, var = batch_moments(x, reduce_dims(x))
         self.record(slot, n, mean, var)
         return self._normalize(x, mean, var, w, b)
 
@@ -199,174 +201,10 @@ class BatchNormAdapter(StatsAdapter):
         m.running_mean.copy_(est.mean.to(m.running_mean.dtype))
         m.running_var.copy_(est.var.to(m.running_var.dtype))
 
-
-def _domain_bn_cls():
-    from ..layers.domain_bn import DomainBatchNorm2d
-
-    return DomainBatchNorm2d
-
-
-class DomainBNAdapter(BatchNormAdapter):
-    """:class:`~d2norm.layers.domain_bn.DomainBatchNorm2d`: one slot per domain when population statistics are
-    per domain (rethinking §5.2, Table 5)."""
-
-    @property
-    def num_slots(self) -> int:
-        return self.module.num_domains if self.module.pop_stats == "per_domain" else 1
-
-    def _slot(self, k) -> int:
-        return k if (self.module.pop_stats == "per_domain" and k is not None) else 0
-
-    def _affine(self, k):
-        return self.module._affine(k)
-
-    def _one_domain(self, x, k):
-        w, b = self._affine(k)
-        slot = self._slot(k)
-        if x.numel() == 0:
-            return self._empty(x, w, b)
-        if self.mode == "population":
-            mean, var, _ = self.population(slot, _stat_dtype(x))
-            self._touch()
-            return self._normalize(x, mean, var, w, b)
-        n, mean, var = batch_moments(x, _dims(x))
-        self.record(slot, n, mean, var)
-        return self._normalize(x, mean, var, w, b)
-
-    def forward(self, x, domain=None):
+    def ema_stats(self, slot):
+        """σ = sqrt(unbiased variance), torch's ``running_var`` convention."""
         m = self.module
-        m._check_input(x)
-        k = m._resolve_domain(domain)
-        if m.train_stats == "shared" and m.num_domains > 1:
-            raise ValueError(
-                "DomainBatchNorm2d with TRAIN_STATS='shared' normalizes all domains together in training: "
-                "call forward_domains(xs) with every domain's input (or set TRAIN_STATS='per_domain')"
-            )
-        return self._one_domain(x, k)
+        return m.running_mean.detach().double(), m.running_var.detach().double().clamp(min=0).sqrt()
 
-    def forward_domains(self, xs, domains=None):
-        m = self.module
-        xs = list(xs)
-        if domains is None:
-            if len(xs) != m.num_domains:
-                raise ValueError(f"forward_domains got {len(xs)} inputs but NUM_DOMAINS={m.num_domains}")
-            ks = list(range(len(xs)))
-        else:
-            ks = [m._check_domain(d) for d in domains]
-        for x in xs:
-            m._check_input(x)
-        if m.train_stats == "per_domain" or self.mode == "population" and m.pop_stats == "per_domain":
-            return [self._one_domain(x, k) for x, k in zip(xs, ks)]
-        live = [(x, k) for x, k in zip(xs, ks) if x.numel() > 0]
-        if not live:
-            return [self._empty(x, *self._affine(k)) for x, k in zip(xs, ks)]
-        sd = _stat_dtype(live[0][0])
-        if self.mode == "population":
-            mean, var, _ = self.population(0, sd)
-            self._touch()
-        else:
-            # statistics of the concatenation (rethinking Fig. 7b), from per-domain moments
-            acc = MomentAccumulator(m.num_features, live[0][0].device)
-            parts = []
-            for x, k in live:
-                n, mu, v = batch_moments(x, _dims(x))
-                acc.add(n, mu, v)
-                parts.append((k, n, mu, v))
-            est = acc.estimate("population")
-            mean, var = est.mean.to(sd), est.var_biased.to(sd)
-            if m.pop_stats == "shared":
-                self.record(0, int(est.count), est.mean, est.var_biased)
-            else:  # Table 5 row 2: each domain's EMA row from its own statistics
-                for k, n, mu, v in parts:
-                    self.record(self._slot(k), n, mu, v)
-        out = []
-        for x, k in zip(xs, ks):
-            w, b = self._affine(k)
-            out.append(self._empty(x, w, b) if x.numel() == 0 else self._normalize(x, mean, var, w, b))
-        return out
-
-    @torch.no_grad()
-    def write(self, slot, est):
-        m = self.module
-        if m.pop_stats == "per_domain":
-            m.running_mean[slot].copy_(est.mean.to(m.running_mean.dtype))
-            m.running_var[slot].copy_(est.var.to(m.running_var.dtype))
-        else:
-            super().write(slot, est)
-
-
-class BGNAdapter(StatsAdapter):
-    """:class:`~d2norm.layers.batch_group_norm.BatchGroupNorm`: per channel group E[x], E[x²]."""
-
-    @property
-    def rows(self) -> int:
-        return self.module.num_groups
-
-    def forward(self, x):
-        m = self.module
-        if x.dim() < 2 or x.shape[1] != m.num_channels:
-            raise ValueError(f"BatchGroupNorm expects input (N, {m.num_channels}, *), got shape {tuple(x.shape)}")
-        sd = _stat_dtype(x)
-        if x.numel() == 0:
-            return m._normalize(x, x.new_zeros((), dtype=torch.float32), x.new_ones((), dtype=torch.float32))
-        xs = x.to(sd)
-        if self.mode == "population":
-            mean, var, _ = self.population(0, sd)
-            self._touch()
-        else:
-            g = xs.unflatten(1, (m.num_groups, -1))
-            n, mean, var = batch_moments(g, [0] + list(range(2, g.dim())))
-            self.record(0, n, mean, var)
-        return m._normalize(x, mean.unsqueeze(0), var.unsqueeze(0), xs)
-
-    @torch.no_grad()
-    def write(self, slot, est):
-        m = self.module
-        m.running_mean.copy_(est.mean.to(m.running_mean.dtype))
-        # m_{x²} − m_x² in float64 (the estimate's E[x²] is float64: no float32 cancellation)
-        m.running_var.copy_((est.sq_mean - est.mean * est.mean).clamp(min=0).to(m.running_var.dtype))
-
-
-class MABNAdapter(StatsAdapter):
-    """:class:`~d2norm.layers.mabn.MABN2d`: per channel χ = sqrt(E[x²] + ε) (mabn eq 15)."""
-
-    @property
-    def rows(self) -> int:
-        return self.module.num_features
-
-    def forward(self, x):
-        m = self.module
-        if x.dim() < 2 or x.shape[1] != m.num_features:
-            raise ValueError(f"MABN2d({m.num_features}) expects (N, {m.num_features}, *) input, got {tuple(x.shape)}")
-        sd = _stat_dtype(x)
-        xs = x.to(sd)
-        if x.numel() == 0:
-            chi = m.running_chi.to(sd)
-        elif self.mode == "population":
-            _, _, sq = self.population(0, sd)
-            self._touch()
-            chi = (sq + m.eps).sqrt()
-        else:
-            n, mean, var = batch_moments(x, _dims(x))
-            self.record(0, n, mean, var)
-            chi = (var + mean * mean + m.eps).sqrt()  # χ_B of eq 15
-        scale = m.weight.to(sd) / chi
-        view = [1, -1] + [1] * (x.dim() - 2)
-        return torch.addcmul(m.bias.to(sd).view(view), xs, scale.view(view)).to(x.dtype)
-
-    @torch.no_grad()
-    def write(self, slot, est):
-        m = self.module
-        m.running_chi.copy_((est.sq_mean + m.eps).sqrt().to(m.running_chi.dtype))
-
-
-def _register_d2norm_adapters() -> None:
-    from ..layers.batch_group_norm import BatchGroupNorm
-    from ..layers.mabn import MABN2d
-
-    register_stats_adapter(_domain_bn_cls())(DomainBNAdapter)
-    register_stats_adapter(BatchGroupNorm)(BGNAdapter)
-    register_stats_adapter(MABN2d)(MABNAdapter)
-
-
-_register_d2norm_adapters()
+    def comparable_stats(self, est):
+        return est.mean, est.var.clamp(min=0).sqrt()

@@ -35,8 +35,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .adapters import BGNAdapter, DomainBNAdapter, MABNAdapter, StatsAdapter
-from .estimators import MomentAccumulator, PopulationEstimate, all_reduce_accumulators_
+from .estimators import MomentAccumulator, all_reduce_accumulators_
 from .precise_bn import _isolated_rng, _patched, _storage, _unwrap, population_stat_layers
 from .state import capture_state, restore_state
 
@@ -54,29 +53,6 @@ def select_layers(names: Iterable[str], patterns: Sequence[str]) -> List[str]:
         return names
     compiled = [re.compile(p) for p in patterns]
     return [n for n in names if any(c.search(n) for c in compiled)]
-
-
-def _ema(adapter: StatsAdapter, slot: int):
-    """(EMA mean or None, EMA σ) of one slot, float64, in the convention of the module docstring."""
-    m = adapter.module
-    if isinstance(adapter, MABNAdapter):
-        return None, m.running_chi.detach().double()
-    if isinstance(adapter, BGNAdapter):
-        mean = m.running_mean.detach().double()
-        return mean, m.running_var.detach().double().sqrt()
-    rm, rv = m.running_mean.detach().double(), m.running_var.detach().double()
-    if isinstance(adapter, DomainBNAdapter) and rm.dim() == 2:
-        rm, rv = rm[slot], rv[slot]
-    return rm, rv.clamp(min=0).sqrt()
-
-
-def _stat(adapter: StatsAdapter, est: PopulationEstimate):
-    """(mean or None, σ) of an estimate, comparable with :func:`_ema`."""
-    if isinstance(adapter, MABNAdapter):
-        return None, (est.sq_mean + adapter.module.eps).sqrt()
-    if isinstance(adapter, BGNAdapter):
-        return est.mean, est.var_biased.clamp(min=0).sqrt()
-    return est.mean, est.var.clamp(min=0).sqrt()
 
 
 def _norm(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
@@ -130,7 +106,7 @@ def bn_statistics_gaps(
                     per_slot = []
                     for slot, acc in enumerate(a.accs):
                         est = acc.estimate("population")
-                        per_slot.append(None if est is None else _stat(a, est))
+                        per_slot.append(None if est is None else a.comparable_stats(est))
                         if est is not None:  # merge the whole forward as one batch (exact, Chan)
                             pops[n][slot].add(int(est.count), est.mean, est.var_biased)
                     batch_stats[n].append(per_slot)
@@ -145,8 +121,8 @@ def bn_statistics_gaps(
         slots = [s for s, acc in enumerate(pops[n]) if acc.count > 0]
         if not slots:
             continue
-        ema = [_ema(a, s) for s in slots]
-        pop = [_stat(a, pops[n][s].estimate("population")) for s in slots]
+        ema = [a.ema_stats(s) for s in slots]
+        pop = [a.comparable_stats(pops[n][s].estimate("population")) for s in slots]
         has_mean = ema[0][0] is not None
         res = {"std_gap": _norm([e[1] for e in ema], [p[1] for p in pop])}
         if has_mean:

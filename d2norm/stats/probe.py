@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..layers.base import D2NormModule, bn_estimated_stats
 from ..utils.comm import local_only
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
 from .state import patched_instance_attrs
@@ -48,58 +49,43 @@ __all__ = [
 ]
 
 
-def _domain_bn_cls():
-    from ..layers.domain_bn import DomainBatchNorm2d
-
-    return DomainBatchNorm2d
-
-
 def _frozen_bn_cls():
     from detectron2.layers import FrozenBatchNorm2d
 
     return FrozenBatchNorm2d
 
 
+def _estimated(m: nn.Module) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """(μ̂, σ̂²) per slot of a layer, or None (protocol dispatch: d2norm layers answer themselves)."""
+    if isinstance(m, D2NormModule):
+        return m.estimated_stats()
+    if isinstance(m, (_BatchNorm, _frozen_bn_cls())):
+        return bn_estimated_stats(m)
+    return None
+
+
 def probed_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """``{name: module}`` of every layer with a (running_mean, running_var) pair, in module order."""
-    frozen = _frozen_bn_cls()
-    out = {}
-    for name, m in _unwrap(model).named_modules():
-        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None:
-            out[name] = m
-        elif isinstance(m, frozen):
-            out[name] = m
-    return out
-
-
-def _per_domain(m: nn.Module) -> bool:
-    return isinstance(m, _domain_bn_cls()) and m.pop_stats == "per_domain"
+    return {name: m for name, m in _unwrap(model).named_modules() if _estimated(m) is not None}
 
 
 def num_slots(m: nn.Module) -> int:
     """Sets of population statistics the layer holds (K for a per-domain DomainBN, else 1)."""
-    return m.num_domains if _per_domain(m) else 1
+    return len(_estimated(m))
 
 
 @torch.no_grad()
 def estimated_stats(m: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The layer's estimated population statistics {μ̂, σ̂²} per slot, float64 (σ̂² = ``running_var``, the
     unbiased convention of torch's EMA)."""
-    rm, rv = m.running_mean.detach().double(), m.running_var.detach().double()
-    if _per_domain(m):
-        return [(rm[k].clone(), rv[k].clone()) for k in range(m.num_domains)]
-    return [(rm.clone(), rv.clone())]
+    return _estimated(m)
+
+
+def _slot(m: nn.Module, *args, **kwargs) -> int:
+    return m.stats_slot(*args, **kwargs) if isinstance(m, D2NormModule) else 0
 
 
 # ---- call interception ------------------------------------------------------------------------------------
-def _forward_slot(m: nn.Module, args, kwargs) -> int:
-    if not _per_domain(m):
-        return 0
-    domain = kwargs.get("domain", args[0] if args else None)
-    k = m._resolve_domain(domain)
-    return 0 if k is None else k
-
-
 @contextlib.contextmanager
 def _intercept(layers: Dict[str, nn.Module], on_input: Callable[[str, int, torch.Tensor], None]):
     """Call ``on_input(name, slot, x)`` for every input of every layer (``forward`` and DomainBN's
@@ -110,7 +96,7 @@ def _intercept(layers: Dict[str, nn.Module], on_input: Callable[[str, int, torch
     def wrap_forward(name, m, orig):
         def forward(x, *args, **kwargs):
             if id(m) not in active:
-                on_input(name, _forward_slot(m, args, kwargs), x)
+                on_input(name, _slot(m, *args, **kwargs), x)
             active.add(id(m))
             try:
                 return orig(x, *args, **kwargs)
@@ -125,7 +111,7 @@ def _intercept(layers: Dict[str, nn.Module], on_input: Callable[[str, int, torch
             if id(m) not in active:
                 ks = list(domains) if domains is not None else list(range(len(xs)))
                 for x, k in zip(xs, ks):
-                    on_input(name, int(k) if _per_domain(m) else 0, x)
+                    on_input(name, _slot(m, k), x)
             active.add(id(m))
             try:
                 return orig(xs, domains)

@@ -175,6 +175,7 @@ def _post_load_hook(model: "EvalNormModelMixin", incompatible) -> None:
         return any(_matches(k, f"{prefix}.{attr}" if prefix else attr) for k in missing)
 
     stats_missing, absent, en_missing = [], [], []
+    evalnorm_names = set(evalnorm_modules(model))
     for name, m in bn_statistics_layers(model):
         no_stats = lacks(name, "running_mean") or lacks(name, "running_var")
         no_affine = m.affine and lacks(name, "weight")
@@ -182,7 +183,7 @@ def _post_load_hook(model: "EvalNormModelMixin", incompatible) -> None:
             absent.append(name)  # layer not in the checkpoint at all (e.g. a new head): nothing to map
         elif no_stats:
             stats_missing.append(name)
-        if isinstance(m, EvalNorm2d) and not no_affine and (lacks(name, "alpha_logit") or lacks(name, "beta_logit")):
+        if name in evalnorm_names and not no_affine and (lacks(name, "alpha_logit") or lacks(name, "beta_logit")):
             en_missing.append(name)
     model.evalnorm_load_report = {
         "stats_missing": stats_missing,
