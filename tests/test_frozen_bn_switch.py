@@ -8,6 +8,7 @@ from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import d2norm.engine.hooks as H
+from d2norm.engine.checkpoint import D2NormCheckpointer
 from d2norm.layers.batch_group_norm import BatchGroupNorm
 from d2norm.layers.domain_bn import DomainBatchNorm2d
 from d2norm.layers.evalnorm import EvalNorm2d
@@ -355,6 +356,13 @@ def test_checkpoints_before_and_after_switch_resume(tmp_path):
         assert t.scheduler.base_lrs == saved_sched["base_lrs"]
         assert len(t.scheduler.base_lrs) == len(t.optimizer.param_groups)
         assert saved["trainer"]["hooks"]["FrozenBNSwitchHook"]["switched"] is converted
+        # --eval-only / tools: a freshly built model loads the same checkpoint through the same checkpointer class
+        assert isinstance(t.checkpointer, D2NormCheckpointer)
+        fresh = Trainer.build_model(cfg)
+        D2NormCheckpointer(fresh).load(str(out / ck))
+        assert len(_frozen(fresh)) == (31 if converted else 0)
+        assert all(torch.equal(saved["model"][k], v) for k, v in fresh.state_dict().items())
+        assert set(fresh.state_dict()) == set(saved["model"])
         t.train()
         assert len(_frozen(t.model)) == 31
         _assert_optimizer_is_model(t)

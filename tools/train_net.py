@@ -12,14 +12,14 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from d2norm.engine import Trainer, setup_cfg
-from d2norm.engine.checkpoint import InferenceCheckpointer
+from d2norm.engine.checkpoint import D2NormCheckpointer
 
 
 def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        InferenceCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        D2NormCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

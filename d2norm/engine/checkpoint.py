@@ -1,45 +1,72 @@
-"""Loading d2norm checkpoints for inference: a checkpoint written after the FrozenBN switch (rethinking §4.3)
-holds FrozenBN layers, so the freshly built model is converted the same way before its weights are loaded."""
+"""d2norm's checkpointer, for training and for inference: detectron2's ``DetectionCheckpointer`` that, before it
+loads a checkpoint's model state, converts the model the way the training run had converted it when the checkpoint
+was written. The one such conversion is the FrozenBN switch (rethinking §4.3): a checkpoint written after it holds
+FrozenBN layers, recorded in the switch hook's state (``checkpoint["trainer"]["hooks"]``, where detectron2 keys each
+hook's state by its class's ``__qualname__``; :meth:`FrozenBNSwitchHook.state_in` reads it)."""
 import logging
 import os
 import tempfile
-from typing import IO, Callable, Dict, List
+from typing import IO, Callable, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 
 from ..layers.base import nonfinite_statistics
-
 from ..layers.frozen import freeze_bn_layers
 
-__all__ = ["InferenceCheckpointer", "prepare_model_for_checkpoint", "atomic_write", "write_checkpoint",
-           "NonFiniteCheckpointError"]
+__all__ = ["D2NormCheckpointer", "atomic_write", "write_checkpoint", "NonFiniteCheckpointError"]
 
 logger = logging.getLogger(__name__)
 
-_SWITCH_HOOK = "FrozenBNSwitchHook"
 
+class D2NormCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that converts the model before loading a checkpoint written after the FrozenBN
+    switch.
 
-def prepare_model_for_checkpoint(model, checkpoint) -> bool:
-    """Convert ``model`` the way the training run had converted it when ``checkpoint`` was written.
+    * Inference (``--eval-only``, tools): the model's BN layers named in the checkpoint are frozen
+      (:func:`d2norm.layers.frozen.freeze_bn_layers`, same affine choice) and the weights load into them.
+    * Training (:class:`d2norm.engine.Trainer`'s checkpointer): the :class:`FrozenBNSwitchHook` attached with
+      :meth:`attach_frozen_bn_switch` converts the running trainer instead (model, optimizer, scheduler, DDP), so a
+      resumed run continues with the optimizer state of the converted model.
 
-    Returns True when a conversion was applied (the checkpoint's FrozenBN-switch hook state says so).
+    A checkpoint written before the switch (or without it) loads unchanged.
     """
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("trainer"), dict):
-        return False
-    state = checkpoint["trainer"].get("hooks", {}).get(_SWITCH_HOOK)
-    if not state or not state.get("switched"):
-        return False
-    freeze_bn_layers(model, bool(state.get("trainable_affine", True)), names=state.get("layers") or [])
-    return True
 
+    def __init__(self, model, save_dir: str = "", *, save_to_disk: Optional[bool] = None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self._switch_hook = None
+        self._switch_trainer = None
 
-class InferenceCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that first applies :func:`prepare_model_for_checkpoint`."""
+    def attach_frozen_bn_switch(self, trainer, hook) -> None:
+        """Let ``hook`` (a :class:`FrozenBNSwitchHook` of ``trainer``) convert ``trainer`` before a post-switch
+        checkpoint loads (resume, or ``MODEL.WEIGHTS`` of such a checkpoint)."""
+        self._switch_hook, self._switch_trainer = hook, trainer
 
-    def _load_model(self, checkpoint):
-        prepare_model_for_checkpoint(self.model, checkpoint)
+    def frozen_bn_switch_state(self, checkpoint) -> Optional[dict]:
+        """The switch hook's state in ``checkpoint`` if it was written after the switch, else ``None``."""
+        from .hooks.frozen_bn_switch import FrozenBNSwitchHook
+
+        cls = type(self._switch_hook) if self._switch_hook is not None else FrozenBNSwitchHook
+        state = cls.state_in(checkpoint)
+        return state if state and state.get("switched") else None
+
+    def prepare_model(self, checkpoint) -> bool:
+        """Convert the model as the run had when ``checkpoint`` was written; True when a conversion was applied."""
+        state = self.frozen_bn_switch_state(checkpoint)
+        if state is None:
+            return False
+        hook = self._switch_hook
+        if hook is None:
+            freeze_bn_layers(self.model, bool(state.get("trainable_affine", True)), names=state.get("layers") or [])
+            return True
+        if hook.switched:
+            return False
+        hook.convert_for_checkpoint(self._switch_trainer, state)
+        return True
+
+    def _load_model(self, checkpoint):  # fvcore's extension point, overridden by DetectionCheckpointer too
+        self.prepare_model(checkpoint)
         return super()._load_model(checkpoint)
 
 

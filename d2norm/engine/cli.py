@@ -214,7 +214,7 @@ def load_model(cfg, weights: Optional[str] = None, return_checkpoint: bool = Fal
     """``build_model(cfg)`` in training mode with ``weights`` (default ``cfg.MODEL.WEIGHTS``) loaded by
     detectron2's ``DetectionCheckpointer``; :class:`ToolError` when the checkpoint is missing or unreadable.
     With ``return_checkpoint``: ``(model, the checkpoint's other entries, e.g. "iteration")``."""
-    from .checkpoint import InferenceCheckpointer
+    from .checkpoint import D2NormCheckpointer
     from ..layers import build_model
 
     weights = weights if weights is not None else cfg.MODEL.WEIGHTS
@@ -224,7 +224,7 @@ def load_model(cfg, weights: Optional[str] = None, return_checkpoint: bool = Fal
         raise ToolError(f"checkpoint not found: {weights!r}")
     model = build_model(cfg)
     try:
-        extra = InferenceCheckpointer(model).load(weights)
+        extra = D2NormCheckpointer(model).load(weights)
     except Exception as e:  # corrupt / foreign file: say which one
         raise ToolError(f"cannot load checkpoint {weights!r}: {type(e).__name__}: {e}") from None
     model.train()

@@ -19,6 +19,7 @@ from ..data import prepare_datasets
 from ..layers import build_model
 from ..modeling.meta_arch.evalnorm_arch import LOSS_KEY as EVALNORM_LOSS_KEY
 from ..solver import build_optimizer
+from .checkpoint import D2NormCheckpointer
 from .log_output import FILE_ONLY, has_log_file, route_log_handlers, setup_training_loggers
 
 __all__ = ["Trainer", "setup_cfg"]
@@ -30,7 +31,8 @@ class Trainer(DefaultTrainer):
     """detectron2's ``DefaultTrainer`` with d2norm's model builder (cfg-bound norm options), optimizer
     (``WEIGHT_DECAY_NORM`` for every d2norm layer) and a COCO evaluator that runs without detectron2's ``_C``.
 
-    d2norm hooks are added by :meth:`build_d2norm_hooks` (extended by the hooks issue).
+    d2norm hooks are added by :meth:`build_d2norm_hooks`; the checkpointer is a
+    :class:`~d2norm.engine.checkpoint.D2NormCheckpointer` (loads checkpoints written after the FrozenBN switch).
     """
 
     def __init__(self, cfg):
@@ -122,6 +124,12 @@ class Trainer(DefaultTrainer):
         return ret
 
     def build_hooks(self):
+        # DefaultTrainer.__init__ builds a DetectionCheckpointer just before calling build_hooks, whose
+        # PeriodicCheckpointer and our FrozenBN switch hook take self.checkpointer: replace it first.
+        c = self.checkpointer
+        if not isinstance(c, D2NormCheckpointer):
+            self.checkpointer = D2NormCheckpointer(c.model, c.save_dir, save_to_disk=c.save_to_disk,
+                                                   **c.checkpointables)
         ret = super().build_hooks()
         extra = self.build_d2norm_hooks()
         # Right after IterationTimer and LRScheduler (present on every rank), so they run before the

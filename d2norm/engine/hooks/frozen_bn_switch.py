@@ -5,7 +5,8 @@ is :func:`d2norm.layers.frozen.freeze_bn_layers`; what is here keeps the running
 torch and detectron2 offer no public API to change the parameter set of a live optimizer / DDP wrapper, so this
 module reads and writes some of their private attributes. All of them are used through the accessors in the
 block "Private attributes" below and nowhere else; a torch or detectron2 upgrade that renames one breaks only
-those functions.
+those functions. Loading a checkpoint written after the switch is
+:class:`d2norm.engine.checkpoint.D2NormCheckpointer`'s.
 """
 import logging
 import time
@@ -65,18 +66,6 @@ def _ddp_remove_autograd_hooks(ddp) -> None:
 def _ddp_comm_hooks(ddp) -> list:
     """torch ``DistributedDataParallel._comm_hooks``: ``(hook, state)`` pairs given to ``register_comm_hook``."""
     return getattr(ddp, "_comm_hooks", [])
-
-
-def _wrap_checkpointer_load(checkpointer, before_load: Callable[[dict], None]) -> None:
-    """fvcore ``Checkpointer._load_model``: run ``before_load(checkpoint)`` before the model state is loaded
-    (``resume_or_load`` / ``load`` have no hook between reading the file and loading the model)."""
-    original = checkpointer._load_model
-
-    def _load_model(checkpoint):
-        before_load(checkpoint)
-        return original(checkpoint)
-
-    checkpointer._load_model = _load_model
 
 
 # ---- the switch ----------------------------------------------------------------------------------------------
@@ -308,20 +297,27 @@ class FrozenBNSwitchHook(HookBase):
         logger.info("FrozenBN switch: model converted (%d layers) to load a checkpoint written after the switch",
                     len(self.converted))
 
+    @classmethod
+    def state_in(cls, checkpoint) -> Optional[dict]:
+        """This hook class's state in a detectron2 checkpoint (``checkpoint["trainer"]["hooks"]``, keyed by the
+        class's ``__qualname__`` as detectron2's ``TrainerBase.state_dict`` writes it), or ``None``."""
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("trainer"), dict):
+            return None
+        return checkpoint["trainer"].get("hooks", {}).get(cls.__qualname__)
+
     def attach_checkpointer(self, trainer, checkpointer) -> None:
-        """Make ``checkpointer`` convert the model before loading a checkpoint that this hook's state marks as
-        written after the switch (resume, or ``MODEL.WEIGHTS`` of such a checkpoint)."""
-        hook = self
-        key = type(self).__qualname__
+        """Make ``checkpointer`` (a :class:`~d2norm.engine.checkpoint.D2NormCheckpointer`, as d2norm's Trainer
+        builds) convert ``trainer`` before loading a checkpoint that this hook's state marks as written after the
+        switch (resume, or ``MODEL.WEIGHTS`` of such a checkpoint)."""
+        from ..checkpoint import D2NormCheckpointer
 
-        def before_load(checkpoint):
-            state = None
-            if isinstance(checkpoint, dict) and isinstance(checkpoint.get("trainer"), dict):
-                state = checkpoint["trainer"].get("hooks", {}).get(key)
-            if state and state.get("switched") and not hook.switched:
-                hook.convert_for_checkpoint(trainer, state)
-
-        _wrap_checkpointer_load(checkpointer, before_load)
+        if not isinstance(checkpointer, D2NormCheckpointer):
+            raise TypeError(
+                f"FrozenBNSwitchHook.attach_checkpointer needs a d2norm.engine.checkpoint.D2NormCheckpointer (it "
+                f"converts the model before a post-switch checkpoint loads), got {type(checkpointer).__name__}; "
+                f"d2norm.engine.Trainer builds one"
+            )
+        checkpointer.attach_frozen_bn_switch(trainer, self)
 
 
 def build_frozen_bn_switch_hook(cfg, trainer) -> FrozenBNSwitchHook:
