@@ -1,11 +1,19 @@
 #!/usr/bin/env python
 """Speed of every registered d2norm layer relative to torch's BatchNorm2d (train fwd+bwd, eval fwd).
 
-Prints ratios (layer time / BatchNorm2d time); no assertions. Example:
+Prints ratios (layer time / BatchNorm2d time); no assertions. The machine may be shared and noisy, so every
+layer and both baselines (``nn.BatchNorm2d``; ``nn.GroupNorm`` with BGN's channel groups) are timed
+*interleaved* in the same rounds, and each keeps its best round (the least disturbed one, as timeit does).
+Training cost includes EvalNorm's eq-9 aux loss. ``eval_GBps`` is the achieved bandwidth of one read of x and
+one write of y per eval call (BN's minimal traffic, the same byte count for every layer). Example:
 
-    python tools/benchmark_norms.py --shape 8 64 56 56 --iters 20
+    python tools/benchmark_norms.py --shape 8 64 56 56 --shape 512 256 7 7 --json out/bench_norms.json
 """
 import argparse
+import datetime
+import json
+import os
+import sys
 import time
 
 import d2norm  # noqa: F401
@@ -16,52 +24,151 @@ from torch import nn
 from d2norm.layers import NORM_REGISTRY
 from d2norm.layers.evalnorm import evalnorm_aux_loss
 
-
-def _time(fn, iters, repeats=5):
-    """Best of ``repeats`` averages over ``iters`` calls (after warm-up), as timeit does: the minimum is the
-    least disturbed by other load and by first-use allocations."""
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        best = min(best, (time.perf_counter() - start) / iters)
-    return best
+DEFAULT_SHAPES = ([8, 64, 56, 56], [512, 256, 7, 7])
 
 
-def bench(layer, x, iters):
-    layer.train()
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _steps(layer, x):
+    """(train_step, eval_step) closures for one layer on input x."""
     xg = x.clone().requires_grad_()
 
     def train_step():
+        layer.train()
         # EvalNorm's aux loss (eq 9) is part of its training cost: collect it as a model would
         (layer(xg).sum() + evalnorm_aux_loss(layer)).backward()
 
-    layer.eval()
-    with torch.no_grad():
-        eval_t = _time(lambda: layer(x), iters)
-    layer.train()
-    return _time(train_step, iters), eval_t
+    def eval_step():
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+
+    return train_step, eval_step
+
+
+def _time_once(fn, iters, device):
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def bench_shape(shape, cfg, device, iters, rounds, names=None):
+    """Best-of-``rounds`` seconds per call of every entry, all entries interleaved within each round."""
+    n, c = shape[0], shape[1]
+    x = torch.randn(*shape, device=device) * 2 + 1
+    groups = cfg.D2NORM.BGN.NUM_CHANNEL_GROUPS
+    entries = {"BatchNorm2d": nn.BatchNorm2d(c), "GroupNorm": nn.GroupNorm(groups, c)}
+    for name, cls in sorted(NORM_REGISTRY):
+        if names is None or name in names:
+            entries[name] = cls(**cls.from_config(cfg, c))
+    steps = {}
+    for name, layer in entries.items():
+        layer.to(device)
+        steps[name] = _steps(layer, x)
+        for fn in steps[name]:  # warm-up (allocator, first-use paths, MABN/EvalNorm state)
+            for _ in range(2):
+                fn()
+    best = {name: [float("inf"), float("inf")] for name in entries}
+    for _ in range(rounds):
+        for name, (train_step, eval_step) in steps.items():
+            best[name][0] = min(best[name][0], _time_once(train_step, iters, device))
+            best[name][1] = min(best[name][1], _time_once(eval_step, iters, device))
+    return best, x.numel() * x.element_size()
+
+
+def run(shapes, iters, rounds, device, threads, names=None):
+    torch.set_num_threads(threads)
+    cfg = d2norm.add_d2norm_config(get_cfg())
+    cfg.D2NORM.DOMAIN_BN.NUM_DOMAINS = 1
+    results = []
+    for shape in shapes:
+        load_before = os.getloadavg()[0]
+        best, nbytes = bench_shape(shape, cfg, torch.device(device), iters, rounds, names)
+        bn_t, bn_e = best["BatchNorm2d"]
+        gn_t, gn_e = best["GroupNorm"]
+        layers = {}
+        for name, (t, e) in best.items():
+            if name in ("BatchNorm2d", "GroupNorm"):
+                continue
+            layers[name] = {"train_ratio": t / bn_t, "eval_ratio": e / bn_e, "train_ms": t * 1e3,
+                            "eval_ms": e * 1e3, "eval_GBps": 2 * nbytes / e / 1e9}
+            if name == "BGN":
+                layers[name]["train_ratio_vs_groupnorm"] = t / gn_t
+                layers[name]["eval_ratio_vs_groupnorm"] = e / gn_e
+        results.append({
+            "shape": list(shape),
+            "device": device if device != "cpu" else f"cpu ({torch.backends.cpu.get_cpu_capability()})",
+            "threads": threads,
+            "iters": iters,
+            "rounds": rounds,
+            "loadavg_1min": [load_before, os.getloadavg()[0]],
+            "baseline": {
+                "BatchNorm2d": {"train_ms": bn_t * 1e3, "eval_ms": bn_e * 1e3, "eval_GBps": 2 * nbytes / bn_e / 1e9},
+                "GroupNorm": {"train_ms": gn_t * 1e3, "eval_ms": gn_e * 1e3, "eval_GBps": 2 * nbytes / gn_e / 1e9,
+                              "groups": cfg.D2NORM.BGN.NUM_CHANNEL_GROUPS},
+            },
+            "layers": layers,
+        })
+    return results
+
+
+def print_results(results, out=sys.stdout):
+    for r in results:
+        b = r["baseline"]
+        print(f"shape={tuple(r['shape'])} device={r['device']} threads={r['threads']} best of {r['rounds']} "
+              f"interleaved rounds x {r['iters']} calls, load {r['loadavg_1min'][0]:.1f}->{r['loadavg_1min'][1]:.1f}",
+              file=out)
+        print(f"BatchNorm2d: train {b['BatchNorm2d']['train_ms']:.2f} ms, eval {b['BatchNorm2d']['eval_ms']:.3f} ms "
+              f"({b['BatchNorm2d']['eval_GBps']:.1f} GB/s); GroupNorm({b['GroupNorm']['groups']}): train "
+              f"{b['GroupNorm']['train_ms']:.2f} ms, eval {b['GroupNorm']['eval_ms']:.3f} ms", file=out)
+        print(f"{'layer':<20}{'train ratio':>12}{'eval ratio':>12}{'eval GB/s':>11}", file=out)
+        for name, v in r["layers"].items():
+            extra = ""
+            if "train_ratio_vs_groupnorm" in v:
+                extra = f"   (vs GroupNorm: train {v['train_ratio_vs_groupnorm']:.2f}, eval {v['eval_ratio_vs_groupnorm']:.2f})"
+            print(f"{name:<20}{v['train_ratio']:>12.2f}{v['eval_ratio']:>12.2f}{v['eval_GBps']:>11.1f}{extra}",
+                  file=out)
+        print(file=out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", type=int, nargs=4, default=[8, 64, 56, 56], metavar=("N", "C", "H", "W"))
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--shape", type=int, nargs=4, action="append", metavar=("N", "C", "H", "W"),
+                   help="input shape; repeat for several (default: 8 64 56 56 and 512 256 7 7)")
+    p.add_argument("--iters", type=int, default=10, help="calls per timed round")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the best one counts")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--layers", nargs="*", default=None, help="registered names to time (default: all)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
-    cfg = d2norm.add_d2norm_config(get_cfg())
-    cfg.D2NORM.DOMAIN_BN.NUM_DOMAINS = 1
-    x = torch.randn(*args.shape, device=args.device) * 2 + 1
-    base_train, base_eval = bench(nn.BatchNorm2d(args.shape[1]).to(args.device), x, args.iters)
-    print(f"shape={tuple(args.shape)} device={args.device} BatchNorm2d: train {base_train*1e3:.2f} ms, "
-          f"eval {base_eval*1e3:.2f} ms")
-    print(f"{'layer':<20}{'train ratio':>12}{'eval ratio':>12}")
-    for name, cls in sorted(NORM_REGISTRY):
-        t, e = bench(cls(**cls.from_config(cfg, args.shape[1])).to(args.device), x, args.iters)
-        print(f"{name:<20}{t / base_train:>12.2f}{e / base_eval:>12.2f}")
+    if args.iters < 1 or args.rounds < 1 or args.threads < 1:
+        p.error(f"--iters, --rounds and --threads must be >= 1, got {args.iters}, {args.rounds}, {args.threads}")
+    if args.layers is not None:
+        unknown = sorted(set(args.layers) - {k for k, _ in NORM_REGISTRY})
+        if unknown:
+            p.error(f"unknown layer name(s) {unknown}; registered: {sorted(k for k, _ in NORM_REGISTRY)}")
+    shapes = args.shape or [list(s) for s in DEFAULT_SHAPES]
+    results = run(shapes, args.iters, args.rounds, args.device, args.threads, args.layers)
+    print_results(results)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        doc = {
+            "tool": "benchmark_norms",
+            "command": "python tools/benchmark_norms.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "results": results,
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

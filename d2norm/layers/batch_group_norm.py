@@ -16,6 +16,7 @@ from ..stats.adapters import StatsAdapter
 from ..stats.estimators import batch_moments
 from .base import D2NormModule, NotAnAffine, affine_from_stats, skip_nonfinite_stats, stat_dtype
 from .ghost_bn import ghost_batch_sizes
+from .kernels import channel_affine, group_moments
 from .registry import register_norm
 
 __all__ = ["BatchGroupNorm", "example_group_sizes"]
@@ -192,8 +193,7 @@ class BatchGroupNorm(nn.Module, D2NormModule):
             return self._normalize(x, m.unsqueeze(0), var.unsqueeze(0), xs)
 
         # Per-example statistics of each channel group: (N, G). One reduction pass over x.
-        dims = tuple(range(2, x.dim() + 1))
-        var_i, mu_i = torch.var_mean(xs.unflatten(1, (self.num_groups, -1)), dim=dims, correction=0)
+        mu_i, var_i = group_moments(xs, self.num_groups)
 
         if self.training:
             sizes = example_group_sizes(x.shape[0], self.example_group_size)
@@ -261,6 +261,8 @@ class BatchGroupNorm(nn.Module, D2NormModule):
             view = scale.shape + (1,) * (x.dim() - 2)
         else:
             view = (1, -1) + (1,) * (x.dim() - 2)
+        if xs.numel() > 0 and scale.dim() == 2:  # (N or 1, C): one fused pass
+            return channel_affine(xs, scale, shift).to(x.dtype)
         scale, shift = scale.reshape(view), shift.reshape(view)
         return torch.addcmul(shift, xs, scale).to(x.dtype)
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
+from .kernels import channel_affine, group_moments
 from .registry import register_norm
 
 __all__ = ["BatchStatsBatchNorm2d"]
@@ -49,8 +50,24 @@ class BatchStatsBatchNorm2d(D2NormBatchNorm2d):
             raise ValueError(f"BatchStatsBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")
         if self.training:
             return super().forward(x)
-        # running stats None + training=True: batch statistics, nothing updated (momentum unused).
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        n_per_channel = x.numel() // max(x.shape[1], 1)
+        if n_per_channel <= 1 or x.dtype in (torch.float16, torch.bfloat16):
+            # running stats None + training=True: batch statistics, nothing updated (momentum unused); torch
+            # rejects a single value per channel and gives a zero-size output for an empty batch.
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        # Same statistics from one vectorized per-(sample, channel) moments pass, pooled exactly over the
+        # samples (μ = mean_i μ_i, σ² = mean_i (σ_i² + (μ_i − μ)²): every sample has H·W elements), then BN's
+        # normalize as one fused affine (differentiable through the statistics, as training-mode BN is).
+        mu_i, var_i = group_moments(x)
+        mean = mu_i.mean(0)
+        var = (var_i + (mu_i - mean).square()).mean(0)
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+            shift = self.bias - mean * scale
+        else:
+            shift = -mean * scale
+        return channel_affine(x, scale, shift)
 
     def frozen_bn_state(self):
         """BN's population statistics (μ_E, σ_E²): after the switch training and inference are the same constant

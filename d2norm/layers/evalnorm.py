@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
+from .kernels import channel_affine, group_moments
 from .registry import register_norm
 
 __all__ = [
@@ -58,27 +59,33 @@ def _validate_options(mode, rule_batch_size, init_alpha, init_beta) -> None:
 class _AffineL1Mean(torch.autograd.Function):
     """``mean(|x·a + b|)`` with a, b per (sample, channel); x carries no gradient (it is ⟨x_i⟩ in eq 9).
 
-    Same value and gradient as ``(x * a + b).abs().mean()``, but only ``x`` (already kept alive by the
-    network's own graph), ``a`` and ``b`` are saved: autograd's ``abs`` would keep one extra full-size float32
-    tensor per layer alive until backward. The sign is recomputed in backward instead.
+    Same value and gradient as ``(x * a + b).abs().mean()``. Its gradient only needs, per (sample, channel),
+    ``S₁ = Σ sign(t)`` and ``S₂ = Σ sign(t)·x`` with ``t = x·a + b`` (∂/∂a = S₂/n, ∂/∂b = S₁/n), so the forward
+    computes them with the loss and saves only those two (N, C) tensors: no full-size tensor is kept for the
+    backward, and the backward does no pass over the activation.
     """
 
     @staticmethod
     def forward(ctx, x, a, b):
         if x.requires_grad:
             raise RuntimeError("_AffineL1Mean: x must be detached (stop-gradient of evalnorm eq 9)")
-        ctx.save_for_backward(x, a, b)
-        # mixed dtypes promote: bf16/fp16 x times float32 a gives a float32 result, without a float32 copy of x
-        return torch.addcmul(b[:, :, None, None], x, a[:, :, None, None]).abs_().sum() / x.numel()
+        n = x.numel()
+        # bf16/fp16 x: the loss terms in a's (float32) precision; one layout for the flat reductions below
+        x = x.to(a.dtype).contiguous()
+        t = channel_affine(x, a, b)
+        s = torch.sign(t)
+        x3, s3 = x.reshape(x.shape[0], x.shape[1], -1), s.view(x.shape[0], x.shape[1], -1)
+        loss = torch.linalg.vecdot(s.view(-1), t.view(-1)) / n  # Σ sign(t)·t = Σ |t|
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ctx.save_for_backward(torch.linalg.vecdot(s3, x3), s3.sum(-1))
+        ctx.n = n
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, b = ctx.saved_tensors
-        s = torch.addcmul(b[:, :, None, None], x, a[:, :, None, None]).sign_()
-        scale = grad / x.numel()
-        grad_b = s.sum(dim=(2, 3)) * scale
-        grad_a = s.mul_(x).sum(dim=(2, 3)) * scale
-        return None, grad_a, grad_b
+        s2, s1 = ctx.saved_tensors
+        scale = grad / ctx.n
+        return None, s2 * scale, s1 * scale
 
 
 def _logit(p: float) -> float:
@@ -243,7 +250,7 @@ class EvalNorm2d(D2NormBatchNorm2d):
     def _aux_loss(self, x: torch.Tensor, mu_e: torch.Tensor, var_e: torch.Tensor) -> torch.Tensor:
         """Eqs 7-9 on the detached input ``x`` (N > 0) and the pre-update EMA ``mu_e``, ``var_e`` (C,)."""
         sd = _stat_dtype(x)
-        var_i, mu_i = torch.var_mean(x.to(sd), dim=(2, 3), correction=0)  # (N, C)
+        mu_i, var_i = group_moments(x.to(sd))  # (N, C)
         # minibatch statistics from the per-sample ones (combined-population formulas, cf. eqs 3-4)
         mu_b = mu_i.mean(0)
         var_b = var_i.mean(0) + (mu_i - mu_b).square().mean(0)
@@ -307,9 +314,9 @@ class EvalNorm2d(D2NormBatchNorm2d):
         alpha, beta = self.eval_alpha_beta()
         sd = _stat_dtype(x)
         xs = x.to(sd)
-        var_i, mu_i = torch.var_mean(xs, dim=(2, 3), correction=0, keepdim=True)  # (N, C, 1, 1)
-        mu_e = self.running_mean.to(sd).view(1, -1, 1, 1)
-        var_e = self.running_var.to(sd).view(1, -1, 1, 1)
+        mu_i, var_i = group_moments(xs)  # (N, C), one vectorized pass
+        mu_e = self.running_mean.to(sd)
+        var_e = self.running_var.to(sd)
         if isinstance(alpha, torch.Tensor):
             alpha, beta = alpha.to(sd), beta.to(sd)
         d = mu_i - mu_e
@@ -317,11 +324,11 @@ class EvalNorm2d(D2NormBatchNorm2d):
         var_hat = beta * var_i + (1 - beta) * var_e + beta * (1 - beta) * d.square()  # eq 6
         scale = torch.rsqrt(var_hat + self.eps)
         if self.affine:
-            scale = scale * self.weight.to(sd).view(1, -1, 1, 1)
-            shift = self.bias.to(sd).view(1, -1, 1, 1) - mu_hat * scale
+            scale = scale * self.weight.to(sd)
+            shift = self.bias.to(sd) - mu_hat * scale
         else:
             shift = -mu_hat * scale
-        return torch.addcmul(shift, xs, scale).to(x.dtype)
+        return channel_affine(xs, scale, shift).to(x.dtype)
 
     def frozen_bn_state(self):
         """BN's population statistics (μ_E, σ_E²): after the switch training and inference are the same constant

@@ -14,6 +14,7 @@ import torch
 
 
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
+from .kernels import channel_affine, group_moments
 from .registry import register_norm
 
 __all__ = ["ExampleWeightedBatchNorm2d"]
@@ -89,7 +90,7 @@ class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
         a = self.alpha
         low_precision = x.dtype in (torch.float16, torch.bfloat16)
         xs = x.float() if low_precision else x  # four-things eq 3 statistics in float32 for fp16/bf16
-        var_i, mean_i = torch.var_mean(xs, dim=(2, 3), correction=0)  # (N, C): Var[x_i], E[x_i]
+        mean_i, var_i = group_moments(xs)  # (N, C): E[x_i], Var[x_i] in one vectorized pass
         m = self.running_mean.to(xs.dtype)
         v = self.running_var.to(xs.dtype)
         mu = a * mean_i + (1.0 - a) * m
@@ -100,7 +101,7 @@ class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
             shift = self.bias.to(xs.dtype) - mu * scale
         else:
             shift = -mu * scale
-        y = torch.addcmul(shift[:, :, None, None], xs, scale[:, :, None, None])
+        y = channel_affine(xs, scale, shift)
         return y.to(x.dtype) if low_precision else y
 
     def frozen_bn_state(self):

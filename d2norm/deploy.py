@@ -1,0 +1,153 @@
+"""Deployment: fold normalization layers whose inference is a fixed affine map into the preceding convolution.
+
+At inference a BN with population statistics "is merely a constant affine transform" (rethinking §4.3), so
+``conv → norm`` equals one convolution with ``W' = W·scale`` (per output channel) and ``b' = b·scale + shift``.
+rethinking A.8 warns against folding *during training* (it changes what SGD optimizes); at inference it is free
+speed. :func:`fold_norms` does it for every norm whose ``inference_affine()`` (the layer's own statement, see
+:class:`d2norm.layers.base.D2NormModule`) gives ``(scale, shift)``, and for torch's ``_BatchNorm`` family and
+detectron2's ``FrozenBatchNorm2d``; every other norm (the per-sample-statistics layers ExampleWeightedBN α > 0,
+EvalNorm, BatchStatsBN, BGN α > 0, GroupNorm, a DomainBN whose domain is chosen per call) is left as it is and
+reported with the reason.
+
+Graph patterns folded (the ones detectron2's builders produce):
+
+* a detectron2 ``Conv2d`` with ``norm=`` (ResNet stem/blocks/shortcuts, FPN, R-CNN conv heads, MABN's
+  ``CenteredConv2d``) — the norm runs right after the convolution inside the module;
+* an ``nn.Sequential`` in which a norm directly follows an ``nn.Conv2d`` that has no norm/activation of its own
+  (e.g. detectron2's RetinaNet head subnets).
+
+A ``CenteredConv2d`` (mabn eq 18) centers its weight in forward; its folded weight is the centered weight times
+``scale``, whose per-output-channel mean is already 0, so the centering it still applies changes nothing (up to
+float rounding). A per-domain DomainBN folds when the domain is static: call ``fold_norms`` inside
+``domain_scope(k)``.
+"""
+import logging
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .layers.base import NotAnAffine, affine_from_stats, bn_inference_affine
+
+__all__ = ["fold_norms", "FoldReport", "norm_inference_affine"]
+
+logger = logging.getLogger(__name__)
+
+
+def norm_inference_affine(m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` of ``m``'s inference if it is a fixed per-channel affine map, else
+    :class:`NotAnAffine`. d2norm layers answer themselves (``inference_affine()``); torch's ``_BatchNorm``
+    family and detectron2's ``FrozenBatchNorm2d`` do not have the method, so their BN formula is applied here."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    fn = getattr(m, "inference_affine", None)
+    if callable(fn):
+        return fn()
+    if isinstance(m, _BatchNorm):
+        return bn_inference_affine(m)
+    if isinstance(m, FrozenBatchNorm2d):
+        return affine_from_stats(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
+    raise NotAnAffine(f"{type(m).__name__}: not a normalization layer with a fixed inference affine map")
+
+
+class FoldReport:
+    """What :func:`fold_norms` did: ``folded`` = ``{norm module name: conv module name}``, ``not_folded`` =
+    ``{norm module name: reason}``."""
+
+    def __init__(self):
+        self.folded: Dict[str, str] = {}
+        self.not_folded: Dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"FoldReport(folded={len(self.folded)}, not_folded={len(self.not_folded)})"
+
+    def summary(self) -> str:
+        lines = [f"folded {len(self.folded)} norm(s) into their convolutions; {len(self.not_folded)} left as they are"]
+        reasons: Dict[str, int] = {}
+        for r in self.not_folded.values():
+            reasons[r] = reasons.get(r, 0) + 1
+        lines += [f"  not folded ({n}x): {r}" for r, n in sorted(reasons.items())]
+        return "\n".join(lines)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    from detectron2.layers import FrozenBatchNorm2d
+
+    from .layers.base import D2NormModule
+
+    return isinstance(m, (_BatchNorm, FrozenBatchNorm2d, D2NormModule, nn.GroupNorm, nn.LayerNorm,
+                          nn.InstanceNorm2d))
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    from .layers.mabn import CenteredConv2d
+
+    w = conv.centered_weight() if isinstance(conv, CenteredConv2d) else conv.weight
+    if scale.shape[0] != w.shape[0]:
+        raise NotAnAffine(f"norm has {scale.shape[0]} channels, the convolution {w.shape[0]} outputs")
+    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    s, t = scale.to(w.device, dt), shift.to(w.device, dt)
+    new_w = w.detach().to(dt) * s.view(-1, *([1] * (w.dim() - 1)))
+    b = conv.bias.detach().to(dt) if conv.bias is not None else torch.zeros_like(s)
+    conv.weight = nn.Parameter(new_w.to(w.dtype), requires_grad=conv.weight.requires_grad)
+    conv.bias = nn.Parameter((b * s + t).to(w.dtype), requires_grad=conv.weight.requires_grad)
+
+
+def fold_norms(model: nn.Module) -> FoldReport:
+    """Fold, in place, every fixed-affine norm of ``model`` (eval mode) into the convolution before it.
+
+    Returns a :class:`FoldReport` (also logged). The model must be in eval mode (``model.eval()``): folding
+    is an inference transform (rethinking A.8); a ValueError says so otherwise. Outputs are unchanged up to
+    float rounding; the folded model has no norm module left where one was folded (the conv gets a bias).
+    """
+    if model.training:
+        raise ValueError(
+            "fold_norms is an inference transform: call model.eval() first (folding norms into convolutions "
+            "while training changes what SGD optimizes, rethinking A.8)"
+        )
+    from detectron2.layers import Conv2d as D2Conv2d
+
+    report = FoldReport()
+    handled = set()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, D2Conv2d) and getattr(mod, "norm", None) is not None:
+            norm_name = f"{name}.norm" if name else "norm"
+            handled.add(id(mod.norm))
+            try:
+                scale, shift = norm_inference_affine(mod.norm)
+                _fold_into(mod, scale, shift)
+            except NotAnAffine as e:
+                report.not_folded[norm_name] = str(e)
+                continue
+            mod.norm = None
+            report.folded[norm_name] = name
+        elif isinstance(mod, nn.Sequential):
+            children = list(mod.named_children())
+            for (cname, conv), (nname, norm) in zip(children, children[1:]):
+                full = f"{name}.{nname}" if name else nname
+                if isinstance(conv, nn.Conv2d) and type(norm).__name__ == "CycleBatchNormList":
+                    handled.update(id(m) for m in norm.modules())
+                    report.not_folded[full] = (
+                        "CycleBatchNormList: a different BN per FPN level after one shared convolution"
+                    )
+                    continue
+                if not (isinstance(conv, nn.Conv2d) and _is_norm(norm)):
+                    continue
+                if getattr(conv, "norm", None) is not None or getattr(conv, "activation", None) is not None:
+                    continue
+                handled.add(id(norm))
+                try:
+                    scale, shift = norm_inference_affine(norm)
+                    _fold_into(conv, scale, shift)
+                except NotAnAffine as e:
+                    report.not_folded[full] = str(e)
+                    continue
+                setattr(mod, nname, nn.Identity())
+                report.folded[full] = f"{name}.{cname}" if name else cname
+    for name, mod in model.named_modules():
+        if _is_norm(mod) and id(mod) not in handled and name not in report.not_folded:
+            report.not_folded[name] = "no convolution directly before it in a foldable pattern"
+    logger.info(report.summary())
+    return report

@@ -1,0 +1,133 @@
+"""Fast per-sample-statistics primitives (d2norm/layers/kernels.py) and the layers' fast paths, against
+float64 references written from the definitions (mean, biased variance, affine), in every memory layout."""
+import pytest
+import torch
+
+import d2norm  # noqa: F401
+from d2norm.layers import (
+    BatchGroupNorm,
+    BatchStatsBatchNorm2d,
+    EvalNorm2d,
+    ExampleWeightedBatchNorm2d,
+)
+from d2norm.layers.evalnorm import _AffineL1Mean
+from d2norm.layers.kernels import channel_affine, group_moments
+
+
+def _x(shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + 2
+    x = x + torch.randn(shape[0], shape[1], *([1] * (len(shape) - 2)), generator=g, dtype=torch.float64) * 4
+    return x.to(dtype)
+
+
+def _ref_moments(x, groups):
+    """Per (sample, group): mean and biased variance, two-pass in float64."""
+    xr = x.double().reshape(x.shape[0], groups, -1)
+    mean = xr.mean(-1)
+    return mean, (xr - mean[..., None]).square().mean(-1)
+
+
+@pytest.mark.parametrize("shape, groups", [((3, 8, 5, 4), 8), ((3, 8, 5, 4), 2), ((2, 6, 7), 3), ((4, 6, 1, 1), 6)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_group_moments_match_float64_definition(shape, groups, layout):
+    x = _x(shape)
+    if layout == "channels_last" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=-1)[..., : shape[-1]]
+    mean, var = group_moments(x, groups)
+    rmean, rvar = _ref_moments(x, groups)
+    assert mean.shape == var.shape == (shape[0], groups)
+    torch.testing.assert_close(mean, rmean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, rvar, rtol=1e-12, atol=1e-12)
+    torch.autograd.gradcheck(lambda t: group_moments(t, groups), (x.detach().requires_grad_(),))
+
+
+def test_group_moments_float32_is_cancellation_free_and_zero_for_constant_groups():
+    # mean = 10⁴ × std: E[x²] − E[x]² in float32 would have an error ~6 times the variance itself
+    x = _x((4, 8, 16, 16), seed=1, dtype=torch.float64) * 0.02 + 1000.0
+    x[1, 2] = 7.25  # constant channel: variance exactly 0
+    mean, var = group_moments(x.float())
+    rmean, rvar = _ref_moments(x.float(), 8)
+    torch.testing.assert_close(mean.double(), rmean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), rvar, rtol=1e-3, atol=1e-12)
+    assert var[1, 2] == 0
+
+
+@pytest.mark.parametrize("coef", ["C", "1C", "NC"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_affine_matches_definition_forward_backward(coef, layout):
+    x = _x((3, 5, 4, 6), seed=2)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(3)
+    shape = {"C": (5,), "1C": (1, 5), "NC": (3, 5)}[coef]
+    s = torch.randn(shape, generator=g, dtype=torch.float64)
+    b = torch.randn(shape, generator=g, dtype=torch.float64)
+    view = (1, 5, 1, 1) if coef != "NC" else (3, 5, 1, 1)
+    y = channel_affine(x, s, b)
+    torch.testing.assert_close(y, x * s.reshape(view) + b.reshape(view), rtol=1e-13, atol=1e-13)
+    xs = [t.detach().requires_grad_() for t in (x, s, b)]
+    torch.autograd.gradcheck(channel_affine, tuple(xs))
+
+
+def test_affine_l1_mean_matches_float64_definition_value_and_gradient():
+    x = _x((4, 6, 7, 5), seed=4, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(4, 6, generator=g) * 0.3).requires_grad_()
+    b = torch.randn(4, 6, generator=g).requires_grad_()
+    loss = _AffineL1Mean.apply(x, a, b)
+    loss.backward()
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = (x.double() * a64[:, :, None, None] + b64[:, :, None, None]).abs().mean()
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-5, atol=1e-7)
+
+
+def _randomized(m):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5 + 1)
+        m.bias.copy_(torch.randn(m.bias.shape, generator=g))
+        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) + 2)
+        if hasattr(m, "running_var"):
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 20 + 1)
+        else:
+            m.running_mean_sq.copy_(m.running_mean.square() + torch.rand(m.running_mean.shape, generator=g) * 20 + 1)
+    return m
+
+
+LAYERS = {
+    "ExampleWeightedBN": lambda: ExampleWeightedBatchNorm2d(16, alpha=0.3),
+    "EvalNorm": lambda: EvalNorm2d(16, init_alpha=0.2, init_beta=0.3),
+    "BGN": lambda: BatchGroupNorm(16, num_groups=4, alpha=0.4),
+    "BatchStatsBN": lambda: BatchStatsBatchNorm2d(16),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+@pytest.mark.parametrize("training", [False, True])
+def test_float32_fast_paths_equal_the_float64_layer_in_every_layout(name, training):
+    """The same layer in float64 (whose paths the layer tests check against the papers' equations) and the
+    float32 fast path agree to float32 accuracy, forward and backward, contiguous and channels-last, on a
+    ResNet-like and an RoI-like shape."""
+    for shape in ((4, 16, 14, 14), (64, 16, 7, 7)):
+        m64 = _randomized(LAYERS[name]()).double().train(training)
+        m32 = _randomized(LAYERS[name]()).float().train(training)
+        x64 = _x(shape, seed=8).requires_grad_()
+        y64 = m64(x64)
+        dy = torch.randn(y64.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        y64.backward(dy)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x32 = x64.detach().float().contiguous(memory_format=layout).requires_grad_()
+            m32.zero_grad()
+            y32 = m32(x32)
+            y32.backward(dy.float())
+            torch.testing.assert_close(y32.double(), y64.detach(), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(m32.weight.grad.double(), m64.weight.grad, rtol=1e-3, atol=1e-3)
+        m64.zero_grad()
+        x64.grad = None
