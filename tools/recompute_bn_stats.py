@@ -7,7 +7,8 @@ dataset and write a new checkpoint.
   with only the norm layers collecting statistics;
 * every layer with population statistics is handled, including the per-level / shared layouts of d2norm's
   RetinaNet head (rethinking Table 5 rows 2 and 4: one set per FPN level or one shared set, whatever the
-  checkpoint's DomainBN layers define); frozen layers are untouched;
+  checkpoint's DomainBN layers define), computed on the inference path (each level normalized with its own
+  statistics unless the layout shares both; row 2 needs this recomputation); frozen layers are untouched;
 * ``--eval``: COCO AP before and after (on ``--eval-dataset``, default the cfg's first test set);
 * output: ``<OUTPUT_DIR>/recompute_bn_stats/`` unless ``--output-dir``; the new checkpoint keeps the source's
   iteration and trainer state (optimizer, scheduler), and no ``last_checkpoint`` is ever written, so

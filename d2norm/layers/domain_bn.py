@@ -115,7 +115,9 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
         concatenation). Table 5 row 1 (affine shared) = Alg. 1 ``RetinaNetHead_Row1``.
       - ``pop_stats="per_domain"``: each domain's EMA row is updated from that domain's own mean / unbiased
         variance, although SGD normalized with the shared ones. Table 5 row 2 (the inconsistent layout,
-        2.1 AP) — expressible for reproduction, not recommended.
+        2.1 AP) — expressible for reproduction, not recommended. This EMA is on the training path; the
+        paper's row 2 statistics are recomputed on the per-domain inference path by a PreciseBN pass
+        (:mod:`d2norm.stats.adapters`).
       - ``affine_per_domain=True`` combines with either (not a Table 5 row).
 
     * Empty inputs (rethinking A.10): a zero-size domain input gives a zero-size output, contributes nothing
@@ -422,11 +424,33 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
 
 class DomainBNAdapter(BatchNormAdapter):
     """:class:`~d2norm.layers.domain_bn.DomainBatchNorm2d`: one slot per domain when population statistics are
-    per domain (rethinking §5.2, Table 5)."""
+    per domain (rethinking §5.2, Table 5).
+
+    During a pass each domain is normalized the way the model normalizes at inference, with the statistics of
+    the pass in place of the population statistics (rethinking Table 5, Alg. 1; upstream
+    ``retinanet-eval-domain-specific.py`` runs PreciseBN on the per-level model): per domain when the
+    population statistics are per domain (rows 2, 4, 6 — also row 2, whose SGD used shared statistics: its
+    per-level statistics are those of the per-level inference path, not of the training path) or when SGD
+    normalized per domain (rows 3, 5: one BN called per level); all domains together only when both are
+    shared (row 1). So the non-exact pass over the whole population as one batch and the exact layer-wise
+    pass (A.3) give the same statistics for every layout.
+    """
 
     @property
     def num_slots(self) -> int:
         return self.module.num_domains if self.module.pop_stats == "per_domain" else 1
+
+    @property
+    def _per_domain(self) -> bool:
+        m = self.module
+        return m.pop_stats == "per_domain" or m.train_stats == "per_domain" or m.num_domains == 1
+
+    @property
+    def num_groups(self) -> int:
+        return self.module.num_domains if self._per_domain else 1
+
+    def group_slot(self, group: int) -> int:
+        return group if self.module.pop_stats == "per_domain" else 0
 
     def _slot(self, k) -> int:
         return k if (self.module.pop_stats == "per_domain" and k is not None) else 0
@@ -437,14 +461,15 @@ class DomainBNAdapter(BatchNormAdapter):
     def _one_domain(self, x, k):
         w, b = self._affine(k)
         slot = self._slot(k)
+        group = (k or 0) if self._per_domain else 0
         if x.numel() == 0:
             return self._empty(x, w, b)
         if self.mode == "population":
-            mean, var, _ = self.population(slot, stat_dtype(x.dtype))
+            mean, var, _ = self.population(slot, stat_dtype(x.dtype), group)
             self._touch()
             return self._normalize(x, mean, var, w, b)
         n, mean, var = batch_moments(x, reduce_dims(x))
-        self.record(slot, n, mean, var)
+        self.record(slot, n, mean, var, group)
         return self._normalize(x, mean, var, w, b)
 
     def forward(self, x, domain=None):
@@ -461,30 +486,23 @@ class DomainBNAdapter(BatchNormAdapter):
     def forward_domains(self, xs, domains=None):
         m = self.module
         xs, ks = m._domain_inputs(xs, domains)
-        if m.train_stats == "per_domain" or self.mode == "population" and m.pop_stats == "per_domain":
+        if self._per_domain:
             return [self._one_domain(x, k) for x, k in zip(xs, ks)]
-        live = [(x, k) for x, k in zip(xs, ks) if x.numel() > 0]
+        live = [x for x in xs if x.numel() > 0]
         if not live:
             return [self._empty(x, *self._affine(k)) for x, k in zip(xs, ks)]
-        sd = stat_dtype(live[0][0].dtype)
+        sd = stat_dtype(live[0].dtype)
         if self.mode == "population":
             mean, var, _ = self.population(0, sd)
             self._touch()
         else:
-            # statistics of the concatenation (rethinking Fig. 7b), from per-domain moments
-            acc = MomentAccumulator(m.num_features, live[0][0].device)
-            parts = []
-            for x, k in live:
-                n, mu, v = batch_moments(x, reduce_dims(x))
-                acc.add(n, mu, v)
-                parts.append((k, n, mu, v))
+            # statistics of the concatenation (rethinking Fig. 7b, Alg. 1 Row1), from per-domain moments
+            acc = MomentAccumulator(m.num_features, live[0].device)
+            for x in live:
+                acc.add(*batch_moments(x, reduce_dims(x)))
             est = acc.estimate("population")
             mean, var = est.mean.to(sd), est.var_biased.to(sd)
-            if m.pop_stats == "shared":
-                self.record(0, int(est.count), est.mean, est.var_biased)
-            else:  # Table 5 row 2: each domain's EMA row from its own statistics
-                for k, n, mu, v in parts:
-                    self.record(self._slot(k), n, mu, v)
+            self.record(0, int(est.count), est.mean, est.var_biased)
         out = []
         for x, k in zip(xs, ks):
             w, b = self._affine(k)

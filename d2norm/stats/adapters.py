@@ -36,9 +36,11 @@ layer's own file), torch's and detectron2's BN family get :class:`BatchNormAdapt
   as in its warm-up), not with the moving averages.
 * :class:`~d2norm.layers.domain_bn.DomainBatchNorm2d`: ``POP_STATS="per_domain"`` keeps one accumulator per
   domain (slot k ← the calls made for domain k) and writes row k of ``running_mean``/``running_var``;
-  ``"shared"`` one accumulator for all calls. ``TRAIN_STATS="shared"`` (``forward_domains``) normalizes all
-  domains with the statistics of their concatenation and records that concatenation as one batch (shared
-  population) or each domain's own moments (per-domain population, Table 5 row 2).
+  ``"shared"`` one accumulator for all calls. Only ``TRAIN_STATS="shared"`` with shared population
+  statistics (Table 5 row 1) normalizes all domains with the statistics of their concatenation and records
+  that concatenation as one batch; every other layout normalizes and records each domain on its own (the
+  inference path: for row 2 the per-level statistics of the per-level model, as upstream's
+  ``retinanet-eval-domain-specific.py`` computes them).
 
 A layer gets an adapter only if it is in training mode and holds population statistics: layers frozen by
 design (``FrozenBatchNorm2d``, layers put in eval mode, BN without running statistics) are never touched.
@@ -46,7 +48,7 @@ design (``FrozenBatchNorm2d``, layers put in eval mode, BN without running stati
 For the BN monitor every adapter also gives its EMA and an estimate in one convention
 (:meth:`StatsAdapter.ema_stats`, :meth:`StatsAdapter.comparable_stats`: mean or ``None``, and σ).
 """
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,18 +93,49 @@ class StatsAdapter:
         self.accs: List[MomentAccumulator] = []
         self.estimates: List[Optional[PopulationEstimate]] = []
         self.calls = 0
-        #: when a list, the adapter appends itself on its first call (call order for layer-wise estimation)
-        self.call_log: Optional[list] = None
+        #: exact layer-wise estimation (rethinking A.3) keeps moments per *call* of a forward: ``call_index`` is
+        #: the index of the current call within the forward (set by the pass), and ``unit_modes`` /
+        #: ``unit_accs`` / ``unit_estimates`` map a call index to that call's mode and to one accumulator /
+        #: estimate per normalization group (:attr:`num_groups`). ``None``: one mode for every call (``mode``)
+        #: and moments straight into the write slots (``accs``).
+        self.call_index = 0
+        #: calls of the layer in the current forward (set to 0 by the pass before each forward)
+        self.forward_calls = 0
+        #: when a list, every call appends ``(adapter, call_index)`` (call order for layer-wise estimation)
+        self.call_seq: Optional[list] = None
+        self.unit_modes: Optional[Dict[int, str]] = None
+        self.unit_accs: Optional[Dict[int, List[MomentAccumulator]]] = None
+        self.unit_estimates: Dict[int, List[Optional[PopulationEstimate]]] = {}
         #: set by the pass: ``current_batch()`` describes the batch being forwarded
         self.current_batch: Callable[[], str] = lambda: "?"
         #: descriptions of the recorded calls whose moments were non-finite (left out of the estimate)
         self.nonfinite_batches: List[str] = []
+
+    @property
+    def mode(self) -> str:
+        if self.unit_modes is not None:
+            return self.unit_modes.get(self.call_index, "batch")
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = value
+        self.unit_modes = None
 
     @classmethod
     def applies(cls, module: nn.Module) -> bool:
         return True
 
     num_slots = 1
+
+    @property
+    def num_groups(self) -> int:
+        """Parts of one call normalized with statistics of their own (DomainBN: the domains); 1 for BN."""
+        return 1
+
+    def group_slot(self, group: int) -> int:
+        """The write slot a normalization group's moments belong to."""
+        return group
 
     @property
     def rows(self) -> int:
@@ -113,11 +146,22 @@ class StatsAdapter:
         self.estimates = [None] * self.num_slots
 
     def _touch(self) -> None:
-        if self.calls == 0 and self.call_log is not None:
-            self.call_log.append(self)
         self.calls += 1
 
-    def record(self, slot: int, n: int, mean: torch.Tensor, var: torch.Tensor) -> None:
+    def counted(self, fn: Callable) -> Callable:
+        """``fn`` (this adapter's ``forward`` / ``forward_domains``) numbering the layer's calls per forward."""
+
+        def call(*args, **kwargs):
+            self.call_index = self.forward_calls
+            self.forward_calls += 1
+            if self.call_seq is not None:
+                self.call_seq.append((self, self.call_index))
+            return fn(*args, **kwargs)
+
+        return call
+
+    def record(self, slot: int, n: int, mean: torch.Tensor, var: torch.Tensor, group: Optional[int] = None) -> None:
+        """Moments of one normalization group (default: ``slot``) of the current call."""
         self._touch()
         if self.mode == "record":
             # A NaN/Inf in one call would make the whole population estimate of its channel non-finite: such
@@ -125,10 +169,18 @@ class StatsAdapter:
             if n and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
                 self.nonfinite_batches.append(self.current_batch())
                 return
-            self.accs[slot].add(n, mean, var)
+            if self.unit_accs is not None:
+                self.unit_accs[self.call_index][slot if group is None else group].add(n, mean, var)
+            else:
+                self.accs[slot].add(n, mean, var)
 
-    def population(self, slot: int, dtype):
-        est = self.estimates[slot]
+    def population(self, slot: int, dtype, group: Optional[int] = None):
+        """(mean, biased var, E[x²]) to normalize with: in exact layer-wise estimation those of this call's
+        own population (its normalization group, default ``slot``), else the write slot's."""
+        if self.unit_modes is not None:
+            est = self.unit_estimates.get(self.call_index, [None] * self.num_groups)[slot if group is None else group]
+        else:
+            est = self.estimates[slot]
         if est is None:
             raise RuntimeError(
                 f"{type(self.module).__name__}: population statistics requested before they were estimated "

@@ -160,6 +160,22 @@ class MomentAccumulator:
             self.k_var += 1
             self.sum_var_u += var * (n / (n - 1))
 
+    @torch.no_grad()
+    def merge_(self, other: "MomentAccumulator") -> "MomentAccumulator":
+        """Add ``other``'s batches to this accumulator (Chan's merge for eq 2, sums for eq 3), in place."""
+        tot = self.n + other.n
+        if float(tot) > 0:
+            delta = other.mean - self.mean
+            self.mean = self.mean + delta * (other.n / tot)
+            self.m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / tot)
+        self.n = tot
+        self.k = self.k + other.k
+        self.k_var = self.k_var + other.k_var
+        self.sum_mean = self.sum_mean + other.sum_mean
+        self.sum_var_u = self.sum_var_u + other.sum_var_u
+        self.sum_sq = self.sum_sq + other.sum_sq
+        return self
+
     @property
     def count(self) -> float:
         return float(self.n)

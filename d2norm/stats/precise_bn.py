@@ -19,8 +19,10 @@ detectron2's ``hooks.PreciseBN``:
   are restored (:mod:`d2norm.stats.state`); event-storage writes go to a discarded storage; the torch /
   numpy / python RNG streams of the caller are restored afterwards, so training continues as if the pass had not
   happened (apart from the data the pass consumed from its own loader);
-* ``exact_layerwise`` (A.3): layer k is estimated in pass k with layers < k normalizing with their exact
-  population statistics, which equals forwarding the whole population as one batch.
+* ``exact_layerwise`` (A.3): the calls of the layers are estimated in call order, each in a pass in which all
+  earlier calls normalize with their exact population statistics (a layer called several times per forward:
+  each call with its own population, the written statistics pooled over its calls), which equals forwarding
+  the whole population as one batch; forwards calling a layer a different number of times are refused.
 """
 import contextlib
 import itertools
@@ -168,7 +170,7 @@ def _patched(adapters: Dict[str, StatsAdapter]):
     """Route every adapted layer's forward (and DomainBN's ``forward_domains``) to its adapter; cross-rank
     activation exchange (shuffled heads) is off meanwhile (``local_only``)."""
     patches = [
-        (a.module, attr, getattr(a, attr))
+        (a.module, attr, a.counted(getattr(a, attr)))
         for a in adapters.values()
         for attr in ("forward", "forward_domains")
         if hasattr(a.module, attr) and hasattr(a, attr)
@@ -373,40 +375,92 @@ def _reduce_and_estimate(adapters: List[StatsAdapter], estimator: str, group) ->
         a.estimates = [acc.estimate(estimator) for acc in a.accs]
 
 
+def _forward(net, batch, adapters, forward_fn) -> None:
+    for a in adapters.values():
+        a.forward_calls = 0
+    forward_fn(net, batch)
+
+
 def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, forward_fn, show, described) -> None:
-    """rethinking A.3: pass k estimates layer k with layers < k normalizing with their population statistics."""
+    """rethinking A.3: every call of every layer is estimated in a pass in which all calls before it normalize
+    with their exact population statistics, which equals forwarding the whole population as one batch.
+
+    A layer called several times per forward (a head shared by several inputs, weight sharing) is a sequence of
+    calls: call j of a forward normalizes, as in a training forward of the population as one batch, with the
+    population statistics of call j's own inputs (over all batches), and the layer's written statistics pool
+    all its calls (each call is a batch, as its EMA has it). Passes run in call order; consecutive calls of one
+    layer share a pass (their inputs cannot depend on each other's statistics).
+    """
     from detectron2.utils import comm
+
+    from ..utils.comm import group_world_size
+    from .estimators import MomentAccumulator
 
     rng = _get_rng()
     batches = list(_batches(data, share, batch_size))
 
-    # Order = first call in a forward of the first batch (a topological order for feed-forward models: a
-    # layer's input depends only on layers called before it). Rank 0's order is used everywhere, so the
-    # per-layer collectives match across ranks.
-    log: List[StatsAdapter] = []
+    # Order = the calls in a forward of the first batch (a topological order for feed-forward models: a call's
+    # input depends only on calls before it). Rank 0's order is used everywhere, so the per-pass collectives
+    # match across ranks.
+    seq: List[Any] = []
     for a in adapters.values():
-        a.mode, a.calls, a.call_log = "batch", 0, log
+        a.mode, a.call_seq = "batch", seq
     try:
         if batches:
             _set_rng(rng)
-            forward_fn(net, batches[0])
+            _forward(net, batches[0], adapters, forward_fn)
     finally:
         for a in adapters.values():
-            a.call_log = None
+            a.call_seq = None
     name_of = {id(a): n for n, a in adapters.items()}
-    seen = [name_of[id(a)] for a in log]
-    from ..utils.comm import group_world_size
+    units = [(name_of[id(a)], j) for a, j in seq]
+    units = comm.all_gather(units, group=group)[0] if group_world_size(group) > 1 else units
+    calls = {n: 0 for n in adapters}
+    passes: List[Any] = []
+    for n, j in units:
+        calls[n] = max(calls[n], j + 1)
+        if passes and passes[-1][0] == n:
+            passes[-1][1].append(j)
+        else:
+            passes.append((n, [j]))
 
-    names = comm.all_gather(seen, group=group)[0] if group_world_size(group) > 1 else seen
-    names = names + [n for n in adapters if n not in names]
-    order = [adapters[n] for n in names]
+    device = next(itertools.chain(net.parameters(), net.buffers())).device
+    for n, a in adapters.items():
+        a.unit_accs = {j: [MomentAccumulator(a.rows, device) for _ in range(a.num_groups)] for j in range(calls[n])}
+        a.unit_estimates = {}
+        a.unit_modes = {j: "batch" for j in range(calls[n])}
+    try:
+        for n, js in _progress(passes, len(passes), "PreciseBN layer-wise", show):
+            a = adapters[n]
+            for j in js:
+                a.unit_modes[j] = "record"
+            for b in described(batches):
+                _set_rng(rng)  # same random choices (e.g. RoI sampling) in every pass
+                _forward(net, b, adapters, forward_fn)
+                _check_calls(adapters, calls)
+            all_reduce_accumulators_([acc for j in js for acc in a.unit_accs[j]], group)
+            for j in js:
+                # later calls normalize call j with its population statistics (mean, biased variance), i.e.
+                # exactly what a forward of the whole population as one batch normalizes it with
+                a.unit_estimates[j] = [acc.estimate(estimator) for acc in a.unit_accs[j]]
+                a.unit_modes[j] = "population"
+        for a in adapters.values():  # written statistics: every slot pools its groups over all calls
+            for accs in a.unit_accs.values():
+                for g, acc in enumerate(accs):
+                    a.accs[a.group_slot(g)].merge_(acc)
+            a.estimates = [acc.estimate(estimator) for acc in a.accs]
+    finally:
+        for a in adapters.values():
+            a.unit_modes = a.unit_accs = None
+            a.unit_estimates = {}
 
-    for k, a in enumerate(_progress(order, len(order), "PreciseBN layer-wise", show)):
-        for j, other in enumerate(order):
-            other.mode = "population" if j < k else ("record" if j == k else "batch")
-        for b in described(batches):
-            _set_rng(rng)  # same random choices (e.g. RoI sampling) in every pass
-            forward_fn(net, b)
-        _reduce_and_estimate([a], estimator, group)
-        # later passes normalize layer k with its population statistics (mean, biased variance), i.e. exactly
-        # what a forward of the whole population as one batch normalizes with
+
+def _check_calls(adapters, calls) -> None:
+    for n, a in adapters.items():
+        if a.forward_calls != calls[n]:
+            raise ValueError(
+                f"PreciseBN exact layer-wise (D2NORM.PRECISE_BN.EXACT_LAYERWISE): layer {n!r} was called "
+                f"{a.forward_calls} time(s) in the forward of {a.current_batch()} but {calls[n]} time(s) in the "
+                f"first batch's forward; exact estimation pairs the j-th call of every forward (rethinking A.3) "
+                f"and needs the same calls in every forward. Use the non-exact pass (EXACT_LAYERWISE False)."
+            )

@@ -42,13 +42,16 @@ the population statistics that match SGD training are:
 * ``POP_STATS: shared`` with ``TRAIN_STATS: per_level`` (rows 3, 5) — one set (C,) updated once per level
   call from that level's batch statistics (the "standard implementation"; each call is one batch).
 
-The EMA during training follows exactly these rules (with ``SYNC`` the statistics are global). A PreciseBN
-pass follows them when it reads each layer's ``pop_stats`` / ``train_stats`` / ``num_domains`` and routes the
-layer's ``forward_domains`` (the head always calls ``module.forward_domains(xs)`` through the instance, so
-an instance-level patch takes effect), as ``d2norm.stats.adapters.DomainBNAdapter`` does. Without a hook: reset
-the buffers (``running_mean`` 0, ``running_var`` 1, ``num_batches_tracked`` 0), set ``momentum = None`` and run
-forward in train mode; DomainBatchNorm2d's cumulative average then averages the per-batch statistics per row /
-per pooled batch / per level call, as listed.
+The EMA during training follows these rules on the *training* path (with ``SYNC`` the statistics are
+global). A PreciseBN pass (``d2norm.stats.adapters.DomainBNAdapter``, routing the layer's ``forward_domains``:
+the head always calls ``module.forward_domains(xs)`` through the instance, so an instance-level patch takes
+effect) computes them on the *inference* path (rethinking Table 5 / Alg. 1; upstream
+``projects/Rethinking-BatchNorm/retinanet-eval-domain-specific.py`` runs PreciseBN on the per-level model):
+every layer normalizes level k by level k's statistics unless both TRAIN_STATS and POP_STATS are shared
+(row 1: all levels together), so the statistics of deeper layers are those the evaluated model sees. The two
+paths coincide for rows 1, 3, 4, 5, 6; for row 2 only the pass gives the paper's per-level statistics (the EMA
+of a row-2 model is collected while earlier layers normalize with the shared statistics): evaluate row 2 after
+PreciseBN / ``tools/recompute_bn_stats.py``, as the paper and upstream do.
 
 **Checkpoints.** ``load_state_dict`` (and :func:`convert_retinanet_head_state_dict`) accept a stock
 detectron2 RetinaNet head: NORM "BN"/"SyncBN" (``CycleBatchNormList``: per-level statistics
