@@ -172,9 +172,11 @@ def base_parser(description: str, multi_weights: bool = False) -> argparse.Argum
 # ---- cfg, datasets, model ---------------------------------------------------------------------------------
 def load_cfg(config_file: str, opts: Sequence[str] = ()):
     """The cfg of ``config_file`` with d2norm's keys and the ``KEY VALUE`` overrides (mutable)."""
+    import yaml
     from detectron2.config import get_cfg
 
     from ..config import add_d2norm_config
+    from ..layers.cfg_checks import check_norm_cfg
 
     if not config_file or not os.path.isfile(config_file):
         raise ToolError(f"config file not found: {config_file!r}")
@@ -182,8 +184,11 @@ def load_cfg(config_file: str, opts: Sequence[str] = ()):
     try:
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(list(opts or []))
+    except yaml.YAMLError as e:  # not YAML at all (truncated, binary, bad indentation)
+        raise ToolError(f"config file {config_file!r} is not valid YAML: {' '.join(str(e).split())}") from None
     except (KeyError, ValueError, AssertionError) as e:
         raise ToolError(f"bad config {config_file!r} / overrides {list(opts or [])}: {e}") from None
+    check_norm_cfg(cfg)  # before any data or model work (ValueError: error + exit code 2)
     return cfg
 
 

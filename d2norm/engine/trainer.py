@@ -17,6 +17,7 @@ from .. import compat
 from ..config import add_d2norm_config
 from ..data import prepare_datasets
 from ..layers import build_model
+from ..layers.cfg_checks import check_norm_cfg
 from ..modeling.meta_arch.evalnorm_arch import LOSS_KEY as EVALNORM_LOSS_KEY
 from ..solver import build_optimizer
 from .checkpoint import D2NormCheckpointer
@@ -113,7 +114,7 @@ class Trainer(DefaultTrainer):
         loader = self.build_train_loader
         ret = []
         if cfg.D2NORM.BN_MONITOR.ENABLED:
-            ret.append(build_bn_monitor_hook(cfg, build_train_loader=loader))
+            ret.append(build_bn_monitor_hook(cfg, build_train_loader=loader, model=self.model))
         if cfg.D2NORM.FROZEN_BN_SWITCH.ENABLED:
             ret.append(build_frozen_bn_switch_hook(cfg, self))
         if cfg.D2NORM.PRECISE_BN.ENABLED:
@@ -175,5 +176,6 @@ def setup_cfg(args):
     route_log_handlers()
     if comm.is_main_process() and has_log_file():
         logger.info("Environment info, config files and model print: %s", os.path.join(cfg.OUTPUT_DIR, "log.txt"))
+    check_norm_cfg(cfg)  # before any data or model work
     prepare_datasets(cfg)
     return cfg

@@ -198,6 +198,15 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
             + f", affine_per_domain={self.affine_per_domain}"
         )
 
+    @property
+    def needs_domain(self) -> bool:
+        """True when a module that calls ``norm(x)`` without a domain (every stock detectron2 module) cannot use
+        this layer: K > 1 and it has domain-specific state to select (per-domain statistics or affine) or it
+        shares training statistics across domains (``forward_domains`` only)."""
+        if self.num_domains == 1:
+            return False
+        return self.train_stats == "shared" or not (self.pop_stats == "shared" and not self.affine_per_domain)
+
     # ---- domain selection -------------------------------------------------------------------------------
     def _check_domain(self, domain) -> int:
         k = _as_index(domain)

@@ -297,7 +297,11 @@ def get_norm(norm, out_channels: int) -> Optional[nn.Module]:
 
 
 def build_model(cfg):
-    """detectron2's ``build_model`` with ``cfg.D2NORM`` bound for every norm layer it creates."""
+    """detectron2's ``build_model`` with ``cfg.D2NORM`` bound for every norm layer it creates, after the
+    setup-time norm checks of :func:`d2norm.layers.cfg_checks.check_norm_cfg`."""
+    from .cfg_checks import check_norm_cfg
+
+    check_norm_cfg(cfg)
     original = _state["d2_build_model"]
     if original is None:
         from detectron2.modeling import build_model as original

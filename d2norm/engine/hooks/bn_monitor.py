@@ -56,10 +56,29 @@ class BNMonitorHook(HookBase):
         return res
 
 
-def build_bn_monitor_hook(cfg, data_loader=None, build_train_loader=None) -> BNMonitorHook:
-    """:class:`BNMonitorHook` from ``cfg.D2NORM.BN_MONITOR`` (validated)."""
+def check_bn_monitor_layers(patterns: Sequence[str], model) -> None:
+    """ValueError for a ``D2NORM.BN_MONITOR.LAYERS`` pattern that matches none of ``model``'s layers with
+    population statistics (it would silently monitor nothing), listing those layers."""
+    from ...stats.monitor import select_layers
+    from ...stats.precise_bn import population_stat_layers
+
+    names = list(population_stat_layers(model))
+    dead = [p for p in patterns if not select_layers(names, [p])]
+    if dead:
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        raise ValueError(
+            f"D2NORM.BN_MONITOR.LAYERS: {dead} match(es) none of the model's layers with population statistics "
+            f"({shown or 'none'}); use regular expressions (re.search) on these names, or [] for all."
+        )
+
+
+def build_bn_monitor_hook(cfg, data_loader=None, build_train_loader=None, model=None) -> BNMonitorHook:
+    """:class:`BNMonitorHook` from ``cfg.D2NORM.BN_MONITOR`` (validated; with ``model``, every LAYERS pattern
+    must match one of its layers)."""
     check_bn_monitor_cfg(cfg)
     c = cfg.D2NORM.BN_MONITOR
+    if model is not None:
+        check_bn_monitor_layers(c.LAYERS, model)
     if data_loader is None:
         data_loader = build_d2norm_train_loader(cfg, per_rank_batch(cfg, c.BATCH_SIZE), build_train_loader)
     return BNMonitorHook(data_loader, c.PERIOD, c.NUM_BATCHES, c.LAYERS)
