@@ -158,7 +158,7 @@ def add_d2norm_config(cfg: CN) -> CN:
     # ---- MABN backbones and heads: mabn §4.2 eq 18, §5.2, Appendix B.3 ------------------------------
     # Used by MODEL.BACKBONE.NAME "build_mabn_resnet_backbone" / "build_mabn_resnet_fpn_backbone" /
     # "build_mabn_retinanet_resnet_fpn_backbone" and the heads "MABNConvFCHead" (ROI_BOX_HEAD.NAME),
-    # "MABNMaskRCNNConvUpsampleHead" (ROI_MASK_HEAD.NAME) in d2norm/modeling/backbone/mabn_resnet.py: every
+    # "MABNMaskRCNNConvUpsampleHead" (ROI_MASK_HEAD.NAME) in d2norm/modeling/roi_heads/mabn_heads.py: every
     # MABN layer is preceded by a weight-centralized conv (eq 18). MABN's own options are in D2NORM.MABN.
     _C.D2NORM.MABN_MODEL = CN()
     # Warm-up iterations (batch statistics, D2NORM.MABN.WARMUP_ITERS semantics: counted per layer as training

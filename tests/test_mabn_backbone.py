@@ -15,7 +15,7 @@ import d2norm.modeling.backbone.mabn_resnet  # noqa: F401  (registers backbones 
 from d2norm import add_d2norm_config
 from d2norm.layers.mabn import CenteredConv2d, MABN2d
 from d2norm.layers.registry import build_model, norm_options
-from d2norm.modeling.backbone.mabn_resnet import MABNConvFCHead, MABNMaskRCNNConvUpsampleHead
+from d2norm.modeling.roi_heads.mabn_heads import MABNConvFCHead, MABNMaskRCNNConvUpsampleHead
 
 FEATURES = ["res2", "res3", "res4", "res5"]
 

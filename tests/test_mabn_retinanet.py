@@ -10,8 +10,8 @@ from detectron2.utils.events import EventStorage
 import d2norm
 import d2norm.solver
 from d2norm.layers import build_model
-from d2norm.layers.mabn import CenteredConv2d, MABN2d
-from d2norm.modeling.meta_arch.mabn_retinanet import CenteredPlainConv2d, MABNRetinaNet
+from d2norm.layers.mabn import CenteredConv2d, CenteredPlainConv2d, MABN2d
+from d2norm.modeling.meta_arch.mabn_retinanet import MABNRetinaNet
 
 
 def _cfg():

@@ -15,7 +15,7 @@ import d2norm  # noqa: F401
 from d2norm.layers.batch_group_norm import BatchGroupNorm
 from d2norm.layers.domain_bn import DomainBatchNorm2d
 from d2norm.layers.sync_bn import AnySyncBatchNorm2d, SyncBatchNormFunction
-from d2norm.modeling.meta_arch.retinanet_domain import SyncDomainBatchNorm2d
+from d2norm.layers.sync_domain_bn import SyncDomainBatchNorm2d
 from dist_utils import run_distributed
 
 OFFSETS = (0.0, 1e2, 1e3, 1e4)

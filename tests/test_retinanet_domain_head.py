@@ -22,10 +22,10 @@ import d2norm.modeling.meta_arch.retinanet_domain  # noqa: F401  (registers "Dom
 from d2norm import add_d2norm_config
 from d2norm.layers.domain_bn import DomainBatchNorm2d
 from d2norm.layers.registry import build_model
+from d2norm.layers.sync_domain_bn import SyncDomainBatchNorm2d
 from d2norm.modeling.meta_arch.retinanet_domain import (
     DomainBNRetinaNet,
     DomainBNRetinaNetHead,
-    SyncDomainBatchNorm2d,
     convert_retinanet_head_state_dict,
 )
 from dist_utils import run_distributed

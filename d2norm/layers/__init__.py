@@ -10,14 +10,15 @@ from .registry import (
     register_norm,
     valid_norm_names,
 )
-from .base import D2NormModule
+from .base import D2NormBatchNorm2d, D2NormModule, FrozenBNState, NotAnAffine
 from .ghost_bn import GhostBatchNorm2d
 from .batch_group_norm import BatchGroupNorm
-from .mabn import CenteredConv2d, MABN2d
+from .mabn import CenteredConv2d, CenteredPlainConv2d, MABN2d
 from .evalnorm import EvalNorm2d
 from .batch_stats_bn import BatchStatsBatchNorm2d
 from .example_weighted_bn import ExampleWeightedBatchNorm2d
 from .domain_bn import DomainBatchNorm2d, domain_scope
+from .sync_domain_bn import SyncDomainBatchNorm2d
 from .sync_bn import AnySyncBatchNorm2d
 from .convert import ConversionReport, convert_norm
 

@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import logging
 import operator
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from .base import D2NormBatchNorm2d, FrozenBNState, NotAnAffine, affine_from_sta
 from .moments import pooled_moments
 from .registry import register_norm
 
-__all__ = ["DomainBatchNorm2d", "domain_scope", "current_domain"]
+__all__ = ["DomainBatchNorm2d", "DomainBNAdapter", "domain_scope", "current_domain", "domain_bn_modules"]
 
 logger = logging.getLogger(__name__)
 
@@ -429,6 +429,11 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
                 self.num_domains,
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def domain_bn_modules(model: nn.Module) -> Dict[str, DomainBatchNorm2d]:
+    """Every :class:`DomainBatchNorm2d` (synchronized ones included) in ``model`` by its module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, DomainBatchNorm2d)}
 
 
 class DomainBNAdapter(BatchNormAdapter):

@@ -18,6 +18,7 @@ Symbols (per channel; "batch" = all examples and spatial positions of one forwar
 * inference: z = γ·x / χ̂ + β (linear, foldable into the preceding convolution)
 """
 import numbers
+from typing import Iterator, List, Tuple
 
 import torch
 from detectron2.layers import Conv2d
@@ -27,9 +28,19 @@ from torch.autograd.function import once_differentiable
 from ..stats.adapters import StatsAdapter, reduce_dims
 from ..stats.estimators import batch_moments
 from .base import D2NormModule, FrozenBNState, skip_nonfinite_stats, stat_dtype, undo_nonfinite_update_
+from ..utils.validation import check_int
 from .registry import register_norm
 
-__all__ = ["MABN2d", "MABNFunction", "CenteredConv2d"]
+__all__ = [
+    "MABN2d",
+    "MABNFunction",
+    "WeightCentralized",
+    "CenteredConv2d",
+    "CenteredPlainConv2d",
+    "centralize_mabn_convs",
+    "check_mabn_wiring",
+    "set_mabn_warmup",
+]
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -287,18 +298,22 @@ class MABNAdapter(StatsAdapter):
         return None, (est.sq_mean + self.module.eps).sqrt()
 
 
-class CenteredConv2d(Conv2d):
-    """detectron2 ``Conv2d`` with Weight Centralization (mabn §4.2, eq 18).
-
-    The convolution uses ``W − mean(W)`` where the mean is over (in_channels/groups, kh, kw) for each output
-    channel, i.e. eq 18's W̄ = (1/p)·Σ_i W_{:,i}. The centering is part of the forward graph, so the gradient
-    reaching ``weight`` is the projection of the centered weight's gradient (its per-output-channel mean
-    removed). Same constructor (``norm=``, ``activation=``) and state dict as detectron2's ``Conv2d``.
-    """
+class WeightCentralized:
+    """Mixin of the convolutions with Weight Centralization (mabn §4.2, eq 18): the convolution uses
+    ``W − mean(W)`` where the mean is over (in_channels/groups, kh, kw) for each output channel, i.e. eq 18's
+    W̄ = (1/p)·Σ_i W_{:,i}. The centering is part of the forward graph, so the gradient reaching ``weight`` is
+    the projection of the centered weight's gradient (its per-output-channel mean removed). No state of its own:
+    a conv's class can be swapped in place (:func:`centralize_mabn_convs`)."""
 
     def centered_weight(self) -> torch.Tensor:
         w = self.weight
         return w - w.mean(dim=(1, 2, 3), keepdim=True)
+
+
+class CenteredConv2d(WeightCentralized, Conv2d):
+    """detectron2 ``Conv2d`` with Weight Centralization (:class:`WeightCentralized`, mabn eq 18). Same
+    constructor (``norm=``, ``activation=``) and state dict as detectron2's ``Conv2d``.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and x.numel() == 0 and self.training:
@@ -309,3 +324,61 @@ class CenteredConv2d(Conv2d):
         if self.activation is not None:
             x = self.activation(x)
         return x
+
+
+class CenteredPlainConv2d(WeightCentralized, nn.Conv2d):
+    """``nn.Conv2d`` with Weight Centralization (:class:`WeightCentralized`, mabn eq 18), for heads built from
+    plain ``nn.Conv2d`` + norm in an ``nn.Sequential`` (detectron2 v0.6's ``RetinaNetHead``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.centered_weight(), self.bias)
+
+
+# ---- model wiring (mabn §4.2: every MABN follows a weight-centralized conv) --------------------------------
+def _conv_norm_pairs(module: nn.Module) -> Iterator[Tuple[str, nn.Module, nn.Module]]:
+    """``(conv name, conv, the norm it feeds)``: detectron2 ``Conv2d``'s own ``norm``, and in every
+    ``nn.Sequential`` a plain conv with the module right after it."""
+    for name, m in module.named_modules():
+        if isinstance(m, Conv2d) and m.norm is not None:
+            yield name, m, m.norm
+        elif isinstance(m, nn.Sequential):
+            children = list(m.named_children())
+            for (cname, conv), (_, nxt) in zip(children, children[1:]):
+                if isinstance(conv, nn.Conv2d) and not isinstance(conv, Conv2d):
+                    yield (f"{name}.{cname}" if name else cname), conv, nxt
+
+
+def centralize_mabn_convs(module: nn.Module) -> List[str]:
+    """Make every conv of ``module`` that feeds an :class:`MABN2d` weight-centralized (eq 18), in place by a
+    class swap (detectron2 ``Conv2d`` → :class:`CenteredConv2d`, ``nn.Conv2d`` → :class:`CenteredPlainConv2d`):
+    module names, parameters and state dicts stay, and every reference to the conv sees the centered one.
+    Returns the names of the converted convs."""
+    converted = []
+    for name, conv, norm in list(_conv_norm_pairs(module)):
+        if isinstance(norm, MABN2d) and not isinstance(conv, WeightCentralized):
+            if type(conv) is nn.Conv2d:
+                conv.__class__ = CenteredPlainConv2d
+            elif isinstance(conv, Conv2d) and type(conv) is Conv2d:
+                conv.__class__ = CenteredConv2d
+            else:
+                continue  # a conv subclass with its own forward (e.g. deformable): reported by the wiring check
+            converted.append(name)
+    return converted
+
+
+def check_mabn_wiring(module: nn.Module, where: str, hint: str = "") -> None:
+    """ValueError unless every :class:`MABN2d` in ``module`` is fed by a weight-centralized conv (mabn §4.2)."""
+    fed = {id(norm) for _, conv, norm in _conv_norm_pairs(module) if isinstance(conv, WeightCentralized)}
+    loose = [name for name, m in module.named_modules() if isinstance(m, MABN2d) and id(m) not in fed]
+    if loose:
+        raise ValueError(f"{where}: MABN layers not preceded by a weight-centralized conv (mabn eq 18): "
+                         f"{', '.join(loose)}{hint}")
+
+
+def set_mabn_warmup(module: nn.Module, warmup_iters: int) -> int:
+    """Set ``warmup_iters`` of every :class:`MABN2d` in ``module``; returns how many layers were set."""
+    check_int("MABN warm-up iterations", warmup_iters, minimum=0)
+    layers = [m for m in module.modules() if isinstance(m, MABN2d)]
+    for m in layers:
+        m.warmup_iters = int(warmup_iters)
+    return len(layers)
