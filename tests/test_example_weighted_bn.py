@@ -220,6 +220,10 @@ def test_bad_alpha_raises_value_error(alpha):
     with norm_options(_cfg(alpha=alpha)):
         with pytest.raises(ValueError, match=r"\[0, 1\].*" + repr(alpha).replace(".", r"\.")):
             get_norm("ExampleWeightedBN", C)
+    # the same rule, public on the layer (tools/tune_example_weight.py checks --alphas with it)
+    with pytest.raises(ValueError, match=r"\[0, 1\].*" + repr(alpha).replace(".", r"\.")):
+        ExampleWeightedBatchNorm2d.check_alpha(alpha)
+    assert ExampleWeightedBatchNorm2d.check_alpha(1) == 1.0 and type(ExampleWeightedBatchNorm2d.check_alpha(0)) is float
 
 
 def test_bad_bn_options_and_no_running_stats_raise():

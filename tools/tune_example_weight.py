@@ -31,10 +31,10 @@ def build_parser():
 
 
 def run(args):
-    from d2norm.layers.example_weighted_bn import ExampleWeightedBatchNorm2d, _check_alpha
+    from d2norm.layers.example_weighted_bn import ExampleWeightedBatchNorm2d
 
     cfg = tc.load_cfg(args.config_file, args.opts)
-    alphas = sorted({_check_alpha(a) for a in list(args.alphas) + [0.0]})
+    alphas = sorted({ExampleWeightedBatchNorm2d.check_alpha(a) for a in list(args.alphas) + [0.0]})
     dataset = tc.prepare_dataset(cfg, args.dataset or tc.first(cfg.DATASETS.TEST))
     out_dir = tc.output_dir(args, cfg, "tune_example_weight")
     model = tc.load_model(cfg, args.weights)

@@ -11,4 +11,7 @@ from .synthetic import (
 )
 from .datasets import check_datasets_exist, prepare_datasets
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "CLASSES", "TRAIN_NAME", "VAL_NAME", "SyntheticSpec", "ensure_synthetic_dataset", "register_synthetic_dataset",
+    "spec_from_cfg", "synthetic_root", "check_datasets_exist", "prepare_datasets",
+]

@@ -2,7 +2,7 @@
 ``tune_example_weight.py``, ``analyze_bn.py``): cfg + checkpoint loading with clear errors, data loaders,
 COCO evaluation, checkpoint / JSON writing, and the ``main(argv) -> exit code`` wrapper that turns expected
 failures (missing config, checkpoint or dataset; bad option) into one ``error: ...`` line instead of a
-traceback. The statistics math itself lives in :mod:`d2norm.stats` (DESIGN principles 5-6).
+traceback. The statistics math itself lives in :mod:`d2norm.stats`; a tool only wires it to files and flags.
 """
 import argparse
 import json
@@ -38,7 +38,7 @@ __all__ = [
 
 logger = logging.getLogger("d2norm.tools")
 
-#: detectron2 cfg keys that name a norm layer (DESIGN principle 3)
+#: detectron2 cfg keys that name a norm layer (any registered d2norm name works in each)
 NORM_KEYS = (
     "MODEL.RESNETS.NORM",
     "MODEL.FPN.NORM",

@@ -6,4 +6,8 @@ from .runner import Context, ExperimentError, Run, parse_coco_log
 from .definitions import EXPERIMENTS, get_experiments
 from .suite import run_experiment, verdict_line, write_record
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "REQUIRED_KEYS", "VERDICTS", "Experiment", "clause_verdict", "parse_expected", "result_record", "verdict",
+    "Context", "ExperimentError", "Run", "parse_coco_log", "EXPERIMENTS", "get_experiments", "run_experiment",
+    "verdict_line", "write_record",
+]

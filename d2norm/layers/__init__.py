@@ -22,5 +22,9 @@ from .sync_domain_bn import SyncDomainBatchNorm2d
 from .sync_bn import AnySyncBatchNorm2d
 from .convert import ConversionReport, convert_norm
 
-
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "NORM_REGISTRY", "NormLayer", "build_model", "get_norm", "install", "norm_layer", "norm_options",
+    "register_norm", "valid_norm_names", "D2NormModule", "GhostBatchNorm2d", "BatchGroupNorm", "CenteredConv2d",
+    "MABN2d", "EvalNorm2d", "BatchStatsBatchNorm2d", "ExampleWeightedBatchNorm2d", "DomainBatchNorm2d",
+    "domain_scope", "AnySyncBatchNorm2d", "ConversionReport", "convert_norm",
+]

@@ -20,15 +20,6 @@ from .registry import register_norm
 __all__ = ["ExampleWeightedBatchNorm2d"]
 
 
-def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= alpha <= 1.0):
-        raise ValueError(
-            f"inference example weight alpha (D2NORM.EXAMPLE_WEIGHING.ALPHA) must be a number in [0, 1], "
-            f"got {alpha!r}"
-        )
-    return float(alpha)
-
-
 @register_norm("ExampleWeightedBN")
 class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
     """BatchNorm2d with inference example weighing (four-things §3.1, eq 3).
@@ -67,8 +58,19 @@ class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
             momentum=cfg.D2NORM.BN.MOMENTUM,
         )
 
+    @staticmethod
+    def check_alpha(alpha) -> float:
+        """``alpha`` as a float if it is a number in [0, 1] (four-things §3.1: 0 = BN, 1 = instance statistics),
+        else a ValueError naming it."""
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= alpha <= 1.0):
+            raise ValueError(
+                f"inference example weight alpha (D2NORM.EXAMPLE_WEIGHING.ALPHA) must be a number in [0, 1], "
+                f"got {alpha!r}"
+            )
+        return float(alpha)
+
     def __init__(self, num_features: int, alpha: float = 0.1, eps: float = 1e-5, momentum=0.1, **kwargs):
-        alpha_ = _check_alpha(alpha)
+        alpha_ = self.check_alpha(alpha)
         if not kwargs.get("track_running_stats", True):
             raise ValueError(
                 "ExampleWeightedBatchNorm2d needs running statistics (m_x, m_x2 of four-things eq 3): "

@@ -212,12 +212,12 @@ def all_reduce_accumulators_(accs: List[MomentAccumulator], group=None) -> None:
     Every rank must pass accumulators of the same rows in the same order. Two collectives in all, whatever the
     number of accumulators (rethinking §3.2: "each rank forwards its share").
     """
-    from ..utils.comm import _all_reduce_, group_world_size
+    from ..utils.comm import all_reduce_sum_detached, group_world_size
 
     if group_world_size(group) == 1 or not accs:
         return
     first = torch.cat([a._pack_first() for a in accs])
-    first = _all_reduce_(first, group)
+    first = all_reduce_sum_detached(first, group)
     off = 0
     for a in accs:
         size = 4 * a.rows + 3
@@ -227,7 +227,7 @@ def all_reduce_accumulators_(accs: List[MomentAccumulator], group=None) -> None:
         a._local = (local_n, local_mean, local_m2)
     # M2 of the union: Σ_r [M2_r + N_r (μ_r − μ)²] (exact parallel merge, no E[x²] − μ² cancellation)
     second = torch.cat([a._local[2] + a._local[0] * (a._local[1] - a.mean_global) ** 2 for a in accs])
-    second = _all_reduce_(second, group)
+    second = all_reduce_sum_detached(second, group)
     off = 0
     for a in accs:
         a.m2 = second[off : off + a.rows].clone()

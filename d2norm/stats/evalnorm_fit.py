@@ -24,7 +24,7 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def _batches(data: Iterable) -> Iterable:
+def _cycle(data: Iterable) -> Iterable:
     """Cycle through a re-iterable (list, DataLoader); a one-shot iterator is consumed once."""
     if iter(data) is data:
         yield from data
@@ -118,7 +118,7 @@ def fit_evalnorm_offline(
             m._aux_terms.clear()
         optimizer = optimizer_cls(fit_params, lr=lr)
         with torch.enable_grad(), EventStorage(0):
-            for _, batch in zip(range(int(num_iters)), _batches(data)):
+            for _, batch in zip(range(int(num_iters)), _cycle(data)):
                 forward_fn(model, batch)
                 loss = evalnorm_aux_loss(model)
                 if not loss.requires_grad:

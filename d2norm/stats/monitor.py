@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .estimators import MomentAccumulator, all_reduce_accumulators_
-from .precise_bn import _isolated_rng, _patched, _storage, _unwrap, population_stat_layers
+from .passes import discarded_event_storage, isolated_rng, routed_to_adapters, unwrap_model
+from .precise_bn import population_stat_layers
 from .state import capture_state, restore_state
 
 __all__ = ["bn_statistics_gaps", "MONITOR_METRICS", "select_layers"]
@@ -78,7 +79,7 @@ def bn_statistics_gaps(
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"BN monitor: num_batches must be a positive integer, got {num_batches!r}")
-    net = _unwrap(model)
+    net = unwrap_model(model)
     forward_fn = forward_fn or (lambda m, b: m(b))
     every = population_stat_layers(net)
     names = select_layers(every.keys(), layers)
@@ -92,7 +93,7 @@ def bn_statistics_gaps(
     snap = capture_state(net)
     it = iter(data)
     try:
-        with _isolated_rng(), _storage(), _patched(adapters):
+        with isolated_rng(), discarded_event_storage(), routed_to_adapters(adapters):
             for _ in range(num_batches):
                 try:
                     batch = next(it)

@@ -24,21 +24,27 @@ detectron2's ``hooks.PreciseBN``:
   each call with its own population, the written statistics pooled over its calls), which equals forwarding
   the whole population as one batch; forwards calling a layer a different number of times are refused.
 """
-import contextlib
 import itertools
 import logging
-import random
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..utils.comm import local_only
 from .adapters import StatsAdapter, get_stats_adapter
 from .estimators import PopulationEstimate, all_reduce_accumulators_, check_estimator
-from .state import capture_state, patched_instance_attrs, restore_state
+from .passes import (
+    batch_length,
+    discarded_event_storage,
+    isolated_rng,
+    rebatch,
+    routed_to_adapters,
+    set_torch_rng_state,
+    torch_rng_state,
+    unwrap_model,
+)
+from .state import capture_state, restore_state
 
 __all__ = [
     "recompute_population_stats",
@@ -69,7 +75,7 @@ logger = logging.getLogger(__name__)
 def population_stat_layers(model: nn.Module) -> Dict[str, StatsAdapter]:
     """``{module name: adapter}`` for every layer whose population statistics would be recomputed."""
     out = {}
-    for name, m in _unwrap(model).named_modules():
+    for name, m in unwrap_model(model).named_modules():
         a = get_stats_adapter(m)
         if a is not None:
             out[name] = a
@@ -81,124 +87,11 @@ def rank_share(num_samples: int, rank: int, world: int) -> int:
     return num_samples // world + (1 if rank < num_samples % world else 0)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    # forward the wrapped module itself: no DDP buffer broadcast or gradient bookkeeping in this pass
-    return model.module if isinstance(model, (DistributedDataParallel, DataParallel)) else model
-
-
 def _check_positive_int(name: str, v, allow_none=False) -> None:
     if allow_none and v is None:
         return
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"PreciseBN: {name} must be a positive integer, got {v!r}")
-
-
-# ---- batching ---------------------------------------------------------------------------------------------
-def _length(batch) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, (list, tuple)):
-        return len(batch)
-    raise TypeError(
-        f"PreciseBN: a data batch must be a list of samples (detectron2) or a tensor, got {type(batch).__name__}"
-    )
-
-
-def _slice(batch, start: int, stop: int):
-    return batch[start:stop]
-
-
-def _concat(parts: List[Any]):
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts)
-    out = []
-    for p in parts:
-        out.extend(p)
-    return out
-
-
-def _batches(data: Iterator, total: int, batch_size: Optional[int]) -> Iterator:
-    """Batches of exactly ``batch_size`` samples (the last possibly fewer), ``total`` samples in all; without
-    ``batch_size`` the loader's own batches (the last one trimmed)."""
-    pending, have, done = [], 0, 0
-    while done < total:
-        want = min(batch_size or 0, total - done) if batch_size else None
-        if want is not None and have >= want:
-            merged = _concat(pending)
-            yield _slice(merged, 0, want)
-            rest = _slice(merged, want, _length(merged))
-            pending, have = ([rest], _length(rest)) if _length(rest) else ([], 0)
-            done += want
-            continue
-        try:
-            b = next(data)
-        except StopIteration:
-            if have:
-                merged = _concat(pending)
-                take = min(have, total - done)
-                yield _slice(merged, 0, take)
-                done += take
-            if done < total:
-                logger.warning("PreciseBN: the data ran out after %d of %d samples on this rank", done, total)
-            return
-        if want is None:
-            take = min(_length(b), total - done)
-            yield b if take == _length(b) else _slice(b, 0, take)
-            done += take
-        else:
-            pending.append(b)
-            have += _length(b)
-
-
-# ---- context ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _isolated_rng():
-    """Restore the caller's torch (CPU + CUDA), numpy and python RNG states afterwards."""
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=_cuda_devices()):
-        try:
-            yield
-        finally:
-            random.setstate(py)
-            np.random.set_state(npy)
-
-
-@contextlib.contextmanager
-def _patched(adapters: Dict[str, StatsAdapter]):
-    """Route every adapted layer's forward (and DomainBN's ``forward_domains``) to its adapter; cross-rank
-    activation exchange (shuffled heads) is off meanwhile (``local_only``)."""
-    patches = [
-        (a.module, attr, a.counted(getattr(a, attr)))
-        for a in adapters.values()
-        for attr in ("forward", "forward_domains")
-        if hasattr(a.module, attr) and hasattr(a, attr)
-    ]
-    with local_only(), patched_instance_attrs(patches):
-        yield
-
-
-def _cuda_devices() -> List[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-
-
-def _get_rng():
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in _cuda_devices()]
-
-
-def _set_rng(state) -> None:
-    torch.set_rng_state(state[0])
-    for d, s in zip(_cuda_devices(), state[1]):
-        torch.cuda.set_rng_state(s, d)
-
-
-def _storage():
-    try:
-        from detectron2.utils.events import EventStorage
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
-    return EventStorage()  # the model's put_scalar calls go here and are discarded
 
 
 def _progress(iterable, total, desc, enabled):
@@ -265,7 +158,7 @@ def recompute_population_stats(
     _check_positive_int("batch_size (D2NORM.PRECISE_BN.BATCH_SIZE)", batch_size, allow_none=True)
     if not isinstance(exact_layerwise, bool):
         raise ValueError(f"PreciseBN: exact_layerwise must be True or False, got {exact_layerwise!r}")
-    net = _unwrap(model)
+    net = unwrap_model(model)
     forward_fn = forward_fn or (lambda m, b: m(b))
     adapters = population_stat_layers(net)
     if not adapters:
@@ -289,12 +182,12 @@ def recompute_population_stats(
     snap = capture_state(net)
     data = iter(data_loader)
     try:
-        with torch.no_grad(), _isolated_rng(), _storage(), _patched(adapters):
+        with torch.no_grad(), isolated_rng(), discarded_event_storage(), routed_to_adapters(adapters):
             if not exact_layerwise:
                 for a in adapters.values():
                     a.mode = "record"
                 nb = -(-share // batch_size) if batch_size else None
-                batches = _described(_batches(data, share, batch_size), rank, current)
+                batches = _described(rebatch(data, share, batch_size), rank, current)
                 for batch in _progress(batches, nb, "PreciseBN", show):
                     forward_fn(net, batch)
                 _reduce_and_estimate(list(adapters.values()), estimator, group)
@@ -322,7 +215,7 @@ def recompute_population_stats(
 
 
 def _describe_batch(index: int, start: int, batch, rank: int) -> str:
-    n = _length(batch)
+    n = batch_length(batch)
     names = []
     if isinstance(batch, (list, tuple)):
         for s in batch[:3]:
@@ -339,7 +232,7 @@ def _described(batches: Iterable, rank: int, current: dict) -> Iterator:
     for i, b in enumerate(batches):
         current["batch"] = _describe_batch(i, start, b, rank)
         yield b
-        start += _length(b)
+        start += batch_length(b)
 
 
 def _check_nonfinite(adapters: Dict[str, StatsAdapter], policy: str, group) -> Dict[str, List[str]]:
@@ -396,8 +289,8 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
     from ..utils.comm import group_world_size
     from .estimators import MomentAccumulator
 
-    rng = _get_rng()
-    batches = list(_batches(data, share, batch_size))
+    rng = torch_rng_state()
+    batches = list(rebatch(data, share, batch_size))
 
     # Order = the calls in a forward of the first batch (a topological order for feed-forward models: a call's
     # input depends only on calls before it). Rank 0's order is used everywhere, so the per-pass collectives
@@ -407,7 +300,7 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
         a.mode, a.call_seq = "batch", seq
     try:
         if batches:
-            _set_rng(rng)
+            set_torch_rng_state(rng)
             _forward(net, batches[0], adapters, forward_fn)
     finally:
         for a in adapters.values():
@@ -435,7 +328,7 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
             for j in js:
                 a.unit_modes[j] = "record"
             for b in described(batches):
-                _set_rng(rng)  # same random choices (e.g. RoI sampling) in every pass
+                set_torch_rng_state(rng)  # same random choices (e.g. RoI sampling) in every pass
                 _forward(net, b, adapters, forward_fn)
                 _check_calls(adapters, calls)
             all_reduce_accumulators_([acc for j in js for acc in a.unit_accs[j]], group)

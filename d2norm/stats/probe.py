@@ -35,7 +35,7 @@ from ..layers.base import D2NormModule, bn_estimated_stats
 from ..utils.comm import local_only
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
 from .state import patched_instance_attrs
-from .precise_bn import _batches, _isolated_rng, _storage, _unwrap
+from .passes import discarded_event_storage, isolated_rng, rebatch, unwrap_model
 from .state import capture_state, restore_state
 
 __all__ = [
@@ -66,7 +66,7 @@ def _estimated(m: nn.Module) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]
 
 def probed_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """``{name: module}`` of every layer with a (running_mean, running_var) pair, in module order."""
-    return {name: m for name, m in _unwrap(model).named_modules() if _estimated(m) is not None}
+    return {name: m for name, m in unwrap_model(model).named_modules() if _estimated(m) is not None}
 
 
 def num_slots(m: nn.Module) -> int:
@@ -188,7 +188,7 @@ def expected_population_stats(
         num_samples: use the first ``num_samples`` samples; ``None`` = all of ``data``.
         layers: restrict to these layer names (default: :func:`probed_layers`).
     """
-    net = _unwrap(model)
+    net = unwrap_model(model)
     all_layers = _select_layers(net, layers)
     device = _device(net)
     accs = {n: [MomentAccumulator(m.num_features, device) for _ in range(num_slots(m))] for n, m in all_layers.items()}
@@ -205,7 +205,7 @@ def expected_population_stats(
     total = num_samples if num_samples is not None else float("inf")
     seen = 0
     with _flags(net, False), _intercept(all_layers, on_input):
-        for batch in _batches(iter(data), total, None) if num_samples is not None else data:
+        for batch in rebatch(iter(data), total, None) if num_samples is not None else data:
             forward_fn(net, batch)
             seen += len(batch)
     order += [n for n in all_layers if n not in order]
@@ -252,7 +252,7 @@ def batch_statistics(
     """
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    net = _unwrap(model)
+    net = unwrap_model(model)
     all_layers = _select_layers(net, layers)
     device = _device(net)
     ema = {n: estimated_stats(m) for n, m in all_layers.items()}
@@ -271,10 +271,11 @@ def batch_statistics(
     snap = capture_state(net)
     done = 0
     try:
-        with _flags(net, True), _isolated_rng(), _storage(), local_only(), _intercept(all_layers, on_input):
+        with _flags(net, True), isolated_rng(), discarded_event_storage(), local_only(), \
+                _intercept(all_layers, on_input):
             it = iter(data)
             total = num_batches * batch_size if batch_size else float("inf")
-            for batch in _batches(it, total, batch_size):
+            for batch in rebatch(it, total, batch_size):
                 if done == num_batches:
                     break
                 for n, m in all_layers.items():

@@ -81,10 +81,6 @@ def all_gather_rows_detached(t: torch.Tensor, group=None) -> torch.Tensor:
     return out.view((world,) + tuple(buf.shape)).to(t.device)
 
 
-# Earlier name, imported by d2norm.stats.estimators.
-_all_reduce_ = all_reduce_sum_detached
-
-
 class _AllReduceSum(torch.autograd.Function):
     """y = Σ_r x_r on every rank. The backward of a SUM all-reduce is a SUM all-reduce of the gradients:
     ∂L/∂x_r = Σ_s ∂L_s/∂y (every rank's loss depends on every x_r)."""

@@ -57,17 +57,17 @@ class EvalNormFitHook(HookBase):
     def fit(self, final: bool = False) -> dict:
         from ...layers.evalnorm import evalnorm_modules
         from ...stats.evalnorm_fit import fit_evalnorm_offline
-        from ...stats.precise_bn import _isolated_rng, _unwrap
+        from ...stats.passes import isolated_rng, unwrap_model
 
         if self._data_iter is None:
             self._data_iter = iter(self._data_loader)
-        net = _unwrap(self.trainer.model)
+        net = unwrap_model(self.trainer.model)
         layers = evalnorm_modules(net)
         if not layers:
             logger.warning("EvalNorm fit: the model has no EvalNorm layer; nothing to fit")
             return {}
         start = time.perf_counter()
-        with _isolated_rng():
+        with isolated_rng():
             res = fit_evalnorm_offline(net, self._data_iter, self.num_iters, lr=self.lr)
         self.last_result = res
         if final and self.set_offline_mode:
