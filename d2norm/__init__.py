@@ -7,7 +7,7 @@ meta-architecture, and hooks the norm registry into detectron2's ``get_norm`` / 
 """
 from . import compat  # noqa: F401  (must run before any detectron2.layers import)
 
-from .config import add_d2norm_config
+from .config import add_d2norm_config, config_path
 from . import layers
 from .layers import NORM_REGISTRY, get_norm, norm_layer, norm_options
 from . import modeling  # noqa: F401  (registers heads/backbones/meta-archs)
@@ -17,4 +17,4 @@ layers.install()
 
 __version__ = "0.1.0"
 
-__all__ = ["add_d2norm_config", "get_norm", "NORM_REGISTRY", "norm_layer", "norm_options", "__version__"]
+__all__ = ["add_d2norm_config", "config_path", "get_norm", "NORM_REGISTRY", "norm_layer", "norm_options", "__version__"]

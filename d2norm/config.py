@@ -10,9 +10,24 @@ Layer options are read from ``cfg.D2NORM.<FAMILY>`` when a model is built (see
 :func:`d2norm.layers.registry.norm_options`), never from module-level state, so two models built from two
 configs in one process do not share options (DESIGN principle 1).
 """
+import os
+
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_d2norm_config"]
+__all__ = ["add_d2norm_config", "config_path"]
+
+#: the repository's ``configs/`` folder (next to the package in the editable install ``make install`` makes)
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_path(name: str) -> str:
+    """Absolute path of ``configs/<name>`` (e.g. ``"cpu/retinanet_R18_ghostbn.yaml"``), whatever the working
+    directory, as detectron2's ``model_zoo.get_config_file`` does for its own configs; FileNotFoundError naming
+    the folder searched."""
+    path = os.path.join(CONFIGS_DIR, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config {name!r} under {CONFIGS_DIR} (d2norm's configs folder)")
+    return path
 
 
 def add_d2norm_config(cfg: CN) -> CN:

@@ -53,7 +53,8 @@ quiet_pip install -q -c "$CONSTRAINTS" torch==2.15.0 torchvision==0.29.2
 # (which pins black==21.4b2, iopath<0.1.10, ...).
 quiet_pip install -q -c "$CONSTRAINTS" \
   "pillow>=10" matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm tensorboard \
-  fvcore iopath omegaconf hydra-core pytest
+  fvcore iopath omegaconf hydra-core pytest \
+  opencv-python-headless  # detectron2's Visualizer (tools/visualize.py); headless: no GUI libraries needed
 
 if "$PY" -c "import detectron2._C" >/dev/null 2>&1; then
   log "a compiled detectron2 is already installed; leaving it alone"
@@ -89,7 +90,11 @@ EOF
 fi
 
 log "installing d2norm (editable)"
-quiet_pip install -q --no-deps --no-build-isolation -e "$ROOT"
+# compat mode: the repository root becomes a sys.path entry (a .pth line), so a folder named d2norm in the
+# working directory (e.g. an output folder) cannot shadow the package; setuptools' default editable finder
+# runs after the path search, where such a folder already won as a namespace package. (--use-pep517: pip
+# ignores --config-settings for a setup.py-only project otherwise.)
+quiet_pip install -q --no-deps --no-build-isolation --use-pep517 -e "$ROOT" --config-settings editable_mode=compat
 
 "$PY" - <<'EOF'
 import d2norm, detectron2, torch, torchvision
