@@ -78,7 +78,7 @@ def test_single_process_any_sync_bn_function_domain_bn(offset):
     xs_all, dys_all = _data()[("uneven", offset)]
     x, dy = torch.cat(xs_all[0]), torch.cat(dys_all[0])
     ref = ref_bn([x], [dy])
-    # torch's float32 BN meets the thresholds (the bar the issue is measured against)
+    # torch's float32 BN meets the thresholds (the bar every d2norm layer is measured against)
     bn = nn.BatchNorm2d(C, eps=EPS, momentum=MOMENTUM, affine=False).train()
     xb = x.clone().requires_grad_()
     yb = bn(xb)

@@ -1,5 +1,5 @@
 """Every registered d2norm name, through every detectron2 NORM key, builds inside the stock architectures and a
-tiny model with it trains a few iterations on the synthetic set without NaN (issue: norm layer library)."""
+tiny model with it trains a few iterations on the synthetic set without NaN."""
 import copy
 
 import pytest

@@ -5,6 +5,7 @@ failures (missing config, checkpoint or dataset; bad option) into one ``error: .
 traceback. The statistics math itself lives in :mod:`d2norm.stats`; a tool only wires it to files and flags.
 """
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -12,7 +13,6 @@ import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-import torch
 from torch import nn
 
 __all__ = [
@@ -34,6 +34,14 @@ __all__ = [
     "format_table",
     "BN_NORM_NAMES",
     "NORM_KEYS",
+    "is_main_process",
+    "distributed_tool",
+    "TRAINING_CHECKPOINT_NAME",
+    "same_results",
+    "FORWARD_MODES",
+    "norm_layers_training",
+    "first",
+    "maybe_evaluate",
 ]
 
 logger = logging.getLogger("d2norm.tools")
@@ -413,40 +421,30 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line(headers), sep] + [line(r) for r in cells])
 
 
-def model_device(model: nn.Module) -> torch.device:
-    p = next(iter(list(model.parameters()) + list(model.buffers())), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 # ---- forward modes of a population-statistics pass ------------------------------------------------------
 FORWARD_MODES = ("train", "inference")
 
 
-class norm_layers_training:
+@contextlib.contextmanager
+def norm_layers_training(model: nn.Module):
     """Context: the model in eval mode except its layers with population statistics (those PreciseBN would
     recompute with the model in training mode), which stay in training mode. A forward is then detectron2's
     inference path (no annotations needed, no losses) while the norm layers' inputs are recorded: PreciseBN
     on an unlabeled target domain (rethinking §5.1 "Adaptive BN"). Flags are restored on exit."""
+    from ..stats import population_stat_layers
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        from ..stats import population_stat_layers
-
-        self.saved = [(m, m.training) for m in self.model.modules()]
-        self.model.train()
-        names = set(population_stat_layers(self.model))
-        self.model.eval()
-        for n, m in self.model.named_modules():
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        model.train()
+        names = set(population_stat_layers(model))
+        model.eval()
+        for n, m in model.named_modules():
             if n in names:
                 m.training = True
-        return self.model
-
-    def __exit__(self, *exc):
-        for m, flag in self.saved:
+        yield model
+    finally:
+        for m, flag in saved:
             m.training = flag
-        return False
 
 
 def first(names: Sequence[str]) -> Optional[str]:
