@@ -1,11 +1,12 @@
 """What every d2norm normalization layer shares."""
 import functools
 import logging
-import math
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from ..utils.validation import check_int, check_number
 
 __all__ = [
     "D2NormModule",
@@ -181,6 +182,7 @@ class D2NormBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         device=None,
         dtype=None,
     ):
+        check_int(f"{type(self).__name__}: num_features", num_features, minimum=1)
         check_bn_options(eps, momentum)
         super().__init__(
             num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
@@ -218,15 +220,9 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def check_bn_options(eps, momentum) -> None:
     """Validate torch-convention BN options; ValueError naming the bad value and what is allowed."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"BN eps must be a finite number > 0 (D2NORM.BN.EPS), got {eps!r}")
-    if momentum is not None and (
-        isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0.0 <= momentum <= 1.0)
-    ):
-        raise ValueError(
-            f"BN momentum must be a number in [0, 1] (torch convention, D2NORM.BN.MOMENTUM) or None "
-            f"(cumulative average), got {momentum!r}"
-        )
+    check_number("BN eps", eps, low=0, low_open=True, note=" (D2NORM.BN.EPS)")
+    check_number("BN momentum", momentum, 0, 1, allow_none=True,
+                 note=" (torch convention, D2NORM.BN.MOMENTUM; None = cumulative average)")
 
 
 def fill_missing_num_batches_tracked(module: nn.Module, state_dict: dict, prefix: str) -> None:

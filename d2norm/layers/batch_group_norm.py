@@ -14,6 +14,7 @@ from torch import nn
 
 from ..stats.adapters import StatsAdapter
 from ..stats.estimators import batch_moments
+from ..utils.validation import check_int, check_number
 from .base import D2NormModule, NotAnAffine, affine_from_stats, skip_nonfinite_stats, stat_dtype
 from .ghost_bn import ghost_batch_sizes
 from .kernels import channel_affine, group_moments
@@ -132,25 +133,18 @@ class BatchGroupNorm(nn.Module, D2NormModule):
         dtype=None,
     ):
         super().__init__()
-        _check_int("num_channels", num_channels)
-        _check_int("num_groups (D2NORM.BGN.NUM_CHANNEL_GROUPS)", num_groups)
+        check_int("BGN: num_channels", num_channels, minimum=1)
+        check_int("BGN: num_groups (D2NORM.BGN.NUM_CHANNEL_GROUPS)", num_groups, minimum=1)
         if num_channels % num_groups:
             raise ValueError(
                 f"BGN: number of channel groups {num_groups} (D2NORM.BGN.NUM_CHANNEL_GROUPS) must divide the "
                 f"number of channels C={num_channels}; allowed: a divisor of {num_channels}"
             )
-        _check_int("example_group_size (D2NORM.BGN.EXAMPLE_GROUP_SIZE)", example_group_size)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"BGN: alpha (D2NORM.BGN.ALPHA) must be a number in [0, 1], got {alpha!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0.0:
-            raise ValueError(f"BGN: eps (D2NORM.BGN.EPS) must be a number > 0, got {eps!r}")
-        if momentum is not None and (
-            isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum <= 1.0
-        ):
-            raise ValueError(
-                f"BGN: momentum (D2NORM.BGN.MOMENTUM) must be a number in (0, 1] or None (cumulative average), "
-                f"got {momentum!r}"
-            )
+        check_int("BGN: example_group_size (D2NORM.BGN.EXAMPLE_GROUP_SIZE)", example_group_size, minimum=1)
+        check_number("BGN: alpha (D2NORM.BGN.ALPHA)", alpha, 0, 1)
+        check_number("BGN: eps (D2NORM.BGN.EPS)", eps, low=0, low_open=True)
+        check_number("BGN: momentum (D2NORM.BGN.MOMENTUM)", momentum, 0, 1, low_open=True, allow_none=True,
+                     note=" (None = cumulative average)")
         self.num_channels = int(num_channels)
         self.num_groups = int(num_groups)
         self.example_group_size = int(example_group_size)
@@ -277,11 +271,6 @@ class BatchGroupNorm(nn.Module, D2NormModule):
         self.running_mean.add_(d, alpha=f)
         self.running_var.mul_(1.0 - f).add_(batch_var.to(self.running_var.dtype), alpha=f)
         self.running_var.add_(d * d, alpha=f * (1.0 - f))
-
-
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"BGN: {name} must be a positive integer, got {value!r}")
 
 
 class BGNAdapter(StatsAdapter):

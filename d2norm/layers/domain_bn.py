@@ -26,6 +26,7 @@ from ..stats.adapters import BatchNormAdapter, reduce_dims
 from ..stats.estimators import MomentAccumulator, batch_moments
 from .base import D2NormBatchNorm2d, FrozenBNState, NotAnAffine, affine_from_stats, skip_nonfinite_stats, stat_dtype
 from .moments import pooled_moments
+from ..utils.validation import check_bool, check_choice, check_int
 from .registry import register_norm
 
 __all__ = ["DomainBatchNorm2d", "DomainBNAdapter", "domain_scope", "current_domain", "domain_bn_modules"]
@@ -166,14 +167,10 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
         device=None,
         dtype=None,
     ):
-        if isinstance(num_domains, bool) or not isinstance(num_domains, int) or num_domains < 1:
-            raise ValueError(f"NUM_DOMAINS must be an integer >= 1, got {num_domains!r}")
-        if train_stats not in _STATS_CHOICES:
-            raise ValueError(f"TRAIN_STATS must be one of {_STATS_CHOICES}, got {train_stats!r}")
-        if pop_stats not in _STATS_CHOICES:
-            raise ValueError(f"POP_STATS must be one of {_STATS_CHOICES}, got {pop_stats!r}")
-        if not isinstance(affine_per_domain, bool):
-            raise ValueError(f"AFFINE_PER_DOMAIN must be True or False, got {affine_per_domain!r}")
+        check_int("NUM_DOMAINS", num_domains, minimum=1)
+        check_choice("TRAIN_STATS", train_stats, _STATS_CHOICES)
+        check_choice("POP_STATS", pop_stats, _STATS_CHOICES)
+        check_bool("AFFINE_PER_DOMAIN", affine_per_domain)
         super().__init__(
             num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True, device=device, dtype=dtype
         )

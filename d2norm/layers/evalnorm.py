@@ -27,6 +27,7 @@ from torch import nn
 
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
 from .kernels import channel_affine, group_moments
+from ..utils.validation import check_choice, check_int, check_number
 from .registry import register_norm
 
 __all__ = [
@@ -44,16 +45,10 @@ EVALNORM_MODES = ("online", "rule", "offline")
 
 
 def _validate_options(mode, rule_batch_size, init_alpha, init_beta) -> None:
-    if mode not in EVALNORM_MODES:
-        raise ValueError(f"EvalNorm: MODE must be one of {EVALNORM_MODES}, got {mode!r}")
-    if isinstance(rule_batch_size, bool) or not isinstance(rule_batch_size, int) or rule_batch_size < 0:
-        raise ValueError(
-            f"EvalNorm: RULE_BATCH_SIZE must be an integer >= 0 (0 = use the recorded batch size), "
-            f"got {rule_batch_size!r}"
-        )
+    check_choice("EvalNorm: MODE", mode, EVALNORM_MODES)
+    check_int("EvalNorm: RULE_BATCH_SIZE", rule_batch_size, minimum=0, note=" (0 = use the recorded batch size)")
     for key, v in (("INIT_ALPHA", init_alpha), ("INIT_BETA", init_beta)):
-        if not isinstance(v, (int, float)) or not 0.0 < float(v) < 1.0:
-            raise ValueError(f"EvalNorm: {key} must be a number strictly between 0 and 1, got {v!r}")
+        check_number(f"EvalNorm: {key}", v, 0, 1, low_open=True, high_open=True)
 
 
 class _AffineL1Mean(torch.autograd.Function):

@@ -15,6 +15,7 @@ import torch
 
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
 from .kernels import channel_affine, group_moments
+from ..utils.validation import check_number
 from .registry import register_norm
 
 __all__ = ["ExampleWeightedBatchNorm2d"]
@@ -62,12 +63,7 @@ class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
     def check_alpha(alpha) -> float:
         """``alpha`` as a float if it is a number in [0, 1] (four-things §3.1: 0 = BN, 1 = instance statistics),
         else a ValueError naming it."""
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= alpha <= 1.0):
-            raise ValueError(
-                f"inference example weight alpha (D2NORM.EXAMPLE_WEIGHING.ALPHA) must be a number in [0, 1], "
-                f"got {alpha!r}"
-            )
-        return float(alpha)
+        return check_number("inference example weight alpha (D2NORM.EXAMPLE_WEIGHING.ALPHA)", alpha, 0, 1)
 
     def __init__(self, num_features: int, alpha: float = 0.1, eps: float = 1e-5, momentum=0.1, **kwargs):
         alpha_ = self.check_alpha(alpha)

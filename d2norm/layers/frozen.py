@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..utils.validation import check_int, check_number
 from .base import D2NormModule, FrozenBNState, NotAnAffine, affine_from_stats, bn_frozen_state
 
 __all__ = ["FrozenBatchNorm", "freeze_bn_layers", "frozen_bn_source", "FreezeReport"]
@@ -71,12 +72,8 @@ class FrozenBatchNorm(nn.Module, D2NormModule):
 
     def __init__(self, num_features: int, eps: float = 1e-5, trainable_affine: bool = True, device=None, dtype=None):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"FrozenBatchNorm: num_features must be a positive integer, got {num_features!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            raise ValueError(f"FrozenBatchNorm: eps must be a number >= 0, got {eps!r}")
-        self.num_features = num_features
-        self.eps = float(eps)
+        self.num_features = check_int("FrozenBatchNorm: num_features", num_features, minimum=1)
+        self.eps = check_number("FrozenBatchNorm: eps", eps, low=0)
         self.trainable_affine = bool(trainable_affine)
         f = {"device": device, "dtype": dtype}
         if self.trainable_affine:

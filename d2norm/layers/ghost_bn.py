@@ -9,6 +9,7 @@ from typing import List
 import torch
 
 from .base import D2NormBatchNorm2d, skip_nonfinite_stats
+from ..utils.validation import check_choice, check_int
 from .registry import register_norm
 
 __all__ = ["GhostBatchNorm2d", "ghost_batch_sizes"]
@@ -23,10 +24,8 @@ def ghost_batch_sizes(n: int, ghost_size: int, remainder: str = "balanced") -> L
     first. No example is dropped and no sub-batch exceeds ``ghost_size``; when ``ghost_size`` divides ``n`` this
     is exactly eq 4's partition. "error" raises when ``ghost_size`` does not divide ``n``.
     """
-    if ghost_size < 1:
-        raise ValueError(f"ghost_size must be a positive integer, got {ghost_size!r}")
-    if remainder not in _REMAINDER_RULES:
-        raise ValueError(f"remainder must be one of {_REMAINDER_RULES}, got {remainder!r}")
+    check_int("ghost_size (D2NORM.GHOST_BN.SIZE)", ghost_size, minimum=1)
+    check_choice("remainder (D2NORM.GHOST_BN.REMAINDER)", remainder, _REMAINDER_RULES)
     if n == 0:
         return []
     if n % ghost_size and remainder == "error":

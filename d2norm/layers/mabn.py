@@ -17,7 +17,6 @@ Symbols (per channel; "batch" = all examples and spatial positions of one forwar
   Note Ψ_B = mean(Ŷ·∂L/∂Ŷ) as well, since Ŷ·∂L/∂Ŷ = (rY)·(∂L/∂Y / r).
 * inference: z = γ·x / χ̂ + β (linear, foldable into the preceding convolution)
 """
-import numbers
 from typing import Iterator, List, Tuple
 
 import torch
@@ -28,7 +27,7 @@ from torch.autograd.function import once_differentiable
 from ..stats.adapters import StatsAdapter, reduce_dims
 from ..stats.estimators import batch_moments
 from .base import D2NormModule, FrozenBNState, skip_nonfinite_stats, stat_dtype, undo_nonfinite_update_
-from ..utils.validation import check_int
+from ..utils.validation import check_int, check_number
 from .registry import register_norm
 
 __all__ = [
@@ -152,17 +151,13 @@ class MABNFunction(torch.autograd.Function):
         return (grad_x, grad_w, grad_b) + (None,) * 10
 
 
-def _check_options(buffer_size, momentum, clip, warmup_iters, eps) -> None:
-    if isinstance(buffer_size, bool) or not isinstance(buffer_size, numbers.Integral) or buffer_size < 1:
-        raise ValueError(f"MABN buffer size m must be an integer >= 1, got {buffer_size!r}")
-    if not (isinstance(momentum, numbers.Real) and 0.0 <= momentum < 1.0):
-        raise ValueError(f"MABN momentum alpha must be a number in [0, 1), got {momentum!r}")
-    if not (isinstance(clip, numbers.Real) and clip >= 1.0):
-        raise ValueError(f"MABN clip lambda must be a number >= 1, got {clip!r}")
-    if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, numbers.Integral) or warmup_iters < 0:
-        raise ValueError(f"MABN warm-up iterations must be an integer >= 0, got {warmup_iters!r}")
-    if not (isinstance(eps, numbers.Real) and eps >= 0.0):
-        raise ValueError(f"MABN eps must be a number >= 0, got {eps!r}")
+def _check_options(num_features, buffer_size, momentum, clip, warmup_iters, eps) -> None:
+    check_int("MABN num_features", num_features, minimum=1)
+    check_int("MABN buffer size m (D2NORM.MABN.BUFFER_SIZE)", buffer_size, minimum=1)
+    check_number("MABN momentum alpha (D2NORM.MABN.MOMENTUM)", momentum, 0, 1, high_open=True)
+    check_number("MABN clip lambda (D2NORM.MABN.CLIP)", clip, low=1)
+    check_int("MABN warm-up iterations (D2NORM.MABN.WARMUP_ITERS)", warmup_iters, minimum=0)
+    check_number("MABN eps (D2NORM.MABN.EPS)", eps, low=0)
 
 
 @register_norm("MABN")
@@ -204,7 +199,7 @@ class MABN2d(nn.Module, D2NormModule):
     def __init__(self, num_features: int, buffer_size: int = 16, momentum: float = 0.98, clip: float = 5.0,
                  warmup_iters: int = 100, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
-        _check_options(buffer_size, momentum, clip, warmup_iters, eps)
+        _check_options(num_features, buffer_size, momentum, clip, warmup_iters, eps)
         self.num_features = int(num_features)
         self.buffer_size = int(buffer_size)
         self.momentum = float(momentum)

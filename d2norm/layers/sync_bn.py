@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .base import D2NormBatchNorm2d, skip_nonfinite_stats
 from ..utils.comm import all_gather_rows_detached, all_reduce_sum_detached, group_world_size, sync_subgroup
 from .moments import pooled_moments
+from ..utils.validation import check_int
 from .registry import register_norm
 
 __all__ = ["AnySyncBatchNorm2d", "SyncBatchNormFunction"]
@@ -156,11 +157,9 @@ class AnySyncBatchNorm2d(D2NormBatchNorm2d):
 
     def __init__(self, num_features: int, sync_group_size: int = 0, eps: float = 1e-5, momentum=0.1, **kwargs):
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
-        if not isinstance(sync_group_size, int) or isinstance(sync_group_size, bool) or sync_group_size < 0:
-            raise ValueError(
-                f"AnySyncBN: sync_group_size must be an integer >= 0 (0 = all ranks), got {sync_group_size!r}"
-            )
-        self.sync_group_size = sync_group_size
+        self.sync_group_size = check_int(
+            "AnySyncBN: sync_group_size (D2NORM.SYNC_BN.GROUP_SIZE)", sync_group_size, minimum=0, note=" (0 = all ranks)"
+        )
 
     def extra_repr(self):
         return super().extra_repr() + f", sync_group_size={self.sync_group_size}"
