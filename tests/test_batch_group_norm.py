@@ -483,9 +483,9 @@ def test_registry_two_cfgs():
     "kwargs,words",
     [
         (dict(num_channels=10, num_groups=4), ["4", "C=10", "divisor of 10"]),
-        (dict(num_channels=8, num_groups=0), ["0", "positive integer", "NUM_CHANNEL_GROUPS"]),
-        (dict(num_channels=8, num_groups=4, example_group_size=0), ["0", "positive integer", "EXAMPLE_GROUP_SIZE"]),
-        (dict(num_channels=8, num_groups=4, example_group_size=1.5), ["1.5", "positive integer"]),
+        (dict(num_channels=8, num_groups=0), ["0", "integer >= 1", "NUM_CHANNEL_GROUPS"]),
+        (dict(num_channels=8, num_groups=4, example_group_size=0), ["0", "integer >= 1", "EXAMPLE_GROUP_SIZE"]),
+        (dict(num_channels=8, num_groups=4, example_group_size=1.5), ["1.5", "integer >= 1"]),
         (dict(num_channels=8, num_groups=4, alpha=1.5), ["1.5", "[0, 1]", "ALPHA"]),
         (dict(num_channels=8, num_groups=4, alpha=-0.1), ["-0.1", "[0, 1]"]),
         (dict(num_channels=8, num_groups=4, alpha=float("nan")), ["nan", "[0, 1]"]),

@@ -102,7 +102,7 @@ def test_gaps_equal_direct_computation_and_no_side_effects():
     assert res["n1"]["mean_gap"] > 0 and res["n1"]["batch_mean_spread"] > 0
     # layer filter (regular expressions)
     assert set(bn_statistics_gaps(net, batches, 1, layers=["^n[12]$"])) == {"n1", "n2"}
-    with pytest.raises(ValueError, match="num_batches must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="num_batches must be an integer >= 1, got 0"):
         bn_statistics_gaps(net, batches, 0)
 
 

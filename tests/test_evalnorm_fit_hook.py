@@ -11,7 +11,7 @@ def test_cfg_validation(d2cfg):
     H.check_evalnorm_fit_cfg(d2cfg)
     d2cfg.SOLVER.MAX_ITER = 10
     d2cfg.D2NORM.EVALNORM_FIT.ENABLED = True
-    for key, val, match in (("ITER", 0, "ITER must be -1 .* got 0"), ("ITER", -3, "got -3"),
+    for key, val, match in (("ITER", 0, "ITER must be an integer >= 1, or -1 .* got 0"), ("ITER", -3, "got -3"),
                             ("BATCH_SIZE", -1, "BATCH_SIZE must be an integer >= 0"),
                             ("SET_OFFLINE_MODE", "no", "True or False")):
         old = d2cfg.D2NORM.EVALNORM_FIT[key]

@@ -33,7 +33,7 @@ def test_sizes_rule():
     assert sum(ghost_batch_sizes(37, 5)) == 37 and max(ghost_batch_sizes(37, 5)) <= 5
     with pytest.raises(ValueError, match="not a multiple of ghost size 4"):
         ghost_batch_sizes(10, 4, "error")
-    with pytest.raises(ValueError, match=r"ghost_size \(D2NORM.GHOST_BN.SIZE\) must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"ghost_size \(D2NORM.GHOST_BN.SIZE\) must be an integer >= 1, got 0"):
         ghost_batch_sizes(4, 0)
     with pytest.raises(ValueError, match=r"remainder \(D2NORM.GHOST_BN.REMAINDER\) must be one of"):
         GhostBatchNorm2d(3, ghost_size=2, remainder="drop")

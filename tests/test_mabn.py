@@ -389,7 +389,7 @@ def test_bad_options_raise(key, value):
             get_norm("MABN", 4)
     kw = {"BUFFER_SIZE": "buffer_size", "CLIP": "clip", "MOMENTUM": "momentum",
           "WARMUP_ITERS": "warmup_iters", "EPS": "eps"}[key]
-    with pytest.raises(ValueError, match=r"\[0, 1\)|>= 1|>= 0|positive integer"):
+    with pytest.raises(ValueError, match=r"\[0, 1\)|>= 1|>= 0"):
         MABN2d(4, **{kw: value})
     with pytest.raises(ValueError, match="integer"):
         MABN2d(4, buffer_size=2.5)

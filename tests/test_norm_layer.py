@@ -83,7 +83,7 @@ def test_bad_name_and_bad_option_are_named():
     with pytest.raises(ValueError, match=r"unknown option\(s\) ghost; GhostBatchNorm2d accepts .*ghost_size"):
         norm_layer("GhostBN", ghost=4)
     # A bad value is reported by the layer when it is built, naming the value.
-    with pytest.raises(ValueError, match=r"ghost_size \(D2NORM.GHOST_BN.SIZE\) must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"ghost_size \(D2NORM.GHOST_BN.SIZE\) must be an integer >= 1, got 0"):
         norm_layer("GhostBN", ghost_size=0)(8)
 
 

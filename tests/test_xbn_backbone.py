@@ -128,8 +128,8 @@ def test_bn_part_keeps_resnets_norm(norm, cls):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("POSITION", 4, "POSITION must be 1, 2 or 3.*got 4"),
-    ("POSITION", 0, "POSITION must be 1, 2 or 3.*got 0"),
+    ("POSITION", 4, "POSITION must be an integer >= 1 and <= 3.*got 4"),
+    ("POSITION", 0, "POSITION must be an integer >= 1 and <= 3.*got 0"),
     ("DENSITY", 0, "DENSITY must be an integer >= 1.*got 0"),
     ("NORM_TYPE", "BN", r"NORM_TYPE must be one of \('GN', 'IN'\), got 'BN'"),
     ("NUM_GROUPS", 0, "NUM_GROUPS must be an integer >= 1, got 0"),

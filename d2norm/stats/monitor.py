@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..utils.validation import check_int
 from .estimators import MomentAccumulator, all_reduce_accumulators_
 from .passes import discarded_event_storage, isolated_rng, routed_to_adapters, unwrap_model
 from .precise_bn import population_stat_layers
@@ -77,8 +78,7 @@ def bn_statistics_gaps(
     Distributed: every rank must call it (the population moments are all-reduced: two collectives); the batch
     metrics average this rank's batches. Layers that saw no data are left out.
     """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"BN monitor: num_batches must be a positive integer, got {num_batches!r}")
+    check_int("BN monitor: num_batches", num_batches, minimum=1)
     net = unwrap_model(model)
     forward_fn = forward_fn or (lambda m, b: m(b))
     every = population_stat_layers(net)

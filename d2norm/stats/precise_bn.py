@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional
 import torch
 from torch import nn
 
+from ..utils.validation import check_bool, check_choice, check_int
 from .adapters import StatsAdapter, get_stats_adapter
 from .estimators import PopulationEstimate, all_reduce_accumulators_, check_estimator
 from .passes import (
@@ -85,13 +86,6 @@ def population_stat_layers(model: nn.Module) -> Dict[str, StatsAdapter]:
 def rank_share(num_samples: int, rank: int, world: int) -> int:
     """Samples rank ``rank`` forwards: ⌊N/W⌋, plus one for the first N mod W ranks."""
     return num_samples // world + (1 if rank < num_samples % world else 0)
-
-
-def _check_positive_int(name: str, v, allow_none=False) -> None:
-    if allow_none and v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"PreciseBN: {name} must be a positive integer, got {v!r}")
 
 
 def _progress(iterable, total, desc, enabled):
@@ -152,12 +146,11 @@ def recompute_population_stats(
     from detectron2.utils import comm
 
     check_estimator(estimator)
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"PreciseBN: nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    _check_positive_int("num_samples (D2NORM.PRECISE_BN.NUM_SAMPLES)", num_samples)
-    _check_positive_int("batch_size (D2NORM.PRECISE_BN.BATCH_SIZE)", batch_size, allow_none=True)
-    if not isinstance(exact_layerwise, bool):
-        raise ValueError(f"PreciseBN: exact_layerwise must be True or False, got {exact_layerwise!r}")
+    check_choice("PreciseBN: nonfinite", nonfinite, NONFINITE_POLICIES)
+    check_int("PreciseBN: num_samples (D2NORM.PRECISE_BN.NUM_SAMPLES)", num_samples, minimum=1)
+    if batch_size is not None:
+        check_int("PreciseBN: batch_size (D2NORM.PRECISE_BN.BATCH_SIZE)", batch_size, minimum=1)
+    check_bool("PreciseBN: exact_layerwise", exact_layerwise)
     net = unwrap_model(model)
     forward_fn = forward_fn or (lambda m, b: m(b))
     adapters = population_stat_layers(net)

@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers.base import D2NormModule, bn_estimated_stats
 from ..utils.comm import local_only
+from ..utils.validation import check_int
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
 from .state import patched_instance_attrs
 from .passes import discarded_event_storage, isolated_rng, rebatch, unwrap_model
@@ -250,8 +251,7 @@ def batch_statistics(
     train/eval flags and the caller's RNG streams. For a detectron2 meta-architecture the batches need
     ``instances`` (a training loader).
     """
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    check_int("num_batches", num_batches, minimum=1)
     net = unwrap_model(model)
     all_layers = _select_layers(net, layers)
     device = _device(net)

@@ -17,13 +17,10 @@ def _fail(name: str, allowed: str, value, note: str) -> None:
 
 def check_int(name: str, value, minimum: Optional[int] = None, maximum: Optional[int] = None, note: str = "") -> int:
     """``value`` as an ``int``: an integer (not a bool) within ``[minimum, maximum]`` (either bound optional)."""
-    if minimum == 1 and maximum is None:
-        allowed = "a positive integer"
-    else:
-        allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
-        allowed += (" and" if minimum is not None and maximum is not None else "") + (
-            f" <= {maximum}" if maximum is not None else ""
-        )
+    allowed = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+    allowed += (" and" if minimum is not None and maximum is not None else "") + (
+        f" <= {maximum}" if maximum is not None else ""
+    )
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not ok or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         _fail(name, allowed, value, note)

@@ -4,7 +4,8 @@ from typing import Dict, Iterable, Optional, Sequence
 
 from detectron2.engine.train_loop import HookBase
 
-from .common import build_d2norm_train_loader, check_bool, check_int, check_patterns, per_rank_batch
+from ...utils.validation import check_bool, check_int
+from .common import build_d2norm_train_loader, check_patterns, per_rank_batch
 
 __all__ = ["BNMonitorHook", "check_bn_monitor_cfg", "build_bn_monitor_hook"]
 
@@ -14,9 +15,9 @@ def check_bn_monitor_cfg(cfg) -> None:
     c = cfg.D2NORM.BN_MONITOR
     p = "D2NORM.BN_MONITOR."
     check_bool(p + "ENABLED", c.ENABLED)
-    check_int(p + "PERIOD", c.PERIOD, 1)
-    check_int(p + "NUM_BATCHES", c.NUM_BATCHES, 1)
-    check_int(p + "BATCH_SIZE", c.BATCH_SIZE, 0, " (0 = the training batch per rank)")
+    check_int(p + "PERIOD", c.PERIOD, minimum=1)
+    check_int(p + "NUM_BATCHES", c.NUM_BATCHES, minimum=1)
+    check_int(p + "BATCH_SIZE", c.BATCH_SIZE, minimum=0, note=" (0 = the training batch per rank)")
     check_patterns(p + "LAYERS", c.LAYERS)
 
 

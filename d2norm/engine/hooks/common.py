@@ -1,23 +1,10 @@
-"""What the d2norm hooks share: cfg value checks and the extra training-style data loader."""
+"""What the d2norm hooks share: the regular-expression cfg check and the extra training-style data loader
+(number / flag checks: :mod:`d2norm.utils.validation`)."""
 import re
 
 from detectron2.utils import comm
 
-__all__ = ["is_int", "check_bool", "check_int", "check_patterns", "build_d2norm_train_loader", "per_rank_batch"]
-
-
-def is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def check_bool(path: str, v) -> None:
-    if not isinstance(v, bool):
-        raise ValueError(f"{path} must be True or False, got {v!r}")
-
-
-def check_int(path: str, v, lo: int, what: str = "") -> None:
-    if not is_int(v) or v < lo:
-        raise ValueError(f"{path} must be an integer >= {lo}{what}, got {v!r}")
+__all__ = ["check_patterns", "build_d2norm_train_loader", "per_rank_batch"]
 
 
 def check_patterns(path: str, v) -> None:

@@ -6,7 +6,8 @@ from typing import Iterable, Optional
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
-from .common import build_d2norm_train_loader, check_bool, check_int, is_int, per_rank_batch
+from ...utils.validation import check_bool, check_int, check_number
+from .common import build_d2norm_train_loader, per_rank_batch
 
 __all__ = ["EvalNormFitHook", "check_evalnorm_fit_cfg", "build_evalnorm_fit_hook"]
 
@@ -19,14 +20,12 @@ def check_evalnorm_fit_cfg(cfg) -> None:
     p = "D2NORM.EVALNORM_FIT."
     check_bool(p + "ENABLED", c.ENABLED)
     check_bool(p + "SET_OFFLINE_MODE", c.SET_OFFLINE_MODE)
-    if not is_int(c.ITER) or c.ITER == 0 or c.ITER < -1:
-        raise ValueError(f"{p}ITER must be -1 (after the last iteration) or an integer >= 1, got {c.ITER!r}")
-    check_int(p + "BATCH_SIZE", c.BATCH_SIZE, 0, " (0 = the training batch per rank)")
+    if isinstance(c.ITER, bool) or c.ITER != -1:
+        check_int(p + "ITER", c.ITER, minimum=1, note=", or -1 (after the last iteration)")
+    check_int(p + "BATCH_SIZE", c.BATCH_SIZE, minimum=0, note=" (0 = the training batch per rank)")
     e = cfg.D2NORM.EVALNORM
-    check_int("D2NORM.EVALNORM.OFFLINE_ITERS", e.OFFLINE_ITERS, 1)
-    lr = e.OFFLINE_LR
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"D2NORM.EVALNORM.OFFLINE_LR must be a number > 0, got {lr!r}")
+    check_int("D2NORM.EVALNORM.OFFLINE_ITERS", e.OFFLINE_ITERS, minimum=1)
+    check_number("D2NORM.EVALNORM.OFFLINE_LR", e.OFFLINE_LR, low=0, low_open=True)
 
 
 class EvalNormFitHook(HookBase):

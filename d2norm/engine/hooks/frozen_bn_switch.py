@@ -19,7 +19,8 @@ from detectron2.utils import comm
 from torch import nn
 
 from ...stats import recompute_population_stats
-from .common import check_bool, check_int, check_patterns
+from ...utils.validation import check_bool, check_int, check_number
+from .common import check_patterns
 from .precise_bn import build_precise_bn_loader, check_precise_bn_cfg
 
 __all__ = [
@@ -75,11 +76,9 @@ def check_frozen_bn_switch_cfg(cfg) -> None:
     p = "D2NORM.FROZEN_BN_SWITCH."
     for key in ("ENABLED", "PRECISE_BN", "TRAINABLE_AFFINE"):
         check_bool(p + key, c[key])
-    check_int(p + "ITER", c.ITER, 0, " (the first iteration trained with FrozenBN)")
-    check_int(p + "WARMUP_ITERS", c.WARMUP_ITERS, 0, " (0 = no LR re-warm-up)")
-    f = c.WARMUP_FACTOR
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
-        raise ValueError(f"{p}WARMUP_FACTOR must be a number in (0, 1], got {f!r}")
+    check_int(p + "ITER", c.ITER, minimum=0, note=" (the first iteration trained with FrozenBN)")
+    check_int(p + "WARMUP_ITERS", c.WARMUP_ITERS, minimum=0, note=" (0 = no LR re-warm-up)")
+    check_number(p + "WARMUP_FACTOR", c.WARMUP_FACTOR, 0, 1, low_open=True)
     check_patterns(p + "LAYERS", c.LAYERS)
     if c.ENABLED and c.PRECISE_BN:
         check_precise_bn_cfg(cfg)

@@ -7,7 +7,8 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
 from ...stats import ESTIMATORS, NONFINITE_POLICIES, population_stat_layers, recompute_population_stats
-from .common import build_d2norm_train_loader, check_bool, is_int
+from ...utils.validation import check_bool, check_int
+from .common import build_d2norm_train_loader
 
 __all__ = ["PreciseBNHook", "check_precise_bn_cfg", "build_precise_bn_hook", "build_precise_bn_loader"]
 
@@ -19,14 +20,10 @@ def check_precise_bn_cfg(cfg) -> None:
     c = cfg.D2NORM.PRECISE_BN
     for key in ("ENABLED", "EXACT_LAYERWISE"):
         check_bool(f"D2NORM.PRECISE_BN.{key}", c[key])
-    if not is_int(c.PERIOD) or c.PERIOD < -1:
-        raise ValueError(
-            f"D2NORM.PRECISE_BN.PERIOD must be an integer >= -1 (-1 = TEST.EVAL_PERIOD, 0 = only after the last "
-            f"iteration), got {c.PERIOD!r}"
-        )
+    check_int("D2NORM.PRECISE_BN.PERIOD", c.PERIOD, minimum=-1,
+              note=" (-1 = TEST.EVAL_PERIOD, 0 = only after the last iteration)")
     for key in ("NUM_SAMPLES", "BATCH_SIZE"):
-        if not is_int(c[key]) or c[key] < 1:
-            raise ValueError(f"D2NORM.PRECISE_BN.{key} must be a positive integer, got {c[key]!r}")
+        check_int(f"D2NORM.PRECISE_BN.{key}", c[key], minimum=1)
     if c.ESTIMATOR not in ESTIMATORS:
         raise ValueError(f"D2NORM.PRECISE_BN.ESTIMATOR must be one of {ESTIMATORS}, got {c.ESTIMATOR!r}")
     if c.NONFINITE not in NONFINITE_POLICIES:

@@ -31,7 +31,6 @@ activations: a BN checkpoint is a warm start, not an equivalent network (the pap
 models pre-trained *with* XBNBlock, §5.3.1).
 """
 import logging
-import numbers
 from typing import Dict, List
 
 from detectron2.modeling import BACKBONE_REGISTRY
@@ -39,6 +38,7 @@ from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
 from torch import nn
 
 from .fpn import fpn_from_cfg, rcnn_top_block, retinanet_top_block
+from ...utils.validation import check_choice, check_int, check_number
 from ...layers.registry import norm_options
 
 __all__ = [
@@ -115,21 +115,13 @@ class XBNOptions:
 
     def __init__(self, position: int = 2, density: int = 1, norm_type: str = "GN", num_groups: int = 64,
                  eps: float = 1e-5):
-        def is_int(v):
-            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-        if not (is_int(position) and position in (1, 2, 3)):
-            raise ValueError(f"D2NORM.XBNBLOCK.POSITION must be 1, 2 or 3 (P1/P2/P3: which norm of the block "
-                             f"becomes batch-free), got {position!r}")
-        if not (is_int(density) and density >= 1):
-            raise ValueError(f"D2NORM.XBNBLOCK.DENSITY must be an integer >= 1 (every D-th block is an "
-                             f"XBNBlock; the paper uses 1, 2, 4, 8), got {density!r}")
-        if norm_type not in _NORM_TYPES:
-            raise ValueError(f"D2NORM.XBNBLOCK.NORM_TYPE must be one of {_NORM_TYPES}, got {norm_type!r}")
-        if not (is_int(num_groups) and num_groups >= 1):
-            raise ValueError(f"D2NORM.XBNBLOCK.NUM_GROUPS must be an integer >= 1, got {num_groups!r}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-            raise ValueError(f"D2NORM.XBNBLOCK.EPS must be a number > 0, got {eps!r}")
+        check_int("D2NORM.XBNBLOCK.POSITION", position, minimum=1, maximum=3,
+                  note=" (P1/P2/P3: which norm of the block becomes batch-free)")
+        check_int("D2NORM.XBNBLOCK.DENSITY", density, minimum=1,
+                  note=" (every D-th block is an XBNBlock; the paper uses 1, 2, 4, 8)")
+        check_choice("D2NORM.XBNBLOCK.NORM_TYPE", norm_type, _NORM_TYPES)
+        check_int("D2NORM.XBNBLOCK.NUM_GROUPS", num_groups, minimum=1)
+        check_number("D2NORM.XBNBLOCK.EPS", eps, low=0, low_open=True)
         self.position, self.density, self.norm_type = int(position), int(density), norm_type
         self.num_groups, self.eps = int(num_groups), float(eps)
 

@@ -70,6 +70,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ...utils.validation import check_bool, check_choice, check_int, check_number
 from ...layers.base import D2NormModule
 from ...layers.evalnorm import EvalNorm2d, evalnorm_aux_loss, evalnorm_modules
 
@@ -103,18 +104,12 @@ class EvalNormModelOptions:
     log_per_layer: bool = True
 
     def __post_init__(self):
-        w = self.aux_loss_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) < float("inf"):
-            raise ValueError(f"D2NORM.EVALNORM.AUX_LOSS_WEIGHT must be a finite number >= 0, got {w!r}")
+        check_number("D2NORM.EVALNORM.AUX_LOSS_WEIGHT", self.aux_loss_weight, low=0)
         for key, v in (("STATS_INIT", self.stats_init), ("AFFINE_INIT", self.affine_init)):
-            if v not in _INIT_CHOICES:
-                raise ValueError(f"D2NORM.EVALNORM_MODEL.{key} must be one of {_INIT_CHOICES}, got {v!r}")
+            check_choice(f"D2NORM.EVALNORM_MODEL.{key}", v, _INIT_CHOICES)
         for key, v in (("FREEZE_STATS", self.freeze_stats), ("LOG_PER_LAYER", self.log_per_layer)):
-            if not isinstance(v, bool):
-                raise ValueError(f"D2NORM.EVALNORM_MODEL.{key} must be True or False, got {v!r}")
-        p = self.log_period
-        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
-            raise ValueError(f"D2NORM.EVALNORM_MODEL.LOG_PERIOD must be an integer >= 0 (0 = never), got {p!r}")
+            check_bool(f"D2NORM.EVALNORM_MODEL.{key}", v)
+        check_int("D2NORM.EVALNORM_MODEL.LOG_PERIOD", self.log_period, minimum=0, note=" (0 = never)")
 
 
 def evalnorm_model_options(cfg) -> EvalNormModelOptions:

@@ -74,6 +74,7 @@ from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from torch import Tensor, nn
 
+from ...utils.validation import check_bool, check_choice, check_int
 from ...layers.domain_bn import DomainBatchNorm2d, domain_bn_modules
 from ...layers.sync_domain_bn import SyncDomainBatchNorm2d
 
@@ -99,14 +100,9 @@ def head_options_from_cfg(cfg) -> Dict:
     """``cfg.D2NORM.RETINANET_HEAD`` → validated head options; ValueError naming the bad key and value."""
     c = cfg.D2NORM.RETINANET_HEAD
     for key in ("TRAIN_STATS", "POP_STATS", "AFFINE"):
-        value = c.get(key)
-        if value not in _CHOICES:
-            raise ValueError(f"D2NORM.RETINANET_HEAD.{key} must be one of {_CHOICES}, got {value!r}")
-    if not isinstance(c.SYNC, bool):
-        raise ValueError(f"D2NORM.RETINANET_HEAD.SYNC must be True or False, got {c.SYNC!r}")
-    g = c.SYNC_GROUP_SIZE
-    if isinstance(g, bool) or not isinstance(g, int) or g < 0:
-        raise ValueError(f"D2NORM.RETINANET_HEAD.SYNC_GROUP_SIZE must be an integer >= 0 (0 = all ranks), got {g!r}")
+        check_choice(f"D2NORM.RETINANET_HEAD.{key}", c.get(key), _CHOICES)
+    check_bool("D2NORM.RETINANET_HEAD.SYNC", c.SYNC)
+    g = check_int("D2NORM.RETINANET_HEAD.SYNC_GROUP_SIZE", c.SYNC_GROUP_SIZE, minimum=0, note=" (0 = all ranks)")
     return {
         "train_stats": c.TRAIN_STATS,
         "pop_stats": c.POP_STATS,
@@ -152,10 +148,8 @@ class DomainBNRetinaNetHead(nn.Module):
     ):
         super().__init__()
         for key, value in (("TRAIN_STATS", train_stats), ("POP_STATS", pop_stats), ("AFFINE", affine)):
-            if value not in _CHOICES:
-                raise ValueError(f"D2NORM.RETINANET_HEAD.{key} must be one of {_CHOICES}, got {value!r}")
-        if not isinstance(sync, bool):
-            raise ValueError(f"D2NORM.RETINANET_HEAD.SYNC must be True or False, got {sync!r}")
+            check_choice(f"D2NORM.RETINANET_HEAD.{key}", value, _CHOICES)
+        check_bool("D2NORM.RETINANET_HEAD.SYNC", sync)
         self.levels = tuple(levels)
         if len(self.levels) != len(input_shape) or len(self.levels) == 0:
             raise ValueError(f"levels {self.levels!r} must name each of the {len(input_shape)} input features")

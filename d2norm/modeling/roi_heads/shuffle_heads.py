@@ -28,6 +28,7 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
+from ...utils.validation import check_bool, check_int
 from ...utils.comm import all_gather_variable, group_world_size, is_local_only, shared_permutation
 
 __all__ = [
@@ -107,13 +108,9 @@ def shuffle_head_options(cfg, seed_offset: int) -> dict:
     """
     opts = cfg.D2NORM.SHUFFLE_HEAD
     enabled, seed = opts.ENABLED, opts.SEED
-    if not isinstance(enabled, bool):
-        raise ValueError(f"D2NORM.SHUFFLE_HEAD.ENABLED must be True or False, got {enabled!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < -1:
-        raise ValueError(
-            f"D2NORM.SHUFFLE_HEAD.SEED must be an integer >= 0 (a dedicated generator) or -1 (the global torch "
-            f"RNG of rank 0), got {seed!r}"
-        )
+    check_bool("D2NORM.SHUFFLE_HEAD.ENABLED", enabled)
+    check_int("D2NORM.SHUFFLE_HEAD.SEED", seed, minimum=-1,
+              note=" (>= 0: a dedicated generator; -1: the global torch RNG of rank 0)")
     return {"shuffle": enabled, "seed": seed if seed < 0 else seed + seed_offset}
 
 
