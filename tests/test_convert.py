@@ -29,7 +29,7 @@ def test_every_registered_name_converts(d2cfg):
         src = _model()
         ref = {i: {k: v.clone() for k, v in src[i].state_dict().items()} for i in (1, 4)}
         model, report = convert_norm(src, name, d2cfg)
-        assert report.converted == ["1", "4"]
+        assert report.target == name and report.converted == {"1": "BatchNorm2d", "4": "FrozenBatchNorm2d"}
         for i in (1, 4):
             new = model[i]
             assert type(new) is NORM_REGISTRY.get(name)
@@ -74,7 +74,7 @@ def test_converts_a_detectron2_resnet_and_keeps_d2norm_layers(d2cfg):
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     # converting again finds nothing: d2norm layers are not re-converted
     _, again = convert_norm(model, "GhostBN", d2cfg)
-    assert again.converted == []
+    assert again.converted == {}
 
 
 def test_unknown_target():

@@ -344,8 +344,8 @@ def test_load_bn_checkpoint(bn_checkpoint, caplog):
             assert torch.equal(state[f"{name}.{key}"], bn_state[f"{name}.{key}"]), (name, key)
     # not mappable from BN: alpha/beta keep their init, reported by the model and in the checkpointer's log
     report = model.evalnorm_load_report
-    assert sorted(report["evalnorm_params_missing"]) == sorted(layers)
-    assert report["stats_missing"] == [] and report["layers_absent"] == []
+    assert report.uninitialized_target == {n: ["alpha_logit", "beta_logit"] for n in layers}
+    assert report.skipped == {} and report.converted == {}
     assert all(float(m.alpha_hat.detach()) == pytest.approx(0.1) for m in layers.values())
     assert "alpha_logit" in caplog.text
 
@@ -375,7 +375,7 @@ def test_load_frozen_bn_checkpoint(tmp_path):
     for name, m in layers.items():
         for key in ("weight", "bias", "running_mean", "running_var"):
             assert torch.equal(getattr(m, key), getattr(fbn[name], key)), (name, key)
-    assert model.evalnorm_load_report["stats_missing"] == []
+    assert not any("running_mean" in k for k in model.evalnorm_load_report.uninitialized_target.values())
     # EMA evaluation of the converted layer = the FrozenBN function (eps as FrozenBN's); EvalNorm eval differs
     x = torch.randn(2, 64, 8, 8) * 3 + 2
     m, f = layers[STEM], fbn[STEM]
@@ -402,8 +402,8 @@ def test_load_imagenet_style_pkl_and_folded_checkpoint(tmp_path, bn_checkpoint, 
             assert torch.equal(m.running_var, bn_state[f"{name}.running_var"]), name
             assert torch.equal(m.weight, bn_state[f"{name}.weight"]), name
     report = model.evalnorm_load_report
-    assert report["stats_missing"] == []
-    assert report["layers_absent"] and all(not n.startswith("backbone.bottom_up") for n in report["layers_absent"])
+    assert not any("running_mean" in k for k in report.uninitialized_target.values())
+    assert report.skipped and all(not n.startswith("backbone.bottom_up") for n in report.skipped)
 
     # statistics folded into the affine: only weight/bias per norm
     folded = {k: v for k, v in bn_state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
@@ -413,7 +413,8 @@ def test_load_imagenet_style_pkl_and_folded_checkpoint(tmp_path, bn_checkpoint, 
     with caplog.at_level(logging.WARNING, logger=ea.__name__):
         DetectionCheckpointer(model).load(str(path))
     report = model.evalnorm_load_report
-    assert sorted(report["stats_missing"]) == sorted(evalnorm_modules(model))
+    assert sorted(n for n, k in report.uninitialized_target.items() if k[:2] == ["running_mean", "running_var"]) \
+        == sorted(evalnorm_modules(model))
     assert "no running statistics" in caplog.text and STEM in caplog.text
     m = evalnorm_modules(model)[STEM]
     assert torch.equal(m.weight, bn_state[f"{STEM}.weight"])

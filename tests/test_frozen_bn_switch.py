@@ -76,7 +76,9 @@ def test_mapping_equals_float64_reference_and_eval_output(trainable):
     refs["mabn"] = x * (m.weight / m.running_chi).detach().view(1, -1, 1, 1) + m.bias.detach().view(1, -1, 1, 1)
     z.train()
     report = freeze_bn_layers(z, trainable_affine=trainable)
-    assert set(report) == {"bn", "bn_noaffine", "ghost", "mabn", "evalnorm"}
+    assert report.target == "FrozenBN"
+    assert report.converted == {"bn": "BatchNorm2d", "bn_noaffine": "BatchNorm2d", "ghost": "GhostBatchNorm2d",
+                                "mabn": "MABN2d", "evalnorm": "EvalNorm2d"}
     assert set(report.skipped) == {"bgn", "domain", "notrack"}
     assert set(report.notes) == {"evalnorm"}
     for k in ("bgn", "domain", "notrack"):
@@ -111,7 +113,7 @@ def test_mapping_equals_float64_reference_and_eval_output(trainable):
     assert type(z["bn_noaffine"]) is FrozenBatchNorm2d
     # the frozen maps never change their buffers in training mode
     snap = {k: v.clone() for k, v in z.state_dict().items()}
-    for k in report:
+    for k in report.converted:
         z[k](_x(seed=9))
     assert all(torch.equal(snap[k], v) for k, v in z.state_dict().items())
 
@@ -151,7 +153,7 @@ def test_shared_module_replaced_everywhere():
     bn = nn.BatchNorm2d(2)
     model = nn.ModuleDict({"a": nn.Sequential(bn), "b": nn.Sequential(bn)})
     rep = freeze_bn_layers(model)
-    assert len(rep) == 1 and model["a"][0] is model["b"][0] and isinstance(model["a"][0], FrozenBatchNorm)
+    assert list(rep.converted) == ["a.0"] and model["a"][0] is model["b"][0] and isinstance(model["a"][0], FrozenBatchNorm)
 
 
 def test_rebuild_optimizer_param_groups_keeps_state_and_schedule():

@@ -14,7 +14,7 @@ import d2norm.modeling.backbone.xbn_resnet  # noqa: F401  (registers the backbon
 from d2norm import add_d2norm_config
 from d2norm.layers.ghost_bn import GhostBatchNorm2d
 from d2norm.layers.registry import norm_options
-from d2norm.modeling.backbone.xbn_resnet import BatchFreeNorm, xbn_dropped_statistics
+from d2norm.modeling.backbone.xbn_resnet import BatchFreeNorm, xbn_load_report
 
 ALL_FEATURES = ["res2", "res3", "res4", "res5"]
 BLOCKS = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
@@ -176,7 +176,9 @@ def test_standard_r50_state_dict_loads(norm, caplog):
     assert not result.missing_keys and not result.unexpected_keys
     stats = ["running_mean", "running_var"] + (["num_batches_tracked"] if norm == "BN" else [])
     expected = [f"{b}.conv2.norm.{s}" for b, _ in global_blocks(50) for s in stats]
-    assert xbn_dropped_statistics(xbn) == expected
+    report = xbn_load_report(xbn)
+    assert report.unmapped_source == {f"{b}.conv2.norm": stats for b, _ in global_blocks(50)}
+    assert not report.converted and not report.uninitialized_target
     assert "res4.5.conv2.norm.{" + ", ".join(stats) + "}" in caplog.text
     mine = xbn.state_dict()
     assert set(mine) == set(sd) - set(expected)
@@ -194,10 +196,9 @@ def test_checkpointer_load_into_fpn_reports_prefixed_keys(tmp_path, caplog):
     xbn = build(cfg)
     with caplog.at_level(logging.WARNING):
         DetectionCheckpointer(xbn).load(str(tmp_path / "stock.pth"))
-    assert xbn_dropped_statistics(xbn) == [
-        f"bottom_up.{b}.conv2.norm.{s}" for b in ("res4.0", "res5.2")
-        for s in ("running_mean", "running_var", "num_batches_tracked")
-    ]
+    assert xbn_load_report(xbn).unmapped_source == {
+        f"bottom_up.{b}.conv2.norm": ["running_mean", "running_var", "num_batches_tracked"] for b in ("res4.0", "res5.2")
+    }
     assert "bottom_up.res5.2.conv2.norm.{running_mean, running_var, num_batches_tracked}" in caplog.text
     assert torch.equal(xbn.bottom_up.res4[0].conv2.norm.weight, stock.bottom_up.res4[0].conv2.norm.weight)
 

@@ -20,7 +20,8 @@ from .example_weighted_bn import ExampleWeightedBatchNorm2d
 from .domain_bn import DomainBatchNorm2d, domain_scope
 from .sync_domain_bn import SyncDomainBatchNorm2d
 from .sync_bn import AnySyncBatchNorm2d
-from .convert import ConversionReport, convert_norm
+from .report import ConversionReport
+from .convert import convert_norm
 
 __all__ = [
     "NORM_REGISTRY", "NormLayer", "build_model", "get_norm", "install", "norm_layer", "norm_options",

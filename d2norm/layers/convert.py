@@ -8,8 +8,7 @@ and logged, never silently defaulted.
 """
 import contextlib
 import logging
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
@@ -17,31 +16,14 @@ from torch import nn
 
 from .base import D2NormModule
 from .registry import NORM_REGISTRY, get_norm, norm_options, valid_norm_names
+from .report import ConversionReport
 
-__all__ = ["convert_norm", "ConversionReport", "SOURCE_TYPES"]
+__all__ = ["convert_norm", "SOURCE_TYPES"]
 
 logger = logging.getLogger(__name__)
 
 #: module types that are converted (detectron2's BatchNorm2d / NaiveSyncBatchNorm subclass nn.BatchNorm2d)
 SOURCE_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
-
-
-@dataclass
-class ConversionReport:
-    target: str
-    converted: List[str] = field(default_factory=list)
-    #: module name -> keys of the source state that the target could not take (name or shape differs)
-    unmapped_source: Dict[str, List[str]] = field(default_factory=dict)
-    #: module name -> keys of the target state that the source did not provide (left at the target's init)
-    uninitialized_target: Dict[str, List[str]] = field(default_factory=dict)
-
-    def summary(self) -> str:
-        lines = [f"convert_norm -> {self.target}: {len(self.converted)} module(s) converted"]
-        for kind, d in (("not mapped from source", self.unmapped_source), ("left at init", self.uninitialized_target)):
-            keys = sorted({k for v in d.values() for k in v})
-            if keys:
-                lines.append(f"  {kind} in {len(d)} module(s): {', '.join(keys)}")
-        return "\n".join(lines)
 
 
 def _expand_to(src: torch.Tensor, dst: torch.Tensor) -> Optional[torch.Tensor]:
@@ -100,7 +82,7 @@ def _convert_one(old: nn.Module, to: str, prefix: str, report: ConversionReport)
             old_p = getattr(old, name, None)
             if isinstance(old_p, nn.Parameter):
                 p.requires_grad_(old_p.requires_grad)
-    report.converted.append(prefix)
+    report.converted[prefix] = type(old).__name__
     return new
 
 
@@ -139,7 +121,7 @@ def convert_norm(model: nn.Module, to: str, cfg=None) -> "tuple[nn.Module, Conve
     with ctx:
         model = recurse(model, "")
     if report.unmapped_source or report.uninitialized_target:
-        logger.warning(report.summary())
+        logger.warning("convert_norm -> %s", report.summary())
     else:
-        logger.info(report.summary())
+        logger.info("convert_norm -> %s", report.summary())
     return model, report

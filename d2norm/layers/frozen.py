@@ -51,8 +51,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..utils.validation import check_int, check_number
 from .base import D2NormModule, FrozenBNState, NotAnAffine, affine_from_stats, bn_frozen_state
+from .report import ConversionReport
 
-__all__ = ["FrozenBatchNorm", "freeze_bn_layers", "frozen_bn_source", "FreezeReport"]
+__all__ = ["FrozenBatchNorm", "freeze_bn_layers", "frozen_bn_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,16 +130,6 @@ def frozen_bn_source(m: nn.Module) -> Tuple[Optional[FrozenBNState], str]:
     return None, ""  # detectron2's FrozenBatchNorm2d, GN, LN, ...: nothing to freeze
 
 
-class FreezeReport(dict):
-    """``{module name: source class name}`` of converted layers, with ``skipped`` = ``{name: reason}`` and
-    ``notes`` = ``{name: note}`` (layers whose eval behaviour differs from FrozenBN's)."""
-
-    def __init__(self):
-        super().__init__()
-        self.skipped: Dict[str, str] = {}
-        self.notes: Dict[str, str] = {}
-
-
 def _make_frozen(m: nn.Module, mapping: FrozenBNState, trainable_affine: bool) -> nn.Module:
     from detectron2.layers import FrozenBatchNorm2d
 
@@ -170,7 +161,7 @@ def freeze_bn_layers(
     trainable_affine: bool = True,
     names: Optional[Iterable[str]] = None,
     name_filter: Optional[Callable[[str], bool]] = None,
-) -> FreezeReport:
+) -> ConversionReport:
     """Replace every BN-family layer of ``model`` (in place) by its FrozenBN (module docstring).
 
     Args:
@@ -182,11 +173,12 @@ def freeze_bn_layers(
         name_filter: convert only names for which it returns True.
 
     Returns:
-        a :class:`FreezeReport`. A module reachable under several names (shared) is converted once and replaced
+        a :class:`~d2norm.layers.report.ConversionReport` (``converted``: name -> former class, ``skipped``:
+        name -> reason, ``notes``: layers whose eval behaviour differs from FrozenBN's). A module reachable under several names (shared) is converted once and replaced
         everywhere it is referenced.
     """
     wanted = None if names is None else set(names)
-    report = FreezeReport()
+    report = ConversionReport(target="FrozenBN")
     replaced: Dict[int, nn.Module] = {}
     todo = []
     for name, m in model.named_modules(remove_duplicate=False):
@@ -205,12 +197,12 @@ def freeze_bn_layers(
             continue
         new = _make_frozen(m, mapping, trainable_affine)
         replaced[id(m)] = new
-        report[name] = type(m).__name__
+        report.converted[name] = type(m).__name__
         if mapping.note:
             report.notes[name] = mapping.note
         todo.append(m)
     if wanted is not None:
-        bad = sorted(wanted - set(report))
+        bad = sorted(wanted - set(report.converted))
         if bad:
             raise ValueError(f"freeze_bn_layers: cannot convert {bad} (not convertible BN-family layers of the model)")
     # replace every reference (shared modules: all parents)

@@ -175,7 +175,7 @@ def switch_to_frozen_bn(trainer, trainable_affine: bool = True, names=None, laye
       gradients of removed parameters); every reference to the old wrapper in the trainer and its hooks is
       replaced. With an unchanged set the wrapper is kept.
 
-    Call on every rank at the same iteration, between iterations. Returns the :class:`FreezeReport`.
+    Call on every rank at the same iteration, between iterations. Returns the :class:`~d2norm.layers.report.ConversionReport`.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -190,7 +190,7 @@ def switch_to_frozen_bn(trainer, trainable_affine: bool = True, names=None, laye
     if layers:
         flt = lambda n: bool(select_layers([n], layers))  # noqa: E731
     report = freeze_bn_layers(net, trainable_affine=trainable_affine, names=names, name_filter=flt)
-    _broadcast_frozen_state(net, list(report))
+    _broadcast_frozen_state(net, list(report.converted))
     after = [p for p in net.parameters() if p.requires_grad]
 
     fresh = trainer.build_optimizer(trainer.cfg, net)  # a classmethod; trainer may be a weakref proxy
@@ -208,7 +208,7 @@ def switch_to_frozen_bn(trainer, trainable_affine: bool = True, names=None, laye
     logger.info(
         "FrozenBN switch: %d layers converted (%s affine), %d left unchanged; trainable parameter tensors "
         "%d -> %d (%d -> %d values)%s",
-        len(report), "trainable" if trainable_affine else "frozen", len(report.skipped), len(before), len(after),
+        len(report.converted), "trainable" if trainable_affine else "frozen", len(report.skipped), len(before), len(after),
         sum(p.numel() for p in before), sum(p.numel() for p in after),
         "; DDP rebuilt" if trainer.model is not model else "",
     )
@@ -267,7 +267,7 @@ class FrozenBNSwitchHook(HookBase):
         if self.precise_bn is not None:
             self.precise_bn()
         self.report = switch_to_frozen_bn(t, self.trainable_affine, layers=self.layers)
-        self.switched, self.switched_at, self.converted = True, t.iter, sorted(self.report)
+        self.switched, self.switched_at, self.converted = True, t.iter, sorted(self.report.converted)
         elapsed = time.perf_counter() - start
         if comm.is_main_process():
             logger.info("FrozenBN switch at iteration %d: %d layers in %.2f s", t.iter, len(self.converted), elapsed)
@@ -292,7 +292,7 @@ class FrozenBNSwitchHook(HookBase):
         """Convert exactly the layers a checkpoint recorded (no PreciseBN: its statistics are in the checkpoint)."""
         self.trainable_affine = bool(state.get("trainable_affine", self.trainable_affine))
         self.report = switch_to_frozen_bn(trainer, self.trainable_affine, names=state.get("layers") or [])
-        self.switched, self.switched_at, self.converted = True, state.get("switched_at"), sorted(self.report)
+        self.switched, self.switched_at, self.converted = True, state.get("switched_at"), sorted(self.report.converted)
         logger.info("FrozenBN switch: model converted (%d layers) to load a checkpoint written after the switch",
                     len(self.converted))
 

@@ -26,7 +26,7 @@ Options (``cfg.D2NORM.XBNBLOCK``):
 Loading checkpoints: a :class:`BatchFreeNorm` keeps γ/β (``weight``/``bias``) of the BN-type layer a checkpoint
 holds for its slot and drops that layer's statistics (``running_mean``, ``running_var``,
 ``num_batches_tracked``, or any other per-layer buffer); the dropped keys are logged in one warning per load
-and returned by :func:`xbn_dropped_statistics`. Note γ/β of BN and of the BFN act on differently normalized
+and returned by :func:`xbn_load_report`. Note γ/β of BN and of the BFN act on differently normalized
 activations: a BN checkpoint is a warm start, not an equivalent network (the paper fine-tunes from ImageNet
 models pre-trained *with* XBNBlock, §5.3.1).
 """
@@ -40,6 +40,7 @@ from torch import nn
 from .fpn import fpn_from_cfg, rcnn_top_block, retinanet_top_block
 from ...utils.validation import check_choice, check_int, check_number
 from ...layers.registry import norm_options
+from ...layers.report import ConversionReport
 
 __all__ = [
     "BatchFreeNorm",
@@ -47,7 +48,7 @@ __all__ = [
     "xbn_options_from_cfg",
     "xbn_block_flags",
     "convert_resnet_to_xbn",
-    "xbn_dropped_statistics",
+    "xbn_load_report",
     "build_xbn_resnet_backbone",
     "build_xbn_resnet_fpn_backbone",
     "build_xbn_retinanet_resnet_fpn_backbone",
@@ -89,19 +90,21 @@ class BatchFreeNorm(nn.GroupNorm):
                                       unexpected_keys, error_msgs)
 
 
-def xbn_dropped_statistics(model: nn.Module) -> List[str]:
-    """Checkpoint keys that the latest ``load_state_dict`` dropped because their slot is now batch-free.
-
-    Full key names as in the loaded state dict (e.g. ``backbone.bottom_up.res2.0.conv2.norm.running_mean``).
-    """
-    return [k for m in model.modules() if isinstance(m, BatchFreeNorm) for k in m.dropped_keys]
+def xbn_load_report(model: nn.Module) -> ConversionReport:
+    """What the latest ``load_state_dict`` could not carry into the batch-free slots: ``unmapped_source`` =
+    ``{layer: [dropped entries]}`` (the checkpoint's statistics of a BN-type layer whose slot is now GN/IN), with
+    the layer names as in the loaded state dict (e.g. ``backbone.bottom_up.res2.0.conv2.norm``)."""
+    report = ConversionReport(target="XBNBlock")
+    for m in model.modules():
+        if isinstance(m, BatchFreeNorm):
+            for key in m.dropped_keys:
+                layer, _, name = key.rpartition(".")
+                report.unmapped_source.setdefault(layer, []).append(name)
+    return report
 
 
 def _report_dropped(module: nn.Module, incompatible_keys) -> None:
-    per_layer: Dict[str, List[str]] = {}
-    for key in xbn_dropped_statistics(module):
-        layer, _, name = key.rpartition(".")
-        per_layer.setdefault(layer, []).append(name)
+    per_layer = xbn_load_report(module).unmapped_source
     if per_layer:
         logger.warning(
             "XBNBlock: the checkpoint has statistics for %d norms that are batch-free (GN/IN) in this model; "

@@ -48,7 +48,9 @@ In training the mixin
 **Importing BN / FrozenBN checkpoints.** ``EvalNorm2d`` loads ``nn.BatchNorm2d`` and detectron2
 ``FrozenBatchNorm2d`` entries (``weight``, ``bias``, ``running_mean``, ``running_var``); ``DetectionCheckpointer``
 maps ImageNet files by name heuristics (e.g. torchvision-converted ``R-50.pkl``: BN statistics included). After
-every ``load_state_dict`` the model records :attr:`evalnorm_load_report` and logs what could not be mapped:
+every ``load_state_dict`` the model records :attr:`evalnorm_load_report` (a
+:class:`~d2norm.layers.report.ConversionReport`: ``uninitialized_target`` per layer, ``skipped`` = layers absent
+from the checkpoint) and logs what could not be mapped:
 EvalNorm's α̂/β̂ (absent from BN checkpoints: they keep ``INIT_ALPHA``/``INIT_BETA``) and BN layers whose
 affine was loaded without statistics (Caffe2/MSRA ``R-50.pkl``: BN folded into the FrozenBN scale/shift; the
 EMA keeps mean 0 / var 1, which is exactly how detectron2's FrozenBN loads that file, but the true ImageNet
@@ -73,6 +75,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ...utils.validation import check_bool, check_choice, check_int, check_number
 from ...layers.base import D2NormModule
 from ...layers.evalnorm import EvalNorm2d, evalnorm_aux_loss, evalnorm_modules
+from ...layers.report import ConversionReport
 
 __all__ = [
     "EvalNormModelOptions",
@@ -162,8 +165,8 @@ def _matches(key: str, name: str) -> bool:
 def _post_load_hook(model: "EvalNormModelMixin", incompatible) -> None:
     """Record and log what a checkpoint could not provide (runs after every ``load_state_dict``)."""
     missing = list(incompatible.missing_keys)
+    report = model.evalnorm_load_report = ConversionReport(target=type(model).__name__)
     if not missing:
-        model.evalnorm_load_report = {"stats_missing": [], "evalnorm_params_missing": [], "layers_absent": []}
         return
 
     def lacks(prefix: str, attr: str) -> bool:
@@ -180,11 +183,12 @@ def _post_load_hook(model: "EvalNormModelMixin", incompatible) -> None:
             stats_missing.append(name)
         if name in evalnorm_names and not no_affine and (lacks(name, "alpha_logit") or lacks(name, "beta_logit")):
             en_missing.append(name)
-    model.evalnorm_load_report = {
-        "stats_missing": stats_missing,
-        "evalnorm_params_missing": en_missing,
-        "layers_absent": absent,
-    }
+    for name in stats_missing:
+        report.uninitialized_target[name] = ["running_mean", "running_var"]
+    for name in en_missing:
+        report.uninitialized_target.setdefault(name, []).extend(["alpha_logit", "beta_logit"])
+    for name in absent:
+        report.skipped[name] = "not in the checkpoint (e.g. a new head): keeps its initialization"
     if en_missing:
         logger.info(
             "EvalNorm model: %d EvalNorm layer(s) loaded from a BN/FrozenBN state without alpha/beta; they keep "
@@ -221,7 +225,7 @@ class EvalNormModelMixin:
         """
         super().__init__(**kwargs)
         self.evalnorm_options = evalnorm_options or EvalNormModelOptions()
-        self.evalnorm_load_report: Dict[str, List[str]] = {}
+        self.evalnorm_load_report = ConversionReport(target=type(self).__name__)
         o = self.evalnorm_options
         if o.freeze_stats or o.stats_init == "fresh":
             other = _other_stat_layers(self)
