@@ -109,3 +109,175 @@ def test_tool_refuses_trainer_names_in_a_training_folder(tmp_path):
     assert not (tmp_path / "model_final.pth").exists()
     cli.save_checkpoint(torch.nn.Conv2d(1, 1, 1), str(tmp_path), "model_precise")
     assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+
+
+# ---- atomic writes and the resume fallback -----------------------------------------------------------------
+def _copy_run(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(trained["out"], tmp_path / "out")
+    return tmp_path / "out"
+
+
+def _resume(trained, tmp_path, max_iter=6):
+    cfg = _cfg(tmp_path, max_iter, extra=["MODEL.RESNETS.NORM", "BN",
+                                          "D2NORM.DATA.SYNTHETIC_ROOT", str(trained["tmp"] / "data")])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    return trainer
+
+
+@pytest.mark.slow
+def test_resume_falls_back_past_a_truncated_last_checkpoint(trained, tmp_path, caplog):
+    out = _copy_run(trained, tmp_path)
+    final = out / "model_final.pth"
+    final.write_bytes(final.read_bytes()[: final.stat().st_size // 2])  # a write cut in the middle
+    with caplog.at_level(logging.WARNING, logger="d2norm"):
+        trainer = _resume(trained, tmp_path)
+    assert f"Cannot read checkpoint {final}" in caplog.text
+    assert "Resuming from " + str(out / "model_0000003.pth") in caplog.text
+    assert trainer.start_iter == 4  # model_0000003.pth holds iteration 3, as model_final did
+    for a, b in zip(_momenta(trainer), trained["momenta"]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_resume_with_empty_last_checkpoint(trained, tmp_path, caplog):
+    out = _copy_run(trained, tmp_path)
+    (out / "last_checkpoint").write_text("")
+    with caplog.at_level(logging.WARNING, logger="d2norm"):
+        trainer = _resume(trained, tmp_path)
+    assert "last_checkpoint is empty" in caplog.text
+    assert trainer.start_iter == 4
+
+
+@pytest.mark.slow
+def test_resume_without_any_readable_checkpoint_is_an_error(trained, tmp_path):
+    out = _copy_run(trained, tmp_path)
+    for f in out.glob("*.pth"):
+        f.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"no readable training checkpoint; unreadable: .*model_final\.pth"):
+        _resume(trained, tmp_path)
+
+
+def test_interrupted_save_keeps_the_previous_files(tmp_path, monkeypatch):
+    from d2norm.engine.checkpoint import D2NormCheckpointer
+
+    model = torch.nn.Conv2d(2, 2, 1)
+    ck = D2NormCheckpointer(model, save_dir=str(tmp_path))
+    ck.save("model_final", iteration=1)
+    good = (tmp_path / "model_final.pth").read_bytes()
+
+    def dying_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with torch.no_grad():
+        model.weight.add_(1)
+    with pytest.raises(OSError, match="No space left"):
+        ck.save("model_final", iteration=2)
+    assert (tmp_path / "model_final.pth").read_bytes() == good
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_final.pth"]  # no temp left
+
+
+# ---- non-finite statistics are never written silently ------------------------------------------------------
+def test_checkpoint_with_nonfinite_statistics(tmp_path, caplog):
+    from d2norm.engine import cli
+    from d2norm.engine.checkpoint import D2NormCheckpointer, NonFiniteCheckpointError
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3))
+    model[1].running_var[1] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="d2norm"):
+        D2NormCheckpointer(model, save_dir=str(tmp_path)).save("model_0000001")
+    assert "non-finite (NaN/Inf) statistics in 1 module(s): 1: running_var" in caplog.text
+    assert _load(tmp_path / "model_0000001.pth")["nonfinite_statistics"] == {"1": ["running_var"]}
+    with pytest.raises(NonFiniteCheckpointError, match="refusing to write .*1: running_var"):
+        D2NormCheckpointer(model, save_dir=str(tmp_path), on_nonfinite="error").save("model_0000002")
+    with pytest.raises(NonFiniteCheckpointError, match="refusing to write"):
+        cli.save_checkpoint(model, str(tmp_path / "tool"), "model_precise")
+    assert not (tmp_path / "model_0000002.pth").exists() and not (tmp_path / "tool" / "model_precise.pth").exists()
+
+
+# ---- a checkpoint of another architecture ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def retinanet_weights(tmp_path_factory):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    tmp = tmp_path_factory.mktemp("retina")
+    cfg = _cfg(tmp, 1, config="retinanet_R18_ghostbn.yaml")
+    model = d2norm.layers.build_model(cfg)
+    DetectionCheckpointer(model, save_dir=str(tmp)).save("retinanet")
+    frcnn = _cfg(tmp, 1)
+    state = model.state_dict()
+    fmodel = d2norm.layers.build_model(frcnn)
+    fparams, fstate = dict(fmodel.named_parameters()), fmodel.state_dict()
+    missing = [k for k in fparams if k not in state]  # counted independently of the checkpointer
+    return {"tmp": tmp, "path": str(tmp / "retinanet.pth"), "frcnn": frcnn, "yaml": _yaml(frcnn, tmp / "f.yaml"),
+            "total": len(fparams), "missing": missing, "unused": [k for k in state if k not in fstate]}
+
+
+def test_tool_fails_on_checkpoint_of_another_architecture(retinanet_weights, tmp_path, capsys):
+    r = retinanet_weights
+    rc = _tool("recompute_bn_stats").main(["--config-file", r["yaml"], "--weights", r["path"], "--num-samples", "2",
+                                           "--batch-size", "2", "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    n_missing = len(r["missing"])
+    assert n_missing >= 10  # RPN and box head (and FPN level 2) are not in a RetinaNet checkpoint
+    assert (f"does not fit this model: {r['total'] - n_missing} of {r['total']} parameter tensors of the model "
+            f"loaded; {n_missing} not in the checkpoint (") in err
+    assert "proposal_generator: " in err and "roi_heads: " in err
+    assert f"{len(r['unused'])} checkpoint entries unused by the model" in err
+    assert not list(tmp_path.glob("*.pth"))  # nothing written
+
+
+def test_eval_only_fails_and_training_warns(retinanet_weights, tmp_path, caplog):
+    from detectron2.engine import default_argument_parser
+
+    from d2norm.engine.checkpoint import CheckpointMismatchError
+
+    r = retinanet_weights
+    train_net = _tool("train_net")
+    args = default_argument_parser().parse_args(
+        ["--config-file", r["yaml"], "--eval-only", "MODEL.WEIGHTS", r["path"], "OUTPUT_DIR", str(tmp_path / "e")])
+    with pytest.raises(CheckpointMismatchError, match=r"not in the checkpoint \(.*roi_heads"):
+        train_net.main(args)
+
+    cfg = r["frcnn"].clone()
+    cfg.merge_from_list(["MODEL.WEIGHTS", r["path"], "OUTPUT_DIR", str(tmp_path / "t")])
+    trainer = Trainer(cfg)
+    with caplog.at_level(logging.WARNING, logger="d2norm"):
+        trainer.resume_or_load(resume=False)  # fine-tuning from another detector: allowed, but said loudly
+    n = len(r["missing"])
+    assert f"{r['total'] - n} of {r['total']} parameter tensors of the model loaded; {n} not in" in caplog.text
+    assert "Is this the checkpoint of another architecture?" in caplog.text
+    assert "=" * 100 in caplog.text
+    assert trainer.checkpointer.load_report.missing == r["missing"]
+
+
+def test_most_of_the_model_not_loaded_is_said_so(tmp_path, caplog):
+    from d2norm.engine.checkpoint import D2NormCheckpointer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), torch.nn.Conv2d(2, 2, 1), torch.nn.Conv2d(2, 2, 1))
+    torch.save({"model": {"0.weight": model[0].weight.detach(), "9.weight": torch.zeros(1)}}, tmp_path / "x.pth")
+    with caplog.at_level(logging.WARNING, logger="d2norm"):
+        D2NormCheckpointer(model).load(str(tmp_path / "x.pth"))
+    assert "MOST OF THE MODEL WAS NOT LOADED" in caplog.text
+    assert "1 of 6 parameter tensors of the model loaded; 5 not in the checkpoint (0: 1, 1: 2, 2: 2)" in caplog.text
+    assert "1 checkpoint entries unused by the model (9: 1)" in caplog.text
+
+
+def test_evalnorm_alpha_beta_are_optional(tmp_path):
+    """A BN checkpoint into an EvalNorm model: α̂, β̂ keep their documented initial values, not an error."""
+    from d2norm.engine.checkpoint import D2NormCheckpointer
+    from d2norm.layers import EvalNorm2d
+
+    bn = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3))
+    torch.save({"model": bn.state_dict()}, tmp_path / "bn.pth")
+    en = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), EvalNorm2d(3))
+    ck = D2NormCheckpointer(en, on_mismatch="error")
+    ck.load(str(tmp_path / "bn.pth"))
+    assert ck.load_report.optional == ["1.alpha_logit", "1.beta_logit"] and not ck.load_report.missing
+    assert ck.load_report.loaded == 4

@@ -19,7 +19,9 @@ def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        D2NormCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        # evaluating a model whose parameters were partly not loaded (another architecture) is an error
+        D2NormCheckpointer(model, save_dir=cfg.OUTPUT_DIR, on_mismatch="error").resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

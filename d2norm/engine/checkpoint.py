@@ -5,7 +5,9 @@ FrozenBN layers, recorded in the switch hook's state (``checkpoint["trainer"]["h
 hook's state by its class's ``__qualname__``; :meth:`FrozenBNSwitchHook.state_in` reads it)."""
 import logging
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from typing import IO, Callable, Dict, List, Optional
 
 import torch
@@ -15,7 +17,8 @@ from torch import nn
 from ..layers.base import nonfinite_statistics
 from ..layers.frozen import freeze_bn_layers
 
-__all__ = ["D2NormCheckpointer", "atomic_write", "write_checkpoint", "NonFiniteCheckpointError"]
+__all__ = ["D2NormCheckpointer", "atomic_write", "write_checkpoint", "NonFiniteCheckpointError",
+           "CheckpointMismatchError", "ParameterLoadReport", "TRAINING_CHECKPOINT_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +34,34 @@ class D2NormCheckpointer(DetectionCheckpointer):
       resumed run continues with the optimizer state of the converted model.
 
     A checkpoint written before the switch (or without it) loads unchanged.
+
+    Besides, what fvcore's ``Checkpointer`` lacks:
+
+    * **atomic writes** of every ``.pth`` and of ``last_checkpoint`` (:func:`atomic_write`): fvcore writes the
+      target file in place, so an interrupted write leaves a truncated file that ``--resume`` stops on;
+    * **resume fallback**: fvcore's ``resume_or_load`` stops on an empty ``last_checkpoint`` ("Checkpoint ...
+      not found") or an unreadable file (``PytorchStreamReader failed``); here the newest readable training
+      checkpoint of the folder (``model_final.pth``, ``model_NNNNNNN.pth``) is loaded instead, with a warning
+      naming the unreadable one; no readable one at all is an error;
+    * **non-finite statistics** are never written silently (:func:`write_checkpoint`, ``on_nonfinite``);
+    * **checkpoints that do not fit the model** (another architecture) are reported with counts
+      (:class:`ParameterLoadReport`): ``on_mismatch="warn"`` (training: fine-tuning from another model's
+      checkpoint is legitimate) logs a prominent warning; ``"error"`` (tools, ``--eval-only``: parameters left
+      at their initialization give meaningless results) raises :class:`CheckpointMismatchError`. fvcore only
+      lists the keys, at the level of harmless notes. The report of the last load is :attr:`load_report`.
     """
 
-    def __init__(self, model, save_dir: str = "", *, save_to_disk: Optional[bool] = None, **checkpointables):
+    def __init__(self, model, save_dir: str = "", *, save_to_disk: Optional[bool] = None, on_mismatch: str = "warn",
+                 on_nonfinite: str = "warn", **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        if on_mismatch not in ("warn", "error"):
+            raise ValueError(f"on_mismatch must be 'warn' or 'error', got {on_mismatch!r}")
+        if on_nonfinite not in ("warn", "error"):
+            raise ValueError(f"on_nonfinite must be 'warn' or 'error', got {on_nonfinite!r}")
+        self.on_mismatch, self.on_nonfinite = on_mismatch, on_nonfinite
+        self.load_report: Optional[ParameterLoadReport] = None
+        self._preloaded = None
+        self._loading: Optional[str] = None
         self._switch_hook = None
         self._switch_trainer = None
 
@@ -67,7 +94,164 @@ class D2NormCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):  # fvcore's extension point, overridden by DetectionCheckpointer too
         self.prepare_model(checkpoint)
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        self.load_report = ParameterLoadReport.of(self.model, incompatible)
+        self.load_report.check(self.on_mismatch, self._loading or "the checkpoint")
+        return incompatible
+    # ---- reading ---------------------------------------------------------------------------------------------
+    def load(self, path, *args, **kwargs):
+        self._loading = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._loading = None
+
+    def _load_file(self, filename):
+        if self._preloaded is not None and self._preloaded[0] == filename:
+            return self._preloaded[1]
+        return super()._load_file(filename)
+
+    def resume_or_load(self, path: str, *, resume: bool = True):
+        if not (resume and self.has_checkpoint()) or _is_remote(self.save_dir):
+            return super().resume_or_load(path, resume=resume)
+        unreadable = []
+        for candidate in self._resume_candidates():
+            try:
+                checkpoint = self._load_file(candidate)
+            except Exception as e:  # truncated / corrupt: PytorchStreamReader, EOFError, UnpicklingError, ...
+                unreadable.append(f"{candidate} ({type(e).__name__}: {e})")
+                logger.warning("Cannot read checkpoint %s (%s: %s); trying the newest readable one instead",
+                               candidate, type(e).__name__, e)
+                continue
+            if unreadable:
+                logger.warning("Resuming from %s (newest readable checkpoint in %s)", candidate, self.save_dir)
+            self._preloaded = (candidate, checkpoint)
+            try:
+                return self.load(candidate)
+            finally:
+                self._preloaded = None
+        raise RuntimeError(
+            f"cannot resume: {self.save_dir!r} has a last_checkpoint but no readable training checkpoint"
+            + (f"; unreadable: {'; '.join(unreadable)}" if unreadable else "")
+            + ". Start without --resume (or restore a checkpoint there)."
+        )
+
+    def _resume_candidates(self) -> List[str]:
+        """The file ``last_checkpoint`` names (if it exists), then the folder's other training checkpoints,
+        newest first."""
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        try:
+            with open(tag) as f:
+                named = f.read().strip()
+        except OSError:
+            named = ""
+        first = os.path.join(self.save_dir, named) if named else ""
+        if not named:
+            logger.warning("%s is empty; resuming from the newest readable checkpoint in %s", tag, self.save_dir)
+        elif not os.path.isfile(first):
+            logger.warning("%s names %r, which does not exist; resuming from the newest readable checkpoint",
+                           tag, named)
+            first = ""
+        others = [os.path.join(self.save_dir, f) for f in os.listdir(self.save_dir)
+                  if f.endswith(".pth") and TRAINING_CHECKPOINT_NAME.match(f[:-4])]
+        others = sorted((p for p in others if p != first), key=lambda p: (os.path.getmtime(p), p), reverse=True)
+        return ([first] if first else []) + others
+
+    # ---- writing ---------------------------------------------------------------------------------------------
+    def save(self, name: str, **kwargs) -> None:
+        if _is_remote(self.save_dir):
+            return super().save(name, **kwargs)
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {key: obj.state_dict() for key, obj in self.checkpointables.items()}
+        data.update(kwargs)
+        path = os.path.join(self.save_dir, f"{name}.pth")
+        self.logger.info("Saving checkpoint to %s", path)
+        write_checkpoint(self.model, path, on_nonfinite=self.on_nonfinite, **data)
+        self.tag_last_checkpoint(os.path.basename(path))
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if _is_remote(self.save_dir):
+            return super().tag_last_checkpoint(last_filename_basename)
+        atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in (path or "")
+
+
+#: the names detectron2's trainer gives its checkpoints (PeriodicCheckpointer, file_prefix "model"), without .pth
+TRAINING_CHECKPOINT_NAME = re.compile(r"^model_(\d{7}|final)$")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint left parameters of the model missing or with other shapes (``on_mismatch="error"``)."""
+
+
+@dataclass
+class ParameterLoadReport:
+    """What a checkpoint gave the model's parameters (buffers are the layers' business: e.g. FrozenBN lacks
+    ``num_batches_tracked``). ``optional``: parameters the checkpoint may lack because their layer documents a
+    meaningful initial value (:attr:`D2NormModule.optional_state`, e.g. EvalNorm's α̂, β̂ from a BN checkpoint)."""
+
+    total: int
+    missing: List[str]
+    mismatched: List[str]
+    unused: List[str]
+    optional: List[str]
+
+    @classmethod
+    def of(cls, model: nn.Module, incompatible) -> "ParameterLoadReport":
+        params = [n for n, _ in model.named_parameters()]
+        names = set(params)
+        optional = set()
+        for mname, m in model.named_modules():
+            for p in getattr(m, "optional_state", ()):
+                optional.add(f"{mname}.{p}" if mname else p)
+        missing = [k for k in incompatible.missing_keys if k in names]
+        mismatched = [k for k, *_ in incompatible.incorrect_shapes if k in names]
+        return cls(len(params), [k for k in missing if k not in optional], mismatched,
+                   list(incompatible.unexpected_keys), [k for k in missing if k in optional])
+
+    @property
+    def loaded(self) -> int:
+        return self.total - len(self.missing) - len(self.mismatched) - len(self.optional)
+
+    def summary(self) -> str:
+        def by_part(keys):
+            parts: Dict[str, int] = {}
+            for k in keys:
+                parts[k.split(".")[0]] = parts.get(k.split(".")[0], 0) + 1
+            return ", ".join(f"{p}: {n}" for p, n in parts.items())
+
+        s = (f"{self.loaded} of {self.total} parameter tensors of the model loaded; "
+             f"{len(self.missing)} not in the checkpoint ({by_part(self.missing) or '-'}), "
+             f"{len(self.mismatched)} with another shape ({by_part(self.mismatched) or '-'}); "
+             f"{len(self.unused)} checkpoint entries unused by the model ({by_part(self.unused) or '-'})")
+        if self.optional:
+            s += f"; {len(self.optional)} optional ones kept at their initial value ({by_part(self.optional)})"
+        return s
+
+    def check(self, policy: str, source: str) -> None:
+        bad = len(self.missing) + len(self.mismatched)
+        if not bad:
+            return
+        if policy == "error":
+            raise CheckpointMismatchError(
+                f"checkpoint {source} does not fit this model: {self.summary()}. Is it the checkpoint of another "
+                f"architecture or config? These parameters would keep their random initialization."
+            )
+        most = self.loaded * 2 < self.total
+        bar = "=" * 100
+        logger.warning(
+            "\n%s\n%s: %s.\n%s\n%s",
+            bar,
+            "MOST OF THE MODEL WAS NOT LOADED from " + str(source) if most else f"Loading {source}",
+            self.summary(),
+            "Is this the checkpoint of another architecture? The parameters not loaded start from their "
+            "initialization (expected when fine-tuning, e.g. from ImageNet weights).",
+            bar,
+        )
 
 
 # ---- writing -------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -227,7 +226,7 @@ def load_model(cfg, weights: Optional[str] = None, return_checkpoint: bool = Fal
     """``build_model(cfg)`` in training mode with ``weights`` (default ``cfg.MODEL.WEIGHTS``) loaded by
     detectron2's ``DetectionCheckpointer``; :class:`ToolError` when the checkpoint is missing or unreadable.
     With ``return_checkpoint``: ``(model, the checkpoint's other entries, e.g. "iteration")``."""
-    from .checkpoint import D2NormCheckpointer
+    from .checkpoint import CheckpointMismatchError, D2NormCheckpointer
     from ..layers import build_model
 
     weights = weights if weights is not None else cfg.MODEL.WEIGHTS
@@ -237,7 +236,9 @@ def load_model(cfg, weights: Optional[str] = None, return_checkpoint: bool = Fal
         raise ToolError(f"checkpoint not found: {weights!r}")
     model = build_model(cfg)
     try:
-        extra = D2NormCheckpointer(model).load(weights)
+        extra = D2NormCheckpointer(model, on_mismatch="error").load(weights)
+    except CheckpointMismatchError as e:  # another architecture: the counts say what did not fit
+        raise ToolError(str(e)) from None
     except Exception as e:  # corrupt / foreign file: say which one
         raise ToolError(f"cannot load checkpoint {weights!r}: {type(e).__name__}: {e}") from None
     model.train()
@@ -248,10 +249,6 @@ def output_dir(args, cfg, tool: str) -> str:
     """``--output-dir``, or ``<cfg.OUTPUT_DIR>/<tool>``: by default a tool writes into its own folder, never
     next to a training run's checkpoints (what ``train_net.py --resume`` of that run picks up)."""
     return args.output_dir or os.path.join(cfg.OUTPUT_DIR, tool)
-
-
-#: the names detectron2's trainer gives its checkpoints (PeriodicCheckpointer, file_prefix "model")
-TRAINING_CHECKPOINT_NAME = re.compile(r"^model_(\d{7}|final)$")
 
 
 def save_checkpoint(model: nn.Module, output_dir: str, name: str, source: Optional[Dict[str, Any]] = None,
@@ -268,7 +265,7 @@ def save_checkpoint(model: nn.Module, output_dir: str, name: str, source: Option
     * Non-finite statistics are refused (an error naming the layers), never written silently.
     * Written atomically (a crash leaves the old file or none, never a truncated one).
     """
-    from .checkpoint import write_checkpoint
+    from .checkpoint import TRAINING_CHECKPOINT_NAME, write_checkpoint
 
     if TRAINING_CHECKPOINT_NAME.match(name) and os.path.exists(os.path.join(output_dir, "last_checkpoint")):
         raise ToolError(f"--output-name {name!r} is a name the trainer uses and {output_dir!r} is a training folder "

@@ -123,6 +123,7 @@ class EvalNorm2d(D2NormBatchNorm2d):
     """
 
     no_weight_decay = ("alpha_logit", "beta_logit")
+    optional_state = ("alpha_logit", "beta_logit")  # a BN checkpoint has none: initial values (or fitted later)
     #: training-time aux-loss terms kept until :func:`evalnorm_aux_loss` collects them; beyond this the oldest
     #: is dropped (with a warning), so a model that never collects them does not hold its activations forever
     max_pending_aux = 32
