@@ -74,3 +74,29 @@ def test_bn_derived_layers_share_the_bn_option_checks(bad):
         kwargs = {**cls.from_config(cfg, C), **bad}
         with pytest.raises(ValueError, match="eps|momentum"):
             cls(**kwargs)
+
+
+def _call(layer, x):
+    return layer(x, domain=1) if hasattr(layer, "forward_domains") else layer(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_zero_size_input_passes_through_every_layer(dtype, training):
+    for name, layer in _layers().items():
+        layer.train(training)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        x = torch.randn(0, C, 4, 4, dtype=dtype, requires_grad=True)
+        y = _call(layer, x)
+        assert y.shape == x.shape and y.dtype == dtype, name
+        state = layer.state_dict()
+        changed = [k for k, v in before.items() if not torch.equal(state[k], v)]
+        # layers that train through torch's BN count an empty training batch as torch does (AnySyncBN needs it:
+        # every rank of a sync group must count the same forwards); no statistic is ever touched
+        counts_like_torch = ("AnySyncBN", "ExampleWeightedBN", "BatchStatsBN", "EvalNorm")
+        assert changed == [] or (training and name in counts_like_torch and changed == ["num_batches_tracked"]), (
+            name, changed)
+        if layer.weight is not None and layer.weight.requires_grad:
+            y.sum().backward()
+            assert layer.weight.grad is not None and torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+            layer.weight.grad = None

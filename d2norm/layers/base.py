@@ -13,6 +13,7 @@ __all__ = [
     "D2NormBatchNorm2d",
     "FrozenBNState",
     "stat_dtype",
+    "empty_passthrough",
     "OWN_STATS_NOTE",
     "bn_frozen_state",
     "bn_estimated_stats",
@@ -142,7 +143,7 @@ def affine_from_stats(
     ``shift = β − μ·scale`` (rethinking §4.3: with population statistics BN "is merely a constant affine
     transform"). ``weight``/``bias`` None = no affine (γ = 1, β = 0). Detached, in the statistics' float dtype
     (float32 at least)."""
-    sd = var.dtype if var.is_floating_point() and var.dtype not in (torch.float16, torch.bfloat16) else torch.float32
+    sd = stat_dtype(var.dtype) if var.is_floating_point() else torch.float32
     scale = torch.rsqrt(var.detach().to(sd) + eps)
     if weight is not None:
         scale = scale * weight.detach().to(sd)
@@ -219,6 +220,17 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype normalization statistics are computed in for inputs of ``dtype``: float32 for fp16/bf16 (their
     sums of squares overflow or lose precision), the input's own dtype otherwise (float32, float64)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def empty_passthrough(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """What every layer returns for a zero-size input (rethinking A.10, empty inputs): a zero-size output of the
+    input's shape and dtype, with no statistics computed and no buffer touched, still connected to the per-channel
+    γ/β (so autograd and DDP see them used on every rank)."""
+    if weight is None:
+        return x.clone()
+    view = [1, -1] + [1] * (x.dim() - 2)
+    return x * weight.to(x.dtype).view(view) + bias.to(x.dtype).view(view)
 
 
 def check_bn_options(eps, momentum) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from ..stats.adapters import StatsAdapter
 from ..stats.estimators import batch_moments
 from ..utils.validation import check_int, check_number
-from .base import D2NormModule, NotAnAffine, affine_from_stats, skip_nonfinite_stats, stat_dtype
+from .base import D2NormModule, NotAnAffine, affine_from_stats, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .ghost_bn import ghost_batch_sizes
 from .kernels import channel_affine, group_moments
 from .registry import register_norm
@@ -176,14 +176,13 @@ class BatchGroupNorm(nn.Module, D2NormModule):
                 f"BatchGroupNorm expects input (N, {self.num_channels}, *), got shape {tuple(x.shape)}"
             )
         if x.numel() == 0:
-            # Keeps the autograd graph to γ/β; no statistics, no buffer update (nothing to average).
-            return self._normalize(x, x.new_zeros((), dtype=torch.float32), x.new_ones((), dtype=torch.float32))
+            return empty_passthrough(x, self.weight, self.bias)  # no statistics, no buffer update
 
-        stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        xs = x.to(stat_dtype)
+        sd = stat_dtype(x.dtype)
+        xs = x.to(sd)
         if not self.training and self.alpha == 0.0:
             # eq 3 with α = 0: moving statistics only, same for every example.
-            m, var = self._population_moments(stat_dtype)
+            m, var = self._population_moments(sd)
             return self._normalize(x, m.unsqueeze(0), var.unsqueeze(0), xs)
 
         # Per-example statistics of each channel group: (N, G). One reduction pass over x.
@@ -198,7 +197,7 @@ class BatchGroupNorm(nn.Module, D2NormModule):
             mean, var = mu_i, var_i  # eq 3 with α = 1: the example's own statistics (GroupNorm)
         else:
             a = self.alpha
-            m, pop_var = self._population_moments(stat_dtype)
+            m, pop_var = self._population_moments(sd)
             mean = a * mu_i + (1.0 - a) * m
             var = a * var_i + (1.0 - a) * pop_var + (a * (1.0 - a)) * (mu_i - m) ** 2
         return self._normalize(x, mean, var, xs)
@@ -286,7 +285,7 @@ class BGNAdapter(StatsAdapter):
             raise ValueError(f"BatchGroupNorm expects input (N, {m.num_channels}, *), got shape {tuple(x.shape)}")
         sd = stat_dtype(x.dtype)
         if x.numel() == 0:
-            return m._normalize(x, x.new_zeros((), dtype=torch.float32), x.new_ones((), dtype=torch.float32))
+            return empty_passthrough(x, m.weight, m.bias)
         xs = x.to(sd)
         if self.mode == "population":
             mean, var, _ = self.population(0, sd)

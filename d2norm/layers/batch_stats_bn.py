@@ -7,7 +7,7 @@ train-test inconsistency of population statistics (Table 3: 41.5 vs 30.7 AP^bb w
 import torch
 import torch.nn.functional as F
 
-from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
+from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats, stat_dtype
 from .kernels import channel_affine, group_moments
 from .registry import register_norm
 
@@ -51,7 +51,7 @@ class BatchStatsBatchNorm2d(D2NormBatchNorm2d):
         if self.training:
             return super().forward(x)
         n_per_channel = x.numel() // max(x.shape[1], 1)
-        if n_per_channel <= 1 or x.dtype in (torch.float16, torch.bfloat16):
+        if n_per_channel <= 1 or stat_dtype(x.dtype) != x.dtype:  # fp16/bf16: torch's kernel, float32 statistics
             # running stats None + training=True: batch statistics, nothing updated (momentum unused); torch
             # rejects a single value per channel and gives a zero-size output for an empty batch.
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)

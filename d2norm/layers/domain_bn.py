@@ -24,7 +24,9 @@ from torch import nn
 
 from ..stats.adapters import BatchNormAdapter, reduce_dims
 from ..stats.estimators import MomentAccumulator, batch_moments
-from .base import D2NormBatchNorm2d, FrozenBNState, NotAnAffine, affine_from_stats, skip_nonfinite_stats, stat_dtype
+from .base import (
+    D2NormBatchNorm2d, FrozenBNState, NotAnAffine, affine_from_stats, empty_passthrough, skip_nonfinite_stats, stat_dtype,
+)
 from .moments import pooled_moments
 from ..utils.validation import check_bool, check_choice, check_int
 from .registry import register_norm
@@ -260,7 +262,7 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
     def _train_one(self, x: torch.Tensor, k: Optional[int]) -> torch.Tensor:
         w, b = self._affine(k)
         if x.numel() == 0:  # no statistics: zero-size output, EMA untouched and not counted
-            return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
+            return empty_passthrough(x, w, b)
         if x.numel() == self.num_features:  # checked before counting the update (torch would raise later)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         rm, rv = self._pop(k)  # rows of the (K, C) buffers are contiguous views: updated in place
@@ -365,10 +367,10 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
         live = [i for i, x in enumerate(xs) if x.numel() > 0]
         if not live:
             return [self._train_one(x, k) for x, k in zip(xs, ks)]
-        stat_dtype = torch.float32 if xs[live[0]].dtype in (torch.float16, torch.bfloat16) else xs[live[0]].dtype
+        sd = stat_dtype(xs[live[0]].dtype)
         counts, means, vars_ = [], [], []
         for i in live:
-            var_i, mean_i = torch.var_mean(xs[i].to(stat_dtype), dim=(0, 2, 3), correction=0)
+            var_i, mean_i = torch.var_mean(xs[i].to(sd), dim=(0, 2, 3), correction=0)
             counts.append(xs[i].numel() // C)
             means.append(mean_i)
             vars_.append(var_i)
@@ -376,7 +378,7 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
         if n < 2:
             raise ValueError(f"Expected more than 1 value per channel over all domains when training, got {n}")
         # Statistics of the concatenation from per-domain moments (no concatenated copy of the activations).
-        c = torch.tensor(counts, dtype=stat_dtype, device=means[0].device)[:, None]
+        c = torch.tensor(counts, dtype=sd, device=means[0].device)[:, None]
         _, mean, var = pooled_moments(c, torch.stack(means), torch.stack(vars_))
         inv_std = torch.rsqrt(var + self.eps)
 
@@ -384,11 +386,11 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
         for x, k in zip(xs, ks):
             w, b = self._affine(k)
             if x.numel() == 0:
-                outs.append(F.batch_norm(x, None, None, w, b, True, 0.0, self.eps))
+                outs.append(empty_passthrough(x, w, b))
                 continue
-            scale = inv_std * w.to(stat_dtype)
-            shift = b.to(stat_dtype) - mean * scale
-            y = torch.addcmul(shift.view(1, -1, 1, 1), x.to(stat_dtype), scale.view(1, -1, 1, 1))
+            scale = inv_std * w.to(sd)
+            shift = b.to(sd) - mean * scale
+            y = torch.addcmul(shift.view(1, -1, 1, 1), x.to(sd), scale.view(1, -1, 1, 1))
             outs.append(y.to(x.dtype))
 
         with torch.no_grad():

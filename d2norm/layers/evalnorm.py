@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
+from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .kernels import channel_affine, group_moments
 from ..utils.validation import check_choice, check_int, check_number
 from .registry import register_norm
@@ -245,7 +245,7 @@ class EvalNorm2d(D2NormBatchNorm2d):
 
     def _aux_loss(self, x: torch.Tensor, mu_e: torch.Tensor, var_e: torch.Tensor) -> torch.Tensor:
         """Eqs 7-9 on the detached input ``x`` (N > 0) and the pre-update EMA ``mu_e``, ``var_e`` (C,)."""
-        sd = _stat_dtype(x)
+        sd = stat_dtype(x.dtype)
         mu_i, var_i = group_moments(x.to(sd))  # (N, C)
         # minibatch statistics from the per-sample ones (combined-population formulas, cf. eqs 3-4)
         mu_b = mu_i.mean(0)
@@ -304,11 +304,9 @@ class EvalNorm2d(D2NormBatchNorm2d):
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
         self._aux_terms.clear()
         if x.numel() == 0:
-            if self.affine:
-                return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-            return x.clone()
+            return empty_passthrough(x, self.weight, self.bias)
         alpha, beta = self.eval_alpha_beta()
-        sd = _stat_dtype(x)
+        sd = stat_dtype(x.dtype)
         xs = x.to(sd)
         mu_i, var_i = group_moments(xs)  # (N, C), one vectorized pass
         mu_e = self.running_mean.to(sd)
@@ -353,10 +351,6 @@ class EvalNorm2d(D2NormBatchNorm2d):
                 float(self.beta_hat.detach()),
                 self._mode,
             )
-
-
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 # ---- model-level helpers ------------------------------------------------------------------------------------

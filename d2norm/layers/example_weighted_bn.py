@@ -13,7 +13,7 @@ unchanged, so it applies retroactively to any BN checkpoint (§3.1, Fig. 1).
 import torch
 
 
-from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats
+from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats, stat_dtype
 from .kernels import channel_affine, group_moments
 from ..utils.validation import check_number
 from .registry import register_norm
@@ -86,8 +86,7 @@ class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
             return super().forward(x)  # BN training / BN inference; empty input has no statistics to mix in
 
         a = self.alpha
-        low_precision = x.dtype in (torch.float16, torch.bfloat16)
-        xs = x.float() if low_precision else x  # four-things eq 3 statistics in float32 for fp16/bf16
+        xs = x.to(stat_dtype(x.dtype))  # four-things eq 3 statistics in float32 for fp16/bf16
         mean_i, var_i = group_moments(xs)  # (N, C): E[x_i], Var[x_i] in one vectorized pass
         m = self.running_mean.to(xs.dtype)
         v = self.running_var.to(xs.dtype)
@@ -100,7 +99,7 @@ class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
         else:
             shift = -mu * scale
         y = channel_affine(xs, scale, shift)
-        return y.to(x.dtype) if low_precision else y
+        return y.to(x.dtype)
 
     def frozen_bn_state(self):
         """BN's population statistics; with α > 0 the FrozenBN output is plain BN inference (α = 0)."""

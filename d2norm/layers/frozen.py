@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..utils.validation import check_int, check_number
-from .base import D2NormModule, FrozenBNState, NotAnAffine, affine_from_stats, bn_frozen_state
+from .base import D2NormModule, FrozenBNState, NotAnAffine, affine_from_stats, bn_frozen_state, empty_passthrough
 from .report import ConversionReport
 
 __all__ = ["FrozenBatchNorm", "freeze_bn_layers", "frozen_bn_source"]
@@ -93,8 +93,7 @@ class FrozenBatchNorm(nn.Module, D2NormModule):
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"FrozenBatchNorm expects input (N, {self.num_features}, *), got {tuple(x.shape)}")
         if x.numel() == 0:
-            view = [1, -1] + [1] * (x.dim() - 2)
-            return x * self.weight.to(x.dtype).view(view) + self.bias.to(x.dtype).view(view)
+            return empty_passthrough(x, self.weight, self.bias)
         sd = self.running_mean.dtype
         w, b = self.weight.to(sd), self.bias.to(sd)
         # training=False: supplied statistics, never updated; gradients flow to x, γ and β

@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from .base import D2NormBatchNorm2d, skip_nonfinite_stats
+from .base import D2NormBatchNorm2d, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from ..utils.validation import check_choice, check_int
 from .registry import register_norm
 
@@ -81,12 +81,12 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
             raise ValueError(f"GhostBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")
         if x.numel() == 0:
             # No statistics from an empty batch (torch's BN would still count it); keep the graph connected.
-            return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1) if self.affine else x.clone()
+            return empty_passthrough(x, self.weight, self.bias)
         if not self.training or x.shape[0] <= self.ghost_size:
             return super().forward(x)
 
         sizes = ghost_batch_sizes(x.shape[0], self.ghost_size, self.remainder)
-        stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        sd = stat_dtype(x.dtype)
         outs, means, vars_, counts = [], [], [], []
         start = 0
         # At most two distinct sub-batch sizes: each run of equal sizes is one reshaped block.
@@ -94,7 +94,7 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
             g = sizes.count(size)
             block = x[start : start + g * size]
             start += g * size
-            xb = block.reshape(g, size, *block.shape[1:]).to(stat_dtype)
+            xb = block.reshape(g, size, *block.shape[1:]).to(sd)
             var, mean = torch.var_mean(xb, dim=(1, 3, 4), correction=0, keepdim=True)  # (g, 1, C, 1, 1)
             scale = torch.rsqrt(var + self.eps)
             if self.affine:
@@ -105,7 +105,7 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
             outs.append((xb * scale + shift).to(x.dtype).reshape(block.shape))
             means.append(mean.reshape(g, -1))
             vars_.append(var.reshape(g, -1))
-            counts.append(torch.full((g, 1), float(size * block.shape[2] * block.shape[3]), dtype=stat_dtype, device=x.device))
+            counts.append(torch.full((g, 1), float(size * block.shape[2] * block.shape[3]), dtype=sd, device=x.device))
         y = torch.cat(outs, dim=0)
 
         if self.track_running_stats:

@@ -14,7 +14,7 @@ for any per-rank N (including 0) and any per-rank H, W.
 import torch
 import torch.nn.functional as F
 
-from .base import D2NormBatchNorm2d, skip_nonfinite_stats
+from .base import D2NormBatchNorm2d, skip_nonfinite_stats, stat_dtype
 from ..utils.comm import all_gather_rows_detached, all_reduce_sum_detached, group_world_size, sync_subgroup
 from .moments import pooled_moments
 from ..utils.validation import check_int
@@ -23,10 +23,6 @@ from .registry import register_norm
 __all__ = ["AnySyncBatchNorm2d", "SyncBatchNormFunction"]
 
 _DIMS = (0, 2, 3)
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -59,7 +55,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, group):
-        sd = _stat_dtype(x.dtype)
+        sd = stat_dtype(x.dtype)
         C = x.shape[1]
         n = x.shape[0] * x.shape[2] * x.shape[3]
         if n > 0:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers.base import D2NormModule, stat_dtype
+from ..layers.base import D2NormModule, empty_passthrough, stat_dtype
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
 
 __all__ = ["StatsAdapter", "BatchNormAdapter", "get_stats_adapter", "reduce_dims", "MODES"]
@@ -227,10 +227,7 @@ class BatchNormAdapter(StatsAdapter):
         return F.batch_norm(x, mean, var, w, b, False, 0.0, self.module.eps)
 
     def _empty(self, x, w, b):
-        if w is None:
-            return x.clone()
-        view = [1, -1] + [1] * (x.dim() - 2)
-        return x * w.view(view) + b.view(view)
+        return empty_passthrough(x, w, b)
 
     def _one(self, x, slot):
         w, b = self._affine(slot)

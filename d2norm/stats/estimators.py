@@ -30,6 +30,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..layers.base import stat_dtype
+
 __all__ = [
     "ESTIMATORS",
     "PopulationEstimate",
@@ -71,7 +73,7 @@ class PopulationEstimate:
 
 def batch_moments(x: torch.Tensor, dims: Sequence[int]):
     """``(n, mean, biased var)`` of ``x`` reduced over ``dims``; statistics in float32 for fp16/bf16 input."""
-    sd = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    sd = stat_dtype(x.dtype)
     n = 1
     for d in dims:
         n *= x.shape[d]
