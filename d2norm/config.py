@@ -8,7 +8,7 @@ Use::
 
 Layer options are read from ``cfg.D2NORM.<FAMILY>`` when a model is built (see
 :func:`d2norm.layers.registry.norm_options`), never from module-level state, so two models built from two
-configs in one process do not share options (DESIGN principle 1).
+configs in one process do not share options.
 """
 import os
 
@@ -77,7 +77,7 @@ def add_d2norm_config(cfg: CN) -> CN:
     # B for the "rule" mode; 0 = the normalization batch size the layer recorded in training (buffer
     # `seen_batch_size`: mean number of examples N over the layer's non-empty training forwards).
     _C.D2NORM.EVALNORM.RULE_BATCH_SIZE = 0
-    # Weight of the auxiliary loss term `loss_evalnorm` added by EvalNorm-aware models (heads/backbones issue).
+    # Weight of the auxiliary loss term `loss_evalnorm` added by the EvalNorm-aware meta-architectures.
     # The layers never apply it themselves (`evalnorm_aux_loss(model)` returns the unweighted sum).
     _C.D2NORM.EVALNORM.AUX_LOSS_WEIGHT = 1.0
     # Initial alpha-hat / beta-hat (eqs 5-6), strictly inside (0, 1): they are stored as logits (alpha =
