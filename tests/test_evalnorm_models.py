@@ -30,6 +30,8 @@ from d2norm.layers import build_model
 from d2norm.layers.evalnorm import evalnorm_modules
 from d2norm.solver import build_optimizer
 
+from helpers import tiny_r18_fpn_rcnn_cfg
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEM = "backbone.bottom_up.stem.conv1.norm"
 
@@ -60,27 +62,14 @@ def _batch(seed, n=2, size=64):
 
 
 def _cfg(norm="EvalNorm", arch="EvalNormGeneralizedRCNN", **evalnorm_model):
-    cfg = d2norm.add_d2norm_config(get_cfg())
-    cfg.merge_from_list(
-        [
-            "MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", arch,
-            "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-            "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
-            "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.BACKBONE.FREEZE_AT", 0,
-            "MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"], "MODEL.FPN.OUT_CHANNELS", 16,
-            "MODEL.RPN.IN_FEATURES", ["p2", "p3", "p4", "p5", "p6"],
-            "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64, "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200,
-            "MODEL.ANCHOR_GENERATOR.SIZES", [[8], [16], [32], [64], [128]],
-            "MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"],
-            "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
-            "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_CONV", 1,
-            "MODEL.ROI_BOX_HEAD.NUM_FC", 1, "MODEL.ROI_BOX_HEAD.CONV_DIM", 16, "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
-            "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.RETINANET.NUM_CONVS", 1,
-            # EvalNorm in backbone, FPN and box head (evalnorm §4.3: base network and RCN)
-            "MODEL.RESNETS.NORM", norm, "MODEL.FPN.NORM", norm, "MODEL.ROI_BOX_HEAD.NORM", norm,
-            "SOLVER.BASE_LR", 0.01, "D2NORM.EVALNORM_MODEL.LOG_PERIOD", 1,
-        ]
-    )
+    cfg = tiny_r18_fpn_rcnn_cfg(width=16, opts=[
+        "MODEL.META_ARCHITECTURE", arch,
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64, "MODEL.RPN.PRE_NMS_TOPK_TRAIN", 200,
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 16,
+        # EvalNorm in backbone, FPN and box head (evalnorm §4.3: base network and RCN)
+        "MODEL.RESNETS.NORM", norm, "MODEL.FPN.NORM", norm, "MODEL.ROI_BOX_HEAD.NORM", norm,
+        "SOLVER.BASE_LR", 0.01, "D2NORM.EVALNORM_MODEL.LOG_PERIOD", 1,
+    ])
     for k, v in evalnorm_model.items():
         cfg.D2NORM.EVALNORM_MODEL[k] = v
     return cfg

@@ -17,6 +17,7 @@ from d2norm.layers.ghost_bn import GhostBatchNorm2d
 from d2norm.layers.mabn import MABN2d
 
 from dist_utils import run_distributed
+from helpers import bn_normalize, tiny_retinanet_cfg, tiny_training_opts
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -55,9 +56,8 @@ def _zoo():
 
 def _ref(x, mean, var, eps, w, b):
     """rethinking §4.3: y = (x − μ)/sqrt(σ² + ε)·γ + β, float64."""
-    v = lambda t: t.detach().double().view(1, -1, 1, 1)  # noqa: E731
-    y = (x - v(mean)) / torch.sqrt(v(var) + eps)
-    return y * v(w) + v(b) if w is not None else y
+    v = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    return bn_normalize(x, v(mean), v(var), eps, v(w), v(b))
 
 
 @pytest.mark.parametrize("trainable", [True, False])
@@ -206,24 +206,9 @@ def test_cfg_validation(d2cfg):
 
 # ---- Trainer runs ------------------------------------------------------------------------------------------
 def _cfg(tmp_path, trainable=True, max_iter=4, extra=()):
-    from detectron2.config import get_cfg
-
-    from d2norm import add_d2norm_config
     from d2norm.data import prepare_datasets
 
-    cfg = add_d2norm_config(get_cfg())
-    cfg.merge_from_file(os.path.join(CONFIGS, "Base-RetinaNet.yaml"))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-        "MODEL.RESNETS.NORM", "BN", "MODEL.RETINANET.NORM", "BN", "MODEL.RETINANET.NUM_CONVS", 1,
-        "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.FPN.OUT_CHANNELS", 16, "MODEL.BACKBONE.FREEZE_AT", 0,
-        "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.STRIDE_IN_1X1", False,
-        "DATASETS.TRAIN", ("d2norm_synthetic_train",), "DATASETS.TEST", (), "INPUT.MIN_SIZE_TRAIN", (64,),
-        "INPUT.MAX_SIZE_TRAIN", 64, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", max_iter, "SOLVER.BASE_LR", 0.001,
-        "SOLVER.MOMENTUM", 0.9, "SOLVER.WARMUP_ITERS", 0, "SOLVER.STEPS", (), "DATALOADER.NUM_WORKERS", 0,
-        "TEST.EVAL_PERIOD", 0, "SOLVER.CHECKPOINT_PERIOD", 1, "OUTPUT_DIR", str(tmp_path / "out"),
-        "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp_path / "data"), "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64,
-        "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", 6, "D2NORM.DATA.SYNTHETIC_NUM_VAL", 2,
+    cfg = tiny_retinanet_cfg("BN", [*tiny_training_opts(tmp_path, max_iter, checkpoint_period=1),
         "D2NORM.FROZEN_BN_SWITCH.ENABLED", True, "D2NORM.FROZEN_BN_SWITCH.ITER", 2,
         "D2NORM.FROZEN_BN_SWITCH.TRAINABLE_AFFINE", trainable, "D2NORM.FROZEN_BN_SWITCH.WARMUP_ITERS", 2,
         "D2NORM.FROZEN_BN_SWITCH.WARMUP_FACTOR", 0.5,

@@ -4,14 +4,15 @@ import copy
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.utils.events import EventStorage
 
-import d2norm
+import d2norm  # noqa: F401  (compat + registrations)
 from d2norm.data import SyntheticSpec, register_synthetic_dataset
 from d2norm.layers import NORM_REGISTRY, D2NormModule, build_model
 from d2norm.solver import build_optimizer
+
+from helpers import tiny_r18_fpn_rcnn_cfg
 
 NAMES = sorted(k for k, _ in NORM_REGISTRY)
 
@@ -27,31 +28,13 @@ def batches(tmp_path_factory):
 
 
 def _base_cfg():
-    cfg = d2norm.add_d2norm_config(get_cfg())
-    cfg.merge_from_list(
-        [
-            "MODEL.DEVICE", "cpu", "MODEL.MASK_ON", True,
-            "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-            "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
-            "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.BACKBONE.FREEZE_AT", 0,
-            "MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"], "MODEL.FPN.OUT_CHANNELS", 32,
-            "MODEL.RPN.IN_FEATURES", ["p2", "p3", "p4", "p5", "p6"],
-            "MODEL.ANCHOR_GENERATOR.SIZES", [[8], [16], [32], [64], [128]],
-            "MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"],
-            "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
-            "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_CONV", 1,
-            "MODEL.ROI_BOX_HEAD.NUM_FC", 1, "MODEL.ROI_BOX_HEAD.CONV_DIM", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
-            "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead", "MODEL.ROI_MASK_HEAD.NUM_CONV", 1,
-            "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
-            "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.RETINANET.NUM_CONVS", 1,
-            "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64,
-            "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64,
-            "SOLVER.BASE_LR", 0.005,
-            # stock architectures cannot tell DomainBN which domain a call is: one domain there
-            "D2NORM.DOMAIN_BN.NUM_DOMAINS", 1,
-        ]
-    )
-    return cfg
+    return tiny_r18_fpn_rcnn_cfg(width=32, mask_convs=1, opts=[
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
+        "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64,
+        "SOLVER.BASE_LR", 0.005,
+        # stock architectures cannot tell DomainBN which domain a call is: one domain there
+        "D2NORM.DOMAIN_BN.NUM_DOMAINS", 1,
+    ])
 
 
 def _rcnn_cfg(name):

@@ -3,7 +3,6 @@
 References are written from the paper's equations in float64, independently of d2norm.stats.
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -30,6 +29,7 @@ from d2norm.stats import (
 )
 
 from dist_utils import run_distributed
+from helpers import tiny_retinanet_cfg, tiny_training_opts
 
 DIMS = (0, 2, 3)
 
@@ -396,21 +396,7 @@ def test_bad_arguments():
 
 # ---- detectron2 RetinaNet: A.10 unintended updates ----------------------------------------------------------
 def _retinanet_cfg(norm="GhostBN"):
-    from detectron2.config import get_cfg
-
-    from d2norm import add_d2norm_config
-
-    cfg = add_d2norm_config(get_cfg())
-    root = os.path.join(os.path.dirname(__file__), "..", "configs")
-    cfg.merge_from_file(os.path.join(root, "Base-RetinaNet.yaml"))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-        "MODEL.RESNETS.NORM", norm, "MODEL.RETINANET.NORM", norm, "MODEL.RETINANET.NUM_CONVS", 1,
-        "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.FPN.OUT_CHANNELS", 16, "MODEL.BACKBONE.FREEZE_AT", 0,
-        "MODEL.RESNETS.STEM_OUT_CHANNELS", 16,
-        "MODEL.RESNETS.STRIDE_IN_1X1", False, "D2NORM.GHOST_BN.SIZE", 1,
-    ])
-    return cfg
+    return tiny_retinanet_cfg(norm, ["D2NORM.GHOST_BN.SIZE", 1])
 
 
 def _det_batch(n, seed, size=64):
@@ -540,13 +526,7 @@ def test_hook_runs_at_period_and_after_last_iteration(tmp_path):
 
     cfg = _retinanet_cfg(norm="BN")
     cfg.merge_from_list([
-        "DATASETS.TRAIN", ("d2norm_synthetic_train",), "DATASETS.TEST", (), "INPUT.MIN_SIZE_TRAIN", (64,),
-        "INPUT.MAX_SIZE_TRAIN", 64, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", 5, "SOLVER.BASE_LR", 0.001,
-        "SOLVER.WARMUP_ITERS", 1, "SOLVER.STEPS", (), "DATALOADER.NUM_WORKERS", 0, "TEST.EVAL_PERIOD", 0,
-        "SOLVER.CHECKPOINT_PERIOD", 100000, "OUTPUT_DIR", str(tmp_path / "out"),
-        "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp_path / "data"), "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64,
-        "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", 6, "D2NORM.DATA.SYNTHETIC_NUM_VAL", 2,
-        "D2NORM.PRECISE_BN.ENABLED", True, "D2NORM.PRECISE_BN.PERIOD", 2, "D2NORM.PRECISE_BN.NUM_SAMPLES", 3,
+        *tiny_training_opts(tmp_path, 5, warmup_iters=1), "D2NORM.PRECISE_BN.ENABLED", True, "D2NORM.PRECISE_BN.PERIOD", 2, "D2NORM.PRECISE_BN.NUM_SAMPLES", 3,
         "D2NORM.PRECISE_BN.BATCH_SIZE", 2,
     ])
     prepare_datasets(cfg)

@@ -13,6 +13,8 @@ import d2norm.solver  # noqa: F401
 from d2norm.layers import GhostBatchNorm2d, get_norm, norm_options, valid_norm_names
 from d2norm.layers.registry import register_norm
 
+from helpers import tiny_r18_fpn_rcnn_cfg
+
 
 def test_detectron2_names_keep_their_meaning():
     names = valid_norm_names()
@@ -48,31 +50,7 @@ def test_cannot_shadow_detectron2_names():
 
 
 def _tiny_rcnn_cfg():
-    cfg = d2norm.add_d2norm_config(get_cfg())
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
-    cfg.MODEL.BACKBONE.FREEZE_AT = 0
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_CONV = 2
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 1
-    cfg.MODEL.ROI_BOX_HEAD.CONV_DIM = 32
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
-    cfg.MODEL.MASK_ON = True
-    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
-    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 2
-    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-    return cfg
+    return tiny_r18_fpn_rcnn_cfg(width=32, box_convs=2, mask_convs=2, opts=["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", 7])
 
 
 def _norms_under(module, prefix):

@@ -1,0 +1,65 @@
+"""Tiny detectron2 configs for CPU tests: ResNet-18 (64-channel res2) under small FPN heads, 3 classes."""
+import os
+from typing import Sequence
+
+__all__ = ["tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts"]
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+LEVELS = ["res2", "res3", "res4", "res5"]
+
+
+def _d2norm_cfg():
+    from detectron2.config import get_cfg
+
+    from d2norm import add_d2norm_config
+
+    return add_d2norm_config(get_cfg())
+
+
+def tiny_r18_fpn_rcnn_cfg(width: int = 16, box_convs: int = 1, mask_convs: int = 0, opts: Sequence = ()):
+    """Faster (``mask_convs`` > 0: Mask) R-CNN R18-FPN: FPN of ``width`` channels on res2–res5, anchors 8–128 on
+    p2–p6, StandardROIHeads on p2–p5 with a conv-fc box head (``box_convs`` convs of ``width`` channels, one fc of
+    32), RetinaNet settings for the same backbone (3 classes, 1 conv); ``opts`` (KEY, VALUE, ...) merged last."""
+    cfg = _d2norm_cfg()
+    mask = ["MODEL.MASK_ON", True, "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
+            "MODEL.ROI_MASK_HEAD.NUM_CONV", mask_convs, "MODEL.ROI_MASK_HEAD.CONV_DIM", width] if mask_convs else []
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.RESNETS.OUT_FEATURES", LEVELS, "MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone",
+        "MODEL.BACKBONE.FREEZE_AT", 0, "MODEL.FPN.IN_FEATURES", LEVELS, "MODEL.FPN.OUT_CHANNELS", width,
+        "MODEL.RPN.IN_FEATURES", ["p2", "p3", "p4", "p5", "p6"],
+        "MODEL.ANCHOR_GENERATOR.SIZES", [[8], [16], [32], [64], [128]],
+        "MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_HEADS.IN_FEATURES", ["p2", "p3", "p4", "p5"],
+        "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead",
+        "MODEL.ROI_BOX_HEAD.NUM_CONV", box_convs, "MODEL.ROI_BOX_HEAD.NUM_FC", 1,
+        "MODEL.ROI_BOX_HEAD.CONV_DIM", width, "MODEL.ROI_BOX_HEAD.FC_DIM", 32,
+        "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.RETINANET.NUM_CONVS", 1, *mask, *opts,
+    ])
+    return cfg
+
+
+def tiny_retinanet_cfg(norm: str = "BN", opts: Sequence = ()):
+    """``configs/Base-RetinaNet.yaml`` with an R18 (16-channel stem) backbone, ``norm`` in the backbone and the
+    head, a 16-channel FPN and a 1-conv head for 3 classes; ``opts`` merged last."""
+    cfg = _d2norm_cfg()
+    cfg.merge_from_file(os.path.join(CONFIGS, "Base-RetinaNet.yaml"))
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.RESNETS.NORM", norm, "MODEL.RETINANET.NORM", norm, "MODEL.RETINANET.NUM_CONVS", 1,
+        "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.FPN.OUT_CHANNELS", 16, "MODEL.BACKBONE.FREEZE_AT", 0,
+        "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.STRIDE_IN_1X1", False, *opts,
+    ])
+    return cfg
+
+
+def tiny_training_opts(tmp_path, max_iter: int, warmup_iters: int = 0, checkpoint_period: int = 100000) -> list:
+    """Opts for a short Trainer run on 6 synthetic 64-px training images (2 per iteration, no evaluation) written
+    under ``tmp_path/data``, output in ``tmp_path/out``."""
+    return [
+        "DATASETS.TRAIN", ("d2norm_synthetic_train",), "DATASETS.TEST", (), "INPUT.MIN_SIZE_TRAIN", (64,),
+        "INPUT.MAX_SIZE_TRAIN", 64, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.MAX_ITER", max_iter, "SOLVER.BASE_LR", 0.001,
+        "SOLVER.WARMUP_ITERS", warmup_iters, "SOLVER.STEPS", (), "DATALOADER.NUM_WORKERS", 0, "TEST.EVAL_PERIOD", 0,
+        "SOLVER.CHECKPOINT_PERIOD", checkpoint_period, "OUTPUT_DIR", str(tmp_path / "out"),
+        "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp_path / "data"), "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64,
+        "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", 6, "D2NORM.DATA.SYNTHETIC_NUM_VAL", 2,
+    ]
