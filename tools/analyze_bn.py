@@ -26,11 +26,11 @@ def build_parser():
     p = tc.base_parser(__doc__, multi_weights=True)
     p.add_argument("--train-dataset", help="data of the training-mode batches (default: first DATASETS.TRAIN)")
     p.add_argument("--test-dataset", help="test set S' of the expected statistics (default: first DATASETS.TEST)")
-    p.add_argument("--num-batches", type=int, default=100, help="mini-batches per checkpoint (Fig. 2: 100)")
-    p.add_argument("--batch-size", type=int, help="images per mini-batch (default SOLVER.IMS_PER_BATCH)")
+    p.add_argument("--num-batches", type=tc.positive_int, default=100, help="mini-batches per checkpoint (Fig. 2: 100)")
+    p.add_argument("--batch-size", type=tc.positive_int, help="images per mini-batch (default SOLVER.IMS_PER_BATCH)")
     p.add_argument("--layers", nargs="+", help="BN layer names for (a) (default: first, middle and last)")
     p.add_argument("--channels", type=int, nargs="+", default=[0], help="channels for (a) (default 0)")
-    p.add_argument("--esm-samples", type=int, help="test images for (b) (default: the whole test set)")
+    p.add_argument("--esm-samples", type=tc.positive_int, help="test images for (b) (default: the whole test set)")
     p.add_argument("--output-name", default="analyze_bn", help="JSON name without .json")
     return p
 

@@ -2,11 +2,15 @@
 """Offline EvalNorm α̂, β̂ for a trained checkpoint (evalnorm §3.4 "Offline estimation"), or the 1/B² rule of
 thumb (evalnorm §3.3/§4.1), and write a new checkpoint.
 
-A BN checkpoint is first converted: its trainable BN layers become EvalNorm layers with the same affine and
-statistics (``convert_norm``; detectron2's FrozenBN layers stay frozen). α̂, β̂ are then fitted by the
+A checkpoint is first converted: its trainable BN-derived layers (BN, SyncBN, GhostBN, AnySyncBN, BatchStatsBN,
+ExampleWeightedBN, one-set DomainBN: all BN with population statistics at inference) become EvalNorm layers with
+the same affine and statistics (``convert_norm``); detectron2's FrozenBN layers stay frozen; MABN (no mean
+centering), BGN (channel-group statistics, its own D2NORM.BGN.ALPHA) and per-domain DomainBN cannot be converted
+and are kept (the tool says why). This is checked before any evaluation. α̂, β̂ are then fitted by the
 stop-gradient aux loss of eq 9 on training batches (the model's training forward; batch size = the training
-normalization batch, SOLVER.IMS_PER_BATCH by default) with every other parameter and statistic unchanged.
-``--rule [B]`` instead sets α̂ = β̂ = 1/B² (B = the recorded training batch size of each layer when omitted).
+normalization batch: a GhostBN layer's SIZE, else SOLVER.IMS_PER_BATCH) with every other parameter and
+statistic unchanged. ``--rule [B]`` instead sets α̂ = β̂ = 1/B², B >= 1 (omitted: each layer's training
+normalization batch, GhostBN's SIZE or the batch size an EvalNorm layer recorded).
 The new checkpoint stores α̂, β̂; a config ``<name>.yaml`` next to it evaluates it (EvalNorm, MODE "offline").
 Outputs go to ``<OUTPUT_DIR>/fit_evalnorm/`` unless ``--output-dir``; no ``last_checkpoint`` is written. The
 checkpoint keeps the source's iteration; its trainer state too when no layer was converted (α̂, β̂ only
@@ -23,14 +27,20 @@ import d2norm  # noqa: F401  (compat + registrations)
 from d2norm.engine import cli as tc
 
 
+RECORDED = 0  # --rule without B (a user-given 0 is rejected by positive_int; argparse converts str consts)
+
+
 def build_parser():
     p = tc.base_parser(__doc__)
     p.add_argument("--dataset", help="training dataset for the fit (default: the cfg's first DATASETS.TRAIN)")
-    p.add_argument("--iters", type=int, help="optimizer steps (default D2NORM.EVALNORM.OFFLINE_ITERS)")
+    p.add_argument("--iters", type=tc.positive_int, help="optimizer steps (default D2NORM.EVALNORM.OFFLINE_ITERS)")
     p.add_argument("--lr", type=float, help="Adam learning rate on the logits (default D2NORM.EVALNORM.OFFLINE_LR)")
-    p.add_argument("--batch-size", type=int, help="images per fitting batch (default SOLVER.IMS_PER_BATCH)")
-    p.add_argument("--rule", nargs="?", type=int, const=0, default=None, metavar="B",
-                   help="no fit: alpha = beta = 1/B^2 (B omitted: each layer's recorded training batch size)")
+    p.add_argument("--batch-size", type=tc.positive_int,
+                   help="images per fitting batch (default: the training normalization batch, i.e. "
+                        "D2NORM.GHOST_BN.SIZE for GhostBN layers, else SOLVER.IMS_PER_BATCH)")
+    p.add_argument("--rule", nargs="?", type=tc.positive_int, const=RECORDED, default=None, metavar="B",
+                   help="no fit: alpha = beta = 1/B^2, B >= 1 (B omitted: each layer's training normalization "
+                        "batch: GhostBN's SIZE, or the batch size an EvalNorm layer recorded)")
     p.add_argument("--eval", action="store_true", help="COCO AP before and after")
     p.add_argument("--eval-dataset", help="dataset for --eval (default: the cfg's first DATASETS.TEST)")
     p.add_argument("--output-name", help="checkpoint name without .pth (default model_evalnorm_offline|rule)")
@@ -48,34 +58,40 @@ def run(args):
 
     cfg = tc.load_cfg(args.config_file, args.opts)
     ec = cfg.D2NORM.EVALNORM
-    if args.rule is not None and args.rule < 0:
-        raise tc.ToolError(f"--rule B must be a positive integer (or omitted), got {args.rule}")
     iters = args.iters if args.iters is not None else ec.OFFLINE_ITERS
     lr = args.lr if args.lr is not None else ec.OFFLINE_LR
-    batch_size = args.batch_size or cfg.SOLVER.IMS_PER_BATCH
     dataset = None if args.rule is not None else tc.prepare_dataset(cfg, args.dataset or tc.first(cfg.DATASETS.TRAIN))
     eval_ds = tc.prepare_dataset(cfg, args.eval_dataset or tc.first(cfg.DATASETS.TEST)) if args.eval else None
     out_dir = tc.output_dir(args, cfg, "fit_evalnorm")
     name = args.output_name or f"model_evalnorm_{'rule' if args.rule is not None else 'offline'}"
 
     model, source = tc.load_model(cfg, args.weights, return_checkpoint=True)
+    # decided before any evaluation: which layers become EvalNorm (BN-derived, incl. GhostBN: BN at inference)
+    to_convert, kept = tc.conversion_plan(model, "EvalNorm")
+    existing = [n for n, r in kept.items() if r == "already EvalNorm"]
+    if not to_convert and not existing:
+        raise tc.ToolError("the model has no layer EvalNorm applies to (BN-derived layers, e.g. BN, GhostBN, "
+                           "AnySyncBN, or EvalNorm itself); its norm layers: "
+                           + ("; ".join(f"{n}: {r}" for n, r in kept.items()) or "none"))
+    tc.report_kept(kept, "EvalNorm")
+    # the training normalization batch B of each converted GhostBN layer is its ghost size (four-things eq 4)
+    ghost = {n: m.ghost_size for n, m in model.named_modules() if n in to_convert and hasattr(m, "ghost_size")}
+    sources = tc.registered_norm_names(model, to_convert)
+    batch_size = args.batch_size or (min(ghost.values()) if ghost else cfg.SOLVER.IMS_PER_BATCH)
     before = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "before")
-    # every trainable BN layer becomes EvalNorm; EvalNorm layers already in the checkpoint are used as they are
     en_cfg = cfg.clone()
     en_cfg.defrost()
     en_cfg.D2NORM.EVALNORM.MODE = "offline"
-    converted = tc.convert_bn_layers(model, "EvalNorm", en_cfg)
+    converted = tc.convert_bn_layers(model, "EvalNorm", en_cfg, names=to_convert)
     if converted:
-        print(f"converted {len(converted)} BN layer(s) to EvalNorm", flush=True)
+        print(f"converted {len(converted)} layer(s) to EvalNorm", flush=True)
     layers = evalnorm_modules(model)
-    if not layers:
-        raise tc.ToolError("the model has no BN or EvalNorm layer to fit")
 
     if args.rule is not None:
-        info = {"method": "rule", "rule_batch_size": args.rule or "recorded"}
+        info = {"method": "rule", "rule_batch_size": "recorded" if args.rule == RECORDED else args.rule}
         with torch.no_grad():
             for lname, m in layers.items():
-                m.rule_batch_size = args.rule
+                m.rule_batch_size = ghost.get(lname, 0) if args.rule == RECORDED else args.rule
                 m.mode = "rule"
                 try:
                     a, _ = m.eval_alpha_beta()
@@ -104,7 +120,7 @@ def run(args):
                       if converted else None)
     path = tc.save_checkpoint(model, out_dir, name, source=source, inference_only=inference_only,
                               evalnorm_fit={k: v for k, v in info.items() if k != "losses"})
-    yaml_cfg, kept = tc.cfg_with_norm(cfg, "EvalNorm", path, **{"D2NORM.EVALNORM.MODE": "offline"})
+    yaml_cfg, kept = tc.cfg_with_norm(cfg, "EvalNorm", path, sources=sources, **{"D2NORM.EVALNORM.MODE": "offline"})
     if kept:
         print(f"note: {', '.join(kept)} keep their BN name in {name}.yaml (detectron2's per-level head BN has no "
               f"registered-name equivalent); this tool converts them again when given that config", flush=True)

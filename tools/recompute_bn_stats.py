@@ -33,8 +33,8 @@ def build_parser():
     p = tc.base_parser(__doc__)
     p.add_argument("--dataset", help="registered dataset the statistics are computed on (default: the cfg's "
                    "first DATASETS.TRAIN); a target-domain dataset gives Adaptive BN (rethinking §5.1)")
-    p.add_argument("--num-samples", type=int, help="N images (default D2NORM.PRECISE_BN.NUM_SAMPLES)")
-    p.add_argument("--batch-size", type=int, help="B images per forward (default D2NORM.PRECISE_BN.BATCH_SIZE)")
+    p.add_argument("--num-samples", type=tc.positive_int, help="N images (default D2NORM.PRECISE_BN.NUM_SAMPLES)")
+    p.add_argument("--batch-size", type=tc.positive_int, help="B images per forward (default D2NORM.PRECISE_BN.BATCH_SIZE)")
     p.add_argument("--estimator", choices=ESTIMATORS, help="eq 2 'population' or eq 3 (default: the cfg's)")
     p.add_argument("--exact-layerwise", action="store_true", help="rethinking A.3 exact layer-wise estimation")
     p.add_argument("--nonfinite", choices=NONFINITE_POLICIES,

@@ -2,8 +2,11 @@
 """Sweep the inference example weight α on a validation set (four-things §3.1, eq 3, Fig. 1: α is tuned on
 validation data, no retraining) and report the AP per α.
 
-The checkpoint's trainable BN layers are converted to ExampleWeightedBN (same statistics and affine;
-detectron2's FrozenBN layers stay frozen; existing ExampleWeightedBN layers are used as they are); for each α
+The checkpoint's trainable BN-derived layers whose inference is BN (BN, SyncBN, GhostBN, AnySyncBN, one-set
+DomainBN) are converted to ExampleWeightedBN (same statistics and affine); existing ExampleWeightedBN layers are
+used as they are; detectron2's FrozenBN (no batch statistics in training), EvalNorm and BatchStatsBN (their
+inference is not BN's), MABN (no mean centering), BGN (its own D2NORM.BGN.ALPHA) and per-domain DomainBN are
+kept, each with the reason printed. Checked before any evaluation; for each α
 every such layer is set to it and the model is evaluated with COCO AP. α = 0 is plain BN inference: its AP must
 equal the unconverted model's AP (checked; a mismatch is an error). Writes ``<output-dir>/example_weight_sweep.json``
 and prints a table.
@@ -39,21 +42,24 @@ def run(args):
     out_dir = tc.output_dir(args, cfg, "tune_example_weight")
     model = tc.load_model(cfg, args.weights)
 
+    # decided before any evaluation: BN-derived layers whose inference is BN (BN, GhostBN, AnySyncBN, one-set
+    # DomainBN) become ExampleWeightedBN; ExampleWeightedBN layers are used as they are
+    to_convert, kept = tc.conversion_plan(model, "ExampleWeightedBN", bn_inference_only=True)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, ExampleWeightedBatchNorm2d)}
-    converted = []
-    if layers:
-        base_alpha = {n: m.alpha for n, m in layers.items()}
-        for m in layers.values():
-            m.alpha = 0.0  # the reference: plain BN inference
+    if not to_convert and not layers:
+        raise tc.ToolError("the model has no layer example weighing (eq 3) applies to (BN-derived layers with BN "
+                           "inference, e.g. BN, GhostBN, AnySyncBN, or ExampleWeightedBN); its norm layers: "
+                           + ("; ".join(f"{n}: {r}" for n, r in kept.items()) or "none"))
+    tc.report_kept(kept, "ExampleWeightedBN")
+    base_alpha = {n: m.alpha for n, m in layers.items()}
+    for m in layers.values():
+        m.alpha = 0.0  # the reference: plain BN inference
     base = tc.evaluate(cfg, model, dataset, os.path.join(out_dir, "inference", "base"))
     print(f"base model (plain BN inference): AP = {tc.main_metric(base):.4f}", flush=True)
-    if not layers:
-        converted = tc.convert_bn_layers(model, "ExampleWeightedBN", cfg)
-        layers = {n: m for n, m in model.named_modules() if isinstance(m, ExampleWeightedBatchNorm2d)}
-        base_alpha = {}
-        print(f"converted {len(converted)} BN layer(s) to ExampleWeightedBN", flush=True)
-    if not layers:
-        raise tc.ToolError("the model has no trainable BN layer to apply example weighing to")
+    converted = tc.convert_bn_layers(model, "ExampleWeightedBN", cfg, names=to_convert) if to_convert else []
+    if converted:
+        print(f"converted {len(converted)} layer(s) to ExampleWeightedBN", flush=True)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, ExampleWeightedBatchNorm2d)}
 
     results = {}
     for a in alphas:

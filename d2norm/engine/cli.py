@@ -16,6 +16,7 @@ from torch import nn
 
 __all__ = [
     "ToolError",
+    "positive_int",
     "run_tool",
     "base_parser",
     "load_cfg",
@@ -28,6 +29,9 @@ __all__ = [
     "evaluate",
     "main_metric",
     "convert_bn_layers",
+    "conversion_plan",
+    "registered_norm_names",
+    "report_kept",
     "cfg_with_norm",
     "write_json",
     "format_table",
@@ -56,6 +60,17 @@ NORM_KEYS = (
 )
 #: detectron2's trainable BN names (FrozenBN is frozen by design: never converted by the tools)
 BN_NORM_NAMES = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else as a usage error, exit code 2)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return v
 
 
 class ToolError(Exception):
@@ -281,9 +296,18 @@ def save_checkpoint(model: nn.Module, output_dir: str, name: str, source: Option
     return path
 
 
-def cfg_with_norm(cfg, to: str, weights: str, **overrides):
-    """A copy of ``cfg`` whose BN norm keys (:data:`BN_NORM_NAMES`) name ``to`` and whose MODEL.WEIGHTS is
-    ``weights``; extra ``{"D2NORM.X.Y": value}`` overrides are applied too (for a config written next to a
+def registered_norm_names(model: nn.Module, names: Sequence[str]) -> List[str]:
+    """The ``NORM`` names (registry keys) of the d2norm layers ``names`` of ``model`` (e.g. ``["GhostBN"]``)."""
+    from ..layers.registry import NORM_REGISTRY
+
+    by_class = {cls: n for n, cls in NORM_REGISTRY}
+    wanted = set(names)
+    return sorted({by_class[type(m)] for n, m in model.named_modules() if n in wanted and type(m) in by_class})
+
+
+def cfg_with_norm(cfg, to: str, weights: str, sources: Sequence[str] = (), **overrides):
+    """A copy of ``cfg`` whose BN norm keys (:data:`BN_NORM_NAMES`, and keys naming one of ``sources``, the
+    converted d2norm norms) name ``to`` and whose MODEL.WEIGHTS is ``weights``; extra ``{"D2NORM.X.Y": value}`` overrides are applied too (for a config written next to a
     converted checkpoint). Returns ``(cfg, keys left unchanged)``: ``MODEL.RETINANET.NORM`` "BN"/"SyncBN"
     (detectron2's per-level head BN) cannot be named by a registered norm without changing the layout."""
     c = cfg.clone()
@@ -293,7 +317,7 @@ def cfg_with_norm(cfg, to: str, weights: str, **overrides):
         node, leaf = c, key.split(".")
         for part in leaf[:-1]:
             node = node.get(part) if node is not None else None
-        if node is not None and node.get(leaf[-1]) in BN_NORM_NAMES:
+        if node is not None and node.get(leaf[-1]) in tuple(BN_NORM_NAMES) + tuple(sources):
             if key == "MODEL.RETINANET.NORM":
                 # detectron2 builds "BN"/"SyncBN" heads as per-level CycleBatchNormList; a registered name
                 # would build one shared layer with other state-dict keys, so the name stays
@@ -307,20 +331,69 @@ def cfg_with_norm(cfg, to: str, weights: str, **overrides):
     return c, kept
 
 
-def convert_bn_layers(model: nn.Module, to: str, cfg) -> List[str]:
-    """:func:`d2norm.layers.convert.convert_norm` on the trainable BN layers only; detectron2's
-    ``FrozenBatchNorm2d`` layers stay (they were frozen in training: no batch statistics, so no train/test
-    discrepancy for EvalNorm / example weighing to correct). Returns the converted module names."""
+def conversion_plan(model: nn.Module, to: str, bn_inference_only: bool = False):
+    """Which norm layers of ``model`` the tools convert to ``to`` (``"EvalNorm"`` / ``"ExampleWeightedBN"``),
+    decided before any work: ``(convert, keep)``, module names to convert and ``{name: reason}`` of the norm
+    layers left as they are.
+
+    * converted: torch's / detectron2's trainable BN (BN, SyncBN, NaiveSyncBN) and every d2norm layer whose
+      :meth:`~d2norm.layers.base.D2NormModule.sample_stats_inference_unsupported` is ``None`` (BN-derived: GhostBN,
+      AnySyncBN, BatchStatsBN, ExampleWeightedBN / EvalNorm (into the other), DomainBN with one set);
+    * kept: layers already of type ``to`` (used as they are); detectron2's ``FrozenBatchNorm2d`` (frozen in
+      training: no batch statistics, so no train/test discrepancy to correct); MABN, BGN, per-domain DomainBN
+      (the reason each gives);
+    * with ``bn_inference_only`` (``tune_example_weight``, whose α = 0 must reproduce the model's own
+      inference) also layers whose current inference is not BN's fixed affine map (EvalNorm's eqs 5-6,
+      BatchStatsBN's batch statistics, ExampleWeightedBN with α > 0).
+    """
     from detectron2.layers import FrozenBatchNorm2d
 
+    from ..layers.base import D2NormModule, NotAnAffine
+    from ..layers.convert import SOURCE_TYPES
+    from ..layers.registry import NORM_REGISTRY
+
+    target = NORM_REGISTRY.get(to)
+    convert, keep = [], {}
+    for name, m in model.named_modules():
+        if isinstance(m, target):
+            keep[name] = f"already {to}"
+        elif isinstance(m, FrozenBatchNorm2d):
+            keep[name] = "FrozenBN: frozen in training, no batch statistics (no train/test discrepancy to correct)"
+        elif isinstance(m, D2NormModule):
+            reason = m.sample_stats_inference_unsupported()
+            if reason is None and bn_inference_only:
+                try:
+                    m.inference_affine()
+                except NotAnAffine as e:
+                    reason = f"its inference is not BN's ({e}); alpha = 0 would change it"
+            if reason is None:
+                convert.append(name)
+            else:
+                keep[name] = reason
+        elif isinstance(m, SOURCE_TYPES):
+            convert.append(name)
+    return convert, keep
+
+
+def report_kept(kept: Dict[str, str], to: str) -> None:
+    """Print the layers :func:`conversion_plan` keeps, one line per reason (with a count and an example)."""
+    by_reason: Dict[str, List[str]] = {}
+    for n, r in kept.items():
+        if r != f"already {to}":
+            by_reason.setdefault(r, []).append(n)
+    for r, names in by_reason.items():
+        print(f"kept as is: {len(names)} layer(s), e.g. {names[0]}: {r}", flush=True)
+
+
+def convert_bn_layers(model: nn.Module, to: str, cfg, names: Optional[Sequence[str]] = None) -> List[str]:
+    """:func:`d2norm.layers.convert.convert_norm` on the layers :func:`conversion_plan` selects (or ``names``).
+    Returns the converted module names."""
     from ..layers.convert import convert_norm
 
-    frozen = {n: m for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d) and n}
-    model, report = convert_norm(model, to, cfg)
-    for name, mod in frozen.items():  # put the frozen layers back
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, mod)
-    return [n for n in report.converted if n not in frozen]
+    if names is None:
+        names, _ = conversion_plan(model, to)
+    model, report = convert_norm(model, to, cfg, names=set(names))
+    return list(report.converted)
 
 
 # ---- data -----------------------------------------------------------------------------------------------

@@ -80,6 +80,14 @@ class D2NormModule:
         layer is a constant map already; :class:`NotAnAffine` with the reason when it has none."""
         raise NotAnAffine(f"{type(self).__name__} has no FrozenBN equivalent")
 
+    def sample_stats_inference_unsupported(self) -> Optional[str]:
+        """``None`` when this layer's inference can be replaced by one that mixes each sample's own statistics
+        with the population statistics: four-things §3.1 eq 3 (``ExampleWeightedBN``) and evalnorm eqs 5-6
+        (``EvalNorm``), which ``tools/tune_example_weight.py`` and ``tools/fit_evalnorm.py`` convert it to. That
+        needs a layer trained with per-channel batch statistics whose inference is BN with per-channel population
+        statistics (its BN state carries over). Otherwise the reason it cannot be converted."""
+        return f"{type(self).__name__} has no per-channel BN population statistics to mix sample statistics with"
+
     def inference_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(scale, shift)``, float tensors of shape (C,), such that the eval-mode forward of this layer is
         ``x * scale[None, :, None, None] + shift[None, :, None, None]`` for every input, or raise
@@ -210,6 +218,13 @@ class D2NormBatchNorm2d(nn.BatchNorm2d, D2NormModule):
 
     def frozen_bn_state(self) -> FrozenBNState:
         return bn_frozen_state(self)
+
+    def sample_stats_inference_unsupported(self) -> Optional[str]:
+        """BN-derived: trained with batch statistics (GhostBN's ghost batches, AnySyncBN's synced batches,
+        ...), inference with BN's population statistics: convertible (``None``)."""
+        if not self.track_running_stats:
+            return f"{type(self).__name__} without running statistics (track_running_stats=False)"
+        return None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         fill_missing_num_batches_tracked(self, state_dict, prefix)

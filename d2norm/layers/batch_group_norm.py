@@ -210,6 +210,10 @@ class BatchGroupNorm(nn.Module, D2NormModule):
     def frozen_bn_state(self):
         raise NotAnAffine("BGN: per-channel-group statistics mixed with the example's own (four-things eq 3)")
 
+    def sample_stats_inference_unsupported(self) -> Optional[str]:
+        return ("BGN keeps statistics per channel group, not per channel, and already has its own inference "
+                "example weight D2NORM.BGN.ALPHA (four-things §3.4 with §3.1 eq 3)")
+
     def inference_affine(self):
         """α = 0 (eq 3 with the moving statistics only) is a fixed affine map per channel; α > 0 is not."""
         if self.alpha > 0.0:

@@ -86,10 +86,12 @@ def _convert_one(old: nn.Module, to: str, prefix: str, report: ConversionReport)
     return new
 
 
-def convert_norm(model: nn.Module, to: str, cfg=None) -> "tuple[nn.Module, ConversionReport]":
+def convert_norm(model: nn.Module, to: str, cfg=None, names=None) -> "tuple[nn.Module, ConversionReport]":
     """Replace every BN / SyncBN / FrozenBN module of ``model`` by the registered layer ``to``.
 
-    d2norm layers already in the model (which may subclass ``nn.BatchNorm2d``) are left as they are.
+    d2norm layers already in the model (which may subclass ``nn.BatchNorm2d``) are left as they are, unless
+    ``names`` (a set of module names) is given: then exactly those modules are converted, whatever their type
+    (e.g. GhostBN layers, which are BN at inference); their BN state (:attr:`bn_state_keys`) carries over.
 
     Args:
         model: the model (converted in place; if ``model`` itself is a BN it is returned converted).
@@ -109,8 +111,13 @@ def convert_norm(model: nn.Module, to: str, cfg=None) -> "tuple[nn.Module, Conve
     # Without cfg, an enclosing norm_options(...) applies, else the defaults (the layer says so once per type).
     ctx = norm_options(cfg) if cfg is not None else contextlib.nullcontext()
 
+    def selected(module: nn.Module, prefix: str) -> bool:
+        if names is not None:
+            return prefix in names
+        return isinstance(module, SOURCE_TYPES) and not isinstance(module, D2NormModule)
+
     def recurse(module: nn.Module, prefix: str) -> nn.Module:
-        if isinstance(module, SOURCE_TYPES) and not isinstance(module, D2NormModule):
+        if selected(module, prefix):
             return _convert_one(module, to, prefix, report)
         for name, child in module.named_children():
             new = recurse(child, f"{prefix}.{name}" if prefix else name)

@@ -313,6 +313,16 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
             b = nn.Parameter(b.detach()[0].clone(), requires_grad=b.requires_grad)
         return FrozenBNState(rm, rv, self.eps, w, b)
 
+    def sample_stats_inference_unsupported(self) -> Optional[str]:
+        """Convertible only when the domain cannot matter (one domain, or shared statistics and affine): a
+        one-set layer would merge the domains' statistics (rethinking §5.2, Table 5)."""
+        try:
+            self.frozen_bn_state()
+        except NotAnAffine:
+            return ("DomainBN with per-domain statistics or affine: a one-set EvalNorm / ExampleWeightedBN would "
+                    "merge the domains (rethinking §5.2, Table 5)")
+        return None
+
     def inference_affine(self, domain: Optional[int] = None):
         """Eval of one domain is BN with that domain's population statistics and affine: a fixed affine map
         when the domain is static, i.e. given (``domain=`` or an active :func:`domain_scope`) or irrelevant

@@ -17,7 +17,7 @@ Symbols (per channel; "batch" = all examples and spatial positions of one forwar
   Note Ψ_B = mean(Ŷ·∂L/∂Ŷ) as well, since Ŷ·∂L/∂Ŷ = (rY)·(∂L/∂Y / r).
 * inference: z = γ·x / χ̂ + β (linear, foldable into the preceding convolution)
 """
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from detectron2.layers import Conv2d
@@ -246,6 +246,10 @@ class MABN2d(nn.Module, D2NormModule):
         """z = γ·x/χ̂ + β (mabn §4.2) is FrozenBN with μ = 0 and σ² + ε = χ̂², exactly its eval output."""
         chi = self.running_chi.detach()
         return FrozenBNState(torch.zeros_like(chi), chi * chi - self.eps, self.eps, self.weight, self.bias)
+
+    def sample_stats_inference_unsupported(self) -> Optional[str]:
+        return ("MABN normalizes without mean centering by the moving-average second moment χ̂ (mabn §4.2 eqs "
+                "12-20): there is no batch mean/variance pair for eq 3 or EvalNorm to mix with")
 
     def inference_affine(self):
         """Inference z = γ·x/χ̂ + β (mabn §4.2) is a fixed affine map: scale γ/χ̂, shift β."""

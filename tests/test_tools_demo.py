@@ -1,0 +1,150 @@
+"""The statistics tools on the main job's own model (``make demo``: Faster R-CNN R18-FPN with GhostBN in the
+backbone), trained briefly here: ``tools/fit_evalnorm.py`` and ``tools/tune_example_weight.py`` convert GhostBN
+(BN at inference) and say up front, before any evaluation, what they cannot convert; their bad options are
+usage errors (exit code 2)."""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "cpu", "faster_rcnn_R18_FPN_ghostbn.yaml")
+TINY = ["INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64,
+        "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64, "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", 8, "D2NORM.DATA.SYNTHETIC_NUM_VAL", 3,
+        "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_ITER", 3, "SOLVER.WARMUP_ITERS", 0, "TEST.EVAL_PERIOD", 0,
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A demo-model checkpoint after 3 training iterations (the demo config at 64 px)."""
+    from detectron2.config import get_cfg
+
+    from d2norm import add_d2norm_config
+    from d2norm.data import prepare_datasets
+    from d2norm.engine import Trainer
+
+    tmp = tmp_path_factory.mktemp("demo_tools")
+    opts = [*TINY, "OUTPUT_DIR", str(tmp / "out"), "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp / "data")]
+    cfg = add_d2norm_config(get_cfg())
+    cfg.merge_from_file(DEMO)
+    cfg.merge_from_list(opts)
+    prepare_datasets(cfg)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    ghost = [n for n, m in trainer.model.named_modules() if type(m).__name__ == "GhostBatchNorm2d"]
+    assert ghost
+    args = ["--config-file", DEMO, "--weights", str(tmp / "out" / "model_final.pth")]
+    return {"tmp": tmp, "args": args, "opts": [str(v) if not isinstance(v, str) else v for v in opts], "ghost": ghost}
+
+
+def _run(name, demo, *extra, out=None):
+    out = out or str(demo["tmp"] / name)
+    return _tool(name).main([*demo["args"], *extra, "--output-dir", out, *demo["opts"]]), out
+
+
+def test_fit_evalnorm_converts_ghost_bn_of_the_demo_model(demo, capsys):
+    from detectron2.config import get_cfg
+
+    from d2norm import add_d2norm_config
+    from d2norm.layers.evalnorm import EvalNorm2d
+    from d2norm.engine import cli
+
+    rc, out = _run("fit_evalnorm", demo, "--iters", "2")
+    text = capsys.readouterr().out
+    assert rc == 0, text[-3000:]
+    assert f"converted {len(demo['ghost'])} layer(s) to EvalNorm" in text
+    assert "fitting alpha/beta of" in text and "of 2 images" in text  # B = D2NORM.GHOST_BN.SIZE 2, not 4
+    yaml_cfg = add_d2norm_config(get_cfg())
+    yaml_cfg.merge_from_file(os.path.join(out, "model_evalnorm_offline.yaml"))
+    assert yaml_cfg.MODEL.RESNETS.NORM == "EvalNorm" and yaml_cfg.D2NORM.EVALNORM.MODE == "offline"
+    model = cli.load_model(yaml_cfg)  # the written pair loads strictly and is all EvalNorm where GhostBN was
+    names = {n for n, m in model.named_modules() if isinstance(m, EvalNorm2d)}
+    assert names == set(demo["ghost"])
+
+
+def test_fit_evalnorm_rule_uses_ghost_size(demo, capsys):
+    rc, out = _run("fit_evalnorm", demo, "--rule")
+    text = capsys.readouterr().out
+    assert rc == 0, text[-3000:]
+    state = torch.load(os.path.join(out, "model_evalnorm_rule.pth"), map_location="cpu", weights_only=False)["model"]
+    logits = [v for k, v in state.items() if k.endswith("alpha_logit")]
+    assert len(logits) == len(demo["ghost"])
+    for v in logits:  # alpha = 1/B^2 with B = GHOST_BN.SIZE = 2 (evalnorm §4.1 rule of thumb)
+        assert float(torch.sigmoid(v)) == pytest.approx(1 / 2 ** 2, rel=1e-6)
+
+
+def test_tune_example_weight_on_the_demo_model(demo, capsys):
+    import json
+
+    rc, out = _run("tune_example_weight", demo, "--alphas", "0", "0.5")
+    text = capsys.readouterr().out
+    assert rc == 0, text[-3000:]
+    rep = json.load(open(os.path.join(out, "example_weight_sweep.json")))
+    assert rep["alpha0_matches_base"] is True and sorted(rep["converted"]) == sorted(demo["ghost"])
+    assert set(rep["ap"]) == {"0", "0.5"} and all(math.isfinite(v) or v != v for v in rep["ap"].values())
+
+
+@pytest.mark.parametrize("tool", ["fit_evalnorm", "tune_example_weight"])
+def test_unconvertible_model_fails_before_any_evaluation(demo, tool, capsys, tmp_path):
+    """MABN everywhere (a config the user trained): neither tool applies; they say so first, naming the reason,
+    without evaluating (no inference folder written)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+
+    from d2norm import add_d2norm_config
+    from d2norm.layers import build_model
+
+    cfg = add_d2norm_config(get_cfg())
+    cfg.merge_from_file(DEMO)
+    opts = [*demo["opts"], "MODEL.RESNETS.NORM", "MABN", "MODEL.BACKBONE.NAME", "build_mabn_resnet_fpn_backbone"]
+    cfg.merge_from_list(opts)
+    DetectionCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("mabn")
+    argv = ["--config-file", DEMO, "--weights", str(tmp_path / "mabn.pth"), "--output-dir", str(tmp_path / "o"),
+            *(["--eval"] if tool == "fit_evalnorm" else []), *opts]
+    rc = _tool(tool).main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the model has no layer") and "MABN normalizes without mean centering" in last
+    assert not (tmp_path / "o" / "inference").exists()
+
+
+# ---- bad options --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tool,extra,msg", [
+    ("fit_evalnorm", ["--rule", "0"], "argument --rule: must be an integer >= 1, got '0'"),
+    ("fit_evalnorm", ["--rule", "-3"], "argument --rule: must be an integer >= 1, got '-3'"),
+    ("fit_evalnorm", ["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    ("fit_evalnorm", ["--iters", "0"], "argument --iters: must be an integer >= 1, got '0'"),
+    ("analyze_bn", ["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+    ("analyze_bn", ["--num-batches", "0"], "argument --num-batches: must be an integer >= 1, got '0'"),
+    ("recompute_bn_stats", ["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+])
+def test_non_positive_counts_are_usage_errors(tool, extra, msg, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        _tool(tool).main(["--config-file", DEMO, "--weights", str(tmp_path / "x.pth"), *extra])
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["MODEL:\n  RESNETS: [unclosed\n", "MODEL:\n\tNORM: BN\n"])
+def test_corrupt_yaml_is_an_error_line(content, capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(content)
+    rc = _tool("fit_evalnorm").main(["--config-file", str(bad), "--weights", str(tmp_path / "x.pth"), "--rule"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(f"error: config file {str(bad)!r} is not valid YAML"), err
+    assert "Traceback" not in err
