@@ -14,6 +14,8 @@ import d2norm.layers.batch_group_norm  # noqa: F401  (registers "BGN")
 from d2norm.layers.base import D2NormModule
 from d2norm.layers.batch_group_norm import BatchGroupNorm, example_group_sizes
 
+from helpers import buffers
+
 torch.set_num_threads(1)
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -116,10 +118,6 @@ def grads(fn, x, params):
     return y.detach(), gs
 
 
-def snapshot(m):
-    return {k: v.detach().clone() for k, v in m.named_buffers()}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # training forward/backward vs. the reference
 # ----------------------------------------------------------------------------------------------------------
@@ -178,16 +176,16 @@ def test_gradcheck_train_and_eval():
     x = rand_x(3, 4, 2, 2).requires_grad_(True)
     for mode in (True, False):
         m.train(mode)
-        before = snapshot(m)
+        before = buffers(m)
         assert torch.autograd.gradcheck(lambda t, w, b: _functional(m, t, w, b), (x, m.weight, m.bias))
         if not mode:
-            for k, v in snapshot(m).items():
+            for k, v in buffers(m).items():
                 assert torch.equal(v, before[k])
 
 
 def _functional(m, x, w, b):
     # gradcheck needs γ/β as inputs; swap them in for the call (buffers are restored to keep calls identical)
-    saved = snapshot(m)
+    saved = buffers(m)
     ow, ob = m.weight, m.bias
     del m.weight, m.bias
     m.weight, m.bias = w, b
@@ -210,7 +208,7 @@ def test_ema_update_matches_documented_rule():
     assert torch.equal(rm, torch.zeros(G, dtype=torch.float64)) and torch.equal(rsq, torch.ones(G, dtype=torch.float64))
     for step, n in enumerate((4, 5, 1), start=1):  # uneven and single-example batches too
         x = rand_x(n, 8, 3, 3, seed=10 + step)
-        before = snapshot(m)
+        before = buffers(m)
         m(x)
         rm, rsq = ref_ema(x, G, rm, rsq, 0.1)
         torch.testing.assert_close(m.running_mean, rm, rtol=1e-12, atol=1e-12)
@@ -220,7 +218,7 @@ def test_ema_update_matches_documented_rule():
         # train mode updates exactly the documented buffers, all of them
         assert set(before) == set(BUFFERS)
         for k in BUFFERS:
-            assert not torch.equal(before[k], snapshot(m)[k]), k
+            assert not torch.equal(before[k], buffers(m)[k]), k
     assert torch.all(m.running_var >= 0)
 
 
@@ -245,7 +243,7 @@ def test_eval_matches_eq3_forward_backward(alpha):
     mx, mx2 = set_moving_stats(m, G)
     m.eval()
     x = rand_x(3, 8, 3, 4)
-    before = snapshot(m)
+    before = buffers(m)
     y, (gx, gw, gb) = grads(m, x, [m.weight, m.bias])
     w, b = m.weight.detach().clone().requires_grad_(True), m.bias.detach().clone().requires_grad_(True)
     yr, (gxr, gwr, gbr) = grads(lambda t: ref_eval(t, G, alpha, mx, mx2, w, b, 1e-5), x, [w, b])
@@ -253,7 +251,7 @@ def test_eval_matches_eq3_forward_backward(alpha):
     torch.testing.assert_close(gx, gxr, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(gw, gwr, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(gb, gbr, rtol=1e-9, atol=1e-10)
-    for k, v in snapshot(m).items():  # eval never mutates a buffer
+    for k, v in buffers(m).items():  # eval never mutates a buffer
         assert torch.equal(v, before[k]), k
 
 
@@ -343,10 +341,10 @@ def test_eval_never_mutates_buffers(alpha):
     m = make(8, 4, 2, alpha=alpha, dtype=torch.float32)
     m.train()(rand_x(4, 8, 3, 3, dtype=torch.float32))
     m.eval()
-    before = snapshot(m)
+    before = buffers(m)
     for n in (0, 1, 3):
         m(rand_x(n, 8, 3, 3, dtype=torch.float32, seed=n))
-    after = snapshot(m)
+    after = buffers(m)
     assert before.keys() == after.keys() == set(BUFFERS)
     for k in before:
         assert torch.equal(before[k], after[k]), k
@@ -357,18 +355,18 @@ def test_zero_size_input(train):
     m = make(8, 4, 2, dtype=torch.float32)
     m.train()(rand_x(2, 8, 3, 3, dtype=torch.float32))
     m.train(train)
-    before = snapshot(m)
+    before = buffers(m)
     x = torch.zeros(0, 8, 3, 3, requires_grad=True)
     y = m(x)
     assert y.shape == (0, 8, 3, 3) and y.dtype == x.dtype
     y.sum().backward()
     assert x.grad.shape == x.shape and m.weight.grad is not None and torch.all(m.weight.grad == 0)
-    for k, v in snapshot(m).items():
+    for k, v in buffers(m).items():
         assert torch.equal(v, before[k]), k
         assert torch.isfinite(v.double()).all()
     # zero spatial size too
     assert m(torch.zeros(2, 8, 0, 3)).shape == (2, 8, 0, 3)
-    for k, v in snapshot(m).items():
+    for k, v in buffers(m).items():
         assert torch.equal(v, before[k]), k
 
 

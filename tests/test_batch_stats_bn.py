@@ -13,6 +13,8 @@ from d2norm import add_d2norm_config
 from d2norm.layers.batch_stats_bn import BatchStatsBatchNorm2d
 from d2norm.layers.registry import get_norm, norm_options
 
+from helpers import bn_train, buffers
+
 C = 3
 
 
@@ -32,17 +34,6 @@ def _layer(dtype=torch.float64, momentum=0.3, seed=1):
     return m
 
 
-def _buffers(m):
-    return {k: v.clone() for k, v in m.named_buffers()}
-
-
-def _ref_batch_norm(x, w, b, eps):
-    """float64 BN with mini-batch statistics (mean, biased variance over N, H, W)."""
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-
-
 def _cfg(**d2norm_bn):
     cfg = add_d2norm_config(get_cfg())
     for k, v in d2norm_bn.items():
@@ -54,7 +45,7 @@ def _cfg(**d2norm_bn):
 def test_matches_float64_reference_forward_backward(training):
     m = _layer().train(training)
     x = _x().requires_grad_(True)
-    before = _buffers(m)
+    before = buffers(m)
     y = m(x)
     g = torch.randn_like(y)
     (y * g).sum().backward()
@@ -62,14 +53,14 @@ def test_matches_float64_reference_forward_backward(training):
     xr = x.detach().clone().requires_grad_(True)
     wr = m.weight.detach().clone().requires_grad_(True)
     br = m.bias.detach().clone().requires_grad_(True)
-    yr = _ref_batch_norm(xr, wr, br, m.eps)
+    yr = bn_train(xr, wr, br, m.eps)[0]
     (yr * g).sum().backward()
     torch.testing.assert_close(y, yr, rtol=0, atol=1e-10)
     torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-10)
     torch.testing.assert_close(m.weight.grad, wr.grad, rtol=0, atol=1e-10)
     torch.testing.assert_close(m.bias.grad, br.grad, rtol=0, atol=1e-10)
 
-    after = _buffers(m)
+    after = buffers(m)
     if training:  # EMA of mean and unbiased variance, counter + 1
         xd = x.detach()
         n = xd.numel() // C
@@ -109,18 +100,18 @@ def test_eval_ignores_population_statistics_and_uses_each_batch():
     assert torch.equal(m(x), y)  # EMA does not enter inference
     # statistics are those of the current batch: a sub-batch is normalized differently (Table 3 "1 img")
     assert not torch.allclose(m(x[:2]), y[:2])
-    torch.testing.assert_close(m(x[:2]), _ref_batch_norm(x[:2], m.weight, m.bias, m.eps).detach())
+    torch.testing.assert_close(m(x[:2]), bn_train(x[:2], m.weight, m.bias, m.eps)[0].detach())
 
 
 def test_zero_size_input():
     m = _layer(torch.float32)
-    before = _buffers(m)
+    before = buffers(m)
     x = torch.zeros(0, C, 4, 4)
     for training in (True, False):
         m.train(training)
         y = m(x)
         assert y.shape == x.shape
-    after = _buffers(m)
+    after = buffers(m)
     for k in ("running_mean", "running_var"):
         assert torch.isfinite(after[k]).all() and torch.equal(after[k], before[k])
 

@@ -13,6 +13,8 @@ from d2norm.layers.mabn import MABN2d
 from d2norm.stats.monitor import MONITOR_METRICS, bn_statistics_gaps
 from d2norm.stats.state import capture_state
 
+from helpers import tiny_retinanet_training_cfg
+
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
@@ -121,12 +123,9 @@ def test_cfg_validation(d2cfg):
 
 @pytest.mark.slow
 def test_hook_writes_scalars_equal_to_direct_computation(tmp_path):
-    from test_frozen_bn_switch import _cfg
-
     from d2norm.engine import Trainer
 
-    cfg = _cfg(tmp_path, max_iter=3, extra=[
-        "D2NORM.FROZEN_BN_SWITCH.ENABLED", False, "SOLVER.CHECKPOINT_PERIOD", 1000,
+    cfg = tiny_retinanet_training_cfg(tmp_path, 3, opts=[
         "D2NORM.BN_MONITOR.ENABLED", True, "D2NORM.BN_MONITOR.PERIOD", 2, "D2NORM.BN_MONITOR.NUM_BATCHES", 2,
         "D2NORM.BN_MONITOR.LAYERS", ["stem", "cls_subnet"],
     ])

@@ -15,6 +15,8 @@ from d2norm import add_d2norm_config
 from d2norm.layers.domain_bn import DomainBatchNorm2d, current_domain, domain_scope
 from d2norm.layers.registry import get_norm, norm_options
 
+from helpers import buffers
+
 C, K = 3, 3
 LAYOUTS = list(itertools.product(("per_domain", "shared"), ("per_domain", "shared"), (False, True)))
 # Table 5 rows as (train_stats, pop_stats, affine_per_domain)
@@ -48,10 +50,6 @@ def _layer(train_stats, pop_stats, affine_per_domain, momentum=0.3, dtype=torch.
         m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
         m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 3 + 0.5)
     return m
-
-
-def _buffers(m):
-    return {k: v.clone() for k, v in m.named_buffers()}
 
 
 def _ref(xs, ks, w, b, state, *, training, train_stats, pop_stats, affine_per_domain, momentum, eps=1e-5):
@@ -111,7 +109,7 @@ def _ref(xs, ks, w, b, state, *, training, train_stats, pop_stats, affine_per_do
 def _check_against_ref(m, xs, ks, training, momentum, atol=1e-10, use_forward_domains=True, scope=False):
     m.train(training)
     xs = [x.detach().clone().requires_grad_(True) for x in xs]
-    state = _buffers(m)
+    state = buffers(m)
     if use_forward_domains:
         ys = m.forward_domains(xs, ks)
     elif scope:
@@ -137,7 +135,7 @@ def _check_against_ref(m, xs, ks, training, momentum, atol=1e-10, use_forward_do
         torch.testing.assert_close(x.grad, r.grad, rtol=0, atol=atol)
     torch.testing.assert_close(m.weight.grad, wr.grad, rtol=0, atol=atol)
     torch.testing.assert_close(m.bias.grad, br.grad, rtol=0, atol=atol)
-    after = _buffers(m)
+    after = buffers(m)
     for k in st:  # exactly the documented buffer updates (and none in eval)
         torch.testing.assert_close(after[k], st[k], rtol=0, atol=atol)
     if not training:
@@ -240,10 +238,10 @@ def _call_forward_domains(m, w, b, xs, ks):
 
 def test_per_domain_ema_touches_only_the_selected_domain():
     m = _layer("per_domain", "per_domain", True)
-    before = _buffers(m)
+    before = buffers(m)
     x = _xs()[0]
     y = m(x, domain=1)
-    after = _buffers(m)
+    after = buffers(m)
     assert after["num_batches_tracked"].tolist() == [0, 1, 0]
     for k in ("running_mean", "running_var"):
         assert torch.equal(after[k][[0, 2]], before[k][[0, 2]])
@@ -365,7 +363,7 @@ def test_zero_size_inputs():
     m = _layer("shared", "per_domain", True)
     xs = _xs()
     xs[1] = torch.zeros(0, C, 3, 3, dtype=torch.float64)
-    before = _buffers(m)
+    before = buffers(m)
     ys = m.forward_domains(xs)
     assert ys[1].shape == xs[1].shape
     assert m.num_batches_tracked.tolist() == [1, 0, 1]
@@ -377,7 +375,7 @@ def test_zero_size_inputs():
     torch.testing.assert_close(ys[2], ref[1])
     for layout in LAYOUTS:
         m = _layer(*layout)
-        before = _buffers(m)
+        before = buffers(m)
         empty = [torch.zeros(0, C, 4, 4, dtype=torch.float64) for _ in range(K)]
         for training in (True, False):
             m.train(training)
@@ -385,7 +383,7 @@ def test_zero_size_inputs():
             assert [y.shape for y in ys] == [e.shape for e in empty]
             if layout[0] == "per_domain" or not training:
                 assert m(empty[0], domain=1).shape == empty[0].shape
-        for k, v in _buffers(m).items():
+        for k, v in buffers(m).items():
             assert torch.isfinite(v.double()).all() and torch.equal(v, before[k]), (layout, k)
 
 
@@ -393,7 +391,7 @@ def test_single_value_domains():
     """Shared SGD statistics: a 1-value domain is normalized but does not update its own EMA row;
     per-domain statistics reject it like nn.BatchNorm2d (its variance is undefined)."""
     m = _layer("shared", "per_domain", False)
-    before = _buffers(m)
+    before = buffers(m)
     xs = _xs(sizes=((2, 3, 3), (1, 1, 1), (2, 2, 2)))
     ys = m.forward_domains(xs)
     assert all(torch.isfinite(y).all() for y in ys)

@@ -20,6 +20,8 @@ from d2norm.layers.evalnorm import (
 )
 from d2norm.stats.evalnorm_fit import fit_evalnorm_offline
 
+from helpers import bn_train
+
 C = 3
 
 
@@ -53,12 +55,6 @@ def ref_eval(x, rm, rv, w, b, alpha, beta, eps):
     rm, rv = rm.view(1, -1, 1, 1), rv.view(1, -1, 1, 1)
     mu = alpha * mu_i + (1 - alpha) * rm
     var = beta * var_i + (1 - beta) * rv + beta * (1 - beta) * (mu_i - rm) ** 2
-    return (x - mu) / torch.sqrt(var + eps) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-
-
-def ref_bn_train(x, w, b, eps):
-    mu = x.mean(dim=(0, 2, 3), keepdim=True)
-    var = ((x - mu) ** 2).mean(dim=(0, 2, 3), keepdim=True)
     return (x - mu) / torch.sqrt(var + eps) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
 
 
@@ -168,7 +164,7 @@ def test_train_identical_to_batchnorm(mode):
     ld = copy.deepcopy(layer).double()
     y = ld(x)
     x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = ref_bn_train(x_ref, w, b, ld.eps)
+    y_ref = bn_train(x_ref, w, b, ld.eps)[0]
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(y)
     y.backward(g)
@@ -443,7 +439,7 @@ def test_bf16_statistics_in_float32():
     xr = x.double()
     y = layer(x)
     assert y.dtype == torch.bfloat16 and layer.running_mean.dtype == torch.float32
-    torch.testing.assert_close(y.double(), ref_bn_train(xr, layer.weight.double(), layer.bias.double(), layer.eps), atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(y.double(), bn_train(xr, layer.weight.double(), layer.bias.double(), layer.eps)[0], atol=3e-2, rtol=2e-2)
     aux = evalnorm_aux_loss(layer)
     assert aux.dtype == torch.float32 and torch.isfinite(aux)
 

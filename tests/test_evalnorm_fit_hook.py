@@ -6,6 +6,8 @@ import torch
 import d2norm.engine.hooks as H
 from d2norm.layers.evalnorm import EvalNorm2d
 
+from helpers import tiny_retinanet_training_cfg
+
 
 def test_cfg_validation(d2cfg):
     H.check_evalnorm_fit_cfg(d2cfg)
@@ -44,12 +46,9 @@ def test_runs_after_the_configured_iteration(fit_iter, max_iter, expected):
 
 @pytest.mark.slow
 def test_hook_changes_only_alpha_beta(tmp_path):
-    from test_frozen_bn_switch import _cfg
-
     from d2norm.engine import Trainer
 
-    cfg = _cfg(tmp_path, max_iter=3, extra=[
-        "D2NORM.FROZEN_BN_SWITCH.ENABLED", False, "SOLVER.CHECKPOINT_PERIOD", 1000,
+    cfg = tiny_retinanet_training_cfg(tmp_path, 3, opts=[
         "MODEL.RESNETS.NORM", "EvalNorm", "D2NORM.EVALNORM.MODE", "rule", "D2NORM.EVALNORM.RULE_BATCH_SIZE", 2,
         "D2NORM.EVALNORM_FIT.ENABLED", True, "D2NORM.EVALNORM_FIT.BATCH_SIZE", 2,
         "D2NORM.EVALNORM.OFFLINE_ITERS", 3, "D2NORM.EVALNORM.OFFLINE_LR", 0.2,

@@ -14,6 +14,8 @@ from d2norm import add_d2norm_config
 from d2norm.layers.example_weighted_bn import ExampleWeightedBatchNorm2d
 from d2norm.layers.registry import get_norm, norm_options
 
+from helpers import buffers
+
 C = 3
 
 
@@ -34,10 +36,6 @@ def _layer(alpha, dtype=torch.float64, momentum=0.3, seed=1):
         m.running_mean.copy_(torch.randn(C, generator=g) + 1)
         m.running_var.copy_(torch.rand(C, generator=g) * 4 + 0.5)
     return m
-
-
-def _buffers(m):
-    return {k: v.clone() for k, v in m.named_buffers()}
 
 
 def _ref_eq3(x, w, b, m_x, running_var, alpha, eps):
@@ -64,7 +62,7 @@ def _cfg(alpha=None, **bn):
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 0.65, 1.0])
 def test_eval_matches_float64_eq3_forward_backward(alpha):
     m = _layer(alpha).eval()
-    before = _buffers(m)
+    before = buffers(m)
     x = _x().requires_grad_(True)
     y = m(x)
     g = torch.randn_like(y)
@@ -79,7 +77,7 @@ def test_eval_matches_float64_eq3_forward_backward(alpha):
     torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-9)
     torch.testing.assert_close(m.weight.grad, wr.grad, rtol=0, atol=1e-9)
     torch.testing.assert_close(m.bias.grad, br.grad, rtol=0, atol=1e-9)
-    for k, v in _buffers(m).items():  # eval never mutates a buffer
+    for k, v in buffers(m).items():  # eval never mutates a buffer
         assert torch.equal(v, before[k]), k
 
 
@@ -147,7 +145,7 @@ def test_training_is_exactly_batchnorm2d():
 
 def test_zero_size_input():
     m = _layer(0.5, torch.float32)
-    before = _buffers(m)
+    before = buffers(m)
     x = torch.zeros(0, C, 4, 4)
     for training in (False, True):
         m.train(training)

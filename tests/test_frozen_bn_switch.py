@@ -17,7 +17,7 @@ from d2norm.layers.ghost_bn import GhostBatchNorm2d
 from d2norm.layers.mabn import MABN2d
 
 from dist_utils import run_distributed
-from helpers import bn_normalize, tiny_retinanet_cfg, tiny_training_opts
+from helpers import bn_normalize, tiny_retinanet_training_cfg
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -206,16 +206,12 @@ def test_cfg_validation(d2cfg):
 
 # ---- Trainer runs ------------------------------------------------------------------------------------------
 def _cfg(tmp_path, trainable=True, max_iter=4, extra=()):
-    from d2norm.data import prepare_datasets
-
-    cfg = tiny_retinanet_cfg("BN", [*tiny_training_opts(tmp_path, max_iter, checkpoint_period=1),
+    return tiny_retinanet_training_cfg(tmp_path, max_iter, checkpoint_period=1, opts=[
         "D2NORM.FROZEN_BN_SWITCH.ENABLED", True, "D2NORM.FROZEN_BN_SWITCH.ITER", 2,
         "D2NORM.FROZEN_BN_SWITCH.TRAINABLE_AFFINE", trainable, "D2NORM.FROZEN_BN_SWITCH.WARMUP_ITERS", 2,
         "D2NORM.FROZEN_BN_SWITCH.WARMUP_FACTOR", 0.5,
         "D2NORM.PRECISE_BN.NUM_SAMPLES", 4, "D2NORM.PRECISE_BN.BATCH_SIZE", 2, *extra,
     ])
-    prepare_datasets(cfg)
-    return cfg
 
 
 def _assert_optimizer_is_model(trainer):

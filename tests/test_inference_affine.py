@@ -19,6 +19,8 @@ from d2norm.layers import (
 from d2norm.layers.base import NotAnAffine
 from d2norm.layers.frozen import FrozenBatchNorm
 
+from helpers import bn_affine
+
 C = 8
 
 
@@ -42,13 +44,6 @@ def _randomize(m, seed=0):
     return m
 
 
-def _bn_ref(mean, var, eps, w, b):
-    """BN inference y = γ(x − μ)/sqrt(σ² + ε) + β as (scale, shift), float64, written from the formula."""
-    mean, var, w, b = (t.detach().double() for t in (mean, var, w, b))
-    scale = w / torch.sqrt(var + eps)
-    return scale, b - mean * scale
-
-
 def _x(seed=3):
     g = _g(seed)
     return torch.randn(4, C, 5, 6, generator=g, dtype=torch.float64) * 2 + 1
@@ -66,8 +61,8 @@ AFFINE_CASES = {
 
 def _reference(name, m):
     if name.startswith("DomainBN K=1"):
-        return _bn_ref(m.running_mean[0], m.running_var[0], m.eps, m.weight[0], m.bias[0])
-    return _bn_ref(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
+        return bn_affine(m.running_mean[0], m.running_var[0], m.eps, m.weight[0], m.bias[0])
+    return bn_affine(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
 
 
 @pytest.mark.parametrize("name", sorted(AFFINE_CASES))
@@ -91,7 +86,7 @@ def test_domain_bn_per_domain_is_affine_only_for_a_static_domain():
         m.inference_affine()
     x = _x()
     for k in range(3):
-        ref = _bn_ref(m.running_mean[k], m.running_var[k], m.eps, m.weight[k], m.bias[k])
+        ref = bn_affine(m.running_mean[k], m.running_var[k], m.eps, m.weight[k], m.bias[k])
         for scale, shift in (m.inference_affine(domain=k), _in_scope(m, k)):
             torch.testing.assert_close(scale, ref[0], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(shift, ref[1], rtol=1e-12, atol=1e-12)
@@ -124,7 +119,7 @@ def test_bgn_alpha0_inference_affine_is_per_group_moving_statistics():
     cpg = C // groups
     mean = m.running_mean.repeat_interleave(cpg)
     var = m.running_var.repeat_interleave(cpg)  # m_{x²} − m_x², four-things eq 3 at α = 0
-    ref = _bn_ref(mean, var, m.eps, m.weight, m.bias)
+    ref = bn_affine(mean, var, m.eps, m.weight, m.bias)
     torch.testing.assert_close(scale, ref[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(shift, ref[1], rtol=1e-12, atol=1e-12)
     x = _x()

@@ -14,6 +14,8 @@ import d2norm.layers.mabn  # noqa: F401  (registers "MABN")
 from d2norm.layers.mabn import CenteredConv2d, MABN2d, MABNFunction
 from d2norm.layers.registry import NORM_REGISTRY, get_norm, norm_options
 
+from helpers import buffers
+
 torch.set_num_threads(1)
 DIMS = (0, 2, 3)
 
@@ -73,10 +75,6 @@ def batch(step, shape=(2, 3, 4, 5), dtype=torch.float64, seed=100):
     x = (torch.randn(shape, generator=g, dtype=dtype) * 3 + 2) * scale
     gz = torch.randn(shape, generator=g, dtype=dtype) * 2 - 0.5
     return x, gz
-
-
-def snapshot(module):
-    return {k: v.clone() for k, v in module.named_buffers()}
 
 
 def assert_buffers_equal(module, snap, names=None):
@@ -176,7 +174,7 @@ def test_gradcheck_function_with_fixed_state(case):
         layer.chi_sq_buffer[0].copy_(torch.rand(C, dtype=torch.float64) * 10 + 1)
         layer.num_batches_tracked.fill_(1)
         layer.psi_count.fill_(1)
-    before = snapshot(layer)
+    before = buffers(layer)
     x = (torch.randn(2, C, 3, 2, dtype=torch.float64) * 3 + 2).requires_grad_(True)
     w = layer.weight.detach().clone().requires_grad_(True)
     b = layer.bias.detach().clone().requires_grad_(True)
@@ -217,7 +215,7 @@ def test_eval_is_linear_and_uses_ema():
         x, gz = batch(step)
         layer(x).backward(gz)
     layer.eval()
-    before = snapshot(layer)
+    before = buffers(layer)
     x1, _ = batch(11)
     x2, _ = batch(12)
     x1.requires_grad_(True)
@@ -236,13 +234,13 @@ def test_eval_is_linear_and_uses_ema():
 def test_training_updates_exactly_the_documented_buffers():
     layer = make_layer(m=3, warmup=1)
     x, gz = batch(0)
-    before = snapshot(layer)
+    before = buffers(layer)
     z = layer(x)
     fwd_changed = {"running_chi", "chi_sq_buffer", "num_batches_tracked"}
     assert_buffers_equal(layer, before, names={"psi_buffer", "psi_count"})
     for k in fwd_changed:
         assert not torch.equal(getattr(layer, k), before[k]), k
-    after_fwd = snapshot(layer)
+    after_fwd = buffers(layer)
     z.backward(gz)
     assert_buffers_equal(layer, after_fwd, names=fwd_changed)
     assert not torch.equal(layer.psi_buffer, after_fwd["psi_buffer"])
@@ -265,7 +263,7 @@ def test_zero_size_input(training):
         layer(x).backward(gz)
     layer.train(training)
     layer.zero_grad()
-    before = snapshot(layer)
+    before = buffers(layer)
     x = torch.randn(0, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     z = layer(x)
     assert z.shape == (0, 3, 4, 5) and z.dtype == torch.float64

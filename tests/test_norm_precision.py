@@ -17,6 +17,7 @@ from d2norm.layers.domain_bn import DomainBatchNorm2d
 from d2norm.layers.sync_bn import AnySyncBatchNorm2d, SyncBatchNormFunction
 from d2norm.layers.sync_domain_bn import SyncDomainBatchNorm2d
 from dist_utils import run_distributed
+from helpers import bn_train, ema
 
 OFFSETS = (0.0, 1e2, 1e3, 1e4)
 C = 4
@@ -32,13 +33,9 @@ def ref_bn(xs, dys, rv0=1.0):
     """BN over the concatenation of all elements of ``xs`` (per channel), float64: outputs, input gradients of
     Σ y·dy, and the EMA running_var after one update from ``rv0`` (unbiased variance, torch's convention)."""
     xs = [x.detach().double().requires_grad_() for x in xs]
-    flat = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], dim=1)
-    m = flat.shape[1]
-    mu = flat.sum(1) / m
-    var = ((flat - mu[:, None]) ** 2).sum(1) / m
-    ys = [(x - mu.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + EPS) for x in xs]
+    ys, _, unbiased = bn_train(xs, eps=EPS)
     sum((y * dy.double()).sum() for y, dy in zip(ys, dys)).backward()
-    rv = (1 - MOMENTUM) * rv0 + MOMENTUM * var.detach() * m / (m - 1)
+    rv = ema(rv0, unbiased.detach(), MOMENTUM)
     return [y.detach() for y in ys], [x.grad for x in xs], rv
 
 

@@ -29,6 +29,7 @@ from d2norm.modeling.meta_arch.retinanet_domain import (
     convert_retinanet_head_state_dict,
 )
 from dist_utils import run_distributed
+from helpers import buffers
 
 EPS = 1e-5
 C, NCONV, NCLS = 4, 2, 2
@@ -94,10 +95,6 @@ def make_dys(feats, seed=0):
     dl = [torch.randn(f.shape[0], NCLS, *f.shape[2:], generator=g, dtype=torch.float64) for f in feats]
     db = [torch.randn(f.shape[0], 4, *f.shape[2:], generator=g, dtype=torch.float64) for f in feats]
     return dl, db
-
-
-def _buffers(m):
-    return {k: v.detach().clone() for k, v in m.named_buffers()}
 
 
 # ---- independent float64 reference (rethinking §5.2, Alg. 1) --------------------------------------------------
@@ -209,14 +206,14 @@ def test_head_matches_reference_train_eval(row):
 
     # eval: population statistics of the layout, and no buffer written
     head.eval()
-    before = _buffers(head)
+    before = buffers(head)
     feats = make_feats(seed=7)
     with torch.no_grad():
         logits, bbox = head(feats)
         rl, rb = ref_head(P, feats, S, training=False, layout=layout, momentum=momentum)
     for a, b in zip(logits + bbox, rl + rb):
         torch.testing.assert_close(a, b, **TOL)
-    after = _buffers(head)
+    after = buffers(head)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -244,14 +241,14 @@ def test_cumulative_average_follows_layout(row):
 @pytest.mark.parametrize("row", [1, 3, 6])
 def test_zero_size_batch(row):
     head = make_head(row).train()
-    before = _buffers(head)
+    before = buffers(head)
     feats = [f[:0].clone().requires_grad_() for f in make_feats()]
     logits, bbox = head(feats)
     assert [t.shape for t in logits] == [(0, NCLS, h, w) for h, w in SIZES]
     assert [t.shape for t in bbox] == [(0, 4, h, w) for h, w in SIZES]
     _loss(logits, bbox, make_dys(feats)).backward()
     assert all(f.grad.shape == f.shape for f in feats)
-    after = _buffers(head)
+    after = buffers(head)
     assert all(torch.equal(before[k], after[k]) for k in before)  # statistics undefined: no EMA update (A.10)
 
 
@@ -367,7 +364,7 @@ def test_load_stock_bn_head(row, caplog):
     stock = _stock_bn_head()
     sd = stock.state_dict()
     ours = make_head(row, seed=9)
-    init = _buffers(ours)
+    init = buffers(ours)
     with caplog.at_level(logging.WARNING):
         res = ours.load_state_dict(sd, strict=False)
     assert not res.unexpected_keys
@@ -510,12 +507,12 @@ def test_meta_arch_trains_and_evaluates(row):
         else:  # once per forward (pooled) or once per level call
             assert m.num_batches_tracked.item() == iters * (1 if t == "shared" else 5), name
     model.eval()
-    before = _buffers(model)
+    before = buffers(model)
     with torch.no_grad():
         out = model(_inputs(1))
     inst = out[0]["instances"]
     assert len(inst) > 0 and torch.isfinite(inst.scores).all() and torch.isfinite(inst.pred_boxes.tensor).all()
-    assert all(torch.equal(v, _buffers(model)[k]) for k, v in before.items())
+    assert all(torch.equal(v, buffers(model)[k]) for k, v in before.items())
 
 
 def test_two_cfgs_two_layouts():
@@ -572,7 +569,7 @@ def _dist_worker(rank, world_size, data):
             "y": [t.detach() for t in logits + bbox],
             "gx": [t.grad for t in x],
             "gparams": {k: v.grad.clone() for k, v in head.named_parameters()},
-            "buffers": _buffers(head),
+            "buffers": buffers(head),
         }
         head.eval()
         with torch.no_grad():
@@ -581,7 +578,7 @@ def _dist_worker(rank, world_size, data):
     # bf16 input to the synchronized layer alone: float32 statistics, bf16 output
     layer = SyncDomainBatchNorm2d(C, K, train_stats="shared", pop_stats="shared", sync_group_size=0).train()
     xs = [f[rank].to(torch.bfloat16) for f in data["bf16"]]
-    out["bf16"] = {"y": layer.forward_domains(xs), "buffers": _buffers(layer)}
+    out["bf16"] = {"y": layer.forward_domains(xs), "buffers": buffers(layer)}
     return out
 
 

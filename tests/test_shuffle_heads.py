@@ -24,6 +24,7 @@ from d2norm.modeling.roi_heads.shuffle_heads import (
     balanced_shares,
 )
 from dist_utils import run_distributed
+from helpers import batch_moments, bn_normalize
 
 C_IN, RES = 3, 4  # pooled RoI features: 3 channels, 4 x 4
 NUM_CONV, CONV_DIM, FC_DIM, NUM_CLASSES = 2, 4, 6, 2
@@ -79,14 +80,11 @@ def ref_bn(x, w, b, mode, rm=None, rv=None):
     """BN: batch mode μ, σ² (biased) over (N, H, W) of x; pop mode the given EMA. Returns y and, in batch mode,
     (μ, unbiased σ²) for the EMA update."""
     if mode == "batch":
-        m = x.shape[0] * x.shape[2] * x.shape[3]
-        mu = x.sum((0, 2, 3)) / max(m, 1)
-        var = ((x - mu.view(1, -1, 1, 1)) ** 2).sum((0, 2, 3)) / max(m, 1)
+        mu, var, m = batch_moments([x])
         stats = (mu.detach(), (var * m / max(m - 1, 1)).detach()) if m > 0 else None
     else:
         mu, var, stats = rm, rv, None
-    y = (x - mu.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + EPS) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-    return y, stats
+    return bn_normalize(x, mu, var, EPS, w, b), stats
 
 
 def ref_head(p, kind, x, mode="batch"):

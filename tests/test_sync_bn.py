@@ -12,6 +12,7 @@ import d2norm.layers.sync_bn  # noqa: F401  (registers "AnySyncBN")
 from d2norm.layers.registry import get_norm, norm_options
 from d2norm.layers.sync_bn import AnySyncBatchNorm2d, SyncBatchNormFunction
 from dist_utils import run_distributed
+from helpers import bn_normalize, bn_train
 
 C = 3
 EPS = 1e-5
@@ -20,34 +21,12 @@ EPS = 1e-5
 # ---- independent float64 reference (rethinking A.6: statistics of the whole normalization batch) ----------
 
 
-def ref_bn_train(xs, w, b, eps=EPS):
-    """BN over the union of the elements of every tensor in ``xs`` (each N_r x C x H_r x W_r).
-
-    μ = mean over all elements of the channel, σ² = biased variance, y = (x − μ)/√(σ² + ε)·γ + β.
-    Returns the outputs (one per input), μ and the unbiased σ² (for the EMA).
-    """
-    flat = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], dim=1)  # C x M
-    m = flat.shape[1]
-    mu = flat.sum(1) / m
-    var = ((flat - mu[:, None]) ** 2).sum(1) / m
-    ys = [(x - mu.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + eps) * w.view(1, -1, 1, 1)
-          + b.view(1, -1, 1, 1) for x in xs]
-    unbiased = var * m / (m - 1) if m > 1 else var
-    return ys, mu, unbiased
-
-
-def ref_bn_eval(x, w, b, rm, rv, eps=EPS):
-    return (x - rm.view(1, -1, 1, 1)) / torch.sqrt(rv.view(1, -1, 1, 1) + eps) * w.view(1, -1, 1, 1) + b.view(
-        1, -1, 1, 1
-    )
-
-
 def ref_step(xs, dys, w, b, rm0, rv0, momentum):
     """Reference forward/backward over the union and the EMA update; float64."""
     xs = [x.detach().double().clone().requires_grad_() for x in xs]
     w = w.detach().double().clone().requires_grad_()
     b = b.detach().double().clone().requires_grad_()
-    ys, mu, unbiased = ref_bn_train(xs, w, b)
+    ys, mu, unbiased = bn_train(xs, w, b, EPS)
     sum(((y * dy.double()).sum() for y, dy in zip(ys, dys)), torch.zeros((), dtype=torch.float64)).backward()
     m = sum(x.shape[0] * x.shape[2] * x.shape[3] for x in xs)
     if m > 0:
@@ -256,7 +235,7 @@ def test_sync_bn_two_gloo_ranks_equals_bn_on_concatenation():
     xs, _, (w, b, _, _) = data["uneven"]
     rm, rv = res[0]["uneven"]["buffers"]["running_mean"], res[0]["uneven"]["buffers"]["running_var"]
     xe = xs[1].clone().requires_grad_()
-    ye = ref_bn_eval(xe, w, b, rm, rv)
+    ye = bn_normalize(xe, rm, rv, EPS, w, b)
     ye.sum().backward()
     assert ev["calls"] == 0 and ev["unchanged"]
     torch.testing.assert_close(ev["y"], ye.detach(), rtol=0, atol=1e-10)
@@ -372,8 +351,8 @@ def test_train_updates_exactly_documented_buffers_and_eval_mutates_none():
     y.sum().backward()
     for k, v in layer.named_buffers():
         assert torch.equal(before[k], v), k
-    torch.testing.assert_close(y.detach(), ref_bn_eval(x.detach(), layer.weight.detach(), layer.bias.detach(),
-                                                       layer.running_mean, layer.running_var), rtol=0, atol=1e-12)
+    torch.testing.assert_close(y.detach(), bn_normalize(x.detach(), layer.running_mean, layer.running_var, EPS,
+                                                        layer.weight.detach(), layer.bias.detach()), rtol=0, atol=1e-12)
 
 
 def test_zero_size_single_process():

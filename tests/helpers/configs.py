@@ -2,7 +2,7 @@
 import os
 from typing import Sequence
 
-__all__ = ["tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts"]
+__all__ = ["tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts", "tiny_retinanet_training_cfg"]
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 LEVELS = ["res2", "res3", "res4", "res5"]
@@ -63,3 +63,13 @@ def tiny_training_opts(tmp_path, max_iter: int, warmup_iters: int = 0, checkpoin
         "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp_path / "data"), "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64,
         "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", 6, "D2NORM.DATA.SYNTHETIC_NUM_VAL", 2,
     ]
+
+
+def tiny_retinanet_training_cfg(tmp_path, max_iter: int, opts: Sequence = (), norm: str = "BN", **training):
+    """:func:`tiny_retinanet_cfg` + :func:`tiny_training_opts` (``training``: its keyword arguments) + ``opts``,
+    with the synthetic dataset generated: ready for ``d2norm.engine.Trainer(cfg)``."""
+    from d2norm.data import prepare_datasets
+
+    cfg = tiny_retinanet_cfg(norm, [*tiny_training_opts(tmp_path, max_iter, **training), *opts])
+    prepare_datasets(cfg)
+    return cfg
