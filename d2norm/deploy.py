@@ -82,9 +82,9 @@ def _is_norm(m: nn.Module) -> bool:
 
 @torch.no_grad()
 def _fold_into(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    from .layers.mabn import CenteredConv2d
+    from .layers.mabn import effective_conv_weight
 
-    w = conv.centered_weight() if isinstance(conv, CenteredConv2d) else conv.weight
+    w = effective_conv_weight(conv)
     if scale.shape[0] != w.shape[0]:
         raise NotAnAffine(f"norm has {scale.shape[0]} channels, the convolution {w.shape[0]} outputs")
     dt = torch.float64 if w.dtype == torch.float64 else torch.float32

@@ -85,3 +85,20 @@ def test_trains_and_requires_mabn_everywhere():
     cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
     with pytest.raises(ValueError, match="not preceded by a weight-centralized conv"):
         build_model(cfg)
+
+
+def test_effective_conv_weight_is_what_each_conv_convolves_with():
+    from torch import nn
+
+    from d2norm.layers.mabn import effective_conv_weight
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for conv in (CenteredPlainConv2d(3, 4, 3, padding=1), CenteredConv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)):
+        conv = conv.double()
+        w = effective_conv_weight(conv)
+        torch.testing.assert_close(conv(x), F.conv2d(x, w, conv.bias, padding=1))
+        if type(conv) is nn.Conv2d:
+            assert w is conv.weight
+        else:  # mabn eq 18: zero mean over (in, kh, kw) per output channel
+            torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.zeros(4, dtype=torch.float64))

@@ -36,6 +36,7 @@ __all__ = [
     "WeightCentralized",
     "CenteredConv2d",
     "CenteredPlainConv2d",
+    "effective_conv_weight",
     "centralize_mabn_convs",
     "check_mabn_wiring",
     "set_mabn_warmup",
@@ -331,6 +332,11 @@ class CenteredPlainConv2d(WeightCentralized, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.centered_weight(), self.bias)
+
+
+def effective_conv_weight(conv: nn.Module) -> torch.Tensor:
+    """The weight ``conv``'s forward convolves with: W − mean(W) for a weight-centralized conv (eq 18)."""
+    return conv.centered_weight() if isinstance(conv, WeightCentralized) else conv.weight
 
 
 # ---- model wiring (mabn §4.2: every MABN follows a weight-centralized conv) --------------------------------
