@@ -281,3 +281,44 @@ def test_evalnorm_alpha_beta_are_optional(tmp_path):
     ck.load(str(tmp_path / "bn.pth"))
     assert ck.load_report.optional == ["1.alpha_logit", "1.beta_logit"] and not ck.load_report.missing
     assert ck.load_report.loaded == 4
+
+
+# ---- the recompute tool on data with one NaN pixel ---------------------------------------------------------
+def _poison_second_batch(monkeypatch):
+    from d2norm.engine import cli
+
+    real = cli.train_style_loader
+
+    def loader(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 1:
+                img = batch[0]["image"].float()
+                img[1, 7, 9] = float("nan")  # one pixel of one channel of the first image
+                batch[0]["image"] = img
+            yield batch
+
+    monkeypatch.setattr(cli, "train_style_loader", loader)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_recompute_tool_with_one_nan_pixel(trained, tmp_path, monkeypatch, capsys, policy):
+    _poison_second_batch(monkeypatch)
+    src = os.path.join(trained["out"], "model_final.pth")
+    rc = _tool("recompute_bn_stats").main([
+        "--config-file", trained["yaml"], "--weights", src, "--num-samples", "8", "--batch-size", "2",
+        "--output-dir", str(tmp_path), "--nonfinite", policy])
+    cap = capsys.readouterr()
+    if policy == "error":
+        assert rc == 2
+        assert "error: PreciseBN: non-finite (NaN/Inf) batch statistics in " in cap.err
+        assert "first: layer 'backbone.bottom_up.res2.0.conv1.norm' in batch 1 of rank 0 (its samples 2..3; images " \
+            in cap.err
+        assert not list(tmp_path.glob("*.pth"))
+        return
+    assert rc == 0 and "WARNING: non-finite batch statistics were left out of" in cap.out
+    report = __import__("json").loads((tmp_path / "model_precise_bn_d2norm_synthetic_train.json").read_text())
+    assert all(v == [b for b in v if b.startswith("batch 1 of rank 0")] for v in report["nonfinite_skipped"].values())
+    assert len(report["nonfinite_skipped"]) == report["layers"]  # the NaN reaches every later layer
+    ck = _load(tmp_path / "model_precise_bn_d2norm_synthetic_train.pth")
+    assert all(torch.isfinite(v).all() for k, v in ck["model"].items() if v.is_floating_point())

@@ -216,3 +216,44 @@ def test_trainer_hook_names_layers_and_writes_storage_scalar(caplog):
         storage.iter = hook.trainer.iter = 1
         hook.after_step()
         assert storage.histories()["nonfinite_stats/skipped"].latest() == 1
+
+
+# ---- distributed: every rank takes the same decision --------------------------------------------------------
+def _dist_worker(rank, world_size, bad, clean):
+    from d2norm.stats import NonFiniteStatsError, recompute_population_stats
+
+    out = {}
+    layer = AnySyncBatchNorm2d(C, momentum=MOM).double()
+    x = bad if rank == 0 else clean[0]  # the NaN is on rank 0 only; the statistics are global
+    layer(x[rank * 3 : rank * 3 + 3])
+    out["after_bad"] = _state(layer)
+    out["skips"] = int(getattr(layer, NONFINITE_COUNTER))
+    layer(clean[1][rank * 3 : rank * 3 + 3])
+    out["after_clean"] = _state(layer)
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(C, C, 1), GhostBatchNorm2d(C, ghost_size=2)).double()
+    data = clean[2].clone() if rank == 0 else bad.clone()  # the NaN is on rank 1 only
+    try:
+        recompute_population_stats(net, [data], num_samples=2 * N, batch_size=3, progress=False)
+        out["error"] = None
+    except NonFiniteStatsError as e:
+        out["error"] = str(e)
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_skip_together_and_precise_bn_fails_on_every_rank():
+    from dist_utils import run_distributed
+
+    bad, clean = _batches(7, float("nan"))
+    results = run_distributed(_dist_worker, world_size=2, args=(bad, clean))
+    fresh = _state(AnySyncBatchNorm2d(C, momentum=MOM).double())
+    ref = ref_bn([clean[1]])  # the whole step-2 batch is rank 0's 3 + rank 1's 3 samples of clean[1]
+    for r in results:
+        assert r["skips"] == 1
+        for k, v in fresh.items():
+            assert torch.equal(r["after_bad"][k], v), k  # the global NaN step was skipped on both ranks
+        torch.testing.assert_close(r["after_clean"]["running_mean"], ref["running_mean"], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(r["after_clean"]["running_var"], ref["running_var"], rtol=1e-10, atol=1e-12)
+        # rank 1's bad batch is its batch 0 (samples 0..2): both ranks report it
+        assert "layer '1' in batch 0 of rank 1 (its samples 0..2)" in r["error"]
