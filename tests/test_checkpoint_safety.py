@@ -312,8 +312,8 @@ def test_recompute_tool_with_one_nan_pixel(trained, tmp_path, monkeypatch, capsy
     if policy == "error":
         assert rc == 2
         assert "error: PreciseBN: non-finite (NaN/Inf) batch statistics in " in cap.err
-        assert "first: layer 'backbone.bottom_up.res2.0.conv1.norm' in batch 1 of rank 0 (its samples 2..3; images " \
-            in cap.err
+        assert "first: layer 'backbone.bottom_up.stem.conv1.norm' in batch 1 of rank 0 (its samples 2..3; images " \
+            in cap.err and "/train/" in cap.err and ".png)" in cap.err
         assert not list(tmp_path.glob("*.pth"))
         return
     assert rc == 0 and "WARNING: non-finite batch statistics were left out of" in cap.out

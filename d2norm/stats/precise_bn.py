@@ -182,11 +182,12 @@ def recompute_population_stats(
                 nb = -(-share // batch_size) if batch_size else None
                 batches = _described(rebatch(data, share, batch_size), rank, current)
                 for batch in _progress(batches, nb, "PreciseBN", show):
-                    forward_fn(net, batch)
+                    if not _forward_checked(net, batch, adapters, forward_fn, current) and nonfinite == "error":
+                        break
                 _reduce_and_estimate(list(adapters.values()), estimator, group)
             else:
                 _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, forward_fn, show,
-                                 lambda b: _described(b, rank, current))
+                                 lambda b: _described(b, rank, current), current)
     finally:
         restore_state(net, snap)
 
@@ -267,7 +268,24 @@ def _forward(net, batch, adapters, forward_fn) -> None:
     forward_fn(net, batch)
 
 
-def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, forward_fn, show, described) -> None:
+def _forward_checked(net, batch, adapters, forward_fn, current) -> bool:
+    """:func:`_forward` of a recorded batch; False when the forward raised after a layer had already met
+    non-finite statistics in it (e.g. detectron2's RPN stops on NaN boxes: "Training has diverged"): the rest
+    of that batch is left out and the non-finite report, not the model's own error, says what happened."""
+    before = sum(len(a.nonfinite_batches) for a in adapters.values())
+    try:
+        _forward(net, batch, adapters, forward_fn)
+        return True
+    except Exception as e:
+        if sum(len(a.nonfinite_batches) for a in adapters.values()) == before:
+            raise
+        logger.warning("PreciseBN: the forward of %s failed after non-finite batch statistics (%s: %s); the rest "
+                       "of that batch is left out", current["batch"], type(e).__name__, e)
+        return False
+
+
+def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, forward_fn, show, described,
+                     current) -> None:
     """rethinking A.3: every call of every layer is estimated in a pass in which all calls before it normalize
     with their exact population statistics, which equals forwarding the whole population as one batch.
 
@@ -322,8 +340,8 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
                 a.unit_modes[j] = "record"
             for b in described(batches):
                 set_torch_rng_state(rng)  # same random choices (e.g. RoI sampling) in every pass
-                _forward(net, b, adapters, forward_fn)
-                _check_calls(adapters, calls)
+                if _forward_checked(net, b, adapters, forward_fn, current):
+                    _check_calls(adapters, calls)
             all_reduce_accumulators_([acc for j in js for acc in a.unit_accs[j]], group)
             for j in js:
                 # later calls normalize call j with its population statistics (mean, biased variance), i.e.
