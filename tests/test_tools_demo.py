@@ -148,3 +148,112 @@ def test_corrupt_yaml_is_an_error_line(content, capsys, tmp_path):
     lines = err.strip().splitlines()
     assert lines[-1].startswith(f"error: config file {str(bad)!r} is not valid YAML"), err
     assert "Traceback" not in err
+
+
+# ---- tools/visualize.py -------------------------------------------------------------------------------------
+def _outline_changed(png, src, box):
+    """Fraction of the pixels on ``box``'s outline (XYXY) where ``png`` differs visibly from ``src``."""
+    import numpy as np
+
+    h, w = src.shape[:2]
+    x0, y0, x1, y1 = box
+    xs = np.clip(np.arange(int(x0), int(x1) + 1), 0, w - 1)
+    ys = np.clip(np.arange(int(y0), int(y1) + 1), 0, h - 1)
+    top, left = np.clip(int(round(y0)), 0, h - 1), np.clip(int(round(x0)), 0, w - 1)
+    bottom, right = np.clip(int(round(y1)), 0, h - 1), np.clip(int(round(x1)), 0, w - 1)
+    edge = np.concatenate([png[top, xs] - src[top, xs], png[bottom, xs] - src[bottom, xs],
+                           png[ys, left] - src[ys, left], png[ys, right] - src[ys, right]])
+    return float((np.abs(edge).sum(-1) > 30).mean())
+
+
+def _load_rgb(path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_visualize_writes_pngs_of_the_demo_model(demo, capsys):
+    """The demo checkpoint through the tool: one PNG per image, the image's size, predictions.json with the
+    drawn instances; with no prediction above the threshold the PNG is the image itself."""
+    import json
+
+    rc, out = _run("visualize", demo, "--num-images", "2", "--score-threshold", "0", "--max-detections", "3")
+    text = capsys.readouterr().out
+    assert rc == 0, text[-3000:]
+    rep = json.load(open(os.path.join(out, "predictions.json")))
+    assert len(rep["images"]) == 2
+    for im in rep["images"]:
+        src, png = _load_rgb(im["file_name"]), _load_rgb(im["png"])
+        assert png.shape == src.shape
+        assert 1 <= len(im["boxes"]) == len(im["scores"]) == len(im["classes"]) <= 3
+        assert im["scores"] == sorted(im["scores"], reverse=True)
+        assert all(c in ("rectangle", "ellipse", "triangle") for c in im["classes"])
+        assert (png != src).any()
+    rc, out = _run("visualize", demo, "--num-images", "1", "--score-threshold", "1", out=str(demo["tmp"] / "vis_none"))
+    assert rc == 0
+    im = json.load(open(os.path.join(out, "predictions.json")))["images"][0]
+    assert im["boxes"] == [] and (_load_rgb(im["png"]) == _load_rgb(im["file_name"])).all()
+
+
+def test_visualize_draws_boxes_where_the_predictions_are(demo, capsys, monkeypatch):
+    """A model whose predictions are the val images' ground-truth boxes (so that they are real, visible
+    objects): on every drawn box's outline the PNG differs from the image."""
+    import json
+
+    from detectron2.data import DatasetCatalog
+    from detectron2.structures import Boxes, Instances
+    from torch import nn
+
+    from d2norm.engine import cli
+
+    dicts = DatasetCatalog.get("d2norm_synthetic_val")
+
+    class GroundTruth(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.i = 0
+
+        def forward(self, inputs):
+            d = dicts[self.i]
+            self.i += 1
+            inst = Instances((inputs[0]["height"], inputs[0]["width"]))
+            inst.pred_boxes = Boxes(torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                                                   a["bbox"][1] + a["bbox"][3]] for a in d["annotations"]]))
+            inst.scores = torch.linspace(0.9, 0.6, len(d["annotations"]))
+            inst.pred_classes = torch.tensor([a["category_id"] for a in d["annotations"]])
+            return [{"instances": inst}]
+
+    monkeypatch.setattr(cli, "load_model", lambda cfg, weights=None, **kw: GroundTruth())
+    rc, out = _run("visualize", demo, "--num-images", "3", "--score-threshold", "0.5")
+    assert rc == 0, capsys.readouterr().out[-3000:]
+    rep = json.load(open(os.path.join(out, "predictions.json")))
+    drawn = 0
+    for im, d in zip(rep["images"], dicts):
+        src, png = _load_rgb(im["file_name"]), _load_rgb(im["png"])
+        assert len(im["boxes"]) == len(d["annotations"])
+        for box in im["boxes"]:
+            assert _outline_changed(png, src, box) > 0.5, (im["png"], box)
+            drawn += 1
+    assert drawn >= 3
+
+
+def test_readme_predictor_snippet_draws_an_image(demo, tmp_path):
+    """The README's DefaultPredictor + Visualizer snippet, on the demo checkpoint (cfg sized like the fixture)."""
+    import re
+    import subprocess
+    import sys
+
+    text = open(os.path.join(ROOT, "README.md")).read().split("### Looking at predictions", 1)[1]
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    weights = demo["args"][-1]
+    image = os.path.join(str(demo["tmp"]), "data")
+    image = next(os.path.join(r, f) for r, _, fs in os.walk(image) for f in sorted(fs) if f.endswith(".png"))
+    assert 'cfg.MODEL.WEIGHTS = "output/cpu/faster_rcnn_R18_FPN_ghostbn/model_final.pth"' in code
+    code = code.replace('"output/cpu/faster_rcnn_R18_FPN_ghostbn/model_final.pth"',
+                        f"{weights!r}\ncfg.merge_from_list({demo['opts']!r})")
+    code = code.replace('"<an image>.png"', repr(image))
+    res = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    src, png = _load_rgb(image), _load_rgb(str(tmp_path / "prediction.png"))
+    assert png.shape == src.shape
