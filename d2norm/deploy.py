@@ -22,15 +22,16 @@ float rounding). A per-domain DomainBN folds when the domain is static: call ``f
 ``domain_scope(k)``.
 """
 import logging
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers.base import NotAnAffine, affine_from_stats, bn_inference_affine
+from .layers.report import ConversionReport
 
-__all__ = ["fold_norms", "FoldReport", "norm_inference_affine"]
+__all__ = ["fold_norms", "norm_inference_affine"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,26 +50,6 @@ def norm_inference_affine(m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     if isinstance(m, FrozenBatchNorm2d):
         return affine_from_stats(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
     raise NotAnAffine(f"{type(m).__name__}: not a normalization layer with a fixed inference affine map")
-
-
-class FoldReport:
-    """What :func:`fold_norms` did: ``folded`` = ``{norm module name: conv module name}``, ``not_folded`` =
-    ``{norm module name: reason}``."""
-
-    def __init__(self):
-        self.folded: Dict[str, str] = {}
-        self.not_folded: Dict[str, str] = {}
-
-    def __repr__(self) -> str:
-        return f"FoldReport(folded={len(self.folded)}, not_folded={len(self.not_folded)})"
-
-    def summary(self) -> str:
-        lines = [f"folded {len(self.folded)} norm(s) into their convolutions; {len(self.not_folded)} left as they are"]
-        reasons: Dict[str, int] = {}
-        for r in self.not_folded.values():
-            reasons[r] = reasons.get(r, 0) + 1
-        lines += [f"  not folded ({n}x): {r}" for r, n in sorted(reasons.items())]
-        return "\n".join(lines)
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -95,12 +76,14 @@ def _fold_into(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> Non
     conv.bias = nn.Parameter((b * s + t).to(w.dtype), requires_grad=conv.weight.requires_grad)
 
 
-def fold_norms(model: nn.Module) -> FoldReport:
+def fold_norms(model: nn.Module) -> ConversionReport:
     """Fold, in place, every fixed-affine norm of ``model`` (eval mode) into the convolution before it.
 
-    Returns a :class:`FoldReport` (also logged). The model must be in eval mode (``model.eval()``): folding
-    is an inference transform (rethinking A.8); a ValueError says so otherwise. Outputs are unchanged up to
-    float rounding; the folded model has no norm module left where one was folded (the conv gets a bias).
+    Returns a :class:`~d2norm.layers.report.ConversionReport` (also logged): ``converted`` = ``{norm module
+    name: convolution it was folded into}``, ``skipped`` = ``{norm module name: reason}``. The model must be in
+    eval mode (``model.eval()``): folding is an inference transform (rethinking A.8); a ValueError says so
+    otherwise. Outputs are unchanged up to float rounding; the folded model has no norm module left where one
+    was folded (the conv gets a bias).
     """
     if model.training:
         raise ValueError(
@@ -109,7 +92,7 @@ def fold_norms(model: nn.Module) -> FoldReport:
         )
     from detectron2.layers import Conv2d as D2Conv2d
 
-    report = FoldReport()
+    report = ConversionReport(target="fold_norms (into the preceding convolution)")
     handled = set()
     for name, mod in list(model.named_modules()):
         if isinstance(mod, D2Conv2d) and getattr(mod, "norm", None) is not None:
@@ -119,17 +102,17 @@ def fold_norms(model: nn.Module) -> FoldReport:
                 scale, shift = norm_inference_affine(mod.norm)
                 _fold_into(mod, scale, shift)
             except NotAnAffine as e:
-                report.not_folded[norm_name] = str(e)
+                report.skipped[norm_name] = str(e)
                 continue
             mod.norm = None
-            report.folded[norm_name] = name
+            report.converted[norm_name] = name
         elif isinstance(mod, nn.Sequential):
             children = list(mod.named_children())
             for (cname, conv), (nname, norm) in zip(children, children[1:]):
                 full = f"{name}.{nname}" if name else nname
                 if isinstance(conv, nn.Conv2d) and type(norm).__name__ == "CycleBatchNormList":
                     handled.update(id(m) for m in norm.modules())
-                    report.not_folded[full] = (
+                    report.skipped[full] = (
                         "CycleBatchNormList: a different BN per FPN level after one shared convolution"
                     )
                     continue
@@ -142,12 +125,12 @@ def fold_norms(model: nn.Module) -> FoldReport:
                     scale, shift = norm_inference_affine(norm)
                     _fold_into(conv, scale, shift)
                 except NotAnAffine as e:
-                    report.not_folded[full] = str(e)
+                    report.skipped[full] = str(e)
                     continue
                 setattr(mod, nname, nn.Identity())
-                report.folded[full] = f"{name}.{cname}" if name else cname
+                report.converted[full] = f"{name}.{cname}" if name else cname
     for name, mod in model.named_modules():
-        if _is_norm(mod) and id(mod) not in handled and name not in report.not_folded:
-            report.not_folded[name] = "no convolution directly before it in a foldable pattern"
+        if _is_norm(mod) and id(mod) not in handled and name not in report.skipped:
+            report.skipped[name] = "no convolution directly before it in a foldable pattern"
     logger.info(report.summary())
     return report

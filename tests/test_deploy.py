@@ -103,15 +103,15 @@ def test_folded_detector_equals_unfolded(norm, meta):
     ref = _detections(model, inputs)
     folded = copy.deepcopy(model)
     report = fold_norms(folded)
-    assert report.folded, "nothing folded"
+    assert report.converted, "nothing folded"
     # nothing foldable is left: every remaining norm module was reported with a reason
     for name, m in folded.named_modules():
         if isinstance(m, Conv2d):
-            assert m.norm is None or name + ".norm" in report.not_folded, name
+            assert m.norm is None or name + ".norm" in report.skipped, name
     norm_type = type(model.backbone.bottom_up.stem.conv1.norm)
     assert not any(type(m) is norm_type for m in folded.backbone.modules()), "a backbone norm survived folding"
     if meta == "retinanet" and cfg.MODEL.RETINANET.NORM:
-        assert "head.cls_subnet.1" in report.folded and "head.bbox_subnet.4" in report.folded
+        assert "head.cls_subnet.1" in report.converted and "head.bbox_subnet.4" in report.converted
     _assert_same_detections(ref, _detections(folded, inputs))
 
 
@@ -124,9 +124,9 @@ def test_per_sample_norms_are_reported_and_left(norm):
     inputs = _inputs()
     ref = _detections(model, inputs)
     report = fold_norms(model)
-    assert not report.folded
+    assert not report.converted
     stem = "backbone.bottom_up.stem.conv1.norm"
-    assert NOT_FOLDABLE[norm] in report.not_folded[stem]
+    assert NOT_FOLDABLE[norm] in report.skipped[stem]
     assert model.backbone.bottom_up.stem.conv1.norm is not None
     for r, o in zip(ref, _detections(model, inputs)):
         assert all(torch.equal(a, b) for a, b in zip(r, o))
@@ -142,10 +142,10 @@ def test_sequential_pattern_and_static_domain():
     with torch.no_grad():
         ref = seq[2](seq[1](seq[0](x), domain=2))
     report = fold_norms(copy.deepcopy(seq).eval())
-    assert not report.folded and "no static domain" in report.not_folded["1"]
+    assert not report.converted and "no static domain" in report.skipped["1"]
     with domain_scope(2):
         report = fold_norms(seq)
-    assert report.folded == {"1": "0"} and isinstance(seq[1], nn.Identity)
+    assert report.converted == {"1": "0"} and isinstance(seq[1], nn.Identity)
     with torch.no_grad():
         torch.testing.assert_close(seq(x), ref, rtol=1e-5, atol=1e-5)
 
@@ -155,8 +155,8 @@ def test_retinanet_per_level_bn_head_is_reported():
     cfg.MODEL.RETINANET.NORM = "BN"  # detectron2's CycleBatchNormList: a BN per FPN level after a shared conv
     model = _build(cfg)
     report = fold_norms(model)
-    assert "per FPN level" in report.not_folded["head.cls_subnet.1"]
-    assert "backbone.bottom_up.stem.conv1.norm" in report.folded
+    assert "per FPN level" in report.skipped["head.cls_subnet.1"]
+    assert "backbone.bottom_up.stem.conv1.norm" in report.converted
 
 
 def test_fold_refuses_training_mode_and_dispatches_torch_norms():
