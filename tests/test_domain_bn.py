@@ -15,19 +15,11 @@ from d2norm import add_d2norm_config
 from d2norm.layers.domain_bn import DomainBatchNorm2d, current_domain, domain_scope
 from d2norm.layers.registry import get_norm, norm_options
 
-from helpers import buffers
+from helpers import TABLE5_ROWS, buffers
 
 C, K = 3, 3
 LAYOUTS = list(itertools.product(("per_domain", "shared"), ("per_domain", "shared"), (False, True)))
-# Table 5 rows as (train_stats, pop_stats, affine_per_domain)
-TABLE5 = {
-    1: ("shared", "shared", False),
-    2: ("shared", "per_domain", False),
-    3: ("per_domain", "shared", False),
-    4: ("per_domain", "per_domain", False),
-    5: ("per_domain", "shared", True),
-    6: ("per_domain", "per_domain", True),
-}
+TABLE5 = TABLE5_ROWS  # Table 5 rows as (train_stats, pop_stats, affine_per_domain)
 
 
 def _xs(seed=0, dtype=torch.float64, sizes=((2, 6, 5), (2, 3, 3), (2, 2, 1))):

@@ -20,7 +20,7 @@ from d2norm.layers.evalnorm import (
 )
 from d2norm.stats.evalnorm_fit import fit_evalnorm_offline
 
-from helpers import bn_train
+from helpers import assert_matches_reference, bn_train
 
 C = 3
 
@@ -98,21 +98,10 @@ def test_eval_matches_reference_forward_backward(mode):
     else:
         alpha, beta = torch.sigmoid(layer.alpha_logit).item(), torch.sigmoid(layer.beta_logit).item()
         assert alpha == pytest.approx(0.3) and beta == pytest.approx(0.6)
-    x = rand_x().requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    w_ref = layer.weight.detach().clone().requires_grad_(True)
-    b_ref = layer.bias.detach().clone().requires_grad_(True)
+    x = rand_x()
     before = buffers(layer)
-
-    y = layer(x)
-    y_ref = ref_eval(x_ref, layer.running_mean, layer.running_var, w_ref, b_ref, alpha, beta, 1e-3)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(layer.weight.grad, w_ref.grad, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(layer.bias.grad, b_ref.grad, rtol=1e-9, atol=1e-10)
+    y = assert_matches_reference(
+        layer, x, lambda x, w, b: ref_eval(x, layer.running_mean, layer.running_var, w, b, alpha, beta, 1e-3))
     # only the aux loss estimates alpha/beta (§3.4): the eval graph never reaches them
     assert layer.alpha_logit.grad is None and layer.beta_logit.grad is None
     assert_same(before, buffers(layer))
@@ -158,20 +147,8 @@ def test_train_identical_to_batchnorm(mode):
         for k in ("running_mean", "running_var", "num_batches_tracked"):
             assert torch.equal(getattr(layer, k), getattr(bn, k)), k
     # and BN itself against the float64 reference of eq 1
-    x = rand_x().requires_grad_(True)
-    w = layer.weight.detach().double().requires_grad_(True)
-    b = layer.bias.detach().double().requires_grad_(True)
     ld = copy.deepcopy(layer).double()
-    y = ld(x)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y_ref = bn_train(x_ref, w, b, ld.eps)[0]
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(ld.weight.grad, w.grad, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(ld.bias.grad, b.grad, rtol=1e-9, atol=1e-10)
+    assert_matches_reference(ld, rand_x(), lambda x, w, b: bn_train(x, w, b, ld.eps)[0])
 
 
 def test_train_updates_exactly_documented_buffers():

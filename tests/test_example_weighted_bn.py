@@ -14,7 +14,7 @@ from d2norm import add_d2norm_config
 from d2norm.layers.example_weighted_bn import ExampleWeightedBatchNorm2d
 from d2norm.layers.registry import get_norm, norm_options
 
-from helpers import buffers
+from helpers import assert_matches_reference, buffers
 
 C = 3
 
@@ -63,20 +63,8 @@ def _cfg(alpha=None, **bn):
 def test_eval_matches_float64_eq3_forward_backward(alpha):
     m = _layer(alpha).eval()
     before = buffers(m)
-    x = _x().requires_grad_(True)
-    y = m(x)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-
-    xr = x.detach().clone().requires_grad_(True)
-    wr = m.weight.detach().clone().requires_grad_(True)
-    br = m.bias.detach().clone().requires_grad_(True)
-    yr = _ref_eq3(xr, wr, br, m.running_mean, m.running_var, alpha, m.eps)
-    (yr * g).sum().backward()
-    torch.testing.assert_close(y, yr, rtol=0, atol=1e-9)
-    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-9)
-    torch.testing.assert_close(m.weight.grad, wr.grad, rtol=0, atol=1e-9)
-    torch.testing.assert_close(m.bias.grad, br.grad, rtol=0, atol=1e-9)
+    assert_matches_reference(m, _x(), lambda x, w, b: _ref_eq3(x, w, b, m.running_mean, m.running_var, alpha, m.eps),
+                             (0, 1e-9), (0, 1e-9))
     for k, v in buffers(m).items():  # eval never mutates a buffer
         assert torch.equal(v, before[k]), k
 

@@ -6,6 +6,8 @@ from torch import nn
 from d2norm.layers.ghost_bn import GhostBatchNorm2d, ghost_batch_sizes
 from d2norm.layers.registry import get_norm, norm_options
 
+from helpers import assert_matches_reference
+
 
 def reference_ghost_bn(x, weight, bias, sizes, eps):
     """Eq 4 literally: each example normalized by the mean / biased variance of its own sub-batch."""
@@ -46,20 +48,9 @@ def test_train_forward_backward_matches_reference(n, ghost):
     with torch.no_grad():
         layer.weight.uniform_(0.5, 2.0)
         layer.bias.uniform_(-1, 1)
-    x = _rand(n, seed=n).requires_grad_()
-    x_ref = x.detach().clone().requires_grad_()
-    w_ref = layer.weight.detach().clone().requires_grad_()
-    b_ref = layer.bias.detach().clone().requires_grad_()
-    y = layer(x)
     sizes = ghost_batch_sizes(n, ghost)
-    y_ref = reference_ghost_bn(x_ref, w_ref, b_ref, sizes, layer.eps)
-    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(layer.weight.grad, w_ref.grad, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(layer.bias.grad, b_ref.grad, rtol=1e-9, atol=1e-9)
+    assert_matches_reference(layer, _rand(n, seed=n), lambda x, w, b: reference_ghost_bn(x, w, b, sizes, layer.eps),
+                             grad_tol=(1e-9, 1e-9))
 
 
 def test_running_stats_update_rule():

@@ -22,16 +22,10 @@ import d2norm  # noqa: F401
 from d2norm.layers.domain_bn import DomainBatchNorm2d
 from d2norm.stats import recompute_population_stats
 
+from helpers import TABLE5_ROWS
+
 K, C, EPS = 3, 4, 1e-5
-# Table 5 rows: (TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN)
-ROWS = {
-    1: ("shared", "shared", False),
-    2: ("shared", "per_domain", False),
-    3: ("per_domain", "shared", False),
-    4: ("per_domain", "per_domain", False),
-    5: ("per_domain", "shared", True),
-    6: ("per_domain", "per_domain", True),
-}
+ROWS = TABLE5_ROWS  # Table 5 rows: (TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN)
 
 
 class ToyHead(nn.Module):

@@ -5,7 +5,17 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["batch_moments", "bn_normalize", "bn_train", "bn_affine", "ema"]
+__all__ = ["batch_moments", "bn_normalize", "bn_train", "bn_affine", "ema", "TABLE5_ROWS"]
+
+#: rethinking Table 5 rows as (training statistics, population statistics, affine per domain)
+TABLE5_ROWS = {
+    1: ("shared", "shared", False),
+    2: ("shared", "per_domain", False),
+    3: ("per_domain", "shared", False),
+    4: ("per_domain", "per_domain", False),
+    5: ("per_domain", "shared", True),
+    6: ("per_domain", "per_domain", True),
+}
 
 
 def _c(t: torch.Tensor) -> torch.Tensor:
