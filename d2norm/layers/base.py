@@ -294,19 +294,24 @@ def undo_nonfinite_update_(new: Sequence[torch.Tensor], old: Sequence[torch.Tens
     with momentum 0, since NaN·0 = NaN). Such an update is skipped as a whole — every tensor of the layer's
     state, counters included, keeps its old value, so the layer ends exactly as if the batch had not been
     seen. Values that were already non-finite before (e.g. a bad checkpoint) do not block later updates.
-    Device-side only (``torch.where``): no host synchronization.
+    On an accelerator the decision stays on the device (``torch.where``, no host synchronization); on the
+    CPU, where reading it is free, the restore only runs when needed.
     """
-    bad = None
-    for n, o in zip(new, old):
-        if n.is_floating_point():
-            b = (torch.isfinite(o) & ~torch.isfinite(n)).any()
-            bad = b if bad is None else bad | b
-    if bad is None:
+    floats = [(n, o) for n, o in zip(new, old) if n.is_floating_point()]
+    if not floats:
         return torch.zeros((), dtype=torch.bool)
+    if len(floats) == 1:
+        fn, fo = floats[0]
+    else:  # one check for all statistics of the layer
+        fn = torch.cat([n.reshape(-1) for n, _ in floats])
+        fo = torch.cat([o.reshape(-1) for _, o in floats])
+    bad = (torch.isfinite(fo) > torch.isfinite(fn)).any()  # finite before, not after
+    if bad.device.type == "cpu" and not bool(bad):
+        return bad
     for n, o in zip(new, old):
         # Through .data: the version counter stays. torch's BN kernels hand the running buffers to their
         # backward (which reads them only in eval mode), so a version bump would fail autograd's check.
-        n.data.copy_(torch.where(bad, o, n))
+        n.data.copy_(torch.where(bad, o, n) if bad.device.type != "cpu" else o)
     return bad
 
 
