@@ -11,15 +11,12 @@ Trainings go to ``--work-dir/runs/<tag>_s<seed>_d<data seed>_<hash>`` and are re
 needs the same run (and by a rerun). ``--data-seed`` regenerates the synthetic set with another seed.
 """
 import argparse
-import os
 import shlex
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from d2norm.experiments import Context, get_experiments, run_experiment  # noqa: E402
-from d2norm.experiments.suite import markdown_table  # noqa: E402
+from d2norm.experiments import Context, get_experiments, run_experiment
+from d2norm.experiments.suite import markdown_table
 
 
 def build_parser():
