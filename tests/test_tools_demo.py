@@ -14,7 +14,7 @@ DEMO = os.path.join(ROOT, "configs", "cpu", "faster_rcnn_R18_FPN_ghostbn.yaml")
 TINY = ["INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64,
         "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64, "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", 8, "D2NORM.DATA.SYNTHETIC_NUM_VAL", 3,
         "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_ITER", 3, "SOLVER.WARMUP_ITERS", 0, "TEST.EVAL_PERIOD", 0,
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "SOLVER.CHECKPOINT_PERIOD", 2]
 
 
 def _tool(name):
@@ -257,3 +257,44 @@ def test_readme_predictor_snippet_draws_an_image(demo, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     src, png = _load_rgb(image), _load_rgb(str(tmp_path / "prediction.png"))
     assert png.shape == src.shape
+
+
+# ---- tools/analyze_bn.py plots -----------------------------------------------------------------------------
+def test_analyze_bn_plots_are_labelled_and_esm_is_per_channel(demo, capsys):
+    """Both checkpoints of the demo run: every panel of both figures has a y label and a legend, the ESM panels
+    name the layers, and the per-channel ESM is the raw L2 norm over the layer's channels divided by sqrt(C)
+    with C the layer's width (recomputed here from the model)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from d2norm.engine import cli
+
+    first = str(demo["tmp"] / "out" / "model_0000001.pth")
+    tool = _tool("analyze_bn")
+    out = str(demo["tmp"] / "analyze_bn")
+    rc = tool.main(["--config-file", DEMO, "--weights", first, demo["args"][-1], "--num-batches", "3",
+                    "--batch-size", "2", "--output-dir", out, *demo["opts"]])
+    assert rc == 0, capsys.readouterr().out[-3000:]
+    rep = json.load(open(os.path.join(out, "analyze_bn.json")))
+    cfg = cli.load_cfg(DEMO, demo["opts"])
+    widths = {n: m.num_features for n, m in cli.load_model(cfg, demo["args"][-1]).named_modules()
+              if hasattr(m, "num_features")}
+    esm = rep["checkpoints"][0]["esm"]
+    assert len({widths[e["layer"]] for e in esm}) > 1  # layers of different width: raw ESM does not compare
+    for e in esm:
+        assert e["num_channels"] == widths[e["layer"]]
+        assert e["esm_mu_rms"] == pytest.approx(e["esm_mu"] / math.sqrt(widths[e["layer"]]), rel=1e-12)
+        assert e["esm_sigma_rms"] == pytest.approx(e["esm_sigma"] / math.sqrt(widths[e["layer"]]), rel=1e-12)
+    for fig in (tool.plot_fig2(rep), tool.plot_esm(rep)):
+        assert fig.axes
+        for ax in fig.axes:
+            assert ax.get_ylabel() and ax.get_xlabel(), ax.get_title()
+            legend = ax.get_legend()
+            assert legend is not None and len(legend.get_texts()) >= 2, ax.get_title()
+    esm_axes = tool.plot_esm(rep).axes
+    assert len(esm_axes) == 4
+    for ax in esm_axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == [e["layer"] for e in esm]
+    assert sorted(os.listdir(out)) == ["analyze_bn.json", "esm.png", "fig2_batch_stats.png"]

@@ -8,7 +8,8 @@
 (b) estimation-shift Def. 2: ESM_μ = ‖μ̂ − μ̃‖₂ and ESM_σ = ‖σ̂ − σ̃‖₂ of every BN layer, ordered by depth,
     where μ̃, σ̃² are the expected population statistics (Def. 1) measured by forwarding the test set
     (``--test-dataset``) through the model in eval mode: the accumulation of estimation shift with depth
-    (§4.2.1). -> ``esm.png``
+    (§4.2.1); the L² norm grows like √C with the layer's width C, so the per-channel values ESM/√C are plotted
+    too (bottom row), layer names on the x axis. -> ``esm.png``
 All numbers the plots are drawn from are in ``analyze_bn.json``.
 
 Example:
@@ -44,6 +45,59 @@ def _default_layers(names):
     if len(names) <= 3:
         return list(names)
     return [names[0], names[len(names) // 2], names[-1]]
+
+
+def plot_fig2(report):
+    """rethinking Fig. 2 per (layer, channel) panel: the batch means (dots), their average (the population
+    mean) and the EMA mean across the checkpoints; every panel with its axis labels and legend."""
+    import matplotlib.pyplot as plt
+
+    ckpts = report["checkpoints"]
+    x = list(range(len(ckpts)))
+    panels = [(n, c) for n in report["layers"] for c in report["channels"]]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.8 * len(panels)), squeeze=False)
+    for ax, (n, c) in zip(axes[:, 0], panels):
+        d = [ck["fig2"][n][str(c)] for ck in ckpts]
+        for xi, di in zip(x, d):
+            ax.scatter([xi] * len(di["batch_means"]), di["batch_means"], s=6, c="tab:blue", alpha=0.35,
+                       label=f"mean of each of {len(di['batch_means'])} batches" if xi == 0 else None)
+        ax.plot(x, [di["population_mean"] for di in d], "-o", c="tab:blue", label="population mean")
+        ax.plot(x, [di["ema_mean"] for di in d], "-s", c="tab:red", label="EMA mean (running_mean)")
+        ax.set_title(f"{n}, channel {c}", fontsize=9)
+        ax.set_ylabel(f"mean of channel {c}", fontsize=8)
+        ax.set_xlabel("checkpoint", fontsize=8)
+        ax.set_xticks(x)
+        ax.set_xticklabels([ck["label"] for ck in ckpts], fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_esm(report):
+    """estimation-shift Def. 2 per layer in depth order, layer names on the x axis: raw ESM_μ, ESM_σ (L² norm
+    over the layer's C channels, top) and per channel ESM/√C (bottom), so layers of different width compare;
+    every panel with its axis labels and a legend of the checkpoints."""
+    import matplotlib.pyplot as plt
+
+    ckpts = report["checkpoints"]
+    names = [e["layer"] for e in ckpts[0]["esm"]] if ckpts else []
+    fig, axes = plt.subplots(2, 2, figsize=(max(11, 0.32 * len(names) + 3), 9), squeeze=False)
+    rows = (("", "L2 norm over channels"), ("_rms", "per channel: ESM / sqrt(C)"))
+    for r, (suffix, what) in enumerate(rows):
+        for col, (key, sym) in enumerate((("esm_mu", "ESM_mu"), ("esm_sigma", "ESM_sigma"))):
+            ax = axes[r, col]
+            for ck in ckpts:
+                by_name = {e["layer"]: e[key + suffix] for e in ck["esm"]}
+                ax.plot(range(len(names)), [by_name.get(n, float("nan")) for n in names], "-o", ms=3,
+                        label=ck["label"])
+            ax.set_title(f"{sym}, {what} (test set {report['test_dataset']})", fontsize=9)
+            ax.set_ylabel(f"{sym}{' / sqrt(C)' if suffix else ''}", fontsize=8)
+            ax.set_xlabel("BN layer (depth order)", fontsize=8)
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels(names, rotation=90, fontsize=6)
+            ax.legend(fontsize=7, title="checkpoint", title_fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def run(args):
@@ -110,47 +164,24 @@ def run(args):
                                       "esm_test_images": expected.num_samples})
 
     # ---- plots ----------------------------------------------------------------------------------------
-    ckpts = report["checkpoints"]
-    x = list(range(len(ckpts)))
-    panels = [(n, c) for n in layers for c in args.channels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), squeeze=False)
-    for ax, (n, c) in zip(axes[:, 0], panels):
-        d = [ck["fig2"][n][str(c)] for ck in ckpts]
-        for xi, di in zip(x, d):
-            ax.scatter([xi] * len(di["batch_means"]), di["batch_means"], s=6, c="tab:blue", alpha=0.35,
-                       label="batch means" if xi == 0 else None)
-        ax.plot(x, [di["population_mean"] for di in d], "-o", c="tab:blue", label="population mean")
-        ax.plot(x, [di["ema_mean"] for di in d], "-s", c="tab:red", label="EMA mean")
-        ax.set_title(f"{n} channel {c}", fontsize=9)
-        ax.set_xticks(x)
-        ax.set_xticklabels([ck["label"] for ck in ckpts], fontsize=8)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    fig2_path = os.path.join(out_dir, "fig2_batch_stats.png")
     os.makedirs(out_dir, exist_ok=True)
+    fig2_path = os.path.join(out_dir, "fig2_batch_stats.png")
+    fig = plot_fig2(report)
     fig.savefig(fig2_path, dpi=80)
     plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    for ck in ckpts:
-        depth = [e["depth"] for e in ck["esm"]]
-        axes[0].plot(depth, [e["esm_mu"] for e in ck["esm"]], "-o", ms=3, label=ck["label"])
-        axes[1].plot(depth, [e["esm_sigma"] for e in ck["esm"]], "-o", ms=3, label=ck["label"])
-    for ax, t in zip(axes, ("ESM_mu", "ESM_sigma")):
-        ax.set_xlabel("BN layer (depth order)")
-        ax.set_title(f"{t} on {test_ds}")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
     esm_path = os.path.join(out_dir, "esm.png")
+    fig = plot_esm(report)
     fig.savefig(esm_path, dpi=80)
     plt.close(fig)
 
     report["plots"] = {"fig2": fig2_path, "esm": esm_path}
     path = tc.write_json(os.path.join(out_dir, f"{args.output_name}.json"), report)
-    for ck in ckpts:
-        rows = [[e["depth"], e["layer"], e["esm_mu"], e["esm_sigma"]] for e in ck["esm"]]
+    for ck in report["checkpoints"]:
+        rows = [[e["depth"], e["layer"], e["num_channels"], e["esm_mu"], e["esm_sigma"], e["esm_mu_rms"],
+                 e["esm_sigma_rms"]] for e in ck["esm"]]
         print(f"{ck['label']}: ESM per layer (first / last 3)")
-        print(tc.format_table(["depth", "layer", "ESM_mu", "ESM_sigma"], rows[:3] + rows[-3:]))
+        print(tc.format_table(["depth", "layer", "C", "ESM_mu", "ESM_sigma", "ESM_mu/sqrt(C)", "ESM_sigma/sqrt(C)"],
+                              rows[:3] + rows[-3:]))
     print(f"wrote {fig2_path}, {esm_path}, {path}", flush=True)
     return report
 

@@ -7,7 +7,9 @@ on the test set S' through the trained model as used at test time, see
 
     ESM_μ = ‖μ̂ − μ̃‖₂,        ESM_σ = ‖sqrt(σ̂²) − sqrt(σ̃²)‖₂
 
-(L² norm over the layer's channels). Computed in float64. Variance convention: both σ̂² and σ̃² are unbiased
+(L² norm over the layer's channels). The L² norm of C channel shifts grows like √C, so layers of different width
+are compared by the per-channel (root-mean-square) values ESM/√C, reported as ``esm_mu_rms`` /
+``esm_sigma_rms`` next to the raw ones. Computed in float64. Variance convention: both σ̂² and σ̃² are unbiased
 (torch stores the EMA of the unbiased batch variance; σ̃² is the unbiased variance of the N·H·W test values, for
 which the Bessel factor is 1 + O(1/(N·H·W))). A per-domain layer (DomainBN, one set per FPN level) has one
 set of statistics per slot; its ESM is the L² norm over all (slot, channel) entries that saw test data, and the
@@ -53,7 +55,9 @@ def layer_esm(
         order: layer names, first-called first.
     Returns:
         one dict per layer that saw test data: ``{"layer", "depth", "type", "esm_mu", "esm_sigma",
-        "num_values", "slots": [{"slot", "esm_mu", "esm_sigma"}, ...]}`` (depth counts from 0).
+        "num_channels", "esm_mu_rms", "esm_sigma_rms", "num_values", "slots": [{"slot", "esm_mu", "esm_sigma"},
+        ...]}`` (depth counts from 0; ``num_channels`` = statistics entries compared, channels x slots with test
+        data; ``*_rms`` = value / sqrt(num_channels)).
     """
     out = []
     for name in order:
@@ -72,12 +76,16 @@ def layer_esm(
         if not slots:
             continue
         mu, sigma = estimation_shift_magnitude(torch.cat(em), torch.cat(ev), torch.cat(xm), torch.cat(xv))
+        channels = int(sum(t.numel() for t in em))
         out.append({
             "layer": name,
             "depth": len(out),
             "type": (layer_types or {}).get(name, ""),
             "esm_mu": mu,
             "esm_sigma": sigma,
+            "num_channels": channels,
+            "esm_mu_rms": mu / channels ** 0.5,
+            "esm_sigma_rms": sigma / channels ** 0.5,
             "num_values": n,
             "slots": slots,
         })
