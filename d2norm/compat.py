@@ -1,40 +1,49 @@
 """Make detectron2 v0.6 (Python-only install) run on today's torch / Pillow / setuptools, and on CPU/gloo.
 
-Every shim below closes one gap that was verified on this stack, is applied only when that gap exists, and
-is recorded in :data:`APPLIED`. On a compiled upstream detectron2 (built from GitHub) all of them are inert.
-This is the only module in d2norm that patches detectron2.
+Every shim below closes one gap that was verified on this stack, is applied only when that gap exists in the
+detectron2 that is imported (detected from detectron2's own code, not from the version number or from CUDA), and
+is recorded in :data:`APPLIED`. Together with :func:`d2norm.layers.install` (the norm registry hook) this is the
+only code in d2norm that patches detectron2.
 
-Gaps (each has a test in ``tests/test_compat.py``):
+Which gap exists where (v0.6 = the distribution ``scripts/install.sh`` builds; "other v0.6" = a Python-only v0.6
+installed some other way; upstream = detectron2 main built with its C++ ops, tested at commit 02b5c4e2):
 
-``compiled_ops``
+``compiled_ops`` (other v0.6)
     ``detectron2/layers/__init__.py`` (deformable conv, rotated boxes, RoIAlignRotated) and
-    ``evaluation/fast_eval_api.py`` do ``from detectron2 import _C`` at import time. Without the C++ extension
-    we import those modules against a stand-in whose every attribute raises ``NotImplementedError`` naming the
-    op, then remove the stand-in again so ``import detectron2._C`` elsewhere (``collect_env``) still reports
-    "not built".
-``fast_coco_eval``
-    ``COCOEvaluator(use_fast_impl=True)`` (the default) needs ``_C``; without it COCO evaluation uses
+    ``evaluation/fast_eval_api.py`` do ``from detectron2 import _C`` at import time. The installer's v0.6 ships a
+    ``detectron2/_C.py`` stand-in (any import order works); without one, we import those modules against the
+    same kind of stand-in (every op raises ``NotImplementedError`` naming it), then remove it again so
+    ``collect_env`` still reports "not built".
+``fast_coco_eval`` (v0.6, other v0.6)
+    ``COCOEvaluator(use_fast_impl=True)`` (the default) needs the compiled ``_C``; without it COCO evaluation uses
     pycocotools' ``COCOeval`` (exactly what ``use_fast_impl=False`` does).
-``pil_linear``
-    ``data/transforms/transform.py`` uses ``PIL.Image.LINEAR`` as a default argument; Pillow >= 10 removed the
-    alias. We restore it as ``Image.BILINEAR`` (the value it always had). Pillow itself is not downgraded.
-``pkg_resources``
-    ``model_zoo/model_zoo.py`` imports ``pkg_resources`` (gone in setuptools >= 81). It is imported against a
-    minimal stand-in providing ``resource_filename``; the stand-in is not left in ``sys.modules``.
-``cpu_launch``
+``pil_linear`` (other v0.6)
+    v0.6's ``data/transforms/transform.py`` uses ``PIL.Image.LINEAR`` as a default argument; Pillow >= 10 removed
+    the alias (the installer's v0.6 and upstream use ``Image.BILINEAR``). We restore it as ``Image.BILINEAR`` (the
+    value it always had). Pillow itself is not downgraded.
+``pkg_resources`` (upstream, other v0.6)
+    ``model_zoo/model_zoo.py`` imports ``pkg_resources`` (gone in setuptools >= 81; the installer's v0.6 has a
+    fallback). It is imported against a minimal stand-in providing ``resource_filename``; the stand-in is not
+    left in ``sys.modules``. Importing ``detectron2.model_zoo`` *before* d2norm on such a detectron2 fails in
+    detectron2 itself (README: import order).
+``cpu_launch`` (v0.6, other v0.6)
     v0.6's ``launch`` asserts CUDA and uses NCCL. On a machine without CUDA the worker uses gloo, as
     detectron2 main does, so ``--num-gpus N`` runs N CPU processes.
-``cpu_ddp``
-    v0.6's ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which DDP rejects for CPU modules.
-``jit_script_warning``
+``cpu_ddp`` (v0.6, other v0.6, upstream)
+    ``create_ddp_model`` always passes ``device_ids=[local_rank]``, which DDP rejects for CPU modules.
+``jit_script_warning`` (v0.6, other v0.6, upstream: a torch >= 2.10 matter)
     ``fvcore/nn/focal_loss.py`` and ``modeling/box_regression.py`` call ``torch.jit.script`` at import time,
     which torch >= 2.10 answers with a ``FutureWarning`` per call and process (two per process, per rank with
     ``--num-gpus``). Those imports run here with that one warning filtered; the filter is removed afterwards,
     so a user's own ``torch.jit.script`` still warns.
-``retinanet_norm_probe``
+``retinanet_norm_probe`` (v0.6, other v0.6)
     v0.6's ``RetinaNetHead`` calls ``get_norm(norm, 1)`` just to log the norm's type name, so any grouped norm
     (detectron2's own "GN", d2norm's "BGN") fails there for 1 channel; upstream probes with 32 channels. The
     retinanet module's ``get_norm`` maps that probe to 32 channels (a real 1-channel head conv does not exist).
+``trainer_state`` (v0.6, other v0.6)
+    v0.6's ``DefaultTrainer`` does not checkpoint its ``SimpleTrainer`` (optimizer state: SGD momentum, AMP grad
+    scaler), so ``--resume`` silently restarted momentum. We add ``state_dict``/``load_state_dict`` exactly as
+    upstream has them (key ``"_trainer"``).
 """
 import importlib
 import importlib.util
@@ -47,7 +56,7 @@ import warnings
 from datetime import timedelta
 from typing import Dict
 
-__all__ = ["HAS_COMPILED_OPS", "APPLIED", "MissingCompiledOps"]
+__all__ = ["HAS_COMPILED_OPS", "APPLIED"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +64,13 @@ logger = logging.getLogger(__name__)
 APPLIED: Dict[str, bool] = {}
 
 
-class MissingCompiledOps(types.ModuleType):
-    """Stand-in for ``detectron2._C``: importing works, using any op raises a clear error."""
-
-    def __getattr__(self, name):
-        if name.startswith("__") and name.endswith("__"):
-            raise AttributeError(name)
-        raise NotImplementedError(
-            f"detectron2._C.{name} is a compiled detectron2 op (deformable conv, rotated boxes, "
-            f"RoIAlignRotated or fast COCO eval), but this detectron2 was installed without its C++ "
-            f"extension. Install a compiled detectron2 (README: 'Using an upstream detectron2') to use it."
-        )
+def _stand_in_module(name: str) -> types.ModuleType:
+    """A fresh module ``name`` from :mod:`d2norm.compiled_ops_stand_in` (the installer's ``detectron2/_C.py``)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compiled_ops_stand_in.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _compiled_ops_available() -> bool:
@@ -76,12 +81,18 @@ def _compiled_ops_available() -> bool:
     if spec is None:
         return False
     try:
-        importlib.import_module("detectron2._C")
+        module = importlib.import_module("detectron2._C")
     except ImportError:
         return False
-    return True
+    return not hasattr(module, "D2NORM_STAND_IN")
 
 
+def _compiled_ops_importable() -> bool:
+    """``from detectron2 import _C`` works (compiled, or the installer's stand-in)."""
+    return "detectron2._C" in sys.modules
+
+
+#: detectron2's compiled ops are really there (not the installer's ``_C`` stand-in, not compat's)
 HAS_COMPILED_OPS: bool = _compiled_ops_available()
 
 
@@ -100,11 +111,11 @@ def _with_temporary_module(name: str, module: types.ModuleType, to_import, paren
 
 
 def _shim_compiled_ops():
-    if HAS_COMPILED_OPS:
+    if _compiled_ops_importable():
         return False
     import detectron2
 
-    stand_in = MissingCompiledOps("detectron2._C")
+    stand_in = _stand_in_module("detectron2._C")
     _with_temporary_module(
         "detectron2._C",
         stand_in,
@@ -127,10 +138,22 @@ def _shim_fast_coco_eval():
     return True
 
 
+def _detectron2_source(*relpath: str) -> str:
+    """Text of a detectron2 source file, read without importing it (importing may be what fails)."""
+    import detectron2
+
+    path = os.path.join(os.path.dirname(detectron2.__file__), *relpath)
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def _shim_pil_linear():
     from PIL import Image
 
-    if hasattr(Image, "LINEAR"):
+    if hasattr(Image, "LINEAR") or "Image.LINEAR" not in _detectron2_source("data", "transforms", "transform.py"):
         return False
     Image.LINEAR = Image.BILINEAR
     return True
@@ -142,7 +165,9 @@ def _resource_filename(package: str, resource: str) -> str:
 
 
 def _shim_pkg_resources():
-    if importlib.util.find_spec("pkg_resources") is not None:
+    if importlib.util.find_spec("pkg_resources") is not None or "detectron2.model_zoo" in sys.modules:
+        return False
+    if "\nimport pkg_resources\n" not in _detectron2_source("model_zoo", "model_zoo.py"):
         return False
     stand_in = types.ModuleType("pkg_resources")
     stand_in.resource_filename = _resource_filename
@@ -268,6 +293,33 @@ def _shim_jit_script_warning(shims):
     return bool(jit), results
 
 
+def _trainer_state_dict(self):
+    """upstream ``DefaultTrainer.state_dict``: the TrainerBase state plus the inner trainer's (optimizer)."""
+    from detectron2.engine.train_loop import TrainerBase
+
+    ret = TrainerBase.state_dict(self)
+    ret["_trainer"] = self._trainer.state_dict()
+    return ret
+
+
+def _trainer_load_state_dict(self, state_dict):
+    """upstream ``DefaultTrainer.load_state_dict``."""
+    from detectron2.engine.train_loop import TrainerBase
+
+    TrainerBase.load_state_dict(self, state_dict)
+    self._trainer.load_state_dict(state_dict["_trainer"])
+
+
+def _shim_trainer_state():
+    defaults = importlib.import_module("detectron2.engine.defaults")
+    trainer = defaults.DefaultTrainer
+    if "state_dict" in vars(trainer):
+        return False
+    trainer.state_dict = _trainer_state_dict
+    trainer.load_state_dict = _trainer_load_state_dict
+    return True
+
+
 def _apply():
     # Order matters: PIL and _C before anything imports detectron2.data / detectron2.layers.
     APPLIED["pil_linear"] = _shim_pil_linear()
@@ -277,6 +329,7 @@ def _apply():
     APPLIED["cpu_launch"] = _shim_cpu_launch()
     APPLIED["cpu_ddp"] = _shim_cpu_ddp()
     APPLIED["retinanet_norm_probe"] = _shim_retinanet_norm_probe()
+    APPLIED["trainer_state"] = _shim_trainer_state()
     applied = [k for k, v in APPLIED.items() if v]
     if applied:
         logger.debug("d2norm.compat applied: %s", ", ".join(applied))

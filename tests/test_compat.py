@@ -1,5 +1,7 @@
 """Each d2norm.compat shim: applied exactly when its gap exists, and the gap is closed."""
 import importlib
+import inspect
+import os
 import sys
 
 import pytest
@@ -9,22 +11,26 @@ from d2norm import compat
 
 
 def test_compiled_ops_stand_in():
-    if compat.HAS_COMPILED_OPS:
-        assert not compat.APPLIED["compiled_ops"]
-        return
-    assert compat.APPLIED["compiled_ops"]
-    # The stand-in is not left behind: detectron2's collect_env still sees "not built".
-    assert "detectron2._C" not in sys.modules
-    with pytest.raises(ImportError):
-        importlib.import_module("detectron2._C")
     from detectron2.layers.rotated_boxes import pairwise_iou_rotated
-
-    boxes = torch.tensor([[5.0, 5.0, 4.0, 2.0, 30.0]])
-    with pytest.raises(NotImplementedError, match=r"detectron2\._C\.box_iou_rotated .*compiled detectron2"):
-        pairwise_iou_rotated(boxes, boxes)
     from detectron2.utils.collect_env import collect_env_info
 
-    assert "not built correctly" in collect_env_info()
+    boxes = torch.tensor([[5.0, 5.0, 4.0, 2.0, 30.0]])
+    if compat.HAS_COMPILED_OPS:
+        assert not compat.APPLIED["compiled_ops"]
+        assert pairwise_iou_rotated(boxes, boxes).item() == pytest.approx(1.0, abs=1e-5)
+        return
+    with pytest.raises(NotImplementedError, match=r"detectron2\._C\.box_iou_rotated .*compiled detectron2"):
+        pairwise_iou_rotated(boxes, boxes)
+    if compat.APPLIED["compiled_ops"]:
+        # compat's stand-in is not left behind: detectron2's collect_env still sees "not built".
+        assert "detectron2._C" not in sys.modules
+        with pytest.raises(ImportError):
+            importlib.import_module("detectron2._C")
+        assert "not built correctly" in collect_env_info()
+    else:
+        # The installer's distribution ships the stand-in; collect_env says what it is.
+        assert sys.modules["detectron2._C"].D2NORM_STAND_IN >= 1
+        assert "without its C++ extension" in collect_env_info()
 
 
 def test_fast_coco_eval_falls_back_to_pycocotools():
@@ -34,12 +40,21 @@ def test_fast_coco_eval_falls_back_to_pycocotools():
     assert (ce.COCOeval_opt is COCOeval) == (not compat.HAS_COMPILED_OPS)
 
 
+def _detectron2_file(*parts):
+    import detectron2
+
+    with open(os.path.join(os.path.dirname(detectron2.__file__), *parts)) as f:
+        return f.read()
+
+
 def test_pil_linear():
     from PIL import Image
     from detectron2.data.transforms import ExtentTransform
 
-    assert Image.LINEAR == Image.BILINEAR
+    # Applied exactly when detectron2's own transform.py still names Image.LINEAR (Pillow >= 10 is installed).
+    assert compat.APPLIED["pil_linear"] == ("Image.LINEAR" in _detectron2_file("data", "transforms", "transform.py"))
     t = ExtentTransform(src_rect=(0, 0, 8, 8), output_size=(4, 4))
+    assert t.interp == Image.BILINEAR
     img = (torch.rand(8, 8, 3) * 255).to(torch.uint8).numpy()
     assert t.apply_image(img).shape == (4, 4, 3)
 
@@ -47,30 +62,45 @@ def test_pil_linear():
 def test_pkg_resources_stand_in_not_leaked():
     from detectron2 import model_zoo
 
+    gap = importlib.util.find_spec("pkg_resources") is None and "\nimport pkg_resources\n" in _detectron2_file(
+        "model_zoo", "model_zoo.py")
+    assert compat.APPLIED["pkg_resources"] == gap
     path = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
-    assert path.endswith("retinanet_R_50_FPN_1x.yaml")
+    assert path.endswith("retinanet_R_50_FPN_1x.yaml") and os.path.isfile(path)
     mod = sys.modules.get("pkg_resources")
     assert mod is None or hasattr(mod, "require"), "d2norm's pkg_resources stand-in leaked into sys.modules"
 
 
 def test_shims_are_inert_once_gap_is_closed():
     # Re-applying a shim where the gap no longer exists does nothing: the feature detection that keeps
-    # compat inert on an upstream detectron2.
+    # compat inert where detectron2 itself has no gap.
     assert compat._shim_pil_linear() is False
     assert compat._shim_cpu_launch() is False
     assert compat._shim_cpu_ddp() is False
     assert compat._shim_retinanet_norm_probe() is False
-    if importlib.util.find_spec("pkg_resources") is not None:
-        assert compat._shim_pkg_resources() is False
+    assert compat._shim_trainer_state() is False
+    import detectron2.model_zoo  # noqa: F401
+
+    assert compat._shim_pkg_resources() is False
 
 
 def test_launch_worker_and_ddp_on_cpu():
+    """cpu_launch is applied exactly when detectron2's worker asserts CUDA (v0.6; upstream picks gloo itself);
+    cpu_ddp exactly when create_ddp_model passes device_ids for every module (v0.6 and upstream main)."""
     import detectron2.engine.defaults as defaults
 
     launch_mod = importlib.import_module("detectron2.engine.launch")
-    if not torch.cuda.is_available():
-        assert launch_mod._distributed_worker is compat._distributed_worker
-        assert defaults.create_ddp_model.__wrapped__ is not None
+    worker = launch_mod._distributed_worker
+    if compat.APPLIED["cpu_launch"]:
+        assert worker is compat._distributed_worker
+    else:
+        assert worker is not compat._distributed_worker
+        assert "assert torch.cuda.is_available()" not in inspect.getsource(worker)
+        assert '"GLOO"' in inspect.getsource(worker)  # the gap is closed upstream: gloo without CUDA
+    ddp = defaults.create_ddp_model
+    original = getattr(ddp, "__wrapped__", ddp)
+    gap = 'kwargs["device_ids"] = [comm.get_local_rank()]' in inspect.getsource(original)
+    assert compat.APPLIED["cpu_ddp"] == gap == getattr(ddp, "_d2norm_compat", False)
 
 
 def test_retinanet_head_accepts_grouped_norms():

@@ -48,3 +48,41 @@ def test_resume_restores_optimizer_state(tmp_path):
     for p1, p2 in zip(params, params2):
         if id(p1) in saved:
             torch.testing.assert_close(restored[id(p2)], saved[id(p1)])
+
+
+def test_resume_from_checkpoint_without_optimizer_state_warns(tmp_path, caplog):
+    """A checkpoint with no ``_trainer`` entry (v0.6 DefaultTrainer) resumes with a warning on every detectron2
+    (upstream's own DefaultTrainer.load_state_dict would raise KeyError: '_trainer')."""
+    import logging
+
+    torch.manual_seed(0)
+    Trainer(_cfg(tmp_path, 3)).train()
+    path = tmp_path / "out" / "model_final.pth"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    del ckpt["trainer"]["_trainer"]
+    torch.save(ckpt, path)
+
+    second = Trainer(_cfg(tmp_path, 6))
+    with caplog.at_level(logging.WARNING, logger="d2norm.engine.trainer"):
+        second.resume_or_load(resume=True)
+    assert second.start_iter == 3
+    assert "no optimizer state" in caplog.text
+    assert not second.optimizer.state  # fresh: no momentum buffers
+
+
+def test_trainer_state_shim_matches_the_gap():
+    """compat adds DefaultTrainer.state_dict/load_state_dict exactly when detectron2's DefaultTrainer lacks them
+    (v0.6); upstream's own methods are left alone."""
+    from detectron2.engine import DefaultTrainer
+
+    from d2norm import compat
+
+    own = DefaultTrainer.state_dict is not compat._trainer_state_dict
+    assert compat.APPLIED["trainer_state"] == (not own)
+    if compat.APPLIED["trainer_state"]:
+        assert DefaultTrainer.load_state_dict is compat._trainer_load_state_dict
+    else:
+        import inspect
+
+        assert '"_trainer"' in inspect.getsource(DefaultTrainer.state_dict)
+    assert compat._shim_trainer_state() is False  # idempotent

@@ -8,6 +8,7 @@ import numpy as np
 
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
@@ -63,20 +64,15 @@ class Trainer(DefaultTrainer):
             dataset_name, output_dir=output_folder, use_fast_impl=compat.HAS_COMPILED_OPS
         )
 
-    # detectron2 v0.6's DefaultTrainer does not checkpoint its SimpleTrainer (optimizer state: SGD momentum,
-    # AMP grad scaler), so --resume silently restarted momentum; later detectron2 versions added exactly this.
-    def state_dict(self):
-        ret = super().state_dict()
-        ret["_trainer"] = self._trainer.state_dict()
-        return ret
-
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
+        """detectron2's resume, also from a checkpoint without optimizer state (one written by v0.6's
+        ``DefaultTrainer``, which did not save it; compat ``trainer_state`` adds the state on v0.6): warns and
+        keeps a fresh optimizer state instead of failing with ``KeyError: '_trainer'``."""
         if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
-        else:
-            logger.warning("Checkpoint has no optimizer state (written by detectron2's DefaultTrainer): "
-                           "resuming with a fresh optimizer state.")
+            return super().load_state_dict(state_dict)
+        TrainerBase.load_state_dict(self, state_dict)
+        logger.warning("Checkpoint has no optimizer state (written by detectron2 v0.6's DefaultTrainer): "
+                       "resuming with a fresh optimizer state.")
 
     def build_d2norm_hooks(self) -> List:
         """d2norm hooks enabled in ``cfg.D2NORM`` (run after IterationTimer/LRScheduler, before checkpointing
