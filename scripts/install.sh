@@ -1,25 +1,54 @@
 #!/usr/bin/env bash
 # Installs d2norm and everything it needs into a project-local virtual environment.
 #
-#   bash scripts/install.sh            # creates/updates ./.venv (override with D2NORM_VENV=path)
+#   bash scripts/install.sh                                   # ./.venv with the registry's detectron2 v0.6
+#   D2NORM_VENV=.venv-upstream D2NORM_DETECTRON2=<src> bash scripts/install.sh   # upstream detectron2 from <src>
 #
-# Idempotent: a second run with unchanged constraints/setup.py only checks a stamp file.
+#   D2NORM_VENV        the virtual environment (default ./.venv; a relative path is taken from the repo root)
+#   D2NORM_DETECTRON2  where detectron2 comes from: unset/empty = the registry's v0.6 Python package (below);
+#                      otherwise an upstream detectron2 built with its C++ ops from a source tree (directory), an
+#                      archive (.tar.gz/.tgz/.tar/.zip of a source tree) or a git URL (git+https://..., or any URL
+#                      ending in .git). On a machine that can reach GitHub:
+#                        D2NORM_DETECTRON2=git+https://github.com/facebookresearch/detectron2.git
+#                      Built with FORCE_CUDA=0 when torch sees no CUDA, MAX_JOBS (default: all cores). The wheel
+#                      built from an archive is cached in D2NORM_CACHE (default ~/.cache/d2norm), keyed by the
+#                      archive's sha256, torch, Python and FORCE_CUDA.
 #
-# detectron2: there is no official detectron2 on the package registry. `pb1-detectron2==0.6` is an sdist whose
-# Python package is identical to upstream v0.6 but lacks `layers/csrc`, so its setup.py cannot build. We
-# download it, and install only its Python package as a normal, uninstallable distribution named
-# `detectron2` (no C++ extension, none of its old install_requires pins). d2norm/compat.py closes the runtime
-# gaps. If an importable detectron2 with a compiled `_C` already exists (e.g. built from GitHub), it is left
-# alone.
+# Idempotent: a second run with unchanged constraints/setup.py/installer/D2NORM_DETECTRON2 only checks a stamp.
+#
+# detectron2 v0.6 (default): there is no official detectron2 on the package registry. `pb1-detectron2==0.6` is an
+# sdist whose Python package is identical to upstream v0.6 but lacks `layers/csrc`, so its setup.py cannot build.
+# We download it and install only its Python package as a normal, uninstallable distribution named `detectron2`
+# (none of its old install_requires pins), made importable on its own on today's stack: a `detectron2/_C.py`
+# stand-in whose ops raise a clear error, `Image.LINEAR` -> `Image.BILINEAR` (Pillow >= 10), and a
+# `pkg_resources` fallback in `model_zoo.py` (setuptools >= 81). d2norm/compat.py closes the remaining runtime gaps.
+# If an importable detectron2 with a compiled `_C` already exists and D2NORM_DETECTRON2 is unset, it is left alone.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${D2NORM_VENV:-$ROOT/.venv}"
+case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
+D2_SOURCE="${D2NORM_DETECTRON2:-}"
 PYTHON="${PYTHON:-python3}"
 CONSTRAINTS="$ROOT/constraints.txt"
 D2_SDIST_SPEC="pb1-detectron2==0.6"
 
 log() { printf '[install] %s\n' "$*" >&2; }
+
+# Where upstream detectron2 comes from, checked before anything is installed.
+D2_KIND=""
+case "$D2_SOURCE" in
+  "") ;;
+  git+*|*.git|*.git@*) D2_KIND=git ;;
+  *.tar.gz|*.tgz|*.tar|*.zip)
+    [ -f "$D2_SOURCE" ] || { log "error: D2NORM_DETECTRON2=$D2_SOURCE: archive not found"; exit 2; }
+    D2_SOURCE="$(cd "$(dirname "$D2_SOURCE")" && pwd)/$(basename "$D2_SOURCE")"; D2_KIND=archive ;;
+  *)
+    [ -f "$D2_SOURCE/setup.py" ] || {
+      log "error: D2NORM_DETECTRON2=$D2_SOURCE is not a detectron2 source tree (no setup.py), an archive" \
+          "(.tar.gz/.tgz/.tar/.zip) or a git URL (git+https://... or ending in .git)"; exit 2; }
+    D2_SOURCE="$(cd "$D2_SOURCE" && pwd)"; D2_KIND=tree ;;
+esac
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtual environment $VENV"
@@ -28,7 +57,9 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
-stamp_key="$(cat "$CONSTRAINTS" "$ROOT/setup.py" "$ROOT/scripts/install.sh" | sha256sum | cut -c1-16)"
+stamp_key="$( (cat "$CONSTRAINTS" "$ROOT/setup.py" "$ROOT/scripts/install.sh" "$ROOT/scripts/make_detectron2_v06.py" \
+  "$ROOT/d2norm/compiled_ops_stand_in.py"; echo "detectron2=$D2_SOURCE") \
+  | sha256sum | cut -c1-16)"
 stamp="$VENV/.d2norm-install-$stamp_key"
 if [ -f "$stamp" ] && "$PY" -c "import d2norm, detectron2, torch" >/dev/null 2>&1; then
   log "environment up to date ($VENV)"
@@ -46,6 +77,16 @@ quiet_pip() {
   return "$rc"
 }
 
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+if [ -n "$D2_SOURCE" ]; then
+  # Upstream detectron2 declares `iopath>=0.1.7,<0.1.10`; constraints.txt pins 0.1.10 for v0.6 (which declares
+  # nothing once its install_requires are dropped). We honour upstream's own pin here -- what `pip install
+  # git+https://github.com/facebookresearch/detectron2.git` resolves for a user -- so `pip check` is clean.
+  sed 's/^iopath==.*/iopath==0.1.9/' "$CONSTRAINTS" > "$work/constraints.txt"
+  CONSTRAINTS="$work/constraints.txt"
+fi
+
 log "installing torch/torchvision and runtime dependencies (torch brings CUDA libraries, ~5 GB, first run only)"
 quiet_pip install -q -c "$CONSTRAINTS" "setuptools>=70" wheel
 quiet_pip install -q -c "$CONSTRAINTS" torch==2.15.0 torchvision==0.29.2
@@ -55,38 +96,78 @@ quiet_pip install -q -c "$CONSTRAINTS" \
   "pillow>=10" matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm tensorboard \
   fvcore iopath omegaconf hydra-core pytest \
   opencv-python-headless  # detectron2's Visualizer (tools/visualize.py); headless: no GUI libraries needed
+if [ -n "$D2_SOURCE" ]; then
+  # upstream's remaining runtime dependencies (its setup.py: black for LazyConfig.save's pretty-printing, packaging)
+  quiet_pip install -q -c "$CONSTRAINTS" black packaging
+fi
 
-if "$PY" -c "import detectron2._C" >/dev/null 2>&1; then
-  log "a compiled detectron2 is already installed; leaving it alone"
-elif "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('detectron2') == '0.6' else 1)" >/dev/null 2>&1; then
-  log "detectron2 0.6 (Python package) already installed"
-else
+has_cuda="$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")"
+
+install_upstream() {
+  local target
+  case "$D2_KIND" in
+    git) target="$D2_SOURCE"; case "$target" in git+*) ;; *) target="git+$target" ;; esac ;;
+    archive)
+      mkdir -p "$work/src"
+      case "$D2_SOURCE" in
+        *.zip) "$PY" -m zipfile -e "$D2_SOURCE" "$work/src" ;;
+        *) tar -xf "$D2_SOURCE" -C "$work/src" ;;
+      esac
+      target="$(dirname "$(find "$work/src" -maxdepth 2 -name setup.py | head -n1)")"
+      [ -f "$target/setup.py" ] || { log "error: D2NORM_DETECTRON2=$D2_SOURCE: no setup.py in the archive"; exit 2; } ;;
+    tree) target="$D2_SOURCE" ;;
+  esac
+  local force_cuda="${FORCE_CUDA:-}"
+  if [ "$has_cuda" = 0 ]; then force_cuda=0; fi
+  log "building upstream detectron2 from $D2_SOURCE (FORCE_CUDA=${force_cuda:-<unset>}," \
+      "MAX_JOBS=${MAX_JOBS:-$(nproc)}; a few minutes)"
+  # --no-build-isolation: its setup.py needs the installed torch; --no-deps: its dependencies are installed above.
+  if [ "$D2_KIND" = archive ]; then
+    # An archive is immutable: its wheel is built once per archive / torch / Python / CUDA setting and cached.
+    local key cache
+    key="$(sha256sum "$D2_SOURCE" | cut -c1-16)-$("$PY" -c 'import sys, torch
+print(f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}")')-cuda${force_cuda:-auto}"
+    cache="${D2NORM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/d2norm}/detectron2-wheels/$key"
+    if ! ls "$cache"/detectron2-*.whl >/dev/null 2>&1; then
+      FORCE_CUDA="$force_cuda" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+        quiet_pip wheel -q --no-build-isolation --no-deps -w "$work/wheel" "$target"
+      mkdir -p "$cache" && cp "$work"/wheel/detectron2-*.whl "$cache"/
+    else
+      log "using the wheel built earlier from this archive: $cache"
+    fi
+    quiet_pip install -q --no-deps --force-reinstall "$(ls "$cache"/detectron2-*.whl | head -n1)"
+  else
+    FORCE_CUDA="$force_cuda" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      quiet_pip install -q --no-build-isolation --no-deps "$target"
+  fi
+  printf '%s\n' "$D2_SOURCE" > "$VENV/.d2norm-detectron2-source"
+}
+
+install_v06() {
   log "installing detectron2 0.6 Python package from $D2_SDIST_SPEC"
-  work="$(mktemp -d)"
-  trap 'rm -rf "$work"' EXIT
   # --no-build-isolation: the sdist's setup.py imports torch just to produce metadata.
   quiet_pip download -q --no-deps --no-binary :all: --no-build-isolation "$D2_SDIST_SPEC" -d "$work/dl"
   tar -xzf "$work"/dl/pb1-detectron2-0.6.tar.gz -C "$work"
-  src="$work/pb1-detectron2-0.6"
-  mkdir -p "$work/pkg"
-  cp -r "$src/detectron2" "$work/pkg/detectron2"
-  rm -rf "$work/pkg/detectron2/layers/csrc"
-  cat > "$work/pkg/setup.py" <<'EOF'
-# Pure-Python distribution of detectron2 v0.6 (no compiled _C; see d2norm/compat.py).
-from setuptools import find_packages, setup
-
-setup(
-    name="detectron2",
-    version="0.6",
-    description="detectron2 v0.6 Python package (no C++ extension), installed by d2norm",
-    packages=find_packages(include=["detectron2", "detectron2.*"]),
-    package_data={"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]},
-    include_package_data=False,
-    python_requires=">=3.7",
-    install_requires=[],
-)
-EOF
+  "$PY" "$ROOT/scripts/make_detectron2_v06.py" "$work/pb1-detectron2-0.6" "$work/pkg"
   quiet_pip install -q --no-deps --no-build-isolation "$work/pkg"
+  rm -f "$VENV/.d2norm-detectron2-source"
+}
+
+stand_in_version="$(sed -n 's/^D2NORM_STAND_IN = //p' "$ROOT/d2norm/compiled_ops_stand_in.py")"
+installed_source="$(cat "$VENV/.d2norm-detectron2-source" 2>/dev/null || true)"
+if [ -n "$D2_SOURCE" ]; then
+  if [ "$installed_source" = "$D2_SOURCE" ] && "$PY" -c "import detectron2._C" >/dev/null 2>&1; then
+    log "upstream detectron2 from $D2_SOURCE already installed"
+  else
+    install_upstream
+  fi
+elif "$PY" -c "import detectron2._C as C, sys; sys.exit(hasattr(C, 'D2NORM_STAND_IN'))" >/dev/null 2>&1; then
+  log "a compiled detectron2 is already installed; leaving it alone"
+elif "$PY" -c "import importlib.metadata as m, sys, detectron2._C as C
+sys.exit(0 if m.version('detectron2') == '0.6' and C.D2NORM_STAND_IN == $stand_in_version else 1)" >/dev/null 2>&1; then
+  log "detectron2 0.6 (Python package) already installed"
+else
+  install_v06
 fi
 
 log "installing d2norm (editable)"
