@@ -7,12 +7,12 @@
     python tools/train_net.py --config-file <yaml> --resume                # continue from last checkpoint
 """
 import d2norm  # noqa: F401  (compat + registrations before detectron2 is used)
-from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from d2norm.engine import Trainer, setup_cfg
 from d2norm.engine.checkpoint import D2NormCheckpointer
+from d2norm.engine.cli import launch_main
 
 
 def main(args):
@@ -34,13 +34,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    launch_main(main)

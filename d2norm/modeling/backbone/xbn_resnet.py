@@ -49,6 +49,7 @@ __all__ = [
     "xbn_block_flags",
     "convert_resnet_to_xbn",
     "xbn_load_report",
+    "xbn_resnet",
     "build_xbn_resnet_backbone",
     "build_xbn_resnet_fpn_backbone",
     "build_xbn_retinanet_resnet_fpn_backbone",
@@ -193,17 +194,33 @@ def convert_resnet_to_xbn(resnet: ResNet, options: XBNOptions) -> Dict[str, Batc
     return new
 
 
+def xbn_resnet(resnet: ResNet, position: int = 2, density: int = 1, norm_type: str = "GN", num_groups: int = 64,
+               eps: float = 1e-5, freeze_at: int = 0) -> ResNet:
+    """Plain-argument XBNBlock ResNet (LazyConfig, code): ``resnet`` (a detectron2 ``ResNet`` built with
+    ``freeze_at=0``) with XBNBlocks (:func:`convert_resnet_to_xbn`, options as :class:`XBNOptions`), then frozen up
+    to stage ``freeze_at`` so frozen stages include the batch-free norms.
+
+    ``L(xbn_resnet)(resnet=L(ResNet)(...), position=2, density=1, norm_type="GN", num_groups=64, freeze_at=2)``.
+    """
+    options = XBNOptions(position, density, norm_type, num_groups, eps)
+    frozen = [n for n, p in resnet.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"xbn_resnet: build the inner ResNet with freeze_at=0 and pass freeze_at to xbn_resnet "
+                         f"(the swap must happen before freezing); frozen already: {', '.join(frozen[:4])}")
+    convert_resnet_to_xbn(resnet, options)
+    return resnet.freeze(freeze_at)
+
+
 @BACKBONE_REGISTRY.register()
 def build_xbn_resnet_backbone(cfg, input_shape):
     """detectron2's ResNet (``MODEL.RESNETS.*``) with XBNBlocks as set by ``D2NORM.XBNBLOCK`` (§5.1)."""
-    options = xbn_options_from_cfg(cfg)
+    o = xbn_options_from_cfg(cfg)
     unfrozen = cfg.clone()
     unfrozen.defrost()
     unfrozen.MODEL.BACKBONE.FREEZE_AT = 0  # freeze after the swap, so frozen stages include the BFNs
     with norm_options(cfg):
         resnet = build_resnet_backbone(unfrozen, input_shape)
-    convert_resnet_to_xbn(resnet, options)
-    return resnet.freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
+    return xbn_resnet(resnet, o.position, o.density, o.norm_type, o.num_groups, o.eps, cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
 @BACKBONE_REGISTRY.register()
