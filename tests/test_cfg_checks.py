@@ -189,3 +189,26 @@ def test_bn_monitor_pattern_matching_nothing_fails_when_the_trainer_is_built(tmp
     cfg.D2NORM.BN_MONITOR.LAYERS = ["stem", "res5"]
     trainer = Trainer(cfg)  # every pattern matches: accepted
     assert any(type(h).__name__ == "BNMonitorHook" for h in trainer._hooks)
+
+
+# ---- layer option errors name the cfg key -----------------------------------------------------------------
+@pytest.mark.parametrize("norm,key,value", [
+    ("GhostBN", "D2NORM.GHOST_BN.SIZE", 0), ("GhostBN", "D2NORM.GHOST_BN.REMAINDER", "x"),
+    ("GhostBN", "D2NORM.BN.EPS", -1.0), ("GhostBN", "D2NORM.BN.MOMENTUM", 2.0),
+    ("MABN", "D2NORM.MABN.BUFFER_SIZE", 0), ("MABN", "D2NORM.MABN.CLIP", 0.5),
+    ("BGN", "D2NORM.BGN.NUM_CHANNEL_GROUPS", 0), ("BGN", "D2NORM.BGN.ALPHA", 2.0),
+    ("EvalNorm", "D2NORM.EVALNORM.MODE", "x"), ("EvalNorm", "D2NORM.EVALNORM.RULE_BATCH_SIZE", -1),
+    ("EvalNorm", "D2NORM.EVALNORM.INIT_ALPHA", 0.0), ("EvalNorm", "D2NORM.EVALNORM.INIT_BETA", 1.0),
+    ("ExampleWeightedBN", "D2NORM.EXAMPLE_WEIGHING.ALPHA", 2.0),
+    ("DomainBN", "D2NORM.DOMAIN_BN.NUM_DOMAINS", 0), ("DomainBN", "D2NORM.DOMAIN_BN.TRAIN_STATS", "x"),
+    ("DomainBN", "D2NORM.DOMAIN_BN.POP_STATS", "x"), ("AnySyncBN", "D2NORM.SYNC_BN.GROUP_SIZE", -1),
+])
+def test_bad_layer_option_names_its_cfg_key(tmp_path, norm, key, value):
+    """``train_net.py ... MODEL.RESNETS.NORM <norm> <key> <bad value>``: the error names the cfg key."""
+    from d2norm.engine import Trainer
+
+    extra = ["MODEL.BACKBONE.NAME", "build_mabn_resnet_fpn_backbone"] if norm == "MABN" else []
+    with pytest.raises(ValueError) as e:
+        cfg, _ = _setup(tmp_path, DEMO, "MODEL.RESNETS.NORM", norm, key, value, *extra)
+        Trainer(cfg)
+    assert key in str(e.value) and repr(value) in str(e.value), str(e.value)

@@ -169,10 +169,10 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
         device=None,
         dtype=None,
     ):
-        check_int("NUM_DOMAINS", num_domains, minimum=1)
-        check_choice("TRAIN_STATS", train_stats, _STATS_CHOICES)
-        check_choice("POP_STATS", pop_stats, _STATS_CHOICES)
-        check_bool("AFFINE_PER_DOMAIN", affine_per_domain)
+        check_int("DomainBN: D2NORM.DOMAIN_BN.NUM_DOMAINS", num_domains, minimum=1)
+        check_choice("DomainBN: D2NORM.DOMAIN_BN.TRAIN_STATS", train_stats, _STATS_CHOICES)
+        check_choice("DomainBN: D2NORM.DOMAIN_BN.POP_STATS", pop_stats, _STATS_CHOICES)
+        check_bool("DomainBN: D2NORM.DOMAIN_BN.AFFINE_PER_DOMAIN", affine_per_domain)
         super().__init__(
             num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True, device=device, dtype=dtype
         )

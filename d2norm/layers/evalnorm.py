@@ -45,10 +45,11 @@ EVALNORM_MODES = ("online", "rule", "offline")
 
 
 def _validate_options(mode, rule_batch_size, init_alpha, init_beta) -> None:
-    check_choice("EvalNorm: MODE", mode, EVALNORM_MODES)
-    check_int("EvalNorm: RULE_BATCH_SIZE", rule_batch_size, minimum=0, note=" (0 = use the recorded batch size)")
+    check_choice("EvalNorm: D2NORM.EVALNORM.MODE", mode, EVALNORM_MODES)
+    check_int("EvalNorm: D2NORM.EVALNORM.RULE_BATCH_SIZE", rule_batch_size, minimum=0,
+              note=" (0 = use the recorded batch size)")
     for key, v in (("INIT_ALPHA", init_alpha), ("INIT_BETA", init_beta)):
-        check_number(f"EvalNorm: {key}", v, 0, 1, low_open=True, high_open=True)
+        check_number(f"EvalNorm: D2NORM.EVALNORM.{key}", v, 0, 1, low_open=True, high_open=True)
 
 
 class _AffineL1Mean(torch.autograd.Function):
