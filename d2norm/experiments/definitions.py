@@ -5,7 +5,7 @@ fit, batch statistics); training-time changes are unpaired and compared against 
 
 Scale: every model is a Faster R-CNN / RetinaNet R18-FPN (slim R50 for XBNBlock) trained from scratch for 400
 iterations at 128 px on the bundled 400-image synthetic set (``configs/cpu/``); the papers' COCO configs are in
-``configs/{rethinking,evalnorm,four_things,mabn,estimation_shift}``.
+``configs/{rethinking,evalnorm,mabn,estimation_shift}``.
 """
 import math
 from typing import Dict, List, Tuple
