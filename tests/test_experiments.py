@@ -298,3 +298,28 @@ def test_esm_growth_and_its_verdict():
     swapped = {k: {"esm": {"BN": v["esm"]["XBNBlock-GN P2 D1"], "XBNBlock-GN P2 D1": v["esm"]["BN"]}}
                for k, v in extras.items()}
     assert _esm_summary(swapped)["esm_mu_growth"]["verdict"] == "no"
+
+
+@pytest.mark.slow
+def test_continue_a_checkpoint_with_and_without_the_frozen_bn_switch(tmp_path):
+    """``Context.train(init_checkpoint=...)`` (the frozen_bn_switch protocol): both continuations start at the
+    checkpoint's iteration with its optimizer state; only the switched one converts BN to FrozenBN."""
+    from d2norm.experiments.runs import bn_backbone_run
+
+    opts = ("SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "1",
+            "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", "8", "D2NORM.DATA.SYNTHETIC_NUM_VAL", "4",
+            "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp_path / "data"))
+    ctx = Context(work_dir=str(tmp_path / "work"), extra_opts=opts, quiet=True)
+    run = bn_backbone_run(2, checkpoint_period=2)
+    base = ctx.train(run, 0)
+    ckpt = ctx.checkpoint(base, 2)
+    assert ckpt.endswith("model_0000001.pth")
+    cont = ctx.train(run.with_opts("cont"), 0, init_checkpoint=ckpt)
+    sw = ctx.train(run.with_opts("sw", "D2NORM.FROZEN_BN_SWITCH.ENABLED", "True", "D2NORM.FROZEN_BN_SWITCH.ITER",
+                                 "2", "D2NORM.PRECISE_BN.NUM_SAMPLES", "4"), 0, init_checkpoint=ckpt)
+    for t in (cont, sw):
+        log = open(os.path.join(t["dir"], "log.txt")).read()
+        assert "Starting training from iteration 2" in log and 0.0 <= t["ap"] <= 100.0
+    assert "FrozenBN switch at iteration 2" in open(os.path.join(sw["dir"], "log.txt")).read()
+    assert "FrozenBN switch" not in open(os.path.join(cont["dir"], "log.txt")).read()
+    assert ctx.train(run.with_opts("cont"), 0, init_checkpoint=ckpt) == cont  # reused, not retrained
