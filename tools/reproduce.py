@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 
-from d2norm.experiments import Context, get_experiments, run_experiment
+from d2norm.experiments import Context, ExperimentError, get_experiments, run_experiment
 from d2norm.experiments.suite import markdown_table
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         return 0
     ctx = Context(work_dir=args.work_dir, data_seed=args.data_seed, nice=args.nice, threads=args.threads,
                   dry_run=args.dry_run, extra_opts=tuple(args.opts))
-    start, records = time.time(), []
+    start, records, failed = time.time(), [], []
     for e in exps:
         k = args.seeds or e.default_seeds
         seeds = list(range(args.first_seed, args.first_seed + k))
@@ -73,11 +73,16 @@ def main(argv=None) -> int:
         cmd += ["--data-seed", str(args.data_seed)]
         if args.opts:
             cmd += ["--opts", *args.opts]
-        records.append(run_experiment(e, ctx, seeds, args.output_dir, " ".join(shlex.quote(c) for c in cmd),
-                                      jobs=args.jobs))
+        try:
+            records.append(run_experiment(e, ctx, seeds, args.output_dir, " ".join(shlex.quote(c) for c in cmd),
+                                          jobs=args.jobs))
+        except ExperimentError as err:  # a failed subprocess: report it, go on with the next experiment
+            failed.append(e.name)
+            print(f"[{e.name}] FAILED: {err}", flush=True)
     print(f"{len(records)} experiment(s) in {time.time() - start:.0f} s: "
-          + ", ".join(f"{r['name']}={r['verdict']}" for r in records), flush=True)
-    return 0
+          + ", ".join(f"{r['name']}={r['verdict']}" for r in records)
+          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

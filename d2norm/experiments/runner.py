@@ -122,6 +122,8 @@ class Context:
         if len(self.extra_opts) % 2:
             raise ValueError(f"extra_opts must be KEY VALUE pairs, got {list(self.extra_opts)}")
         self.extra_opts = tuple(str(o) for o in self.extra_opts)
+        # absolute: run.json records paths that other processes (another checkout, another cwd) read back
+        self.work_dir = os.path.abspath(self.work_dir)
 
     # ---- subprocesses ----------------------------------------------------------------------------------
     def _env(self) -> Dict[str, str]:
@@ -178,6 +180,8 @@ class Context:
             if os.path.isfile(done):
                 with open(done) as f:
                     info = json.load(f)
+                # the paths of this checkout (the record may come from another cwd or checkout)
+                info.update(dir=out, final=os.path.join(out, "model_final.pth"))
             else:
                 info = self._train(run, seed, out, done, init_checkpoint)
         self.trainings.append({"dir": info["dir"], "wall_s": info["wall_s"]})
