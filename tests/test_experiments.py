@@ -323,3 +323,20 @@ def test_continue_a_checkpoint_with_and_without_the_frozen_bn_switch(tmp_path):
     assert "FrozenBN switch at iteration 2" in open(os.path.join(sw["dir"], "log.txt")).read()
     assert "FrozenBN switch" not in open(os.path.join(cont["dir"], "log.txt")).read()
     assert ctx.train(run.with_opts("cont"), 0, init_checkpoint=ckpt) == cont  # reused, not retrained
+
+
+def test_finished_run_is_reused_with_this_checkouts_paths(tmp_path, monkeypatch):
+    from d2norm.experiments.runs import bn_backbone_run
+
+    monkeypatch.chdir(tmp_path)
+    ctx = Context(work_dir="work")  # relative: made absolute
+    assert ctx.work_dir == str(tmp_path / "work")
+    run = bn_backbone_run(4)
+    out = ctx.run_dir(run, 0)
+    os.makedirs(out)
+    with open(os.path.join(out, "run.json"), "w") as f:  # written from another cwd, with relative paths
+        json.dump({"dir": "elsewhere/x", "final": "elsewhere/x/model_final.pth", "ap": 7.5, "ap50": 20.0,
+                   "wall_s": 100.0, "command": "c"}, f)
+    info = ctx.train(run, 0)  # no subprocess: the finished run is reused
+    assert info["dir"] == out and info["final"] == os.path.join(out, "model_final.pth") and info["ap"] == 7.5
+    assert ctx.commands == [] and ctx.trainings == [{"dir": out, "wall_s": 100.0}]
