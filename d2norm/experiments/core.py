@@ -213,6 +213,8 @@ class Experiment:
     paired: bool
     approx_tol: float = 1.0
     default_seeds: int = 2
+    #: how to test the claim at COCO scale (configs of this repository)
+    coco: str = ""
     scale_note: str = ""
     plot: Optional[Callable] = None
     summarize_extra: Optional[Callable] = None

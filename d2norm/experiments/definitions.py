@@ -276,7 +276,8 @@ def _esm_plot(rec: Dict, path: str) -> str:
 
 EXPERIMENTS: List[Experiment] = [
     Experiment(
-        name="precise_bn_batch_size", paper="rethinking", section="§3.2, Table 2",
+        name="precise_bn_batch_size",
+        coco='tools/recompute_bn_stats.py --batch-size 2|16|64 on a COCO BN-backbone model trained with configs/estimation_shift/faster_rcnn_R50_FPN_table6_xbnblock_gn_scratch_bs2.yaml MODEL.BACKBONE.NAME build_resnet_fpn_backbone (ImageNet Table 2 has no detection config)', paper="rethinking", section="§3.2, Table 2",
         claim="PreciseBN statistics forwarded in small batches B are inaccurate and degrade accuracy; B >= 10^2 "
               "is as good as the population (B = N); the effect is large for a model trained with normalization "
               "batch 2",
@@ -291,7 +292,8 @@ EXPERIMENTS: List[Experiment] = [
                    "32 / 2; B = 64 is the largest batch the 2-core machine forwards comfortably",
     ),
     Experiment(
-        name="precise_bn_vs_ema", paper="rethinking", section="§3.1-3.2, Fig. 3 / Table 1",
+        name="precise_bn_vs_ema",
+        coco='configs/estimation_shift/faster_rcnn_R50_FPN_table6_xbnblock_gn_scratch_bs2.yaml MODEL.BACKBONE.NAME build_resnet_fpn_backbone D2NORM.PRECISE_BN.ENABLED True TEST.EVAL_PERIOD 5000 (EMA and PreciseBN evaluations along training)', paper="rethinking", section="§3.1-3.2, Fig. 3 / Table 1",
         claim="population statistics from PreciseBN are better and more stable than the EMA, most of all early "
               "in training when the learning rate is high",
         paper_values={"metric": "ImageNet top-1 error % (lower is better)",
@@ -306,7 +308,8 @@ EXPERIMENTS: List[Experiment] = [
                    f"N = {PRECISE_N}, B = 16",
     ),
     Experiment(
-        name="example_weighing", paper="four-things", section="§3.1, eq 3, Fig. 1",
+        name="example_weighing",
+        coco='tools/tune_example_weight.py on models trained with configs/estimation_shift/faster_rcnn_R50_FPN_table6_xbnblock_gn_scratch_bs2.yaml MODEL.BACKBONE.NAME build_resnet_fpn_backbone at 2 and 8 images per GPU', paper="four-things", section="§3.1, eq 3, Fig. 1",
         claim="mixing the example's own statistics into the inference statistics (α > 0, tuned on validation) "
               "beats plain BN inference (α = 0), more so when the normalization batch is small",
         paper_values={"metric": "ImageNet top-1 accuracy (higher is better)",
@@ -320,7 +323,8 @@ EXPERIMENTS: List[Experiment] = [
                    "batch 2 and 4 (batch 8 does not fit the CPU budget)",
     ),
     Experiment(
-        name="batch_stats_inference", paper="rethinking", section="§4.2, Table 3",
+        name="batch_stats_inference",
+        coco='configs/rethinking/mask_rcnn_R50_FPN_table3_row{2,4,6}.yaml (8 / 16 GPUs)', paper="rethinking", section="§4.2, Table 3",
         claim="in an R-CNN head, mini-batch statistics of the test image's RoIs at inference beat population "
               "statistics, by a wide margin when training used 1 image per GPU and slightly at 2",
         paper_values={"metric": "COCO box AP, Mask R-CNN R50-FPN, BN box+mask heads",
@@ -334,7 +338,8 @@ EXPERIMENTS: List[Experiment] = [
                    "batch-4 BN model of the same seed; one process with 1 or 2 images",
     ),
     Experiment(
-        name="frozen_bn_switch", paper="rethinking", section="§4.3, Fig. 6",
+        name="frozen_bn_switch",
+        coco='configs/rethinking/retinanet_R50_FPN_fig6_frozenbn_switch.yaml against the same config without the switch', paper="rethinking", section="§4.3, Fig. 6",
         claim="switching BN to FrozenBN for the last part of training removes the train-test inconsistency of "
               "small normalization batches (error 25.2% at NBS 2 vs much higher with EMA); at large NBS it "
               "slightly underperforms BN",
@@ -348,7 +353,8 @@ EXPERIMENTS: List[Experiment] = [
                    "iterations (paper: from epoch 80 of 100), PreciseBN before the switch, 5-iteration re-warm-up",
     ),
     Experiment(
-        name="evalnorm_small_batch", paper="evalnorm", section="§4.3, Table 2 (a)",
+        name="evalnorm_small_batch",
+        coco='configs/evalnorm/faster_rcnn_R50_C4_table2a_bs{2,4,8}.yaml (EMA rows: MODEL.RESNETS.NORM BN)', paper="evalnorm", section="§4.3, Table 2 (a)",
         claim="EvalNorm statistics beat the EMA for detectors trained from scratch, the gain largest at 2 "
               "images per batch (+1.5 AP) and nil at 4-8",
         paper_values={"metric": "COCO AP, Faster R-CNN R50 from random init",
@@ -360,7 +366,8 @@ EXPERIMENTS: List[Experiment] = [
                    "online variant (aux loss during training) is not measured here",
     ),
     Experiment(
-        name="ghost_and_bgn", paper="four-things", section="§3.2 Fig. 3; §3.4",
+        name="ghost_and_bgn",
+        coco='configs/estimation_shift/faster_rcnn_R50_FPN_table6_xbnblock_gn_scratch_bs8.yaml MODEL.BACKBONE.NAME build_resnet_fpn_backbone MODEL.RESNETS.NORM GhostBN; the bs2 config with MODEL.RESNETS.NORM BGN / GN', paper="four-things", section="§3.2 Fig. 3; §3.4",
         claim="Ghost BN sub-batches improve medium-batch training; at B = 2, Batch Group Normalization beats "
               "both BN and a tuned GroupNorm",
         paper_values={"metric": "accuracy %", "Ghost BN": "up to +5.8% Caltech-256, +0.84% CIFAR-100",
@@ -372,7 +379,8 @@ EXPERIMENTS: List[Experiment] = [
                    "the CPU budget); BGN: 32 channel groups x 2 examples, inference example weighing α = 0.5",
     ),
     Experiment(
-        name="mabn_small_batch", paper="mabn", section="§5.2, Tables 3 / 5",
+        name="mabn_small_batch",
+        coco='configs/mabn/mask_rcnn_R50_FPN_table3_mabn_scratch_2x.yaml against its BN / SyncBN variants', paper="mabn", section="§5.2, Tables 3 / 5",
         claim="MABN with weight-centralized convs at normalization batch 2 beats BN at 2 and matches "
               "large-batch (SyncBN 16) normalization",
         paper_values={"metric": "COCO box AP, Mask R-CNN R50-FPN from scratch 2x",
@@ -385,7 +393,8 @@ EXPERIMENTS: List[Experiment] = [
                    "SyncBN(16) (batch 8 does not fit the CPU budget)",
     ),
     Experiment(
-        name="estimation_shift", paper="estimation-shift", section="§4.2, Fig. 3-5; §5.3.2 Table 6",
+        name="estimation_shift",
+        coco='configs/estimation_shift/faster_rcnn_R50_FPN_table6_xbnblock_gn_scratch_bs{2,4,8}.yaml and tools/analyze_bn.py', paper="estimation-shift", section="§4.2, Fig. 3-5; §5.3.2 Table 6",
         claim="the estimation shift of BN accumulates with depth and the batch-free norm in XBNBlock blocks it; "
               "from scratch at batch 2, XBNBlock-GN beats BN (+2.1 AP)",
         paper_values={"metric": "COCO box AP, Faster R-CNN R50-FPN from scratch 1x",
@@ -398,7 +407,8 @@ EXPERIMENTS: List[Experiment] = [
         scale_note="slim ResNet-50 (widths / 4) at batch 2, 400 iterations; ESM per BN layer in the JSON details",
     ),
     Experiment(
-        name="rcnn_head_bn", paper="rethinking", section="§6.1, Fig. 9, Table 6",
+        name="rcnn_head_bn",
+        coco='configs/rethinking/mask_rcnn_R50_FPN_table6_row{1..7}.yaml', paper="rethinking", section="§6.1, Fig. 9, Table 6",
         claim="per-GPU BN in the R-CNN head overfits to correlated RoIs of one image; shuffling RoIs across GPUs "
               "or SyncBN fixes it",
         paper_values={"metric": "COCO box AP, Mask R-CNN R50-FPN",
@@ -410,7 +420,8 @@ EXPERIMENTS: List[Experiment] = [
         scale_note="2 gloo processes x 1 image, 4conv1fc box head, FrozenBN backbone from the batch-4 BN model",
     ),
     Experiment(
-        name="retinanet_domain_stats", paper="rethinking", section="§5.2, Table 5",
+        name="retinanet_domain_stats",
+        coco='configs/rethinking/retinanet_R50_FPN_table5_row{1..6}.yaml', paper="rethinking", section="§5.2, Table 5",
         claim="a shared RetinaNet head works only when its population statistics follow how SGD normalized "
               "(rows 1, 4, 6); shared training statistics with per-level population statistics (row 2) collapse",
         paper_values={"metric": "COCO AP, RetinaNet R50-FPN 3x", "row 1": 39.1, "row 2": 2.1, "row 3": 34.1,

@@ -104,16 +104,20 @@ def _paper_numbers(values: Dict) -> str:
     return "; ".join(f"{k}: {fmt(v)}" for k, v in values.items() if k != "metric")
 
 
-def markdown_table(experiments: Sequence[Experiment], output_dir: str) -> str:
+def markdown_table(experiments: Sequence[Experiment], output_dir: str, notes: Optional[Dict[str, str]] = None) -> str:
     """The README table from the JSON records in ``output_dir``: one row per experiment; an experiment without
-    a record is listed as not run."""
+    a record is listed as not run; ``notes`` ({name: text}) go after a verdict, and the COCO-scale config after
+    every verdict but "yes"."""
+    notes = {k: f" {v}" for k, v in (notes or {}).items()}
     rows = ["| experiment | paper claim (paper numbers) | ours: box AP mean ± std over seeds | verdict | command | time |",
             "|---|---|---|---|---|---|"]
     for e in experiments:
         path = os.path.join(output_dir, f"{e.name}.json")
         claim = f"{e.paper} {e.section}: {e.claim} ({_paper_numbers(e.paper_values)})"
+        coco = f" COCO scale: `{e.coco}`." if e.coco else ""
         if not os.path.isfile(path):
-            rows.append(f"| `{e.name}` | {claim} | not run (time) | – | `python tools/reproduce.py --only {e.name}` | – |")
+            rows.append(f"| `{e.name}` | {claim} | not run (time) | –{coco} | "
+                        f"`python tools/reproduce.py --only {e.name}` | – |")
             continue
         with open(path) as f:
             rec = json.load(f)
@@ -121,6 +125,7 @@ def markdown_table(experiments: Sequence[Experiment], output_dir: str) -> str:
         t = rec["wall_s"] + 0.0
         train = rec.get("details", {}).get("training_wall_s", 0.0)
         time_s = f"{t / 60:.0f} min" + (f" (+ {train / 60:.0f} min shared training)" if train else "")
-        rows.append(f"| `{e.name}` | {claim} | seeds {rec['seeds']}: {ours} | **{rec['verdict']}** | "
+        note = notes.get(e.name, "") + (coco if rec["verdict"] != "yes" else "")
+        rows.append(f"| `{e.name}` | {claim} | seeds {rec['seeds']}: {ours} | **{rec['verdict']}**{note} | "
                     f"`{rec['command']}` | {time_s} |")
     return "\n".join(rows)
