@@ -144,7 +144,7 @@ SWITCH_ITER = 300
 
 def _frozen_switch(ctx: Context, seed: int) -> Result:
     out = {}
-    for b in (2, 4):
+    for b in (4, 2):  # the larger batch first: its training finishes first
         base = ctx.train(R.bn_backbone_run(b), seed)
         ckpt = ctx.checkpoint(base, SWITCH_ITER)
         # both conditions continue the same iteration-300 checkpoint (same data order): only the switch differs
@@ -163,7 +163,7 @@ def _frozen_switch(ctx: Context, seed: int) -> Result:
 EVALNORM_BATCHES = (2, 4)
 def _evalnorm(ctx: Context, seed: int) -> Result:
     out = {}
-    for b in EVALNORM_BATCHES:
+    for b in sorted(EVALNORM_BATCHES, reverse=True):  # the larger batch first: its training finishes first
         run = R.bn_backbone_run(b)
         t = ctx.train(run, seed)
         out[f"B={b} BN"] = _final(t)
@@ -181,7 +181,7 @@ EW_BATCHES = (2, 4)
 
 def _example_weighing(ctx: Context, seed: int) -> Result:
     out = {}
-    for b in EW_BATCHES:
+    for b in sorted(EW_BATCHES, reverse=True):  # the larger batch first: its training finishes first
         run = R.bn_backbone_run(b)
         t = ctx.train(run, seed)
         sweep = ctx.example_weight_sweep(run, t, "example_weight", ALPHAS)
