@@ -25,7 +25,8 @@ from .convert import convert_norm
 
 __all__ = [
     "NORM_REGISTRY", "NormLayer", "build_model", "get_norm", "install", "norm_layer", "norm_options",
-    "register_norm", "valid_norm_names", "D2NormModule", "GhostBatchNorm2d", "BatchGroupNorm", "CenteredConv2d",
-    "MABN2d", "EvalNorm2d", "BatchStatsBatchNorm2d", "ExampleWeightedBatchNorm2d", "DomainBatchNorm2d",
+    "register_norm", "valid_norm_names", "D2NormModule", "D2NormBatchNorm2d", "FrozenBNState", "NotAnAffine",
+    "GhostBatchNorm2d", "BatchGroupNorm", "CenteredConv2d", "CenteredPlainConv2d", "MABN2d", "EvalNorm2d",
+    "BatchStatsBatchNorm2d", "ExampleWeightedBatchNorm2d", "DomainBatchNorm2d", "SyncDomainBatchNorm2d",
     "domain_scope", "AnySyncBatchNorm2d", "ConversionReport", "convert_norm",
 ]
