@@ -32,6 +32,12 @@ def _copypaste(log):
     return [float(v) for v in m[-1].split(",")]
 
 
+def test_fold_needs_eval_only(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG, "--fold"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "--fold is an inference transform: use it with --eval-only" in res.stderr
+
+
 @pytest.mark.slow
 def test_train_eval_resume(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
@@ -51,6 +57,12 @@ def test_train_eval_resume(tmp_path):
     log_eval = _run(["--eval-only"], tmp_path / "eval", data, ["MODEL.WEIGHTS", str(out / "model_final.pth")])
     again, first = _copypaste(log_eval), _copypaste(log)
     assert len(again) == len(first) and all(a == b or (a != a and b != b) for a, b in zip(again, first)), (again, first)
+
+    # --eval-only --fold: norms folded into the convolutions, same AP (float rounding only)
+    log_fold = _run(["--eval-only", "--fold"], tmp_path / "fold", data, ["MODEL.WEIGHTS", str(out / "model_final.pth")])
+    assert re.search(r"folded [1-9][0-9]* norm\(s\) into their convolutions", log_fold)
+    folded = _copypaste(log_fold)
+    assert all(abs(a - b) <= 0.05 or (a != a and b != b) for a, b in zip(folded, first)), (folded, first)
 
     # --resume continues from the last iteration
     log_resume = _run(["--resume"], out, data, ["SOLVER.MAX_ITER", str(start + 5)])

@@ -4,6 +4,7 @@
     python tools/train_net.py --config-file configs/cpu/retinanet_R18_ghostbn.yaml
     python tools/train_net.py --config-file <yaml> --num-gpus 2            # 2 processes (NCCL, or gloo on CPU)
     python tools/train_net.py --config-file <yaml> --eval-only MODEL.WEIGHTS output/.../model_final.pth
+    python tools/train_net.py --config-file <yaml> --eval-only --fold MODEL.WEIGHTS ...   # norms folded into convs
     python tools/train_net.py --config-file <yaml> --resume                # continue from last checkpoint
 """
 import d2norm  # noqa: F401  (compat + registrations before detectron2 is used)
@@ -11,17 +12,24 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from d2norm.engine import Trainer, setup_cfg
+from d2norm.deploy import fold_norms
 from d2norm.engine.checkpoint import D2NormCheckpointer
 from d2norm.engine.cli import launch_main
 
 
 def main(args):
+    if getattr(args, "fold", False) and not args.eval_only:
+        argument_parser().error("--fold is an inference transform: use it with --eval-only (folding while "
+                                "training changes what SGD optimizes, rethinking A.8)")
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # evaluating a model whose parameters were partly not loaded (another architecture) is an error
         D2NormCheckpointer(model, save_dir=cfg.OUTPUT_DIR, on_mismatch="error").resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume)
+        if args.fold:
+            # every fixed-affine norm into its convolution (d2norm.deploy); the report is logged
+            print(fold_norms(model.eval()).summary())
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -33,5 +41,18 @@ def main(args):
     return getattr(trainer, "_last_eval_results", None)
 
 
+def argument_parser():
+    """detectron2's ``default_argument_parser`` with ``--fold``."""
+    from detectron2.engine import default_argument_parser
+
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--fold", action="store_true",
+        help="with --eval-only: fold every norm whose inference is a fixed affine map into the preceding "
+             "convolution before evaluating (d2norm.deploy.fold_norms; prints what was folded and what not)",
+    )
+    return parser
+
+
 if __name__ == "__main__":
-    launch_main(main)
+    launch_main(main, parser=argument_parser())

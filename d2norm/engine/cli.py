@@ -113,13 +113,13 @@ def _distributed_entry(fn, args) -> None:
         raise SystemExit(2)
 
 
-def launch_main(main: Callable[[argparse.Namespace], Any], argv=None) -> None:
+def launch_main(main: Callable[[argparse.Namespace], Any], argv=None, parser=None) -> None:
     """detectron2's training-tool entry point (tools/train_net.py, tools/lazyconfig_train_net.py): parse
-    detectron2's ``default_argument_parser`` and run ``main(args)`` on ``--num-gpus`` processes per machine through
-    detectron2's ``launch`` (gloo on CPU)."""
+    detectron2's ``default_argument_parser`` (or ``parser``, e.g. one extended with a tool's own flags) and run
+    ``main(args)`` on ``--num-gpus`` processes per machine through detectron2's ``launch`` (gloo on CPU)."""
     from detectron2.engine import default_argument_parser, launch
 
-    args = default_argument_parser().parse_args(argv)
+    args = (parser or default_argument_parser()).parse_args(argv)
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
