@@ -9,6 +9,7 @@ from d2norm.layers import (
     BatchStatsBatchNorm2d,
     EvalNorm2d,
     ExampleWeightedBatchNorm2d,
+    GhostBatchNorm2d,
 )
 from d2norm.layers.evalnorm import _AffineL1Mean
 from d2norm.layers.kernels import channel_affine, group_moments
@@ -105,6 +106,7 @@ LAYERS = {
     "EvalNorm": lambda: EvalNorm2d(16, init_alpha=0.2, init_beta=0.3),
     "BGN": lambda: BatchGroupNorm(16, num_groups=4, alpha=0.4),
     "BatchStatsBN": lambda: BatchStatsBatchNorm2d(16),
+    "GhostBN": lambda: GhostBatchNorm2d(16, ghost_size=3),  # N=4: [2, 2]; N=64: 22 sub-batches of 3 and 2
 }
 
 

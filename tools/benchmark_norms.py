@@ -3,11 +3,13 @@
 
 Prints ratios (layer time / BatchNorm2d time); no assertions. The machine may be shared and noisy, so every
 layer and both baselines (``nn.BatchNorm2d``; ``nn.GroupNorm`` with BGN's channel groups) are timed
-*interleaved* in the same rounds, and each keeps its best round (the least disturbed one, as timeit does).
+*interleaved* in the same rounds, and each keeps its best round (the least disturbed one, as timeit does). On
+CPU the clock is this process's CPU time by default (``--clock process``), which other processes on the
+machine do not inflate; ``--clock wall`` for elapsed time.
 Training cost includes EvalNorm's eq-9 aux loss. ``eval_GBps`` is the achieved bandwidth of one read of x and
 one write of y per eval call (BN's minimal traffic, the same byte count for every layer). Example:
 
-    python tools/benchmark_norms.py --shape 8 64 56 56 --shape 512 256 7 7 --json out/bench_norms.json
+    python tools/benchmark_norms.py --shape 8 64 56 56 --shape 512 256 7 7 --json bench/norms.json
 """
 import argparse
 import datetime
@@ -49,17 +51,27 @@ def _steps(layer, x):
     return train_step, eval_step
 
 
+#: the clock of a timed sample: "process" = CPU time of this process (time.process_time): on a shared, busy
+#: machine it excludes the time other processes run on our core, which wall time cannot; "wall" = elapsed time
+#: (the only meaningful one with CUDA, synchronized)
+CLOCKS = {"process": time.process_time, "wall": time.perf_counter}
+_clock = {"fn": time.perf_counter}
+
+
 def _time_once(fn, iters, device):
+    clock = _clock["fn"]
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(iters):
         fn()
     _sync(device)
-    return (time.perf_counter() - start) / iters
+    return (clock() - start) / iters
 
 
-def bench_shape(shape, cfg, device, iters, rounds, names=None):
-    """Best-of-``rounds`` seconds per call of every entry, all entries interleaved within each round."""
+def bench_shape(shape, cfg, device, window, rounds, names=None):
+    """Best-of-``rounds`` seconds per call of every entry, all entries interleaved within each round. Each
+    timed sample is as many calls as fit in ``window`` seconds (at least one): short samples are the ones a
+    busy machine leaves undisturbed, and the best of many of them is the least disturbed estimate."""
     n, c = shape[0], shape[1]
     x = torch.randn(*shape, device=device) * 2 + 1
     groups = cfg.D2NORM.BGN.NUM_CHANNEL_GROUPS
@@ -67,29 +79,30 @@ def bench_shape(shape, cfg, device, iters, rounds, names=None):
     for name, cls in sorted(NORM_REGISTRY):
         if names is None or name in names:
             entries[name] = cls(**cls.from_config(cfg, c))
-    steps = {}
+    steps, iters = {}, {}
     for name, layer in entries.items():
         layer.to(device)
         steps[name] = _steps(layer, x)
         for fn in steps[name]:  # warm-up (allocator, first-use paths, MABN/EvalNorm state)
-            for _ in range(2):
-                fn()
+            fn()
+        iters[name] = [max(1, int(window / _time_once(fn, 1, device))) for fn in steps[name]]
     best = {name: [float("inf"), float("inf")] for name in entries}
     for _ in range(rounds):
         for name, (train_step, eval_step) in steps.items():
-            best[name][0] = min(best[name][0], _time_once(train_step, iters, device))
-            best[name][1] = min(best[name][1], _time_once(eval_step, iters, device))
-    return best, x.numel() * x.element_size()
+            best[name][0] = min(best[name][0], _time_once(train_step, iters[name][0], device))
+            best[name][1] = min(best[name][1], _time_once(eval_step, iters[name][1], device))
+    return best, x.numel() * x.element_size(), iters
 
 
-def run(shapes, iters, rounds, device, threads, names=None):
+def run(shapes, window_ms, rounds, device, threads, names=None, clock="wall"):
     torch.set_num_threads(threads)
+    _clock["fn"] = CLOCKS[clock]
     cfg = d2norm.add_d2norm_config(get_cfg())
     cfg.D2NORM.DOMAIN_BN.NUM_DOMAINS = 1
     results = []
     for shape in shapes:
         load_before = os.getloadavg()[0]
-        best, nbytes = bench_shape(shape, cfg, torch.device(device), iters, rounds, names)
+        best, nbytes, iters = bench_shape(shape, cfg, torch.device(device), window_ms / 1e3, rounds, names)
         bn_t, bn_e = best["BatchNorm2d"]
         gn_t, gn_e = best["GroupNorm"]
         layers = {}
@@ -105,7 +118,9 @@ def run(shapes, iters, rounds, device, threads, names=None):
             "shape": list(shape),
             "device": device if device != "cpu" else f"cpu ({torch.backends.cpu.get_cpu_capability()})",
             "threads": threads,
-            "iters": iters,
+            "clock": clock,
+            "window_ms": window_ms,
+            "calls_per_sample": {k: {"train": v[0], "eval": v[1]} for k, v in iters.items()},
             "rounds": rounds,
             "loadavg_1min": [load_before, os.getloadavg()[0]],
             "baseline": {
@@ -121,8 +136,8 @@ def run(shapes, iters, rounds, device, threads, names=None):
 def print_results(results, out=sys.stdout):
     for r in results:
         b = r["baseline"]
-        print(f"shape={tuple(r['shape'])} device={r['device']} threads={r['threads']} best of {r['rounds']} "
-              f"interleaved rounds x {r['iters']} calls, load {r['loadavg_1min'][0]:.1f}->{r['loadavg_1min'][1]:.1f}",
+        print(f"shape={tuple(r['shape'])} device={r['device']} threads={r['threads']} clock={r['clock']} best of {r['rounds']} "
+              f"interleaved rounds of ~{r['window_ms']:g} ms samples, load {r['loadavg_1min'][0]:.1f}->{r['loadavg_1min'][1]:.1f}",
               file=out)
         print(f"BatchNorm2d: train {b['BatchNorm2d']['train_ms']:.2f} ms, eval {b['BatchNorm2d']['eval_ms']:.3f} ms "
               f"({b['BatchNorm2d']['eval_GBps']:.1f} GB/s); GroupNorm({b['GroupNorm']['groups']}): train "
@@ -141,21 +156,29 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=4, action="append", metavar=("N", "C", "H", "W"),
                    help="input shape; repeat for several (default: 8 64 56 56 and 512 256 7 7)")
-    p.add_argument("--iters", type=int, default=10, help="calls per timed round")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the best one counts")
+    p.add_argument("--window-ms", type=float, default=20.0,
+                   help="length of one timed sample (as many calls as fit, at least one)")
+    p.add_argument("--rounds", type=int, default=20, help="interleaved rounds; the best one counts")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default=None,
+                   help="process = this process's CPU time (default on CPU: robust to other load), wall = elapsed "
+                        "(default and required on CUDA)")
     p.add_argument("--layers", nargs="*", default=None, help="registered names to time (default: all)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
-    if args.iters < 1 or args.rounds < 1 or args.threads < 1:
-        p.error(f"--iters, --rounds and --threads must be >= 1, got {args.iters}, {args.rounds}, {args.threads}")
+    if not args.window_ms > 0 or args.rounds < 1 or args.threads < 1:
+        p.error(f"--window-ms must be > 0 and --rounds, --threads >= 1, got {args.window_ms}, {args.rounds}, "
+                f"{args.threads}")
     if args.layers is not None:
         unknown = sorted(set(args.layers) - {k for k, _ in NORM_REGISTRY})
         if unknown:
             p.error(f"unknown layer name(s) {unknown}; registered: {sorted(k for k, _ in NORM_REGISTRY)}")
+    clock = args.clock or ("wall" if args.device.startswith("cuda") else "process")
+    if clock == "process" and args.device.startswith("cuda"):
+        p.error("--clock process measures CPU time; use --clock wall with --device cuda")
     shapes = args.shape or [list(s) for s in DEFAULT_SHAPES]
-    results = run(shapes, args.iters, args.rounds, args.device, args.threads, args.layers)
+    results = run(shapes, args.window_ms, args.rounds, args.device, args.threads, args.layers, clock)
     print_results(results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -28,6 +28,7 @@ from ..stats.adapters import StatsAdapter, reduce_dims
 from ..stats.estimators import batch_moments
 from .base import D2NormModule, FrozenBNState, skip_nonfinite_stats, stat_dtype, undo_nonfinite_update_
 from ..utils.validation import check_int, check_number
+from .kernels import channel_affine
 from .registry import register_norm
 
 __all__ = [
@@ -234,8 +235,7 @@ class MABN2d(nn.Module, D2NormModule):
         # Inference (and empty training input): z = γ·x/χ̂ + β.
         sd = stat_dtype(x.dtype)
         scale = self.weight.to(sd) / self.running_chi.to(sd)
-        xs = x.to(sd)
-        return torch.addcmul(_channel_view(self.bias.to(sd), xs), xs, _channel_view(scale, xs)).to(x.dtype)
+        return channel_affine(x.to(sd), scale, self.bias.to(sd)).to(x.dtype)  # one fused pass (layers/kernels.py)
 
 
     # ---- protocol (layers/base.py) -----------------------------------------------------------------------
