@@ -100,3 +100,35 @@ def test_zero_size_input_passes_through_every_layer(dtype, training):
             y.sum().backward()
             assert layer.weight.grad is not None and torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
             layer.weight.grad = None
+
+
+def test_a_new_layer_needs_only_its_own_file(monkeypatch):
+    """A layer defined here (not known to any d2norm module) is handled by the registry, convert_norm, the
+    FrozenBN switch, PreciseBN adapters and the probes through the protocol alone."""
+    from d2norm.layers import convert_norm
+    from d2norm.layers.frozen import freeze_bn_layers
+    from d2norm.layers.registry import NORM_REGISTRY, register_norm
+    from d2norm.stats.adapters import get_stats_adapter
+    from d2norm.stats.probe import estimated_stats, probed_layers
+
+    class ScaledBN(D2NormBatchNorm2d):
+        @classmethod
+        def from_config(cls, cfg, channels):
+            return dict(num_features=channels, eps=cfg.D2NORM.BN.EPS)
+
+    name = "ProtocolTestBN"
+    monkeypatch.setattr(NORM_REGISTRY, "_classes", dict(NORM_REGISTRY._classes))  # registered for this test only
+    register_norm(name)(ScaledBN)
+    cls = NORM_REGISTRY.get(name)
+    src = nn.Sequential(nn.Conv2d(3, C, 1), nn.BatchNorm2d(C))
+    with torch.no_grad():
+        src[1].running_mean.uniform_(-1, 1)
+        src[1].running_var.uniform_(0.5, 2)
+    model, report = convert_norm(src, name, _cfg())
+    assert type(model[1]) is cls and list(report.converted) == ["1"]
+    assert torch.equal(model[1].running_var, src[1].running_var)
+    assert get_stats_adapter(model[1].train()) is not None
+    assert list(probed_layers(model)) == ["1"]
+    torch.testing.assert_close(estimated_stats(model[1])[0][1], src[1].running_var.double())
+    freeze_report = freeze_bn_layers(model)
+    assert freeze_report.converted["1"] == "ScaledBN" and type(model[1]).__name__ in ("FrozenBatchNorm", "FrozenBatchNorm2d")
