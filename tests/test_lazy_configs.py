@@ -120,7 +120,12 @@ def test_cpu_twin_trains_and_evaluates(path, tmp_path):
     assert ap == ap and 0.0 <= ap <= 100.0  # COCOeval scored predictions (AP ~0 after 2 iterations)
     ckpt = torch.load(tmp_path / "out" / "model_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["iteration"] == 1 and "optimizer" in ckpt["trainer"]["_trainer"]
-    assert os.path.isfile(tmp_path / "out" / "config.yaml")  # LazyConfig.save by default_setup, a real yaml
+    # default_setup's LazyConfig.save wrote a real yaml (no pickle fallback) that loads and builds the same model
+    saved = tmp_path / "out" / "config.yaml"
+    assert saved.is_file() and not (tmp_path / "out" / "config.yaml.pkl").exists()
+    again = LazyConfig.load(str(saved))
+    bridge = bridge_cfg(again)
+    assert _types(build_lazy_model(again, bridge)) == _types(build_lazy_model(LazyConfig.load(path), bridge))
 
 
 @pytest.mark.slow
