@@ -14,6 +14,7 @@ __all__ = [
     "FrozenBNState",
     "stat_dtype",
     "empty_passthrough",
+    "check_input_channels",
     "OWN_STATS_NOTE",
     "bn_frozen_state",
     "bn_estimated_stats",
@@ -235,6 +236,12 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype normalization statistics are computed in for inputs of ``dtype``: float32 for fp16/bf16 (their
     sums of squares overflow or lose precision), the input's own dtype otherwise (float32, float64)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_input_channels(layer: str, x: torch.Tensor, channels: int) -> None:
+    """ValueError unless ``x`` is ``(N, channels, *)``."""
+    if x.dim() < 2 or x.shape[1] != channels:
+        raise ValueError(f"{layer} expects input (N, {channels}, *), got shape {tuple(x.shape)}")
 
 
 def empty_passthrough(x: torch.Tensor, weight: Optional[torch.Tensor] = None,

@@ -15,7 +15,7 @@ from torch import nn
 from ..stats.adapters import StatsAdapter
 from ..stats.estimators import batch_moments
 from ..utils.validation import check_int, check_number
-from .base import D2NormModule, NotAnAffine, affine_from_stats, empty_passthrough, skip_nonfinite_stats, stat_dtype
+from .base import D2NormModule, NotAnAffine, affine_from_stats, check_input_channels, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .ghost_bn import ghost_batch_sizes
 from .kernels import channel_affine, group_moments
 from .registry import register_norm
@@ -171,10 +171,7 @@ class BatchGroupNorm(nn.Module, D2NormModule):
 
     @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or x.shape[1] != self.num_channels:
-            raise ValueError(
-                f"BatchGroupNorm expects input (N, {self.num_channels}, *), got shape {tuple(x.shape)}"
-            )
+        check_input_channels("BatchGroupNorm", x, self.num_channels)
         if x.numel() == 0:
             return empty_passthrough(x, self.weight, self.bias)  # no statistics, no buffer update
 
@@ -285,8 +282,7 @@ class BGNAdapter(StatsAdapter):
 
     def forward(self, x):
         m = self.module
-        if x.dim() < 2 or x.shape[1] != m.num_channels:
-            raise ValueError(f"BatchGroupNorm expects input (N, {m.num_channels}, *), got shape {tuple(x.shape)}")
+        check_input_channels("BatchGroupNorm", x, m.num_channels)
         sd = stat_dtype(x.dtype)
         if x.numel() == 0:
             return empty_passthrough(x, m.weight, m.bias)

@@ -274,12 +274,16 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
         k = self._resolve_domain(domain)
         if not self.training:
             return self._eval_one(x, k)
+        self._refuse_single_domain_training()
+        return self._train_one(x, k)
+
+    def _refuse_single_domain_training(self) -> None:
+        """Shared training statistics need every domain's input at once (rethinking Fig. 7b)."""
         if self.train_stats == "shared" and self.num_domains > 1:
             raise ValueError(
                 "DomainBatchNorm2d with TRAIN_STATS='shared' normalizes all domains together in training: "
                 "call forward_domains(xs) with every domain's input (or set TRAIN_STATS='per_domain')"
             )
-        return self._train_one(x, k)
 
     # ---- protocol (layers/base.py) -----------------------------------------------------------------------
     def stats_adapter(self):
@@ -499,11 +503,7 @@ class DomainBNAdapter(BatchNormAdapter):
         m = self.module
         m._check_input(x)
         k = m._resolve_domain(domain)
-        if m.train_stats == "shared" and m.num_domains > 1:
-            raise ValueError(
-                "DomainBatchNorm2d with TRAIN_STATS='shared' normalizes all domains together in training: "
-                "call forward_domains(xs) with every domain's input (or set TRAIN_STATS='per_domain')"
-            )
+        m._refuse_single_domain_training()
         return self._one_domain(x, k)
 
     def forward_domains(self, xs, domains=None):

@@ -50,7 +50,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..utils.validation import check_int, check_number
-from .base import D2NormModule, FrozenBNState, NotAnAffine, affine_from_stats, bn_frozen_state, empty_passthrough
+from .base import (
+    D2NormModule, FrozenBNState, NotAnAffine, affine_from_stats, bn_frozen_state, check_input_channels, empty_passthrough,
+)
 from .report import ConversionReport
 
 __all__ = ["FrozenBatchNorm", "freeze_bn_layers", "frozen_bn_source"]
@@ -90,8 +92,7 @@ class FrozenBatchNorm(nn.Module, D2NormModule):
         return f"{self.num_features}, eps={self.eps}, trainable_affine={self.trainable_affine}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"FrozenBatchNorm expects input (N, {self.num_features}, *), got {tuple(x.shape)}")
+        check_input_channels("FrozenBatchNorm", x, self.num_features)
         if x.numel() == 0:
             return empty_passthrough(x, self.weight, self.bias)
         sd = self.running_mean.dtype

@@ -26,7 +26,9 @@ from torch.autograd.function import once_differentiable
 
 from ..stats.adapters import StatsAdapter, reduce_dims
 from ..stats.estimators import batch_moments
-from .base import D2NormModule, FrozenBNState, skip_nonfinite_stats, stat_dtype, undo_nonfinite_update_
+from .base import (
+    D2NormModule, FrozenBNState, check_input_channels, skip_nonfinite_stats, stat_dtype, undo_nonfinite_update_,
+)
 from ..utils.validation import check_int, check_number
 from .kernels import channel_affine
 from .registry import register_norm
@@ -223,9 +225,7 @@ class MABN2d(nn.Module, D2NormModule):
 
     @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"MABN2d({self.num_features}) expects (N, {self.num_features}, *) input, "
-                             f"got shape {tuple(x.shape)}")
+        check_input_channels(f"MABN2d({self.num_features})", x, self.num_features)
         if self.training and x.numel() > 0:
             return MABNFunction.apply(
                 x, self.weight, self.bias, self.chi_sq_buffer, self.psi_buffer, self.running_chi,
@@ -268,8 +268,7 @@ class MABNAdapter(StatsAdapter):
 
     def forward(self, x):
         m = self.module
-        if x.dim() < 2 or x.shape[1] != m.num_features:
-            raise ValueError(f"MABN2d({m.num_features}) expects (N, {m.num_features}, *) input, got {tuple(x.shape)}")
+        check_input_channels(f"MABN2d({m.num_features})", x, m.num_features)
         sd = stat_dtype(x.dtype)
         xs = x.to(sd)
         if x.numel() == 0:
