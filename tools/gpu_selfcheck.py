@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""GPU self-check: every d2norm layer on CUDA against the same layer on CPU in float64, distributed layers on
+2 NCCL processes, and a short training of the main job on the GPU. Without CUDA it says so and exits 0.
+
+    python tools/gpu_selfcheck.py                 # all checks that the machine allows
+    python tools/gpu_selfcheck.py --skip-train    # layers (+ 2-GPU) only, about a minute
+    pytest -m cuda                                # the layer check as a test (skipped without CUDA)
+
+Checks:
+
+1. **Layers** — every registered ``NORM`` name (and FrozenBatchNorm), in training and eval mode, forward and
+   backward, contiguous and channels-last, on an ResNet-like (8, 64, 28, 28) and an RoI-like (256, 64, 7, 7)
+   input: CUDA float32 output, input gradient, parameter gradients and updated buffers equal the CPU float64
+   layer's (whose paths the test suite checks against the papers' equations) to float32 accuracy. EvalNorm's
+   eq-9 aux loss is part of the loss. This covers the CUDA branches of the fast kernels
+   (``d2norm/layers/kernels.py``).
+2. **2 NCCL processes** (when 2 GPUs exist) — AnySyncBN with uneven and empty ranks and the shuffled-RoI box
+   head, forward + backward + EMA, on NCCL/CUDA vs the same two-rank run on gloo/CPU in float64.
+3. **Training** — ``tools/train_net.py`` on the main-job config with ``MODEL.DEVICE cuda`` for a few
+   iterations and a COCO evaluation; the losses must be finite and the AP table printed.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import d2norm
+import torch
+from detectron2.config import get_cfg
+
+from d2norm.layers import NORM_REGISTRY
+from d2norm.layers.evalnorm import evalnorm_aux_loss
+from d2norm.layers.frozen import FrozenBatchNorm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL, ATOL = 2e-4, 2e-4
+
+
+def _layers(c):
+    cfg = d2norm.add_d2norm_config(get_cfg())
+    cfg.D2NORM.DOMAIN_BN.NUM_DOMAINS = 1
+    cfg.D2NORM.GHOST_BN.SIZE = 3  # several sub-batches at both shapes
+    cfg.D2NORM.MABN.WARMUP_ITERS = 1  # the second step uses the moving averages
+    cfg.D2NORM.BGN.NUM_CHANNEL_GROUPS = 16
+    out = {name: (lambda cls=cls: cls(**cls.from_config(cfg, c))) for name, cls in sorted(NORM_REGISTRY)}
+    out["FrozenBatchNorm"] = lambda: FrozenBatchNorm(c)
+    return out
+
+
+@torch.no_grad()
+def _randomize(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    for name, t in list(m.named_parameters()) + list(m.named_buffers()):
+        if not t.is_floating_point() or "buffer" in name:
+            continue
+        if name.endswith("weight"):
+            t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) + 0.5)
+        elif name.endswith(("bias", "running_mean")):
+            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float64) * 0.5)
+        elif name.endswith(("running_var", "running_chi")):
+            t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) * 2 + 0.5)
+
+
+def _run_layer(m, x, dy, training, steps=2):
+    """``steps`` forward/backward passes; returns outputs, grads and the final state."""
+    m.train(training)
+    res = []
+    for _ in range(steps):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        loss = (y * dy).sum() + (evalnorm_aux_loss(m) if training else 0.0)
+        loss.backward()
+        res.append({"y": y.detach(), "gx": xi.grad,
+                    "gp": {k: p.grad for k, p in m.named_parameters() if p.grad is not None}})
+    state = {k: v.detach() for k, v in m.state_dict().items() if v.is_floating_point()}
+    return res, state
+
+
+def _close(a, b, what, failures):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=RTOL, atol=ATOL * max(1.0, float(b.abs().max()))):
+        err = float((a - b).abs().max()) if a.shape == b.shape else f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        failures.append(f"{what}: max abs difference {err}")
+
+
+def check_layers(device="cuda"):
+    """Failures (strings) of check 1; empty = every layer agrees."""
+    failures = []
+    for shape in ((8, 64, 28, 28), (256, 64, 7, 7)):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1
+        x = x + torch.randn(shape[0], shape[1], 1, 1, generator=g, dtype=torch.float64)
+        dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+        for name, make in _layers(shape[1]).items():
+            for training in (True, False):
+                for layout in (torch.contiguous_format, torch.channels_last):
+                    tag = f"{name} {tuple(shape)} {'train' if training else 'eval'} {layout}"
+                    try:
+                        ref = make().double()
+                        _randomize(ref, 1)
+                        dev = make()
+                        dev.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                             for k, v in ref.state_dict().items()})
+                        dev.to(device)
+                        r_steps, r_state = _run_layer(ref, x, dy, training)
+                        xd = x.float().to(device).contiguous(memory_format=layout)
+                        d_steps, d_state = _run_layer(dev, xd, dy.float().to(device), training)
+                        for i, (r, d) in enumerate(zip(r_steps, d_steps)):
+                            _close(d["y"], r["y"], f"{tag} step {i} output", failures)
+                            _close(d["gx"], r["gx"], f"{tag} step {i} input grad", failures)
+                            for k in r["gp"]:
+                                _close(d["gp"][k], r["gp"][k], f"{tag} step {i} grad {k}", failures)
+                        for k in r_state:
+                            _close(d_state[k], r_state[k], f"{tag} buffer {k}", failures)
+                    except Exception:  # noqa: BLE001  (a crash on CUDA is a failure to report, not to hide)
+                        failures.append(f"{tag}: {traceback.format_exc(limit=3)}")
+    return failures
+
+
+# ---- 2 processes ----------------------------------------------------------------------------------------------
+
+def _dist_worker(rank, world, backend, device, tmpdir):
+    import torch.distributed as dist
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.roi_heads import build_box_head
+    from detectron2.utils import comm
+
+    from d2norm.layers import AnySyncBatchNorm2d, norm_options
+
+    dist.init_process_group(backend, init_method="file://" + os.path.join(tmpdir, f"rdv_{backend}"),
+                            rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world)))
+    dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
+    dtype = torch.float32 if device == "cuda" else torch.float64
+    out = {}
+    for case, sizes in enumerate(((5, 3), (0, 6))):  # uneven, and an empty rank
+        g = torch.Generator().manual_seed(10 + case)
+        xs = [torch.randn(n, 8, 5, 5, generator=g, dtype=torch.float64) * 2 + 1 for n in sizes]
+        dys = [torch.randn(n, 8, 5, 5, generator=g, dtype=torch.float64) for n in sizes]
+        m = AnySyncBatchNorm2d(8).to(dev, dtype).train()
+        x = xs[rank].to(dev, dtype).requires_grad_()
+        y = m(x)
+        (y * dys[rank].to(dev, dtype)).sum().backward()
+        out[f"syncbn{case}"] = {"y": y.detach().cpu(), "gx": x.grad.cpu(), "gw": m.weight.grad.cpu(),
+                                "rm": m.running_mean.cpu(), "rv": m.running_var.cpu()}
+    cfg = d2norm.add_d2norm_config(get_cfg())
+    b = cfg.MODEL.ROI_BOX_HEAD
+    b.NAME, b.NUM_CONV, b.CONV_DIM, b.NUM_FC, b.FC_DIM, b.NORM = "ShuffledConvFCHead", 2, 8, 1, 16, "BN"
+    cfg.D2NORM.SHUFFLE_HEAD.SEED = 7
+    torch.manual_seed(0)
+    with norm_options(cfg):
+        head = build_box_head(cfg, ShapeSpec(channels=4, height=5, width=5))
+    head.to(dev, dtype).train()
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, 4, 5, 5, generator=g, dtype=torch.float64) for n in (7, 4)]
+    x = xs[rank].to(dev, dtype).requires_grad_()
+    y = head(x)
+    y.square().sum().backward()
+    out["shuffle"] = {"y": y.detach().cpu(), "gx": x.grad.cpu(),
+                      "gp": {k: p.grad.cpu() for k, p in head.named_parameters()}}
+    torch.save(out, os.path.join(tmpdir, f"{backend}_{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def check_two_process():
+    import torch.multiprocessing as mp
+
+    failures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_dist_worker, args=(2, "gloo", "cpu", tmp), nprocs=2, start_method="spawn")
+        mp.start_processes(_dist_worker, args=(2, "nccl", "cuda", tmp), nprocs=2, start_method="spawn")
+        for rank in range(2):
+            ref = torch.load(os.path.join(tmp, f"gloo_{rank}.pt"))
+            got = torch.load(os.path.join(tmp, f"nccl_{rank}.pt"))
+            for key, r in ref.items():
+                for k, v in r.items():
+                    if isinstance(v, dict):
+                        for kk in v:
+                            _close(got[key][k][kk], v[kk], f"rank {rank} {key} {k} {kk}", failures)
+                    else:
+                        _close(got[key][k], v, f"rank {rank} {key} {k}", failures)
+    return failures
+
+
+# ---- training -------------------------------------------------------------------------------------------------
+
+def check_training(iters=20):
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file",
+               os.path.join(ROOT, "configs", "cpu", "faster_rcnn_R18_FPN_ghostbn.yaml"), "MODEL.DEVICE", "cuda",
+               "SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", "5", "OUTPUT_DIR", os.path.join(tmp, "out"),
+               "D2NORM.DATA.SYNTHETIC_ROOT", os.path.join(tmp, "data")]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+        log = res.stdout + res.stderr
+        failures = []
+        if res.returncode != 0:
+            failures.append(f"training exited with {res.returncode}:\n{log[-3000:]}")
+        elif not re.search(r"copypaste: [-0-9.,nan]+", log):
+            failures.append("no COCO AP table in the training log")
+        elif re.search(r"total_loss: (nan|inf)", log):
+            failures.append("non-finite total_loss in the training log")
+        return failures
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--skip-train", action="store_true", help="skip the short training run (check 3)")
+    p.add_argument("--train-iters", type=int, default=20)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_selfcheck: CUDA is not available on this machine: skipped (nothing was checked)")
+        return 0
+    print(f"gpu_selfcheck on {torch.cuda.get_device_name(0)} ({torch.cuda.device_count()} GPU(s)), torch "
+          f"{torch.__version__}")
+    checks = [("layers CUDA vs CPU float64", check_layers)]
+    if torch.cuda.device_count() >= 2:
+        checks.append(("AnySyncBN + shuffled head on 2 NCCL processes vs 2 gloo processes", check_two_process))
+    else:
+        print("  (1 GPU: the 2-process NCCL check needs 2 GPUs; not run)")
+    if not args.skip_train:
+        checks.append((f"main job: {args.train_iters} training iterations + COCO eval on CUDA",
+                       lambda: check_training(args.train_iters)))
+    failed = 0
+    for title, fn in checks:
+        failures = fn()
+        print(f"[{'ok' if not failures else 'FAIL'}] {title}")
+        for f in failures[:50]:
+            print("    " + f.replace("\n", "\n    "))
+        failed += bool(failures)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
