@@ -41,8 +41,7 @@ def build_parser():
     p.add_argument("--rule", nargs="?", type=tc.positive_int, const=RECORDED, default=None, metavar="B",
                    help="no fit: alpha = beta = 1/B^2, B >= 1 (B omitted: each layer's training normalization "
                         "batch: GhostBN's SIZE, or the batch size an EvalNorm layer recorded)")
-    p.add_argument("--eval", action="store_true", help="COCO AP before and after")
-    p.add_argument("--eval-dataset", help="dataset for --eval (default: the cfg's first DATASETS.TEST)")
+    tc.add_eval_args(p)
     p.add_argument("--output-name", help="checkpoint name without .pth (default model_evalnorm_offline|rule)")
     return p
 
@@ -61,7 +60,7 @@ def run(args):
     iters = args.iters if args.iters is not None else ec.OFFLINE_ITERS
     lr = args.lr if args.lr is not None else ec.OFFLINE_LR
     dataset = None if args.rule is not None else tc.prepare_dataset(cfg, args.dataset or tc.first(cfg.DATASETS.TRAIN))
-    eval_ds = tc.prepare_dataset(cfg, args.eval_dataset or tc.first(cfg.DATASETS.TEST)) if args.eval else None
+    eval_ds = tc.eval_dataset(args, cfg)
     out_dir = tc.output_dir(args, cfg, "fit_evalnorm")
     name = args.output_name or f"model_evalnorm_{'rule' if args.rule is not None else 'offline'}"
 
@@ -130,9 +129,7 @@ def run(args):
             f.write(yaml_cfg.dump())
     after = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "after")
     report = {**info, "checkpoint": path, "config": yaml_path, "converted": converted, "alpha_beta": alpha_beta}
-    if args.eval:
-        report.update(eval_dataset=eval_ds, before=before, after=after)
-        print(tc.format_table(["", "AP"], [["before", tc.main_metric(before)], ["after", tc.main_metric(after)]]))
+    tc.record_before_after(report, eval_ds, before, after)
     vals = [v["alpha"] for v in alpha_beta.values()]
     print(f"alpha-hat over {len(vals)} layers: min {min(vals):.4g}, max {max(vals):.4g}", flush=True)
     tc.write_json(os.path.join(out_dir, f"{name}.json"), report)

@@ -45,8 +45,7 @@ def build_parser():
                    help="'train': the model's training forward on a training-style loader (needs annotations; "
                    "what the PreciseBN hook does); 'inference': inference path with only the norm layers in "
                    "training mode (unlabeled data; RoI heads then see test-time proposals)")
-    p.add_argument("--eval", action="store_true", help="COCO AP before and after")
-    p.add_argument("--eval-dataset", help="dataset for --eval (default: the cfg's first DATASETS.TEST)")
+    tc.add_eval_args(p)
     p.add_argument("--output-name", help="checkpoint name without .pth (default model_precise_bn_<dataset>)")
     return p
 
@@ -56,7 +55,7 @@ def run(args):
     cfg = tc.load_cfg(args.config_file, args.opts)
     c = cfg.D2NORM.PRECISE_BN
     dataset = tc.prepare_dataset(cfg, args.dataset or tc.first(cfg.DATASETS.TRAIN))
-    eval_ds = tc.prepare_dataset(cfg, args.eval_dataset or tc.first(cfg.DATASETS.TEST)) if args.eval else None
+    eval_ds = tc.eval_dataset(args, cfg)
     num_samples = args.num_samples if args.num_samples is not None else c.NUM_SAMPLES
     batch_size = args.batch_size if args.batch_size is not None else c.BATCH_SIZE
     estimator = args.estimator or c.ESTIMATOR
@@ -100,9 +99,7 @@ def run(args):
     after = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "after")
     report = {**info, "checkpoint": path, "layers": len(results), "nonfinite_skipped": results.nonfinite,
               "samples_seen": {n: [None if e is None else e.count for e in ests] for n, ests in results.items()}}
-    if args.eval:
-        report.update(eval_dataset=eval_ds, before=before, after=after)
-        print(tc.format_table(["", "AP"], [["before", tc.main_metric(before)], ["after", tc.main_metric(after)]]))
+    tc.record_before_after(report, eval_ds, before, after)
     tc.write_json(os.path.join(out_dir, f"{name}.json"), report)
     print(f"wrote {path}", flush=True)
     return report

@@ -40,12 +40,14 @@ __all__ = [
     "NORM_KEYS",
     "is_main_process",
     "distributed_tool",
-    "TRAINING_CHECKPOINT_NAME",
     "same_results",
     "FORWARD_MODES",
     "norm_layers_training",
     "first",
     "maybe_evaluate",
+    "add_eval_args",
+    "eval_dataset",
+    "record_before_after",
 ]
 
 logger = logging.getLogger("d2norm.tools")
@@ -532,6 +534,25 @@ def norm_layers_training(model: nn.Module):
 
 def first(names: Sequence[str]) -> Optional[str]:
     return names[0] if len(names) else None
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """``--eval`` (COCO AP before and after the tool's change) and ``--eval-dataset``."""
+    p.add_argument("--eval", action="store_true", help="COCO AP before and after")
+    p.add_argument("--eval-dataset", help="dataset for --eval (default: the cfg's first DATASETS.TEST)")
+
+
+def eval_dataset(args, cfg) -> Optional[str]:
+    """The prepared ``--eval-dataset`` (default: the cfg's first DATASETS.TEST) with ``--eval``, else None."""
+    return prepare_dataset(cfg, args.eval_dataset or first(cfg.DATASETS.TEST)) if args.eval else None
+
+
+def record_before_after(report: dict, dataset: Optional[str], before, after) -> None:
+    """With ``--eval`` (``dataset`` given): the AP before/after into ``report`` and printed as a table."""
+    if dataset is None:
+        return
+    report.update(eval_dataset=dataset, before=before, after=after)
+    print(format_table(["", "AP"], [["before", main_metric(before)], ["after", main_metric(after)]]))
 
 
 def maybe_evaluate(enabled: bool, cfg, model, dataset: Optional[str], output_dir: str, tag: str):
