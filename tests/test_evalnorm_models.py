@@ -534,3 +534,13 @@ def test_table2_configs_express_the_rows():
     cpu = _load_cfg(os.path.join(REPO, "configs", "cpu", "faster_rcnn_R18_C4_evalnorm_table2a.yaml"))
     assert cpu.DATASETS.TRAIN == ("d2norm_synthetic_train",) and cpu.MODEL.DEVICE == "cpu"
     assert cpu.D2NORM.EVALNORM_MODEL.STATS_INIT == "fresh" and not cpu.MODEL.WEIGHTS
+
+
+def test_layers_without_a_bn_ema_are_named_for_the_table2_keys():
+    from torch import nn
+
+    from d2norm.layers import BatchGroupNorm, EvalNorm2d, GhostBatchNorm2d, MABN2d
+
+    model = nn.Sequential(EvalNorm2d(8), MABN2d(8), GhostBatchNorm2d(8), BatchGroupNorm(8, num_groups=2), nn.ReLU())
+    assert ea._other_stat_layers(model) == ["1", "3"]
+    assert [n for n, _ in ea.bn_statistics_layers(model)] == ["0", "2"]

@@ -149,11 +149,12 @@ def bn_statistics_layers(model: nn.Module) -> List[Tuple[str, _BatchNorm]]:
 
 
 def _other_stat_layers(model: nn.Module) -> List[str]:
-    """d2norm layers that keep statistics outside BN's EMA (MABN, BGN): the Table 2 keys cannot act on them."""
+    """d2norm layers with state but no BN (mean, variance) EMA (MABN, BGN: their ``estimated_stats()`` is None):
+    the Table 2 keys cannot act on them."""
     return [
         n
         for n, m in model.named_modules()
-        if isinstance(m, D2NormModule) and not isinstance(m, _BatchNorm) and any(True for _ in m.buffers(False))
+        if isinstance(m, D2NormModule) and m.estimated_stats() is None and any(True for _ in m.buffers(False))
     ]
 
 
