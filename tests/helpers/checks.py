@@ -1,10 +1,11 @@
-"""The forward + backward comparison every layer test makes against its float64 reference."""
+"""The comparisons layer tests share: forward + backward against a float64 reference, and training-mode
+equality with torch's ``nn.BatchNorm2d`` for the layers documented as "exactly BN" in training."""
 from typing import Callable, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["assert_matches_reference"]
+__all__ = ["assert_matches_reference", "assert_trains_as_batchnorm"]
 
 
 def assert_matches_reference(
@@ -33,3 +34,20 @@ def assert_matches_reference(
                             (layer.bias.grad, br.grad, "bias")):
         torch.testing.assert_close(got, want, rtol=grad_tol[0], atol=grad_tol[1], msg=lambda m: f"{what} grad: {m}")
     return y
+
+
+def assert_trains_as_batchnorm(layer: nn.Module, batches) -> None:
+    """Training ``layer`` and an ``nn.BatchNorm2d`` loaded with its state on the same ``batches`` gives identical
+    outputs and input gradients at every step, identical accumulated γ/β gradients and identical buffers."""
+    ref = nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum).to(layer.weight.dtype)
+    ref.load_state_dict(layer.state_dict())
+    layer.train(), ref.train()
+    for x in batches:
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y1, y2 = layer(x1), ref(x2)
+        y1.square().sum().backward()
+        y2.square().sum().backward()
+        assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad)
+    assert torch.equal(layer.weight.grad, ref.weight.grad) and torch.equal(layer.bias.grad, ref.bias.grad)
+    for (k1, b1), (k2, b2) in zip(layer.named_buffers(), ref.named_buffers()):
+        assert k1 == k2 and torch.equal(b1, b2), k1
