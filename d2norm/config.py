@@ -14,10 +14,23 @@ import os
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_d2norm_config", "config_path"]
+__all__ = ["add_d2norm_config", "config_path", "resolve_config_file"]
 
 #: the repository's ``configs/`` folder (next to the package in the editable install ``make install`` makes)
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_config_file(path: str) -> str:
+    """``path`` if it exists; else, for a relative ``configs/...`` path (as in the README and the tools' help),
+    d2norm's own config of that name, so the documented commands work from any directory; else ``path``."""
+    if not path or os.path.isfile(path) or os.path.isabs(path):
+        return path
+    parts = os.path.normpath(path).split(os.sep)
+    if parts[0] == "configs" and len(parts) > 1:
+        own = os.path.join(CONFIGS_DIR, *parts[1:])
+        if os.path.isfile(own):
+            return own
+    return path
 
 
 def config_path(name: str) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "launch_main",
     "base_parser",
     "load_cfg",
+    "read_cfg",
     "prepare_dataset",
     "load_model",
     "save_checkpoint",
@@ -123,6 +124,14 @@ def launch_main(main: Callable[[argparse.Namespace], Any], argv=None, parser=Non
 
     args = (parser or default_argument_parser()).parse_args(argv)
     print("Command Line Args:", args)
+    try:  # a missing / corrupt config or a bad override: one error line and exit code 2, before any process
+        read_cfg(args.config_file, args.opts)
+    except ToolError as e:
+        _report(e)
+        raise SystemExit(2)
+    from ..config import resolve_config_file
+
+    args.config_file = resolve_config_file(args.config_file)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
 
@@ -207,14 +216,16 @@ def base_parser(description: str, multi_weights: bool = False) -> argparse.Argum
 
 
 # ---- cfg, datasets, model ---------------------------------------------------------------------------------
-def load_cfg(config_file: str, opts: Sequence[str] = ()):
-    """The cfg of ``config_file`` with d2norm's keys and the ``KEY VALUE`` overrides (mutable)."""
+def read_cfg(config_file: str, opts: Sequence[str] = ()):
+    """The cfg of ``config_file`` (a relative ``configs/...`` path also from another directory, see
+    :func:`d2norm.config.resolve_config_file`) with d2norm's keys and the ``KEY VALUE`` overrides (mutable);
+    :class:`ToolError` for a missing or unreadable file, YAML that does not parse, unknown keys or bad values."""
     import yaml
     from detectron2.config import get_cfg
 
-    from ..config import add_d2norm_config
-    from ..layers.cfg_checks import check_norm_cfg
+    from ..config import add_d2norm_config, resolve_config_file
 
+    config_file = resolve_config_file(config_file)
     if not config_file or not os.path.isfile(config_file):
         raise ToolError(f"config file not found: {config_file!r}")
     cfg = add_d2norm_config(get_cfg())
@@ -223,8 +234,16 @@ def load_cfg(config_file: str, opts: Sequence[str] = ()):
         cfg.merge_from_list(list(opts or []))
     except yaml.YAMLError as e:  # not YAML at all (truncated, binary, bad indentation)
         raise ToolError(f"config file {config_file!r} is not valid YAML: {' '.join(str(e).split())}") from None
-    except (KeyError, ValueError, AssertionError) as e:
+    except (KeyError, ValueError, AssertionError, AttributeError, TypeError) as e:  # e.g. a top-level list
         raise ToolError(f"bad config {config_file!r} / overrides {list(opts or [])}: {e}") from None
+    return cfg
+
+
+def load_cfg(config_file: str, opts: Sequence[str] = ()):
+    """:func:`read_cfg` followed by the setup-time norm checks (:func:`d2norm.layers.cfg_checks.check_norm_cfg`)."""
+    from ..layers.cfg_checks import check_norm_cfg
+
+    cfg = read_cfg(config_file, opts)
     check_norm_cfg(cfg)  # before any data or model work (ValueError: error + exit code 2)
     return cfg
 

@@ -1,4 +1,5 @@
 """``Trainer(DefaultTrainer)``: builds d2norm models/optimizers/evaluators from cfg. No training math here."""
+import copy
 import functools
 import logging
 import os
@@ -15,7 +16,7 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
-from ..config import add_d2norm_config
+from ..config import add_d2norm_config, resolve_config_file
 from ..data import prepare_datasets
 from ..layers import build_model
 from ..layers.cfg_checks import check_norm_cfg
@@ -160,6 +161,8 @@ def setup_cfg(args):
     """cfg from ``--config-file`` and ``KEY VALUE`` overrides, with datasets prepared; detectron2's default_setup."""
     cfg = get_cfg()
     add_d2norm_config(cfg)
+    args = copy.copy(args)  # default_setup reads (and logs) the config file too: the resolved one
+    args.config_file = resolve_config_file(args.config_file)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
