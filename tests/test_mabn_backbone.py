@@ -8,7 +8,6 @@ from detectron2.engine import SimpleTrainer
 from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.roi_heads import build_box_head
-from detectron2.structures import BitMasks, Boxes, Instances
 from torch import nn
 
 import d2norm.modeling.backbone.mabn_resnet  # noqa: F401  (registers backbones and heads)
@@ -16,6 +15,8 @@ from d2norm import add_d2norm_config
 from d2norm.layers.mabn import CenteredConv2d, MABN2d
 from d2norm.layers.registry import build_model, norm_options
 from d2norm.modeling.roi_heads.mabn_heads import MABNConvFCHead, MABNMaskRCNNConvUpsampleHead
+
+from helpers import tiny_instance_batch
 
 FEATURES = ["res2", "res3", "res4", "res5"]
 
@@ -157,22 +158,6 @@ def tiny_mask_rcnn_cfg(backbone_warmup=1, head_warmup=2):
     return cfg
 
 
-def _batch(seed):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(2):
-        img = torch.rand(3, 64, 64, generator=g) * 255 * (0.5 + i)
-        inst = Instances((64, 64))
-        inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]))
-        inst.gt_classes = torch.tensor([0, 2])
-        masks = torch.zeros(2, 64, 64, dtype=torch.bool)
-        masks[0, 6:40, 4:30] = True
-        masks[1, 10:50, 20:60] = True
-        inst.gt_masks = BitMasks(masks)
-        out.append({"image": img, "instances": inst})
-    return out
-
-
 class _Recorder:
     """Records (input, gamma, beta, output) of every forward of an MABN layer."""
 
@@ -217,7 +202,7 @@ def test_warmup_switch_happens_at_the_configured_iteration():
     warmup = {"backbone": 1, "res4": 1, "box_head": 2, "mask_head": 2}
     recorders = {k: _Recorder(v) for k, v in layers.items()}
     steps = 4
-    data = (_batch(it) for it in range(steps))
+    data = (tiny_instance_batch(it) for it in range(steps))
     trainer = SimpleTrainer(model, data, torch.optim.SGD(model.parameters(), lr=0.01))
     trainer.train(0, steps)  # detectron2's own training loop
     losses = trainer.storage.latest()

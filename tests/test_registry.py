@@ -13,7 +13,7 @@ import d2norm.solver  # noqa: F401
 from d2norm.layers import GhostBatchNorm2d, get_norm, norm_options, valid_norm_names
 from d2norm.layers.registry import register_norm
 
-from helpers import tiny_r18_fpn_rcnn_cfg
+from helpers import tiny_instance_batch, tiny_r18_fpn_rcnn_cfg
 
 
 def test_detectron2_names_keep_their_meaning():
@@ -134,20 +134,7 @@ def test_tiny_model_with_registered_norm_trains_without_nan():
     torch.manual_seed(0)
     model = d2norm.layers.build_model(cfg)
     model.train()
-    from detectron2.structures import Boxes, Instances
-
-    batch = []
-    for i in range(2):
-        inst = Instances((64, 64))
-        inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 30.0, 40.0], [32.0, 30.0, 60.0, 50.0]]))
-        inst.gt_classes = torch.tensor([0, 2])
-        from detectron2.structures import BitMasks
-
-        m = torch.zeros(2, 64, 64, dtype=torch.bool)
-        m[0, 6:40, 4:30] = True
-        m[1, 30:50, 32:60] = True
-        inst.gt_masks = BitMasks(m)
-        batch.append({"image": torch.rand(3, 64, 64) * 255, "instances": inst, "height": 64, "width": 64})
+    batch = tiny_instance_batch(0)
     opt = d2norm.solver.build_optimizer(cfg, model)
     from detectron2.utils.events import EventStorage
 

@@ -3,13 +3,20 @@ references (:mod:`.references`, compared by :func:`.checks.assert_matches_refere
 (:mod:`.state`). Import as ``from helpers import ...``
 (pytest puts ``tests/`` on ``sys.path``, as for ``dist_utils``)."""
 from .checks import assert_matches_reference, assert_trains_as_batchnorm
-from .configs import tiny_r18_fpn_rcnn_cfg, tiny_retinanet_cfg, tiny_retinanet_training_cfg, tiny_training_opts
+from .configs import (
+    tiny_instance_batch,
+    tiny_r18_fpn_rcnn_cfg,
+    tiny_retinanet_cfg,
+    tiny_retinanet_training_cfg,
+    tiny_training_opts,
+)
 from .references import TABLE5_ROWS, batch_moments, bn_affine, bn_normalize, bn_train, ema
 from .state import buffers
 
 __all__ = [
     "assert_matches_reference", "assert_trains_as_batchnorm",
     "tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts", "tiny_retinanet_training_cfg",
+    "tiny_instance_batch",
     "TABLE5_ROWS", "batch_moments", "bn_affine", "bn_normalize", "bn_train", "ema",
     "buffers",
 ]

@@ -2,7 +2,9 @@
 import os
 from typing import Sequence
 
-__all__ = ["tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts", "tiny_retinanet_training_cfg"]
+__all__ = [
+    "tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts", "tiny_retinanet_training_cfg", "tiny_instance_batch",
+]
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 LEVELS = ["res2", "res3", "res4", "res5"]
@@ -73,3 +75,24 @@ def tiny_retinanet_training_cfg(tmp_path, max_iter: int, opts: Sequence = (), no
     cfg = tiny_retinanet_cfg(norm, [*tiny_training_opts(tmp_path, max_iter, **training), *opts])
     prepare_datasets(cfg)
     return cfg
+
+
+def tiny_instance_batch(seed: int = 0, size: int = 64):
+    """Two ``size``-px training inputs for a detectron2 R-CNN (images of different brightness, two boxes of classes
+    0 and 2 with their masks each), as a DatasetMapper would give them."""
+    import torch
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(2):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 10.0, 60.0, 50.0]]) * (size / 64))
+        inst.gt_classes = torch.tensor([0, 2])
+        masks = torch.zeros(2, size, size, dtype=torch.bool)
+        for k, (x0, y0, x1, y1) in enumerate(inst.gt_boxes.tensor.round().long().tolist()):
+            masks[k, y0:y1, x0:x1] = True
+        inst.gt_masks = BitMasks(masks)
+        img = torch.rand(3, size, size, generator=g) * 255 * (0.5 + i)
+        out.append({"image": img, "instances": inst, "height": size, "width": size})
+    return out
