@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from helpers import tiny_retinanet_cfg
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = ("recompute_bn_stats", "fit_evalnorm", "tune_example_weight", "analyze_bn")
 
@@ -22,18 +24,9 @@ def _tool(name):
 
 
 def _cfg(tmp):
-    from detectron2.config import get_cfg
-
-    from d2norm import add_d2norm_config
-
-    cfg = add_d2norm_config(get_cfg())
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "Base-RetinaNet.yaml"))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-        "MODEL.RESNETS.STEM_OUT_CHANNELS", 16, "MODEL.RESNETS.STRIDE_IN_1X1", False, "MODEL.RESNETS.NORM", "BN",
+    return tiny_retinanet_cfg("BN", [
         "MODEL.BACKBONE.FREEZE_AT", 1,  # a FrozenBN stem: tools must leave it alone
-        "MODEL.FPN.OUT_CHANNELS", 16, "MODEL.RETINANET.NORM", "BN", "MODEL.RETINANET.NUM_CONVS", 1,
-        "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
+        "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
         "MODEL.RETINANET.TOPK_CANDIDATES_TEST", 100, "TEST.DETECTIONS_PER_IMAGE", 30,
         "MODEL.ANCHOR_GENERATOR.SIZES", [[8, 10], [16, 20], [24, 32], [40, 48], [56, 64]],
         "MODEL.PIXEL_MEAN", [127.5, 127.5, 127.5], "MODEL.PIXEL_STD", [50.0, 50.0, 50.0],
@@ -44,7 +37,6 @@ def _cfg(tmp):
         "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp / "data"), "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64,
         "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", 8, "D2NORM.DATA.SYNTHETIC_NUM_VAL", 4,
     ])
-    return cfg
 
 
 @pytest.fixture(scope="module")
