@@ -86,6 +86,10 @@ def test_attached_hook_converts_the_trainer_under_its_own_key(tmp_path):
     assert type(model[1]) is FrozenBatchNorm and type(model[4]) is FrozenBatchNorm
     ck.load(path)  # already switched: no second conversion
     assert len(calls) == 1
+    # inference (no hook attached): the subclass's state is found too
+    fresh = _net(seed=2)
+    D2NormCheckpointer(fresh).load(path)
+    assert type(fresh[1]) is FrozenBatchNorm and type(fresh[4]) is FrozenBatchNorm
     # a checkpoint keyed by another hook class is not this hook's state
     _, other = _checkpoint(tmp_path / "o", "FrozenBNSwitchHook", True, ["1"], True)
     assert D2NormCheckpointer(_net()).frozen_bn_switch_state(torch.load(other, weights_only=False)) is not None

@@ -71,12 +71,24 @@ class D2NormCheckpointer(DetectionCheckpointer):
         self._switch_hook, self._switch_trainer = hook, trainer
 
     def frozen_bn_switch_state(self, checkpoint) -> Optional[dict]:
-        """The switch hook's state in ``checkpoint`` if it was written after the switch, else ``None``."""
+        """The switch hook's state in ``checkpoint`` if it was written after the switch, else ``None``: the
+        attached hook's class's; without one (inference), that of :class:`FrozenBNSwitchHook` or of any subclass
+        of it defined in this process."""
         from .hooks.frozen_bn_switch import FrozenBNSwitchHook
 
-        cls = type(self._switch_hook) if self._switch_hook is not None else FrozenBNSwitchHook
-        state = cls.state_in(checkpoint)
-        return state if state and state.get("switched") else None
+        if self._switch_hook is not None:
+            classes = [type(self._switch_hook)]
+        else:
+            classes, todo = [], [FrozenBNSwitchHook]
+            while todo:
+                c = todo.pop(0)
+                classes.append(c)
+                todo.extend(c.__subclasses__())
+        for cls in classes:
+            state = cls.state_in(checkpoint)
+            if state:
+                return state if state.get("switched") else None
+        return None
 
     def prepare_model(self, checkpoint) -> bool:
         """Convert the model as the run had when ``checkpoint`` was written; True when a conversion was applied."""
