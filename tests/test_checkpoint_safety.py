@@ -322,3 +322,22 @@ def test_recompute_tool_with_one_nan_pixel(trained, tmp_path, monkeypatch, capsy
     assert len(report["nonfinite_skipped"]) == report["layers"]  # the NaN reaches every later layer
     ck = _load(tmp_path / "model_precise_bn_d2norm_synthetic_train.pth")
     assert all(torch.isfinite(v).all() for k, v in ck["model"].items() if v.is_floating_point())
+
+
+def test_resume_when_last_checkpoint_names_a_missing_file(tmp_path, caplog):
+    from d2norm.engine.checkpoint import D2NormCheckpointer
+
+    model = torch.nn.Conv2d(2, 2, 1)
+    ck = D2NormCheckpointer(model, save_dir=str(tmp_path))
+    for it in (1, 3):
+        with torch.no_grad():
+            model.weight.fill_(it)
+        ck.save(f"model_{it:07d}", iteration=it)
+        os.utime(tmp_path / f"model_{it:07d}.pth", (1000 + it, 1000 + it))  # 3 is the newest
+    torch.save({"model": {}}, tmp_path / "model_precise_bn_x.pth")  # a tool's output: never a resume candidate
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    fresh = torch.nn.Conv2d(2, 2, 1)
+    with caplog.at_level(logging.WARNING, logger="d2norm"):
+        extra = D2NormCheckpointer(fresh, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    assert "names 'model_final.pth', which does not exist" in caplog.text
+    assert extra["iteration"] == 3 and torch.all(fresh.weight == 3)
