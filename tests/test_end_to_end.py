@@ -60,7 +60,7 @@ def test_train_eval_resume(tmp_path):
 
     # --eval-only --fold: norms folded into the convolutions, same AP (float rounding only)
     log_fold = _run(["--eval-only", "--fold"], tmp_path / "fold", data, ["MODEL.WEIGHTS", str(out / "model_final.pth")])
-    assert re.search(r"folded [1-9][0-9]* norm\(s\) into their convolutions", log_fold)
+    assert re.search(r"fold_norms \(into the preceding convolution\): [1-9][0-9]* module\(s\) converted", log_fold)
     folded = _copypaste(log_fold)
     assert all(abs(a - b) <= 0.05 or (a != a and b != b) for a, b in zip(folded, first)), (folded, first)
 

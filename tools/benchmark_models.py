@@ -109,7 +109,7 @@ def bench_model(name, norms, rounds, fold):
         if fold and norm != "none":
             folded = copy.deepcopy(model).eval()
             report = fold_norms(folded)
-            if report.folded:
+            if report.converted:
                 variants[norm + "+fold"] = (folded, cfg, report)
     steps = {}
     for key, v in variants.items():
@@ -141,7 +141,7 @@ def bench_model(name, norms, rounds, fold):
             row.update(train_ratio=bn["train"] / b["train"], train_it_s=1 / b["train"])
         if key.endswith("+fold"):
             report = variants[key][2]
-            row.update(folded=len(report.folded), not_folded=len(report.not_folded))
+            row.update(folded=len(report.converted), not_folded=len(report.skipped))
             if "none" in best:
                 row["infer_vs_no_norm"] = best["none"]["infer"] / b["infer"]
         out["norms"][key] = row
