@@ -3,17 +3,15 @@ import logging
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import d2norm  # noqa: F401
 import d2norm.layers.batch_stats_bn  # noqa: F401  (registers "BatchStatsBN")
-from d2norm import add_d2norm_config
 from d2norm.layers.batch_stats_bn import BatchStatsBatchNorm2d
 from d2norm.layers.registry import get_norm, norm_options
 
-from helpers import assert_matches_reference, assert_trains_as_batchnorm, bn_train, buffers, ema
+from helpers import assert_matches_reference, assert_trains_as_batchnorm, bn_train, buffers, d2norm_cfg, ema
 
 C = 3
 
@@ -35,10 +33,7 @@ def _layer(dtype=torch.float64, momentum=0.3, seed=1):
 
 
 def _cfg(**d2norm_bn):
-    cfg = add_d2norm_config(get_cfg())
-    for k, v in d2norm_bn.items():
-        setattr(cfg.D2NORM.BN, k, v)
-    return cfg
+    return d2norm_cfg("BN", **d2norm_bn)
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -5,17 +5,15 @@ import threading
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import d2norm  # noqa: F401
 import d2norm.layers.domain_bn  # noqa: F401  (registers "DomainBN")
-from d2norm import add_d2norm_config
 from d2norm.layers.domain_bn import DomainBatchNorm2d, current_domain, domain_scope
 from d2norm.layers.registry import get_norm, norm_options
 
-from helpers import TABLE5_ROWS, buffers
+from helpers import TABLE5_ROWS, buffers, d2norm_cfg
 
 C, K = 3, 3
 LAYOUTS = list(itertools.product(("per_domain", "shared"), ("per_domain", "shared"), (False, True)))
@@ -474,10 +472,7 @@ def test_per_domain_state_does_not_load_into_shared_layout():
 
 
 def _cfg(**domain):
-    cfg = add_d2norm_config(get_cfg())
-    for k, v in domain.items():
-        setattr(cfg.D2NORM.DOMAIN_BN, k, v)
-    return cfg
+    return d2norm_cfg("DOMAIN_BN", **domain)
 
 
 def test_registry_builds_with_options_from_two_cfgs():

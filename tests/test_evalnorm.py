@@ -20,7 +20,7 @@ from d2norm.layers.evalnorm import (
 )
 from d2norm.stats.evalnorm_fit import fit_evalnorm_offline
 
-from helpers import assert_matches_reference, bn_train
+from helpers import assert_matches_reference, bn_train, d2norm_cfg
 
 C = 3
 
@@ -488,14 +488,7 @@ def test_loads_batchnorm_and_frozen_bn_state_and_reports_missing(caplog):
 
 
 def _cfg(**kv):
-    from detectron2.config import get_cfg
-
-    from d2norm import add_d2norm_config
-
-    cfg = add_d2norm_config(get_cfg())
-    for k, v in kv.items():
-        setattr(cfg.D2NORM.EVALNORM, k, v)
-    return cfg
+    return d2norm_cfg("EVALNORM", **kv)
 
 
 def test_registry_builds_with_cfg_options():

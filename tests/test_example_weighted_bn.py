@@ -4,17 +4,15 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from torch import nn
 
 import d2norm  # noqa: F401
 import d2norm.layers.example_weighted_bn  # noqa: F401  (registers "ExampleWeightedBN")
-from d2norm import add_d2norm_config
 from d2norm.layers.example_weighted_bn import ExampleWeightedBatchNorm2d
 from d2norm.layers.registry import get_norm, norm_options
 
-from helpers import assert_matches_reference, assert_trains_as_batchnorm, buffers
+from helpers import assert_matches_reference, assert_trains_as_batchnorm, buffers, d2norm_cfg
 
 C = 3
 
@@ -51,11 +49,9 @@ def _ref_eq3(x, w, b, m_x, running_var, alpha, eps):
 
 
 def _cfg(alpha=None, **bn):
-    cfg = add_d2norm_config(get_cfg())
+    cfg = d2norm_cfg("BN", **bn)
     if alpha is not None:
         cfg.D2NORM.EXAMPLE_WEIGHING.ALPHA = alpha
-    for k, v in bn.items():
-        setattr(cfg.D2NORM.BN, k, v)
     return cfg
 
 

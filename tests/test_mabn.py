@@ -14,7 +14,7 @@ import d2norm.layers.mabn  # noqa: F401  (registers "MABN")
 from d2norm.layers.mabn import CenteredConv2d, MABN2d, MABNFunction
 from d2norm.layers.registry import NORM_REGISTRY, get_norm, norm_options
 
-from helpers import buffers
+from helpers import buffers, d2norm_cfg
 
 torch.set_num_threads(1)
 DIMS = (0, 2, 3)
@@ -354,10 +354,7 @@ def test_missing_state_is_reported():
 
 
 def _cfg(**mabn):
-    cfg = add_d2norm_config(get_cfg())
-    for k, v in mabn.items():
-        cfg.D2NORM.MABN[k] = v
-    return cfg
+    return d2norm_cfg("MABN", **mabn)
 
 
 def test_registry_builds_with_cfg_options():

@@ -4,6 +4,7 @@ references (:mod:`.references`, compared by :func:`.checks.assert_matches_refere
 (pytest puts ``tests/`` on ``sys.path``, as for ``dist_utils``)."""
 from .checks import assert_matches_reference, assert_trains_as_batchnorm
 from .configs import (
+    d2norm_cfg,
     tiny_instance_batch,
     tiny_r18_fpn_rcnn_cfg,
     tiny_retinanet_cfg,
@@ -15,7 +16,7 @@ from .state import buffers
 
 __all__ = [
     "assert_matches_reference", "assert_trains_as_batchnorm",
-    "tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts", "tiny_retinanet_training_cfg",
+    "d2norm_cfg", "tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts", "tiny_retinanet_training_cfg",
     "tiny_instance_batch",
     "TABLE5_ROWS", "batch_moments", "bn_affine", "bn_normalize", "bn_train", "ema",
     "buffers",

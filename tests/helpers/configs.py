@@ -3,7 +3,7 @@ import os
 from typing import Sequence
 
 __all__ = [
-    "tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts", "tiny_retinanet_training_cfg", "tiny_instance_batch",
+    "d2norm_cfg", "tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts", "tiny_retinanet_training_cfg", "tiny_instance_batch",
 ]
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
@@ -16,6 +16,14 @@ def _d2norm_cfg():
     from d2norm import add_d2norm_config
 
     return add_d2norm_config(get_cfg())
+
+
+def d2norm_cfg(node: str = "", **values):
+    """A fresh detectron2 cfg with the D2NORM node, ``cfg.D2NORM.<node>.<key> = value`` for each of ``values``."""
+    cfg = _d2norm_cfg()
+    for k, v in values.items():
+        cfg.D2NORM[node][k] = v
+    return cfg
 
 
 def tiny_r18_fpn_rcnn_cfg(width: int = 16, box_convs: int = 1, mask_convs: int = 0, opts: Sequence = ()):
