@@ -17,22 +17,27 @@ TINY = [
 ]
 
 
-@pytest.mark.slow
-def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
+def _train_two_processes(tmp_path, *opts):
+    """tests/_train_probe.py (train_net + a per-step parameter recorder) on 2 gloo processes, 4 iterations of the
+    tiny GhostBN RetinaNet; returns both ranks' records."""
     out = tmp_path / "out"
     cmd = [
         sys.executable, os.path.join(ROOT, "tests", "_train_probe.py"),
         "--config-file", os.path.join(ROOT, "configs", "cpu", "retinanet_R18_ghostbn.yaml"),
         "--num-gpus", "2",
-        *TINY,
+        *TINY, *opts,
         "SOLVER.MAX_ITER", "4", "SOLVER.IMS_PER_BATCH", "4", "TEST.EVAL_PERIOD", "0",
         "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(out),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    r0 = torch.load(out / "probe_rank0.pt")
-    r1 = torch.load(out / "probe_rank1.pt")
+    return tuple(torch.load(out / f"probe_rank{r}.pt", weights_only=False) for r in (0, 1))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
+    r0, r1 = _train_two_processes(tmp_path)
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["backend"] == "gloo"
     assert r0["steps"].shape[0] == 4
@@ -48,23 +53,14 @@ def test_two_process_monitor_and_evalnorm_fit_hooks(tmp_path):
     import json
 
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, os.path.join(ROOT, "tests", "_train_probe.py"),
-        "--config-file", os.path.join(ROOT, "configs", "cpu", "retinanet_R18_ghostbn.yaml"),
-        "--num-gpus", "2",
-        *TINY,
+    r0, r1 = _train_two_processes(
+        tmp_path,
         "MODEL.RESNETS.NORM", "EvalNorm", "D2NORM.EVALNORM.MODE", "offline",
         "D2NORM.EVALNORM_FIT.ENABLED", "True", "D2NORM.EVALNORM_FIT.BATCH_SIZE", "2",
         "D2NORM.EVALNORM.OFFLINE_ITERS", "3",
         "D2NORM.BN_MONITOR.ENABLED", "True", "D2NORM.BN_MONITOR.PERIOD", "2", "D2NORM.BN_MONITOR.NUM_BATCHES", "2",
         "D2NORM.BN_MONITOR.BATCH_SIZE", "2",
-        "SOLVER.MAX_ITER", "4", "SOLVER.IMS_PER_BATCH", "4", "TEST.EVAL_PERIOD", "0",
-        "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp_path / "data"), "OUTPUT_DIR", str(out),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    r0, r1 = (torch.load(out / f"probe_rank{r}.pt", weights_only=False) for r in (0, 1))
+    )
     assert torch.equal(r0["steps"], r1["steps"])
     s0, s1 = r0["final_state"], r1["final_state"]
     logits = [k for k in s0 if k.endswith(("alpha_logit", "beta_logit"))]
