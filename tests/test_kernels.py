@@ -73,7 +73,9 @@ def test_channel_affine_matches_definition_forward_backward(coef, layout):
     torch.autograd.gradcheck(channel_affine, tuple(xs))
 
 
-def test_affine_l1_mean_matches_float64_definition_value_and_gradient():
+@pytest.mark.parametrize("chunk", [1 << 17, 1, 100])  # one chunk; one row per chunk; uneven chunks of 2 rows
+def test_affine_l1_mean_matches_float64_definition_value_and_gradient(chunk, monkeypatch):
+    monkeypatch.setattr(_AffineL1Mean, "chunk_elements", chunk)
     x = _x((4, 6, 7, 5), seed=4, dtype=torch.float32)
     g = torch.Generator().manual_seed(5)
     a = (torch.randn(4, 6, generator=g) * 0.3).requires_grad_()

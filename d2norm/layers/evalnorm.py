@@ -61,21 +61,33 @@ class _AffineL1Mean(torch.autograd.Function):
     backward, and the backward does no pass over the activation.
     """
 
+    #: elements per chunk (float32: 512 KiB): the chunk's temporaries stay in cache and x is read from cache
+    #: by the later reductions; large fresh temporaries would also page-fault on every call
+    chunk_elements = 1 << 17
+
     @staticmethod
     def forward(ctx, x, a, b):
         if x.requires_grad:
             raise RuntimeError("_AffineL1Mean: x must be detached (stop-gradient of evalnorm eq 9)")
         n = x.numel()
-        # bf16/fp16 x: the loss terms in a's (float32) precision; one layout for the flat reductions below
+        # bf16/fp16 x: the loss terms in a's (float32) precision; rows (sample, channel) of the flat view
         x = x.to(a.dtype).contiguous()
-        t = channel_affine(x, a, b)
-        s = torch.sign(t)
-        x3, s3 = x.reshape(x.shape[0], x.shape[1], -1), s.view(x.shape[0], x.shape[1], -1)
-        loss = torch.linalg.vecdot(s.view(-1), t.view(-1)) / n  # Σ sign(t)·t = Σ |t|
+        x2 = x.view(x.shape[0] * x.shape[1], -1)
+        a1, b1 = a.reshape(-1, 1), b.reshape(-1, 1)
+        rows = max(1, _AffineL1Mean.chunk_elements // max(x2.shape[1], 1))
+        loss = x.new_zeros(())
+        s1, s2 = torch.empty_like(a1[:, 0]), torch.empty_like(a1[:, 0])
+        for r in range(0, x2.shape[0], rows):
+            xc = x2[r : r + rows]
+            t = torch.addcmul(b1[r : r + rows], xc, a1[r : r + rows])
+            sg = torch.sign(t)
+            loss += torch.linalg.vecdot(sg.view(-1), t.view(-1))  # Σ sign(t)·t = Σ |t|
+            s1[r : r + rows] = sg.sum(1)
+            s2[r : r + rows] = torch.linalg.vecdot(sg, xc)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            ctx.save_for_backward(torch.linalg.vecdot(s3, x3), s3.sum(-1))
+            ctx.save_for_backward(s2.view_as(a), s1.view_as(a))
         ctx.n = n
-        return loss
+        return loss / n
 
     @staticmethod
     def backward(ctx, grad):
