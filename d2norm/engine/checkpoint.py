@@ -123,13 +123,27 @@ class D2NormCheckpointer(DetectionCheckpointer):
             return self._preloaded[1]
         return super()._load_file(filename)
 
+    def _read_outside_load(self, filename: str):
+        """``_load_file`` for probing a resume candidate. detectron2 main's ``DetectionCheckpointer._load_file``
+        asserts it runs inside ``load``, which sets ``_parsed_url_during_load`` (query options of the path); v0.6
+        has no such attribute. Set it here for the read, as ``load`` would."""
+        if getattr(self, "_parsed_url_during_load", False) is None:
+            from urllib.parse import urlparse
+
+            self._parsed_url_during_load = urlparse(filename)
+            try:
+                return self._load_file(filename)
+            finally:
+                self._parsed_url_during_load = None
+        return self._load_file(filename)
+
     def resume_or_load(self, path: str, *, resume: bool = True):
         if not (resume and self.has_checkpoint()) or _is_remote(self.save_dir):
             return super().resume_or_load(path, resume=resume)
         unreadable = []
         for candidate in self._resume_candidates():
             try:
-                checkpoint = self._load_file(candidate)
+                checkpoint = self._read_outside_load(candidate)
             except Exception as e:  # truncated / corrupt: PytorchStreamReader, EOFError, UnpicklingError, ...
                 unreadable.append(f"{candidate} ({type(e).__name__}: {e})")
                 logger.warning("Cannot read checkpoint %s (%s: %s); trying the newest readable one instead",
