@@ -182,6 +182,10 @@ def add_d2norm_config(cfg: CN) -> CN:
     _C.D2NORM.XBNBLOCK.NUM_GROUPS = 64
     # eps of the batch-free norm (GroupNorm's default).
     _C.D2NORM.XBNBLOCK.EPS = 1e-5
+    # The stem's norm: "BFN" = the batch-free norm above (NORM_TYPE, NUM_GROUPS), as the official code does (its
+    # ImageNet models: GN with 64 groups on the 64-channel stem = IN; detection: a GN stem), so the authors'
+    # checkpoints load completely; "RESNETS" = MODEL.RESNETS.NORM like the other BN slots.
+    _C.D2NORM.XBNBLOCK.STEM_NORM = "BFN"
 
     # ---- MABN backbones and heads: mabn §4.2 eq 18, §5.2, Appendix B.3 ------------------------------
     # Used by MODEL.BACKBONE.NAME "build_mabn_resnet_backbone" / "build_mabn_resnet_fpn_backbone" /

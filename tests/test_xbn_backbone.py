@@ -21,7 +21,8 @@ BLOCKS = {18: [2, 2, 2, 2], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 
 
 def make_cfg(depth=50, position=2, density=1, norm_type="GN", groups=4, norm="BN",
-             name="build_xbn_resnet_backbone", slim=True, freeze_at=0):
+             name="build_xbn_resnet_backbone", slim=True, freeze_at=0, stem_norm="RESNETS"):
+    """The block tests keep the stem at MODEL.RESNETS.NORM (``stem_norm``); the stem tests set "BFN"."""
     cfg = add_d2norm_config(get_cfg())
     cfg.MODEL.BACKBONE.NAME = name
     cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
@@ -35,6 +36,7 @@ def make_cfg(depth=50, position=2, density=1, norm_type="GN", groups=4, norm="BN
     cfg.MODEL.FPN.OUT_CHANNELS = 16
     x = cfg.D2NORM.XBNBLOCK
     x.POSITION, x.DENSITY, x.NORM_TYPE, x.NUM_GROUPS = position, density, norm_type, groups
+    x.STEM_NORM = stem_norm
     return cfg
 
 
@@ -288,3 +290,94 @@ def test_batch_free_norm_zero_size_and_bf16():
     assert norm(torch.randn(0, 4, 3, 3)).shape == (0, 4, 3, 3)
     y = norm(torch.randn(2, 4, 3, 3).bfloat16())
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+# ---- the stem (official code: batch-free stem) and loads that leave BN layers without statistics ------------
+def _gn_stem_checkpoint(cfg):
+    """A checkpoint in the format of the authors' XBNBlock models converted to detectron2 names: the stem norm
+    and the GN slots hold gamma/beta only, every BN holds statistics; a plain dict (no torch version metadata,
+    like a converted .pkl)."""
+    ref = build(cfg)
+    _randomize_(ref, seed=4)
+    return {k: v.clone() for k, v in ref.state_dict().items()}
+
+
+def test_default_stem_is_batch_free_as_the_official_code():
+    cfg = add_d2norm_config(get_cfg())
+    assert cfg.D2NORM.XBNBLOCK.STEM_NORM == "BFN"
+    full = build(make_cfg(groups=64, slim=False, stem_norm="BFN"))  # 64-channel stem, GN 64 groups = IN
+    stem = full.stem.conv1.norm
+    assert isinstance(stem, BatchFreeNorm) and stem.num_groups == 64 and stem.is_instance_norm
+    slim = build(make_cfg(norm_type="IN", stem_norm="BFN"))
+    assert slim.stem.conv1.norm.is_instance_norm
+    x = _images(2, 32)
+    h = F.conv2d(x, slim.stem.conv1.weight, stride=2, padding=3)
+    ref = F.max_pool2d(F.relu(_gn_ref(h, 8, slim.stem.conv1.norm)), 3, 2, 1)
+    torch.testing.assert_close(slim.stem(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"STEM_NORM must be one of \('BFN', 'RESNETS'\).*'GN'"):
+        build(make_cfg(stem_norm="GN"))
+    with pytest.raises(ValueError, match=r"NUM_GROUPS=3.*stem\.conv1\.norm \(8 channels"):
+        build(make_cfg(groups=3, stem_norm="BFN", density=99))
+
+
+def test_gn_stem_checkpoint_loads_completely_with_default_stem(tmp_path, caplog):
+    from d2norm.engine.checkpoint import D2NormCheckpointer
+
+    cfg = make_cfg(norm="FrozenBN", stem_norm="BFN")
+    sd = _gn_stem_checkpoint(cfg)
+    assert "stem.conv1.norm.weight" in sd and "stem.conv1.norm.running_mean" not in sd
+    torch.save({"model": sd}, tmp_path / "xbn.pth")
+    model = build(cfg)
+    with caplog.at_level(logging.WARNING):
+        incompatible = D2NormCheckpointer(model)._load_model(torch.load(tmp_path / "xbn.pth"))
+    assert not incompatible.missing_keys and "no population statistics" not in caplog.text
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+@pytest.mark.parametrize("backbone", ["xbn_stem_resnets", "resnet", "mabn"])
+def test_load_without_statistics_is_reported_loudly(tmp_path, caplog, backbone):
+    """A BN-family layer left without loaded statistics is named in a warning and in the checkpointer's
+    missing keys — even a FrozenBN, which detectron2 silently fills with mean 0 / var 1."""
+    from d2norm.engine.checkpoint import D2NormCheckpointer
+
+    if backbone == "mabn":
+        cfg = make_cfg(norm="MABN", name="build_mabn_resnet_backbone")
+        layer, stats = "res3.0.conv1.norm", ["running_chi"]
+    else:
+        cfg = make_cfg(norm="FrozenBN", stem_norm="RESNETS")
+        if backbone == "resnet":
+            cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+        layer, stats = "stem.conv1.norm", ["running_mean", "running_var"]
+    sd = _gn_stem_checkpoint(cfg)
+    for s_ in stats:
+        sd.pop(f"{layer}.{s_}")  # e.g. the authors' GN stem: gamma/beta only
+    torch.save({"model": sd}, tmp_path / "ckpt.pth")
+    model = build(cfg)
+    with caplog.at_level(logging.WARNING):
+        D2NormCheckpointer(model).load(str(tmp_path / "ckpt.pth"))
+    assert "no population statistics for 1 normalization layer" in caplog.text and layer in caplog.text
+    report = caplog.text.split("not found in the checkpoint", 1)  # fvcore's missing-keys report
+    assert len(report) == 2 and layer in report[1] and all(s_ in report[1] for s_ in stats)
+    incompatible = D2NormCheckpointer(build(cfg))._load_model(torch.load(tmp_path / "ckpt.pth"))
+    assert sorted(incompatible.missing_keys) == sorted(f"{layer}.{s_}" for s_ in stats)
+    # the same checkpoint with the statistics: nothing reported
+    caplog.clear()
+    full = _gn_stem_checkpoint(cfg)
+    torch.save({"model": full}, tmp_path / "full.pth")
+    with caplog.at_level(logging.WARNING):
+        incompatible = D2NormCheckpointer(build(cfg))._load_model(torch.load(tmp_path / "full.pth"))
+    assert not incompatible.missing_keys and "no population statistics" not in caplog.text
+
+
+def test_caffe2_checkpoint_folded_statistics_are_not_a_warning(caplog):
+    from d2norm.engine.checkpoint import report_unloaded_statistics
+
+    model = build(make_cfg(norm="FrozenBN"))
+    keys = {k for k in model.state_dict() if "running_" not in k}
+    missing = []
+    with caplog.at_level(logging.INFO):
+        assert report_unloaded_statistics(model, keys, missing, author="Caffe2") == []
+    assert missing == [] and "folded into the affine" in caplog.text
+    added = report_unloaded_statistics(model, keys, missing, author="torchvision")
+    assert len(added) == 2 * sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) and missing == added

@@ -18,7 +18,8 @@ from ..layers.base import nonfinite_statistics
 from ..layers.frozen import freeze_bn_layers
 
 __all__ = ["D2NormCheckpointer", "atomic_write", "write_checkpoint", "NonFiniteCheckpointError",
-           "CheckpointMismatchError", "ParameterLoadReport", "TRAINING_CHECKPOINT_NAME"]
+           "CheckpointMismatchError", "ParameterLoadReport", "TRAINING_CHECKPOINT_NAME", "unloaded_statistics",
+           "report_unloaded_statistics"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +107,24 @@ class D2NormCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint):  # fvcore's extension point, overridden by DetectionCheckpointer too
         self.prepare_model(checkpoint)
-        incompatible = super()._load_model(checkpoint)
+        author = checkpoint.get("__author__")
+        loaded = {}
+
+        def capture(module, state_dict, prefix, *args):
+            if prefix == "":
+                loaded["keys"] = set(state_dict)
+
+        handle = self.model.register_load_state_dict_pre_hook(capture)
+        try:
+            incompatible = super()._load_model(checkpoint)
+        finally:
+            handle.remove()
+        if incompatible is not None and "keys" in loaded:
+            report_unloaded_statistics(self.model, loaded["keys"], incompatible.missing_keys, author)
         self.load_report = ParameterLoadReport.of(self.model, incompatible)
         self.load_report.check(self.on_mismatch, self._loading or "the checkpoint")
         return incompatible
+
     # ---- reading ---------------------------------------------------------------------------------------------
     def load(self, path, *args, **kwargs):
         self._loading = path
@@ -335,3 +350,45 @@ def write_checkpoint(model: nn.Module, path: str, *, on_nonfinite: str = "warn",
         data["nonfinite_statistics"] = bad
     atomic_write(path, lambda f: torch.save(data, f))
     return bad
+
+def unloaded_statistics(model: nn.Module, loaded_keys) -> Dict[str, List[str]]:
+    """``{layer name: [buffer names]}``: the population statistics (``running_*`` buffers: BN family, FrozenBN,
+    DomainBN, EvalNorm, BGN, MABN's ``running_chi``) of every layer of ``model`` that ``loaded_keys`` (the keys of
+    a checkpoint's model state) does not hold."""
+    out: Dict[str, List[str]] = {}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        miss = [b for b, v in m._buffers.items()
+                if v is not None and b.startswith("running_") and prefix + b not in loaded_keys]
+        if miss:
+            out[name] = miss
+    return out
+
+
+def report_unloaded_statistics(model: nn.Module, loaded_keys, missing_keys: List[str], author=None) -> List[str]:
+    """Make a load that leaves normalization layers without statistics loud: a warning naming the layers, and
+    their keys appended to ``missing_keys`` (fvcore's checkpointer prints that list as its "not found in the
+    checkpoint" report). Needed because detectron2's ``FrozenBatchNorm2d`` fills a missing ``running_mean`` /
+    ``running_var`` with 0 / 1 without a report for checkpoints without version metadata (converted ``.pkl``
+    files), so a layer that was GN/IN in the checkpoint (e.g. the XBNBlock authors' GN stem) silently stops
+    normalizing. Caffe2 checkpoints (``__author__`` "Caffe2", detectron2's ImageNet ``R-50.pkl``) fold the
+    statistics into the affine by convention: logged at INFO only. Returns the keys added."""
+    per_layer = unloaded_statistics(model, loaded_keys)
+    keys = [f"{n}.{b}" if n else b for n, bs in per_layer.items() for b in bs]
+    if not keys:
+        return []
+    what = "; ".join(f"{n or '(model)'}: {', '.join(bs)}" for n, bs in list(per_layer.items())[:8])
+    what += " ..." if len(per_layer) > 8 else ""
+    if author == "Caffe2":
+        logger.info("Checkpoint (Caffe2) has no statistics for %d normalization layer(s) (folded into the affine "
+                    "by convention): %s", len(per_layer), what)
+        return []
+    logger.warning(
+        "The checkpoint has no population statistics for %d normalization layer(s); they keep their current "
+        "values (a FrozenBN keeps mean 0 / var 1 and no longer normalizes). If the checkpoint's layer there was "
+        "GN/IN, build the model with the same norm (e.g. D2NORM.XBNBLOCK.STEM_NORM). Layers: %s",
+        len(per_layer), what,
+    )
+    added = [k for k in keys if k not in missing_keys]
+    missing_keys.extend(added)
+    return added

@@ -12,8 +12,14 @@ Options (``cfg.D2NORM.XBNBLOCK``):
 * ``POSITION`` p ∈ {1, 2, 3} (§5.2.1 "Positions of BFN in an XBNBlock", Table 1): the BFN replaces the norm of
   ``conv{p}`` of the residual branch: P1 = after the first 1x1 conv, P2 = after the 3x3 conv (Fig. 6b, the
   paper's default), P3 = after the last 1x1 conv. ResNet-18/34 ``BasicBlock``s have two norms (conv1, conv2),
-  so only p ∈ {1, 2} exists there. Stem and shortcut norms are never replaced (Fig. 6 changes one BN of the
-  bottleneck branch only).
+  so only p ∈ {1, 2} exists there; d2norm's P1/P2 are the norms after their first/second 3x3 conv. (The
+  official code maps both P1 and P2 of a BasicBlock to its first norm, bn1: to reproduce its R18/R34 P2, use
+  ``POSITION`` 1.) Shortcut norms are never replaced (Fig. 6 changes one BN of the branch only).
+* ``STEM_NORM``: the stem's norm. ``"BFN"`` (default) = the batch-free norm of ``NORM_TYPE`` /
+  ``NUM_GROUPS``, as the official code does (its ImageNet XBNBlock models normalize the 64-channel stem with
+  GN of 64 groups, i.e. IN; its detection models use a GN stem), so the authors' checkpoints load with every
+  entry; ``"RESNETS"`` = ``MODEL.RESNETS.NORM`` like the other BN slots (a BN-stem checkpoint keeps its
+  stem statistics).
 * ``DENSITY`` D (§5.2.1 "Positions of XBNBlock in a network", Fig. 7): the residual blocks are numbered
   k = 1..N in forward order *across* stages res2..res5 (one global count; N = 16 for ResNet-50, 33 for
   ResNet-101); block k is an XBNBlock iff ``k % D == 0``. D = 1 is every block (the paper's "XBNBlock");
@@ -58,6 +64,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _NORM_TYPES = ("GN", "IN")
+_STEM_NORMS = ("BFN", "RESNETS")
 
 
 class BatchFreeNorm(nn.GroupNorm):
@@ -118,7 +125,7 @@ class XBNOptions:
     """Validated ``cfg.D2NORM.XBNBLOCK`` values (see the module docstring for their meaning)."""
 
     def __init__(self, position: int = 2, density: int = 1, norm_type: str = "GN", num_groups: int = 64,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, stem_norm: str = "BFN"):
         check_int("D2NORM.XBNBLOCK.POSITION", position, minimum=1, maximum=3,
                   note=" (P1/P2/P3: which norm of the block becomes batch-free)")
         check_int("D2NORM.XBNBLOCK.DENSITY", density, minimum=1,
@@ -126,13 +133,16 @@ class XBNOptions:
         check_choice("D2NORM.XBNBLOCK.NORM_TYPE", norm_type, _NORM_TYPES)
         check_int("D2NORM.XBNBLOCK.NUM_GROUPS", num_groups, minimum=1)
         check_number("D2NORM.XBNBLOCK.EPS", eps, low=0, low_open=True)
+        check_choice("D2NORM.XBNBLOCK.STEM_NORM", stem_norm, _STEM_NORMS,
+                     note=" (the batch-free norm, or MODEL.RESNETS.NORM)")
+        self.stem_norm = stem_norm
         self.position, self.density, self.norm_type = int(position), int(density), norm_type
         self.num_groups, self.eps = int(num_groups), float(eps)
 
 
 def xbn_options_from_cfg(cfg) -> XBNOptions:
     c = cfg.D2NORM.XBNBLOCK
-    return XBNOptions(c.POSITION, c.DENSITY, c.NORM_TYPE, c.NUM_GROUPS, c.EPS)
+    return XBNOptions(c.POSITION, c.DENSITY, c.NORM_TYPE, c.NUM_GROUPS, c.EPS, c.STEM_NORM)
 
 
 def xbn_block_flags(num_blocks: int, density: int) -> List[bool]:
@@ -159,6 +169,13 @@ def convert_resnet_to_xbn(resnet: ResNet, options: XBNOptions) -> Dict[str, Batc
               for sname, stage in zip(resnet.stage_names, resnet.stages) for i, block in enumerate(stage)]
     flags = xbn_block_flags(len(blocks), options.density)
     targets, bad_groups = [], []
+    stem_conv = getattr(getattr(resnet, "stem", None), "conv1", None)
+    if options.stem_norm == "BFN" and getattr(stem_conv, "norm", None) is not None:
+        channels = stem_conv.out_channels
+        groups = channels if options.norm_type == "IN" else options.num_groups
+        if channels % groups:
+            bad_groups.append(f"stem.conv1.norm ({channels} channels; or STEM_NORM 'RESNETS')")
+        targets.append(("stem.conv1.norm", stem_conv, groups, channels))
     for (name, block), is_xbn in zip(blocks, flags):
         if not is_xbn:
             continue
