@@ -4,6 +4,7 @@ References below are written from the paper's equations in float64, independentl
 """
 import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -257,27 +258,76 @@ def test_stop_gradient_aux_loss_moves_only_alpha_beta():
     assert_same(buffers(net_a), buffers(net_b))
 
 
-def test_aux_loss_decreases_when_optimizing_alpha_beta():
+def _grid_argmin(objective, points=99):
+    """(α, β, value) minimizing ``objective(α, β)`` over a points x points grid of (0, 1)²."""
+    grid = torch.linspace(0.01, 0.99, points, dtype=torch.float64)
+    vals = torch.stack([torch.stack([objective(a, b) for b in grid.tolist()]) for a in grid.tolist()])
+    i, j = divmod(int(vals.argmin()), points)
+    return grid[i].item(), grid[j].item(), vals.min().item()
+
+
+def test_aux_loss_fit_reaches_the_grid_search_optimum():
+    """Fitting α̂, β̂ by the aux loss (Adam, cosine schedule) lands on the minimizer of the float64 eq-9
+    reference found by grid search, and at its value."""
     torch.manual_seed(0)
+    rm, rv = torch.tensor([2.0, 1.0, 3.0]), torch.tensor([9.0, 16.0, 12.0])
     layer = EvalNorm2d(C, momentum=0.0).train()  # momentum 0: the EMA stays fixed on the fixed batch
     with torch.no_grad():
-        layer.running_mean.copy_(torch.tensor([2.0, 1.0, 3.0]))
-        layer.running_var.copy_(torch.tensor([9.0, 16.0, 12.0]))
+        layer.running_mean.copy_(rm)
+        layer.running_var.copy_(rv)
         layer.alpha_logit.fill_(-4.0)
         layer.beta_logit.fill_(-4.0)
     x = rand_x(n=2, dtype=torch.float32)
+    a_opt, b_opt, l_opt = _grid_argmin(lambda a, b: ref_aux(x.double(), rm.double(), rv.double(), a, b, layer.eps))
     opt = torch.optim.Adam(evalnorm_parameters(layer), lr=0.1)
-    losses = []
-    for _ in range(80):
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 400)
+    for _ in range(400):
         layer(x)
         loss = evalnorm_aux_loss(layer)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+        sched.step()
+    a_fit, b_fit = layer.alpha_hat.item(), layer.beta_hat.item()
+    assert abs(a_fit - a_opt) <= 0.02 and abs(b_fit - b_opt) <= 0.02, (a_fit, b_fit, a_opt, b_opt)
+    assert ref_aux(x.double(), rm.double(), rv.double(), a_fit, b_fit, layer.eps).item() <= l_opt + 1e-4
     # with B = 2 the sample's own statistics carry real weight (§4.1, Figure 3)
-    assert torch.sigmoid(layer.alpha_logit).item() > 0.1
+    assert a_opt > 0.1 and b_opt > 0.1
+
+
+def test_aux_loss_of_a_layer_called_twice_is_the_paper_l1_sum():
+    """A layer called on two inputs of very different size per iteration (a head shared over FPN levels): its
+    aux loss is eq 9's L1 sum over both calls' elements divided by their number, so its minimizer is the
+    paper's; the per-call mean summed over calls has another one."""
+    rm, rv = torch.tensor([2.0, 1.0, 3.0]), torch.tensor([9.0, 16.0, 12.0])
+    layer = EvalNorm2d(C, momentum=0.0).train()
+    with torch.no_grad():
+        layer.running_mean.copy_(rm)
+        layer.running_var.copy_(rv)
+    x1 = rand_x(n=2, h=16, w=16, seed=3)  # "P3": 512 positions
+    x2 = rand_x(n=2, h=2, w=2, seed=4) * 0.3 + 4  # "P7": 8 positions, another distribution
+    layer.double()
+
+    def l1_sum(a, b):  # the paper's ‖·‖₁ over every element of both calls
+        return sum(ref_aux(x, rm.double(), rv.double(), a, b, layer.eps) * x.numel() for x in (x1, x2))
+
+    def layer_loss(a, b):
+        with torch.no_grad():
+            layer.alpha_logit.fill_(math.log(a / (1 - a)))
+            layer.beta_logit.fill_(math.log(b / (1 - b)))
+        layer(x1)
+        layer(x2)
+        return evalnorm_aux_loss(layer).detach()
+
+    total = x1.numel() + x2.numel()
+    for a, b in ((0.2, 0.7), (0.5, 0.5), (0.9, 0.1)):
+        torch.testing.assert_close(layer_loss(a, b), l1_sum(a, b) / total, rtol=1e-10, atol=1e-12)
+    paper = _grid_argmin(l1_sum, 33)
+    ours = _grid_argmin(layer_loss, 33)
+    assert ours[:2] == paper[:2]
+    per_call_mean = _grid_argmin(lambda a, b: sum(ref_aux(x, rm.double(), rv.double(), a, b, layer.eps)
+                                                  for x in (x1, x2)), 33)
+    assert max(abs(per_call_mean[0] - paper[0]), abs(per_call_mean[1] - paper[1])) >= 0.05, (per_call_mean, paper)
 
 
 # ---- offline fit -----------------------------------------------------------------------------------------------
@@ -565,9 +615,10 @@ def test_aux_loss_collection_helpers():
     model(x2)  # a module shared across FPN levels: one term per call
     t1 = shared._aux_terms[0].detach().clone()
     t2 = shared._aux_terms[1].detach().clone()
-    total = evalnorm_aux_loss(model, clear=False)
-    torch.testing.assert_close(total.detach(), t1 + t2)
-    torch.testing.assert_close(evalnorm_aux_loss(model).detach(), t1 + t2)
+    n1, n2 = x1.numel(), x2.numel()
+    total = evalnorm_aux_loss(model, clear=False)  # eq 9 over both calls' elements / their number
+    torch.testing.assert_close(total.detach(), (t1 * n1 + t2 * n2) / (n1 + n2))
+    torch.testing.assert_close(evalnorm_aux_loss(model).detach(), (t1 * n1 + t2 * n2) / (n1 + n2))
     assert shared.aux_loss is None and evalnorm_aux_loss(model).item() == 0.0
     with torch.no_grad():
         model(x1)  # no graph, no aux loss (e.g. PreciseBN-style statistics passes)

@@ -38,14 +38,35 @@ def _layer(alpha, dtype=torch.float64, momentum=0.3, seed=1):
 
 def _ref_eq3(x, w, b, m_x, running_var, alpha, eps):
     """four-things eq 3 in float64, literally: moments E[x_i], E[x_i^2] over H, W of each sample and channel,
-    m_{x^2} = running_var + running_mean^2 (the documented convention)."""
+    with the given moving moments m_x, m_{x^2}."""
     e1 = x.mean(dim=(2, 3), keepdim=True)
     e2 = (x * x).mean(dim=(2, 3), keepdim=True)
-    m_x = m_x.view(1, -1, 1, 1)
-    m_x2 = running_var.view(1, -1, 1, 1) + m_x**2
+    m_x, m_x2 = m_x.view(1, -1, 1, 1), m_x2.view(1, -1, 1, 1)
     mu = alpha * e1 + (1 - alpha) * m_x
     var = (alpha * e2 + (1 - alpha) * m_x2) - mu**2
     return w.view(1, -1, 1, 1) * (x - mu) / torch.sqrt(var + eps) + b.view(1, -1, 1, 1)
+
+
+def _m_x2(m):
+    """The documented convention for the layer's m_{x²}: BN's running_var + running_mean² (so α = 0 is BN)."""
+    return m.running_var + m.running_mean**2
+
+
+def _numeric_grad(f, inputs, g, h=1e-6):
+    """Central differences of Σ f(*inputs)·g w.r.t. every input, float64: an independent check of a backward
+    (not of torch's autograd through the reference)."""
+    grads = []
+    for i, t in enumerate(inputs):
+        grad = torch.zeros_like(t)
+        flat = grad.view(-1)
+        for j in range(t.numel()):
+            up = [u.detach().clone() for u in inputs]
+            dn = [u.detach().clone() for u in inputs]
+            up[i].view(-1)[j] += h
+            dn[i].view(-1)[j] -= h
+            flat[j] = ((f(*up) * g).sum() - (f(*dn) * g).sum()) / (2 * h)
+        grads.append(grad)
+    return grads
 
 
 def _cfg(alpha=None, **bn):
@@ -65,16 +86,37 @@ def test_eval_matches_float64_eq3_forward_backward(alpha):
         assert torch.equal(v, before[k]), k
 
 
-def test_eval_gradcheck():
-    m = _layer(0.4).eval()
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_eval_gradient_equals_numerical_gradient_of_eq3(alpha):
+    """The layer's backward (x, γ, β) against central differences of the float64 eq-3 reference."""
+    m = _layer(alpha).eval()
     x = _x(n=2, h=2, w=3).requires_grad_(True)
-    w = m.weight.detach().clone().requires_grad_(True)
-    b = m.bias.detach().clone().requires_grad_(True)
+    y = m(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (y * g).sum().backward()
+    w, b = m.weight.detach().clone(), m.bias.detach().clone()
+    ref = _numeric_grad(lambda x_, w_, b_: _ref_eq3(x_, w_, b_, m.running_mean, _m_x2(m), alpha, m.eps),
+                        [x.detach(), w, b], g)
+    for got, exp in zip((x.grad, m.weight.grad, m.bias.grad), ref):
+        torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)
 
-    def f(x, w, b):
-        return torch.func.functional_call(m, {"weight": w, "bias": b}, (x,))
 
-    assert torch.autograd.gradcheck(f, (x, w, b))
+def test_trained_moving_moments_follow_the_data():
+    """m_x and m_{x²} after training on known batches, from the data (not from the layer's buffers): the EMA
+    (momentum 0.3, from BN's init mean 0 / var 1) of the batch means and of the unbiased batch variances, and
+    m_{x²} = that variance EMA + m_x² (the documented convention). Eval then equals eq 3 with them."""
+    m = ExampleWeightedBatchNorm2d(C, alpha=0.35, momentum=0.3).double().train()
+    ema_mean, ema_var = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    for step in range(4):
+        x = _x(n=3 + step, seed=20 + step)
+        m(x)
+        flat = x.transpose(0, 1).reshape(C, -1)
+        ema_mean = 0.7 * ema_mean + 0.3 * flat.mean(1)
+        ema_var = 0.7 * ema_var + 0.3 * flat.var(1, unbiased=True)
+    m.eval()
+    x = _x(seed=30)
+    ref = _ref_eq3(x, m.weight.detach(), m.bias.detach(), ema_mean, ema_var + ema_mean**2, 0.35, m.eps)
+    torch.testing.assert_close(m(x).detach(), ref, rtol=0, atol=1e-9)
 
 
 def test_alpha_zero_is_exactly_batchnorm_eval():
@@ -107,8 +149,12 @@ def test_alpha_one_is_instance_statistics_with_bn_affine():
 
 def test_intermediate_alpha_differs_from_both_ends():
     x = _x()
-    outs = [_layer(a).eval()(x) for a in (0.0, 0.5, 1.0)]
-    assert not torch.allclose(outs[1], outs[0]) and not torch.allclose(outs[1], outs[2])
+    outs = [_layer(a).eval()(x).detach() for a in (0.0, 0.5, 1.0)]
+    m = _layer(0.5)
+    torch.testing.assert_close(outs[1], _ref_eq3(x, m.weight.detach(), m.bias.detach(), m.running_mean, _m_x2(m),
+                                                  0.5, m.eps), rtol=0, atol=1e-9)
+    # clearly between the two ends, not a rounding difference
+    assert (outs[1] - outs[0]).abs().max() > 0.1 and (outs[1] - outs[2]).abs().max() > 0.1
 
 
 def test_training_is_exactly_batchnorm2d():
@@ -136,7 +182,7 @@ def test_bf16_input_float32_statistics():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), m(xf), rtol=2e-2, atol=3e-2)
     ref = _ref_eq3(xf.double(), m.weight.double(), m.bias.double(), m.running_mean.double(),
-                   m.running_var.double(), 0.3, m.eps)
+                   _m_x2(m).double(), 0.3, m.eps)
     torch.testing.assert_close(y.double(), ref.detach(), rtol=2e-2, atol=3e-2)
     m.train()
     y = m(xf.bfloat16())
@@ -183,7 +229,7 @@ def test_registry_builds_with_options_from_two_cfgs():
     x = _x(dtype=torch.float32)
     torch.testing.assert_close(
         a(x).double(), _ref_eq3(x.double(), a.weight.double(), a.bias.double(), a.running_mean.double(),
-                                a.running_var.double(), 0.25, 1e-3).detach(), rtol=1e-5, atol=1e-5)
+                                _m_x2(a).double(), 0.25, 1e-3).detach(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(a(x), b(x))
 
 

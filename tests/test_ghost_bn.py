@@ -22,6 +22,13 @@ def reference_ghost_bn(x, weight, bias, sizes, eps):
     return out
 
 
+def ref_sizes(n, ghost):
+    """The documented partition, written out: ceil(n/ghost) contiguous sub-batches whose sizes differ by at most
+    one, larger ones first (rethinking A.5; README "balanced")."""
+    k = -(-n // ghost)
+    return [n // k + (1 if j < n % k else 0) for j in range(k)] if n else []
+
+
 def _rand(n, c=3, h=4, w=5, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, c, h, w, generator=g, dtype=dtype) * 3 + 2
@@ -54,23 +61,23 @@ def test_train_forward_backward_matches_reference(n, ghost):
 
 
 def test_running_stats_update_rule():
+    """Two forwards (momentum 0.25, torch's convention), sub-batches [0:4], [4:7], [7:10] of 10 examples: the EMA
+    takes the element-count-weighted average of the sub-batch means and unbiased variances (documented rule)."""
     layer = GhostBatchNorm2d(3, ghost_size=4, momentum=0.25).double()
-    x = _rand(10, seed=3)
-    layer(x)
-    sizes, start, means, vars_, counts = ghost_batch_sizes(10, 4), 0, [], [], []
-    for s in sizes:
-        xb = x[start : start + s]
-        start += s
-        m = xb.numel() // 3
-        means.append(xb.mean(dim=(0, 2, 3)))
-        vars_.append(xb.var(dim=(0, 2, 3), unbiased=True))
-        counts.append(m)
-    tot = sum(counts)
-    mean = sum(c * m for c, m in zip(counts, means)) / tot
-    var = sum(c * v for c, v in zip(counts, vars_)) / tot
-    torch.testing.assert_close(layer.running_mean, 0.25 * mean, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(layer.running_var, 0.75 + 0.25 * var, rtol=1e-10, atol=1e-12)
-    assert int(layer.num_batches_tracked) == 1
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for step in range(2):
+        x = _rand(10, seed=3 + step)
+        layer(x)
+        parts = [x[0:4], x[4:7], x[7:10]]
+        counts = [p.shape[0] * p.shape[2] * p.shape[3] for p in parts]
+        means = [p.transpose(0, 1).reshape(3, -1).mean(1) for p in parts]
+        uvars = [p.transpose(0, 1).reshape(3, -1).var(1, unbiased=True) for p in parts]
+        mean = sum(c * m for c, m in zip(counts, means)) / sum(counts)
+        var = sum(c * v for c, v in zip(counts, uvars)) / sum(counts)
+        rm, rv = 0.75 * rm + 0.25 * mean, 0.75 * rv + 0.25 * var
+        torch.testing.assert_close(layer.running_mean, rm, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.running_var, rv, rtol=1e-10, atol=1e-12)
+        assert int(layer.num_batches_tracked) == step + 1
 
 
 def test_equals_batchnorm_when_batch_fits_and_in_eval():

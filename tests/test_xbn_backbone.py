@@ -287,9 +287,22 @@ def test_freeze_at_freezes_batch_free_norms_too():
 
 def test_batch_free_norm_zero_size_and_bf16():
     norm = BatchFreeNorm(2, 4)
-    assert norm(torch.randn(0, 4, 3, 3)).shape == (0, 4, 3, 3)
-    y = norm(torch.randn(2, 4, 3, 3).bfloat16())
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([0.5, 1.5, -1.0, 2.0]))
+        norm.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    x0 = torch.randn(0, 4, 3, 3, requires_grad=True)
+    y0 = norm(x0)
+    assert y0.shape == (0, 4, 3, 3)
+    y0.sum().backward()
+    assert x0.grad.shape == (0, 4, 3, 3)
+    # bf16 input: the values of the float32 GN reference (float64 formula) on the same (bf16-rounded) input,
+    # within bf16 output rounding
+    x = (torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 3 + 5).bfloat16()
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    ref = _gn_ref(x.double(), 2, norm)
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(norm(x.float()).double(), ref.detach(), rtol=1e-5, atol=1e-5)
 
 
 # ---- the stem (official code: batch-free stem) and loads that leave BN layers without statistics ------------

@@ -112,11 +112,14 @@ class EvalNorm2d(D2NormBatchNorm2d):
 
     where every argument except α̂, β̂ is detached (μ_i, σ_i, μ_B, σ_B from the detached input; μ_E, σ_E²
     the EMA *before* this step's update, i.e. the estimate that does not yet contain the current batch), so
-    it moves only α̂, β̂. The paper's ‖·‖₁ is a sum; we average over the N·C·H·W elements so the loss scale
-    does not depend on the feature-map size (each layer's α̂, β̂ only see their own term, so the minimizer is
-    unchanged). σ² always includes ``eps`` as in BN. The loss terms are kept until collected by
-    :func:`evalnorm_aux_loss` (a module called several times per iteration, e.g. a RetinaNet head shared
-    over FPN levels, accumulates one term per call; at most :attr:`max_pending_aux` are kept).
+    it moves only α̂, β̂. The paper's ‖·‖₁ is a sum over the layer's activations; we divide it by their number
+    so the loss scale does not depend on the feature-map size. A layer called several times per iteration
+    (a RetinaNet head shared over FPN levels) keeps one term per call until :func:`evalnorm_aux_loss`
+    collects them (at most :attr:`max_pending_aux`), and its loss is the L1 sum over the elements of *all*
+    pending calls divided by their total number: the paper's L1 sum times a positive constant, so α̂, β̂ have
+    the paper's minimizer (each layer's α̂, β̂ only see their own loss). A per-call mean summed over calls
+    would weight a small level as much as a 64× larger one and move the minimizer. σ² always includes
+    ``eps`` as in BN.
 
     Eval: eqs 5-6 with the sample's own statistics (float32 for fp16/bf16 input), then one fused
     ``x·scale + shift``. α̂, β̂ are detached here: only L_aux estimates them (§3.4: "the parameters used in
@@ -182,7 +185,8 @@ class EvalNorm2d(D2NormBatchNorm2d):
         self.init_alpha, self.init_beta = float(init_alpha), float(init_beta)
         self.rule_batch_size = int(rule_batch_size)
         self._fitting = False  # set by fit_evalnorm_offline: aux loss on, every buffer update off
-        self._aux_terms: List[torch.Tensor] = []
+        self._aux_terms: List[torch.Tensor] = []  # per pending call: element mean of |·| (eq 9 / count)
+        self._aux_counts: List[int] = []  # per pending call: its number of elements
         self._warned_pending = False
         self.mode = mode
 
@@ -234,17 +238,25 @@ class EvalNorm2d(D2NormBatchNorm2d):
     # ---- aux loss ---------------------------------------------------------------------------------------
     @property
     def aux_loss(self) -> Optional[torch.Tensor]:
-        """Sum of the aux-loss terms of the training forwards since the last collection, or None."""
+        """Eq 9 over the training forwards since the last collection: Σ over every pending call's elements of
+        |·|, divided by their total number (class docstring); None when nothing is pending."""
         if not self._aux_terms:
             return None
-        return torch.stack(self._aux_terms).sum()
+        terms = torch.stack(self._aux_terms)
+        counts = torch.tensor(self._aux_counts, dtype=terms.dtype, device=terms.device)
+        return (terms * counts).sum() / counts.sum().clamp(min=1)
 
     def pop_aux_loss(self) -> Optional[torch.Tensor]:
         loss = self.aux_loss
-        self._aux_terms.clear()
+        self.clear_aux()
         return loss
 
-    def _push_aux(self, term: torch.Tensor) -> None:
+    def clear_aux(self) -> None:
+        """Drop the pending aux-loss terms."""
+        self._aux_terms.clear()
+        self._aux_counts.clear()
+
+    def _push_aux(self, term: torch.Tensor, count: int) -> None:
         if len(self._aux_terms) >= self.max_pending_aux:
             if not self._warned_pending:
                 logger.warning(
@@ -254,7 +266,9 @@ class EvalNorm2d(D2NormBatchNorm2d):
                 )
                 self._warned_pending = True
             self._aux_terms.pop(0)
+            self._aux_counts.pop(0)
         self._aux_terms.append(term)
+        self._aux_counts.append(count)
 
     def _aux_loss(self, x: torch.Tensor, mu_e: torch.Tensor, var_e: torch.Tensor) -> torch.Tensor:
         """Eqs 7-9 on the detached input ``x`` (N > 0) and the pre-update EMA ``mu_e``, ``var_e`` (C,)."""
@@ -306,7 +320,7 @@ class EvalNorm2d(D2NormBatchNorm2d):
             else:
                 # keeps α̂, β̂ in the graph (DDP) with a zero loss
                 term = (self.alpha_logit + self.beta_logit) * 0.0
-            self._push_aux(term)
+            self._push_aux(term, x.numel())
         return y
 
     @torch.no_grad()
@@ -315,7 +329,7 @@ class EvalNorm2d(D2NormBatchNorm2d):
         self.seen_batch_size.add_((n - self.seen_batch_size) / self.seen_batches)
 
     def _eval_forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._aux_terms.clear()
+        self.clear_aux()
         if x.numel() == 0:
             return empty_passthrough(x, self.weight, self.bias)
         alpha, beta = self.eval_alpha_beta()

@@ -115,7 +115,7 @@ def fit_evalnorm_offline(
         model.train()
         for m in layers:
             m._fitting = True
-            m._aux_terms.clear()
+            m.clear_aux()
         optimizer = optimizer_cls(fit_params, lr=lr)
         with torch.enable_grad(), EventStorage(0):
             for _, batch in zip(range(int(num_iters)), _cycle(data)):
@@ -137,7 +137,7 @@ def fit_evalnorm_offline(
     finally:
         for m in layers:
             m._fitting = False
-            m._aux_terms.clear()
+            m.clear_aux()
         for m, flag in saved_training:
             m.training = flag  # not m.train(flag): that would recurse into children
         for p, flag in saved_requires:
