@@ -136,6 +136,10 @@ def add_d2norm_config(cfg: CN) -> CN:
     _C.D2NORM.MABN.WARMUP_ITERS = 100
     # eps >= 0 added to E[x^2] (chi_B^2 = E[x^2] + eps); eq 15 has none, it only guards all-zero channels.
     _C.D2NORM.MABN.EPS = 1e-5
+    # "paper" (eq 19 after WARMUP_ITERS steps) or "released": the schedule of the authors' released code
+    # (batch statistics while step <= BUFFER_SIZE or < WARMUP_ITERS, r = 1 until step max(1000, WARMUP_ITERS),
+    # lambda hard-coded to 5 there = CLIP's default), for comparing against the official numbers.
+    _C.D2NORM.MABN.SCHEDULE = "paper"
 
     # ---- per-domain statistics: rethinking §5.2, Table 5 -----------------------------------------------
     # Layer "DomainBN" (d2norm/layers/domain_bn.py). Table 5 rows as (TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN):

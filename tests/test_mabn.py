@@ -148,7 +148,7 @@ def test_forward_uses_ema_when_r_not_clipped():
 
 def _function_args(layer, x, update=False):
     return (layer.chi_sq_buffer, layer.psi_buffer, layer.running_chi, layer.num_batches_tracked,
-            layer.psi_count, layer.warmup_iters, layer.momentum, layer.clip, layer.eps, update)
+            layer.psi_count, layer.warmup_iters, layer.momentum, layer.clip, layer.eps, update, 0)
 
 
 @pytest.mark.parametrize("case", ["warmup", "sma_clipped", "sma_no_clip_partial"])
@@ -494,3 +494,67 @@ def test_weight_decay_norm_applies_to_gamma_beta():
     wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert wd[id(conv.norm.weight)] == 0.0 and wd[id(conv.norm.bias)] == 0.0
     assert wd[id(conv.weight)] == 1e-4
+
+
+class RefReleasedSchedule(RefMABN):
+    """The released code's schedule (megvii MABN.py) on top of eqs 15, 19, 20, with t = 1, 2, ...: batch
+    statistics while t <= m or t < warm-up; r = 1 while t <= max(1000, warm-up); λ = 5."""
+
+    def forward(self, x, gamma, beta, chi_hat_prev):
+        t = self.t + 1
+        chi_sq_b = (x * x).mean(dim=DIMS) + self.eps
+        self.warm = t <= self.m or t < self.warmup
+        self.chi_sq_hist.append(chi_sq_b)
+        window = self.chi_sq_hist[-self.m:]
+        chi_bar = chi_sq_b.sqrt() if self.warm else (sum(window) / len(window)).sqrt()
+        self.chi_hat = self.alpha * chi_hat_prev + (1 - self.alpha) * chi_sq_b.sqrt()
+        ratio = chi_bar / self.chi_hat
+        r_one = self.warm or t <= max(1000, self.warmup)
+        self.r = torch.ones_like(ratio) if r_one else ratio.clamp(1 / 5, 5)
+        self.clipped = (ratio < 1 / 5) | (ratio > 5)
+        self.x, self.gamma, self.chi_bar = x, gamma, chi_bar
+        self.Y = x / cview(chi_bar)
+        self.Yhat = cview(self.r) * self.Y
+        self.t += 1
+        return cview(gamma) * self.Yhat + cview(beta)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m,warmup", [(3, 5), (6, 2), (2, 1200)])
+def test_released_schedule_matches_float64_reference(m, warmup):
+    """SCHEDULE "released" over 1210 steps (the r = 1 phase ends after step max(1000, warm-up)): forward,
+    gradients and χ̂ against the float64 reference of that schedule; the default ("paper") is unchanged."""
+    alpha, eps = 0.6, 1e-5
+    layer = MABN2d(3, buffer_size=m, momentum=alpha, clip=5.0, warmup_iters=warmup, eps=eps,
+                   schedule="released").double()
+    assert MABN2d(3).schedule == "paper" and layer.phase_iters() == (max(m, warmup - 1), max(1000, warmup))
+    ref = RefReleasedSchedule(m, alpha, 5.0, warmup, eps)
+    chi_hat = torch.ones(3, dtype=torch.float64)
+    r_not_one = []
+    for step in range(1210):
+        x, gz = batch(step, shape=(2, 3, 2, 2))
+        x.requires_grad_(True)
+        layer.zero_grad()
+        z = layer(x)
+        zr = ref.forward(x.detach(), layer.weight.detach(), layer.bias.detach(), chi_hat)
+        chi_hat = ref.chi_hat
+        z.backward(gz)
+        dx, dg, db = ref.backward(gz)
+        if step % 50 == 0 or 995 <= step <= 1005 or step >= 1195 or step < 10:
+            torch.testing.assert_close(z, zr, rtol=1e-10, atol=1e-10, msg=lambda s: f"step {step + 1}: {s}")
+            torch.testing.assert_close(x.grad, dx, rtol=1e-9, atol=1e-10, msg=lambda s: f"step {step + 1}: {s}")
+            torch.testing.assert_close(layer.weight.grad, dg, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(layer.running_chi, ref.chi_hat, rtol=1e-12, atol=0)
+        r_not_one.append(bool((ref.r != 1).any()))
+    first = r_not_one.index(True) + 1 if any(r_not_one) else None
+    assert first == max(1000, warmup) + 1  # renormalization starts right after the r = 1 phase
+
+
+def test_schedule_option_from_cfg_and_validation():
+    cfg = add_d2norm_config(get_cfg())
+    assert cfg.D2NORM.MABN.SCHEDULE == "paper"
+    cfg.D2NORM.MABN.SCHEDULE = "released"
+    with norm_options(cfg):
+        assert get_norm("MABN", 4).schedule == "released"
+    with pytest.raises(ValueError, match=r"SCHEDULE.*\('paper', 'released'\).*'official'"):
+        MABN2d(4, schedule="official")

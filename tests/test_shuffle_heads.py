@@ -266,6 +266,24 @@ def test_balanced_shares():
     assert balanced_shares(0, 2) == [0, 0]
 
 
+def test_balanced_shares_vs_upstream_split():
+    """Documented difference (README): upstream's ``batch_shuffle`` (projects/Rethinking-BatchNorm) gives rank r
+    the r-th chunk of ceil(T/W) shuffled RoIs, so the last ranks may normalize much smaller batches or none;
+    ours differ by at most one. Equal whenever W divides T."""
+    def upstream(total, world):  # torch.split(idx_shuffle, ceil(T/W)), missing chunks empty
+        size = -(-total // world)
+        return [max(0, min(size, total - r * size)) for r in range(world)] if total else [0] * world
+
+    assert upstream(10, 4) == [3, 3, 3, 1] and balanced_shares(10, 4) == [3, 3, 2, 2]
+    assert upstream(5, 4) == [2, 2, 1, 0] and balanced_shares(5, 4) == [2, 1, 1, 1]
+    for total in range(0, 40):
+        for world in (1, 2, 3, 4, 8):
+            ours = balanced_shares(total, world)
+            assert sum(ours) == total and max(ours) - min(ours) <= 1
+            if total % world == 0:
+                assert ours == upstream(total, world)
+
+
 # ---- 2 gloo processes ---------------------------------------------------------------------------------------
 
 # (sizes per rank, whether rank r's input requires grad). (0, 6): rank 0 empty and its features carry no graph

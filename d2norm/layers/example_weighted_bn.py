@@ -37,7 +37,10 @@ class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
       (n−1)/n), which no BN checkpoint records; for conv features n is in the thousands, so the difference is
       below 0.1%. (An explicit EMA of E_B[x²] would also differ from running_var + running_mean² by the spread
       of batch means over training; eq 3 with α = 0 is meant to *be* BN inference, so we derive m_{x²} from the
-      stored statistics.)
+      stored statistics.) :class:`~d2norm.layers.batch_group_norm.BatchGroupNorm` represents eq 3's moments
+      the same way (``m_{x²} = running_var + m_x²``, never a stored raw E[x²]), but its ``running_var`` is the
+      literal EMA of E[x²] minus m_x² (it has no BN checkpoints to load or BN inference to equal, and its
+      training statistics are biased per example group).
     * Eq 3 is evaluated in the algebraically identical, cancellation-free form
       ``σ²_i = α·Var[x_i] + (1 − α)·running_var + α(1 − α)(E[x_i] − m_x)²``
       (expand α(Var+E²) + (1−α)(V+M²) − (αE + (1−α)M)²). At α = 1 this is exactly the biased instance

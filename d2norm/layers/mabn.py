@@ -29,7 +29,7 @@ from ..stats.estimators import batch_moments
 from .base import (
     D2NormModule, FrozenBNState, check_input_channels, skip_nonfinite_stats, stat_dtype, undo_nonfinite_update_,
 )
-from ..utils.validation import check_int, check_number
+from ..utils.validation import check_choice, check_int, check_number
 from .kernels import channel_affine
 from .registry import register_norm
 
@@ -69,11 +69,12 @@ class MABNFunction(torch.autograd.Function):
     """One training step of MABN: forward eq 19, backward eq 20 (mabn §4.2).
 
     ``apply(x, weight, bias, chi_sq_ring, psi_ring, running_chi, num_batches_tracked, psi_count,
-    warmup_iters, momentum, clip, eps, update_state)``
+    warmup_iters, momentum, clip, eps, update_state, r_one_iters)``
 
     * Warm-up (``num_batches_tracked < warmup_iters``): χ̄ → χ_B, Ψ̄ → Ψ_B and r = 1, i.e. eq 15 with its exact
       gradient eq 16. The rings and the EMA are filled all the same.
-    * After warm-up: eq 19 forward and eq 20 backward with the SMAs of the rings.
+    * After warm-up: eq 19 forward and eq 20 backward with the SMAs of the rings; r ≡ 1 as long as
+      ``num_batches_tracked < r_one_iters`` (the authors' released schedule, :class:`MABN2d`).
 
     What the backward treats as constants (eq 20 taken literally):
 
@@ -93,7 +94,8 @@ class MABNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, chi_sq_ring, psi_ring, running_chi, num_batches_tracked, psi_count,
-                warmup_iters: int, momentum: float, clip: float, eps: float, update_state: bool):
+                warmup_iters: int, momentum: float, clip: float, eps: float, update_state: bool,
+                r_one_iters: int = 0):
         sd = stat_dtype(x.dtype)
         dims = reduce_dims(x)
         n = x.numel() // x.shape[1]
@@ -105,7 +107,8 @@ class MABNFunction(torch.autograd.Function):
         chi_bar_sq, pos = _window_mean(chi_sq_ring, num_batches_tracked, chi_sq_b)
         chi = torch.where(warm, chi_sq_b, chi_bar_sq).sqrt()  # χ̄_t (χ_B in warm-up)
         chi_hat = momentum * running_chi.to(sd) + (1.0 - momentum) * chi_sq_b.sqrt()  # EMA of χ_B, §4.2
-        r = torch.where(warm, torch.ones_like(chi), torch.clamp(chi / chi_hat, 1.0 / clip, clip))  # eq 19
+        r_one = warm | (num_batches_tracked < r_one_iters)
+        r = torch.where(r_one, torch.ones_like(chi), torch.clamp(chi / chi_hat, 1.0 / clip, clip))  # eq 19
 
         if update_state:
             chi_sq_ring.index_copy_(0, pos, chi_sq_b.view(1, -1).to(chi_sq_ring.dtype))
@@ -152,7 +155,10 @@ class MABNFunction(torch.autograd.Function):
             grad_w = (r_over_chi * sum_xg).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_b = gs.sum(dims).to(weight.dtype)
-        return (grad_x, grad_w, grad_b) + (None,) * 10
+        return (grad_x, grad_w, grad_b) + (None,) * 11
+
+
+SCHEDULES = ("paper", "released")
 
 
 def _check_options(num_features, buffer_size, momentum, clip, warmup_iters, eps) -> None:
@@ -184,6 +190,16 @@ class MABN2d(nn.Module, D2NormModule):
     Eval never writes a buffer; zero-size input writes none either (its statistics do not exist). fp16/bf16
     input: statistics in float32, output in the input dtype. Not for activation checkpointing (a recomputed
     forward would push twice). ``momentum`` uses the paper's convention (weight of the old value).
+
+    ``schedule`` (``D2NORM.MABN.SCHEDULE``), with t = 1, 2, ... the training step of the layer:
+
+    * ``"paper"`` (default): batch statistics (χ_B, Ψ_B, r = 1) for t ≤ ``warmup_iters``, eq 19-20 after.
+    * ``"released"``: the schedule of the authors' released ``MABN.py``, for comparing against the official
+      numbers: batch statistics while t ≤ m (``buffer_size``) or t < ``warmup_iters``; r ≡ 1 (no
+      renormalization) for t ≤ max(1000, ``warmup_iters``); afterwards r = clip(·, 1/λ, λ) — the released code
+      hard-codes λ = 5, our ``clip`` default. Only the schedule is reproduced: the released code's χ̂ is an EMA
+      of the window statistic χ̄² taken before this step's update (r = χ̄/χ̂_{t−1}), ours the EMA of χ_B of the
+      paper's text (r = χ̄/χ̂_t); both use it for inference.
     """
 
     @classmethod
@@ -198,12 +214,14 @@ class MABN2d(nn.Module, D2NormModule):
             clip=c.CLIP,
             warmup_iters=c.WARMUP_ITERS,
             eps=c.EPS,
+            schedule=c.SCHEDULE,
         )
 
     def __init__(self, num_features: int, buffer_size: int = 16, momentum: float = 0.98, clip: float = 5.0,
-                 warmup_iters: int = 100, eps: float = 1e-5, device=None, dtype=None):
+                 warmup_iters: int = 100, eps: float = 1e-5, schedule: str = "paper", device=None, dtype=None):
         super().__init__()
         _check_options(num_features, buffer_size, momentum, clip, warmup_iters, eps)
+        self.schedule = check_choice("MABN schedule (D2NORM.MABN.SCHEDULE)", schedule, SCHEDULES)
         self.num_features = int(num_features)
         self.buffer_size = int(buffer_size)
         self.momentum = float(momentum)
@@ -221,16 +239,24 @@ class MABN2d(nn.Module, D2NormModule):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, buffer_size={self.buffer_size}, momentum={self.momentum}, "
-                f"clip={self.clip}, warmup_iters={self.warmup_iters}, eps={self.eps}")
+                f"clip={self.clip}, warmup_iters={self.warmup_iters}, eps={self.eps}, schedule={self.schedule!r}")
+
+    def phase_iters(self) -> Tuple[int, int]:
+        """(steps with batch statistics, steps with r ≡ 1) from the start, for ``schedule`` (class docstring);
+        as counts of completed steps (``num_batches_tracked``) below which the phase holds."""
+        if self.schedule == "released":
+            return max(self.buffer_size, self.warmup_iters - 1), max(1000, self.warmup_iters)
+        return self.warmup_iters, 0
 
     @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_channels(f"MABN2d({self.num_features})", x, self.num_features)
         if self.training and x.numel() > 0:
+            warm, r_one = self.phase_iters()
             return MABNFunction.apply(
                 x, self.weight, self.bias, self.chi_sq_buffer, self.psi_buffer, self.running_chi,
-                self.num_batches_tracked, self.psi_count, self.warmup_iters, self.momentum, self.clip,
-                self.eps, True,
+                self.num_batches_tracked, self.psi_count, warm, self.momentum, self.clip,
+                self.eps, True, r_one,
             )
         # Inference (and empty training input): z = γ·x/χ̂ + β.
         sd = stat_dtype(x.dtype)
