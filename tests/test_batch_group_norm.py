@@ -12,6 +12,7 @@ import d2norm  # noqa: F401  (compat + registry)
 import d2norm.layers.batch_group_norm  # noqa: F401  (registers "BGN")
 from d2norm.layers.base import D2NormModule
 from d2norm.layers.batch_group_norm import BatchGroupNorm, example_group_sizes
+from helpers import numeric_grad
 
 from helpers import buffers
 
@@ -167,22 +168,6 @@ def test_example_group_sizes_rule():
             sizes = example_group_sizes(n, s)
             assert sum(sizes) == n and max(sizes) <= s and max(sizes) - min(sizes) <= 1
             assert [b - a for a, b in ref_groups(n, s)] == sizes
-
-
-def _numeric_grad(f, inputs, g, h=1e-6):
-    """Central differences of Σ f(*inputs)·g w.r.t. every input (float64): checks a backward independently of
-    torch's autograd through the reference."""
-    grads = []
-    for i, t in enumerate(inputs):
-        grad = torch.zeros_like(t)
-        for j in range(t.numel()):
-            up = [u.detach().clone() for u in inputs]
-            dn = [u.detach().clone() for u in inputs]
-            up[i].view(-1)[j] += h
-            dn[i].view(-1)[j] -= h
-            grad.view(-1)[j] = ((f(*up) * g).sum() - (f(*dn) * g).sum()) / (2 * h)
-        grads.append(grad)
-    return grads
 
 
 @pytest.mark.parametrize("training", [True, False])

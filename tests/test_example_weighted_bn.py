@@ -11,6 +11,7 @@ import d2norm  # noqa: F401
 import d2norm.layers.example_weighted_bn  # noqa: F401  (registers "ExampleWeightedBN")
 from d2norm.layers.example_weighted_bn import ExampleWeightedBatchNorm2d
 from d2norm.layers.registry import get_norm, norm_options
+from helpers import numeric_grad
 
 from helpers import assert_matches_reference, assert_trains_as_batchnorm, buffers, d2norm_cfg
 
@@ -52,23 +53,6 @@ def _m_x2(m):
     return m.running_var + m.running_mean**2
 
 
-def _numeric_grad(f, inputs, g, h=1e-6):
-    """Central differences of Σ f(*inputs)·g w.r.t. every input, float64: an independent check of a backward
-    (not of torch's autograd through the reference)."""
-    grads = []
-    for i, t in enumerate(inputs):
-        grad = torch.zeros_like(t)
-        flat = grad.view(-1)
-        for j in range(t.numel()):
-            up = [u.detach().clone() for u in inputs]
-            dn = [u.detach().clone() for u in inputs]
-            up[i].view(-1)[j] += h
-            dn[i].view(-1)[j] -= h
-            flat[j] = ((f(*up) * g).sum() - (f(*dn) * g).sum()) / (2 * h)
-        grads.append(grad)
-    return grads
-
-
 def _cfg(alpha=None, **bn):
     cfg = d2norm_cfg("BN", **bn)
     if alpha is not None:
@@ -95,7 +79,7 @@ def test_eval_gradient_equals_numerical_gradient_of_eq3(alpha):
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     (y * g).sum().backward()
     w, b = m.weight.detach().clone(), m.bias.detach().clone()
-    ref = _numeric_grad(lambda x_, w_, b_: _ref_eq3(x_, w_, b_, m.running_mean, _m_x2(m), alpha, m.eps),
+    ref = numeric_grad(lambda x_, w_, b_: _ref_eq3(x_, w_, b_, m.running_mean, _m_x2(m), alpha, m.eps),
                         [x.detach(), w, b], g)
     for got, exp in zip((x.grad, m.weight.grad, m.bias.grad), ref):
         torch.testing.assert_close(got, exp, rtol=1e-6, atol=1e-7)

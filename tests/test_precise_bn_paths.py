@@ -21,6 +21,7 @@ from torch import nn
 import d2norm  # noqa: F401
 from d2norm.layers.domain_bn import DomainBatchNorm2d
 from d2norm.stats import recompute_population_stats
+from helpers import TABLE5, batch_moments
 
 from helpers import TABLE5_ROWS
 
@@ -57,8 +58,7 @@ class ToyHead(nn.Module):
 
 def _moments(ts):
     """float64 mean and biased variance of all values of the tensors ``ts`` (N_i, C, H_i, W_i), per channel."""
-    flat = torch.cat([t.transpose(0, 1).reshape(C, -1) for t in ts], dim=1)
-    return flat.mean(1), flat.var(1, unbiased=False), flat.shape[1]
+    return batch_moments(list(ts))
 
 
 def ref_inference_path(head, x, row):

@@ -58,3 +58,19 @@ def bn_affine(mean, var, eps, w, b) -> Tuple[torch.Tensor, torch.Tensor]:
 def ema(running, value, momentum: float):
     """torch's EMA update: (1 − momentum)·running + momentum·value."""
     return (1 - momentum) * running + momentum * value
+
+
+def numeric_grad(f, inputs: Sequence[torch.Tensor], g: torch.Tensor, h: float = 1e-6) -> List[torch.Tensor]:
+    """Central differences of Σ f(*inputs)·g w.r.t. every input (float64): checks a layer's backward
+    independently of torch's autograd through a reference."""
+    grads = []
+    for i, t in enumerate(inputs):
+        grad = torch.zeros_like(t)
+        for j in range(t.numel()):
+            up = [u.detach().clone() for u in inputs]
+            dn = [u.detach().clone() for u in inputs]
+            up[i].view(-1)[j] += h
+            dn[i].view(-1)[j] -= h
+            grad.view(-1)[j] = ((f(*up) * g).sum() - (f(*dn) * g).sum()) / (2 * h)
+        grads.append(grad)
+    return grads
