@@ -12,7 +12,6 @@ import d2norm  # noqa: F401
 import d2norm.layers.domain_bn  # noqa: F401  (registers "DomainBN")
 from d2norm.layers.domain_bn import DomainBatchNorm2d, current_domain, domain_scope
 from d2norm.layers.registry import get_norm, norm_options
-from helpers import TABLE5
 
 from helpers import TABLE5_ROWS, buffers, d2norm_cfg
 

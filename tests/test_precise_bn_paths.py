@@ -21,7 +21,7 @@ from torch import nn
 import d2norm  # noqa: F401
 from d2norm.layers.domain_bn import DomainBatchNorm2d
 from d2norm.stats import recompute_population_stats
-from helpers import TABLE5, batch_moments
+from helpers import TABLE5_ROWS, batch_moments
 
 from helpers import TABLE5_ROWS
 

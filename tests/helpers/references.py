@@ -5,7 +5,7 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["batch_moments", "bn_normalize", "bn_train", "bn_affine", "ema", "TABLE5_ROWS"]
+__all__ = ["batch_moments", "bn_normalize", "bn_train", "bn_affine", "ema", "numeric_grad", "TABLE5_ROWS"]
 
 #: rethinking Table 5 rows as (training statistics, population statistics, affine per domain)
 TABLE5_ROWS = {
