@@ -212,14 +212,15 @@ def convert_resnet_to_xbn(resnet: ResNet, options: XBNOptions) -> Dict[str, Batc
 
 
 def xbn_resnet(resnet: ResNet, position: int = 2, density: int = 1, norm_type: str = "GN", num_groups: int = 64,
-               eps: float = 1e-5, freeze_at: int = 0) -> ResNet:
+               eps: float = 1e-5, freeze_at: int = 0, stem_norm: str = "BFN") -> ResNet:
     """Plain-argument XBNBlock ResNet (LazyConfig, code): ``resnet`` (a detectron2 ``ResNet`` built with
     ``freeze_at=0``) with XBNBlocks (:func:`convert_resnet_to_xbn`, options as :class:`XBNOptions`), then frozen up
     to stage ``freeze_at`` so frozen stages include the batch-free norms.
 
-    ``L(xbn_resnet)(resnet=L(ResNet)(...), position=2, density=1, norm_type="GN", num_groups=64, freeze_at=2)``.
+    ``L(xbn_resnet)(resnet=L(ResNet)(...), position=2, density=1, norm_type="GN", num_groups=64, freeze_at=2,
+    stem_norm="BFN")``.
     """
-    options = XBNOptions(position, density, norm_type, num_groups, eps)
+    options = XBNOptions(position, density, norm_type, num_groups, eps, stem_norm)
     frozen = [n for n, p in resnet.named_parameters() if not p.requires_grad]
     if frozen:
         raise ValueError(f"xbn_resnet: build the inner ResNet with freeze_at=0 and pass freeze_at to xbn_resnet "
@@ -237,7 +238,8 @@ def build_xbn_resnet_backbone(cfg, input_shape):
     unfrozen.MODEL.BACKBONE.FREEZE_AT = 0  # freeze after the swap, so frozen stages include the BFNs
     with norm_options(cfg):
         resnet = build_resnet_backbone(unfrozen, input_shape)
-    return xbn_resnet(resnet, o.position, o.density, o.norm_type, o.num_groups, o.eps, cfg.MODEL.BACKBONE.FREEZE_AT)
+    return xbn_resnet(resnet, o.position, o.density, o.norm_type, o.num_groups, o.eps, cfg.MODEL.BACKBONE.FREEZE_AT,
+                      o.stem_norm)
 
 
 @BACKBONE_REGISTRY.register()
