@@ -173,7 +173,8 @@ class Context:
 
         ``init_checkpoint``: continue that training checkpoint (model, optimizer, scheduler, iteration) with
         ``train_net.py --resume`` in the new run directory, e.g. the same iteration-k state with and without
-        a change for the rest of the schedule."""
+        a change for the rest of the schedule. A run directory with a checkpoint but no finished record (an
+        interrupted training) is continued with ``--resume`` from its last checkpoint."""
         out = self.run_dir(run, seed, init_checkpoint)
         done = os.path.join(out, "run.json")
         with _RunLock(out):
@@ -201,6 +202,8 @@ class Context:
                 with open(os.path.join(out, "last_checkpoint"), "w") as f:
                     f.write(name)
             argv.append("--resume")
+        elif os.path.isfile(os.path.join(out, "last_checkpoint")):
+            argv.append("--resume")  # an interrupted training of this run: continue from its last checkpoint
         if run.num_gpus > 1:
             argv += ["--num-gpus", str(run.num_gpus)]
         argv += list(run.opts) + ["SEED", str(seed)] + self.data_opts() + ["OUTPUT_DIR", out]
