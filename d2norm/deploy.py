@@ -17,8 +17,8 @@ Graph patterns folded (the ones detectron2's builders produce):
   (e.g. detectron2's RetinaNet head subnets).
 
 A ``CenteredConv2d`` (mabn eq 18) centers its weight in forward; its folded weight is the centered weight times
-``scale``, whose per-output-channel mean is already 0, so the centering it still applies changes nothing (up to
-float rounding). A per-domain DomainBN folds when the domain is static: call ``fold_norms`` inside
+``scale``, so it is replaced by a plain convolution with that weight (centering it again would change nothing but
+cost a weight pass per forward). A per-domain DomainBN folds when the domain is static: call ``fold_norms`` inside
 ``domain_scope(k)``.
 """
 import logging
@@ -76,6 +76,28 @@ def _fold_into(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> Non
     conv.bias = nn.Parameter((b * s + t).to(w.dtype), requires_grad=conv.weight.requires_grad)
 
 
+def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """A plain convolution (detectron2 ``Conv2d`` keeps its activation) with ``conv``'s geometry, weight and bias:
+    a weight-centralized conv whose folded weight is already centered (see module docstring) need not center it
+    again in every forward."""
+    from detectron2.layers import Conv2d as D2Conv2d
+
+    geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                    bias=True, padding_mode=conv.padding_mode)
+    if isinstance(conv, D2Conv2d):
+        new = D2Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, norm=None,
+                       activation=conv.activation, **geometry)
+    else:
+        new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, **geometry)
+    new.weight, new.bias = conv.weight, conv.bias
+    return new.train(conv.training)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def fold_norms(model: nn.Module) -> ConversionReport:
     """Fold, in place, every fixed-affine norm of ``model`` (eval mode) into the convolution before it.
 
@@ -92,6 +114,8 @@ def fold_norms(model: nn.Module) -> ConversionReport:
         )
     from detectron2.layers import Conv2d as D2Conv2d
 
+    from .layers.mabn import WeightCentralized
+
     report = ConversionReport(target="fold_norms (into the preceding convolution)")
     handled = set()
     for name, mod in list(model.named_modules()):
@@ -105,6 +129,8 @@ def fold_norms(model: nn.Module) -> ConversionReport:
                 report.skipped[norm_name] = str(e)
                 continue
             mod.norm = None
+            if name and isinstance(mod, WeightCentralized):
+                _replace(model, name, _plain_conv(mod))
             report.converted[norm_name] = name
         elif isinstance(mod, nn.Sequential):
             children = list(mod.named_children())
@@ -128,6 +154,8 @@ def fold_norms(model: nn.Module) -> ConversionReport:
                     report.skipped[full] = str(e)
                     continue
                 setattr(mod, nname, nn.Identity())
+                if isinstance(conv, WeightCentralized):
+                    setattr(mod, cname, _plain_conv(conv))
                 report.converted[full] = f"{name}.{cname}" if name else cname
     for name, mod in model.named_modules():
         if _is_norm(mod) and id(mod) not in handled and name not in report.skipped:

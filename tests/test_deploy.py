@@ -108,6 +108,10 @@ def test_folded_detector_equals_unfolded(norm, meta):
     for name, m in folded.named_modules():
         if isinstance(m, Conv2d):
             assert m.norm is None or name + ".norm" in report.skipped, name
+    from d2norm.layers.mabn import WeightCentralized
+
+    # a folded weight-centralized conv became a plain conv (its folded weight is centered already)
+    assert not any(isinstance(m, WeightCentralized) for m in folded.backbone.modules())
     norm_type = type(model.backbone.bottom_up.stem.conv1.norm)
     assert not any(type(m) is norm_type for m in folded.backbone.modules()), "a backbone norm survived folding"
     if meta == "retinanet" and cfg.MODEL.RETINANET.NORM:
@@ -166,3 +170,21 @@ def test_fold_refuses_training_mode_and_dispatches_torch_norms():
         norm_inference_affine(nn.GroupNorm(1, 2))
     with pytest.raises(NotAnAffine, match="track_running_stats"):
         norm_inference_affine(nn.BatchNorm2d(2, track_running_stats=False))
+
+
+def test_sequential_centered_conv_mabn_becomes_a_plain_conv():
+    """MABN after a weight-centralized plain conv in an nn.Sequential (MABNRetinaNet's head subnets)."""
+    from d2norm.layers import MABN2d
+    from d2norm.layers.mabn import CenteredPlainConv2d
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(CenteredPlainConv2d(3, 6, 3, padding=1), MABN2d(6), nn.ReLU())
+    _randomize_norms(seq)
+    seq.eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        ref = seq(x)
+    report = fold_norms(seq)
+    assert report.converted == {"1": "0"} and type(seq[0]) is nn.Conv2d and isinstance(seq[1], nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(seq(x), ref, rtol=1e-5, atol=1e-5)

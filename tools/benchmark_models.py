@@ -164,7 +164,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--norms", nargs="*", default=None, help="registered names (default: all) besides BN")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best one counts")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds; the best one counts")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--fold", action="store_true", help="also time each model with its norms folded")
     p.add_argument("--json", default=None, metavar="PATH")
