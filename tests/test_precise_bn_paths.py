@@ -12,6 +12,7 @@
 References are float64 and written from the definitions, not from the code under test.
 """
 import copy
+import re
 
 import pytest
 import torch
@@ -186,3 +187,31 @@ def test_reused_layer_with_varying_calls_is_refused_naming_the_layer():
         recompute_population_stats(model, [x], num_samples=7, batch_size=2, exact_layerwise=True, progress=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def _varying_calls_worker(rank, world_size, data, state):
+    model = Reused(extra_call_if_odd=True)
+    model.load_state_dict(state)
+    # 7 samples, B=2: rank 0 forwards batches of 2 and 2, rank 1 of 2 and 1 (only rank 1 sees the extra call)
+    mine = data[:4] if rank == 0 else data[4:]
+    try:
+        recompute_population_stats(model, [mine], num_samples=7, batch_size=2, exact_layerwise=True,
+                                   progress=False)
+    except ValueError as e:
+        return {"error": str(e), "unchanged": all(torch.equal(v, state[k]) for k, v in model.state_dict().items())}
+    return {"error": None}
+
+
+def test_reused_layer_with_varying_calls_on_one_rank_fails_on_every_rank():
+    from dist_utils import run_distributed
+
+    model = Reused(extra_call_if_odd=True)
+    state = copy.deepcopy(model.state_dict())
+    # a rank left waiting in a collective would make the group time out (DistributedTestError), not raise this
+    results = run_distributed(_varying_calls_worker, world_size=2, args=(_data(7, seed=2), state), timeout=30)
+    for r in results:
+        assert r["error"] is not None
+        assert re.search(r"layer 'a' was called 3 time\(s\) in the forward of batch 1 of rank 1 .*but 2 time\(s\)",
+                         r["error"]), r["error"]
+        assert r["unchanged"]
+    assert results[0]["error"] == results[1]["error"]

@@ -338,10 +338,19 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
             a = adapters[n]
             for j in js:
                 a.unit_modes[j] = "record"
+            mismatch = None
             for b in described(batches):
                 set_torch_rng_state(rng)  # same random choices (e.g. RoI sampling) in every pass
                 if _forward_checked(net, b, adapters, forward_fn, current):
-                    _check_calls(adapters, calls)
+                    mismatch = _call_mismatch(adapters, calls)
+                    if mismatch:
+                        break
+            # every rank learns of a mismatch on any rank before the collective below, so all raise the
+            # same error instead of the others waiting in the all-reduce until it times out
+            if group_world_size(group) > 1:
+                mismatch = next((m for m in comm.all_gather(mismatch, group=group) if m), None)
+            if mismatch:
+                raise ValueError(mismatch)
             all_reduce_accumulators_([acc for j in js for acc in a.unit_accs[j]], group)
             for j in js:
                 # later calls normalize call j with its population statistics (mean, biased variance), i.e.
@@ -359,12 +368,15 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
             a.unit_estimates = {}
 
 
-def _check_calls(adapters, calls) -> None:
+def _call_mismatch(adapters, calls) -> Optional[str]:
+    """The error message for the first layer called a different number of times than in the first batch's
+    forward, or None."""
     for n, a in adapters.items():
         if a.forward_calls != calls[n]:
-            raise ValueError(
+            return (
                 f"PreciseBN exact layer-wise (D2NORM.PRECISE_BN.EXACT_LAYERWISE): layer {n!r} was called "
                 f"{a.forward_calls} time(s) in the forward of {a.current_batch()} but {calls[n]} time(s) in the "
                 f"first batch's forward; exact estimation pairs the j-th call of every forward (rethinking A.3) "
                 f"and needs the same calls in every forward. Use the non-exact pass (EXACT_LAYERWISE False)."
             )
+    return None
