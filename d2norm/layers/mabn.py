@@ -205,7 +205,7 @@ class MABN2d(nn.Module, D2NormModule):
     @classmethod
     def from_config(cls, cfg, channels: int) -> dict:
         """Constructor kwargs of ``NORM: "MABN"`` from
-        ``D2NORM.MABN.{BUFFER_SIZE, MOMENTUM, CLIP, WARMUP_ITERS, EPS}``."""
+        ``D2NORM.MABN.{BUFFER_SIZE, MOMENTUM, CLIP, WARMUP_ITERS, EPS, SCHEDULE}``."""
         c = cfg.D2NORM.MABN
         return dict(
             num_features=channels,

@@ -43,7 +43,7 @@ the population statistics that match SGD training are:
   call from that level's batch statistics (the "standard implementation"; each call is one batch).
 
 The EMA during training follows these rules on the *training* path (with ``SYNC`` the statistics are
-global). A PreciseBN pass (``d2norm.stats.adapters.DomainBNAdapter``, routing the layer's ``forward_domains``:
+global). A PreciseBN pass (``d2norm.layers.domain_bn.DomainBNAdapter``, routing the layer's ``forward_domains``:
 the head always calls ``module.forward_domains(xs)`` through the instance, so an instance-level patch takes
 effect) computes them on the *inference* path (rethinking Table 5 / Alg. 1; upstream
 ``projects/Rethinking-BatchNorm/retinanet-eval-domain-specific.py`` runs PreciseBN on the per-level model):
