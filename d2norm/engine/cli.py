@@ -267,15 +267,11 @@ def prepare_dataset(cfg, name: str) -> str:
     return name
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def load_model(cfg, weights: Optional[str] = None, return_checkpoint: bool = False):
     """``build_model(cfg)`` in training mode with ``weights`` (default ``cfg.MODEL.WEIGHTS``) loaded by
     detectron2's ``DetectionCheckpointer``; :class:`ToolError` when the checkpoint is missing or unreadable.
     With ``return_checkpoint``: ``(model, the checkpoint's other entries, e.g. "iteration")``."""
-    from .checkpoint import CheckpointMismatchError, D2NormCheckpointer
+    from .checkpoint import CheckpointMismatchError, D2NormCheckpointer, _is_remote
     from ..layers import build_model
 
     weights = weights if weights is not None else cfg.MODEL.WEIGHTS
