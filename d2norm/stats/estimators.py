@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..layers.base import stat_dtype
+from ..utils.validation import check_choice
 
 __all__ = [
     "ESTIMATORS",
@@ -48,11 +49,7 @@ _ACC = torch.float64
 
 
 def check_estimator(estimator) -> str:
-    if estimator not in ESTIMATORS:
-        raise ValueError(
-            f"PreciseBN estimator must be one of {ESTIMATORS} (D2NORM.PRECISE_BN.ESTIMATOR), got {estimator!r}"
-        )
-    return estimator
+    return check_choice("PreciseBN estimator", estimator, ESTIMATORS, note=" (D2NORM.PRECISE_BN.ESTIMATOR)")
 
 
 @dataclass
