@@ -7,7 +7,7 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
 from ...stats import ESTIMATORS, NONFINITE_POLICIES, population_stat_layers, recompute_population_stats
-from ...utils.validation import check_bool, check_int
+from ...utils.validation import check_bool, check_choice, check_int
 from .common import build_d2norm_train_loader
 
 __all__ = ["PreciseBNHook", "check_precise_bn_cfg", "build_precise_bn_hook", "build_precise_bn_loader"]
@@ -24,10 +24,8 @@ def check_precise_bn_cfg(cfg) -> None:
               note=" (-1 = TEST.EVAL_PERIOD, 0 = only after the last iteration)")
     for key in ("NUM_SAMPLES", "BATCH_SIZE"):
         check_int(f"D2NORM.PRECISE_BN.{key}", c[key], minimum=1)
-    if c.ESTIMATOR not in ESTIMATORS:
-        raise ValueError(f"D2NORM.PRECISE_BN.ESTIMATOR must be one of {ESTIMATORS}, got {c.ESTIMATOR!r}")
-    if c.NONFINITE not in NONFINITE_POLICIES:
-        raise ValueError(f"D2NORM.PRECISE_BN.NONFINITE must be one of {NONFINITE_POLICIES}, got {c.NONFINITE!r}")
+    check_choice("D2NORM.PRECISE_BN.ESTIMATOR", c.ESTIMATOR, ESTIMATORS)
+    check_choice("D2NORM.PRECISE_BN.NONFINITE", c.NONFINITE, NONFINITE_POLICIES)
     if c.ENABLED and cfg.TEST.PRECISE_BN.ENABLED:
         raise ValueError(
             "TEST.PRECISE_BN.ENABLED (detectron2's PreciseBN) and D2NORM.PRECISE_BN.ENABLED are both True: "
