@@ -19,7 +19,7 @@ from ..layers.frozen import freeze_bn_layers
 
 __all__ = ["D2NormCheckpointer", "atomic_write", "write_checkpoint", "NonFiniteCheckpointError",
            "CheckpointMismatchError", "ParameterLoadReport", "TRAINING_CHECKPOINT_NAME", "unloaded_statistics",
-           "report_unloaded_statistics"]
+           "report_unloaded_statistics", "is_remote"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class D2NormCheckpointer(DetectionCheckpointer):
         return self._load_file(filename)
 
     def resume_or_load(self, path: str, *, resume: bool = True):
-        if not (resume and self.has_checkpoint()) or _is_remote(self.save_dir):
+        if not (resume and self.has_checkpoint()) or is_remote(self.save_dir):
             return super().resume_or_load(path, resume=resume)
         unreadable = []
         for candidate in self._resume_candidates():
@@ -200,7 +200,7 @@ class D2NormCheckpointer(DetectionCheckpointer):
 
     # ---- writing ---------------------------------------------------------------------------------------------
     def save(self, name: str, **kwargs) -> None:
-        if _is_remote(self.save_dir):
+        if is_remote(self.save_dir):
             return super().save(name, **kwargs)
         if not self.save_dir or not self.save_to_disk:
             return
@@ -212,12 +212,14 @@ class D2NormCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(os.path.basename(path))
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        if _is_remote(self.save_dir):
+        if is_remote(self.save_dir):
             return super().tag_last_checkpoint(last_filename_basename)
         atomic_write(os.path.join(self.save_dir, "last_checkpoint"), lambda f: f.write(last_filename_basename.encode()))
 
 
-def _is_remote(path: str) -> bool:
+def is_remote(path: str) -> bool:
+    """True for a URL-like path (``scheme://...``: fvcore's PathManager handlers), which is not checked or written
+    as a local file."""
     return "://" in (path or "")
 
 

@@ -271,13 +271,13 @@ def load_model(cfg, weights: Optional[str] = None, return_checkpoint: bool = Fal
     """``build_model(cfg)`` in training mode with ``weights`` (default ``cfg.MODEL.WEIGHTS``) loaded by
     detectron2's ``DetectionCheckpointer``; :class:`ToolError` when the checkpoint is missing or unreadable.
     With ``return_checkpoint``: ``(model, the checkpoint's other entries, e.g. "iteration")``."""
-    from .checkpoint import CheckpointMismatchError, D2NormCheckpointer, _is_remote
+    from .checkpoint import CheckpointMismatchError, D2NormCheckpointer, is_remote
     from ..layers import build_model
 
     weights = weights if weights is not None else cfg.MODEL.WEIGHTS
     if not weights:
         raise ToolError("no checkpoint given: pass --weights CKPT (or set MODEL.WEIGHTS)")
-    if not _is_remote(weights) and not os.path.isfile(weights):
+    if not is_remote(weights) and not os.path.isfile(weights):
         raise ToolError(f"checkpoint not found: {weights!r}")
     model = build_model(cfg)
     try:
