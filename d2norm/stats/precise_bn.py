@@ -22,7 +22,8 @@ detectron2's ``hooks.PreciseBN``:
 * ``exact_layerwise`` (A.3): the calls of the layers are estimated in call order, each in a pass in which all
   earlier calls normalize with their exact population statistics (a layer called several times per forward:
   each call with its own population, the written statistics pooled over its calls), which equals forwarding
-  the whole population as one batch; forwards calling a layer a different number of times are refused (on every rank, with the same error).
+  the whole population as one batch; forwards calling a layer a different number of times are refused (on every
+  rank, with the same error).
 """
 import itertools
 import logging
