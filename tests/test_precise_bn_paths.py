@@ -202,6 +202,7 @@ def _varying_calls_worker(rank, world_size, data, state):
     return {"error": None}
 
 
+@pytest.mark.slow
 def test_reused_layer_with_varying_calls_on_one_rank_fails_on_every_rank():
     from dist_utils import run_distributed
 
