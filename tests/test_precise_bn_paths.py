@@ -24,8 +24,6 @@ from d2norm.layers.domain_bn import DomainBatchNorm2d
 from d2norm.stats import recompute_population_stats
 from helpers import TABLE5_ROWS, batch_moments
 
-from helpers import TABLE5_ROWS
-
 K, C, EPS = 3, 4, 1e-5
 ROWS = TABLE5_ROWS  # Table 5 rows: (TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN)
 
