@@ -237,3 +237,18 @@ def test_lazyconfig_train_net_two_processes_cli(tmp_path):
     assert "World size: 2" in out and "copypaste: Task: bbox" in out and "copypaste: Task: segm" in out
     ckpt = torch.load(tmp_path / "out" / "model_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["iteration"] == 1
+
+
+def test_lazyconfig_train_net_bad_config_is_one_error_line(tmp_path):
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    tool = os.path.join(ROOT, "tools", "lazyconfig_train_net.py")
+    missing = str(tmp_path / "nope.py")
+    proc = subprocess.run([sys.executable, tool, "--config-file", missing], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2 and f"error: config file {missing!r} not found" in proc.stderr
+    path = os.path.join(ROOT, "configs", "lazy", "cpu", "mask_rcnn_R18_BNhead.py")
+    proc = subprocess.run([sys.executable, tool, "--config-file", path, "train.d2norm.PRECISE_BN.ENABLD=True"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "error: config" in proc.stderr and "ENABLD" in proc.stderr

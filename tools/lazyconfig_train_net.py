@@ -14,6 +14,7 @@ Overrides are ``key=value`` (detectron2's LazyConfig.apply_overrides), e.g. ``tr
 ``train.d2norm.PRECISE_BN.ENABLED=True``.
 """
 import logging
+import os
 
 import d2norm  # noqa: F401  (compat + registrations before detectron2 is used)
 from detectron2.config import LazyConfig
@@ -23,16 +24,29 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2norm.data import prepare_datasets
-from d2norm.engine.cli import launch_main
+from d2norm.engine.cli import ToolError, launch_main
 from d2norm.engine.checkpoint import D2NormCheckpointer
 from d2norm.engine.lazy import LazyTrainer, bridge_cfg, build_lazy_model, lazy_test
 
 logger = logging.getLogger("d2norm")
 
 
+def load_lazy_cfg(config_file, opts=()):
+    """The LazyConfig with ``key=value`` overrides; a missing or broken file / bad override is a ToolError."""
+    if not os.path.isfile(config_file):
+        raise ToolError(f"config file {config_file!r} not found")
+    try:
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+        bridge_cfg(cfg)
+    except ToolError:
+        raise
+    except Exception as e:
+        raise ToolError(f"config {config_file!r} (overrides {list(opts)}): {type(e).__name__}: {e}") from None
+    return cfg
+
+
 def main(args):
-    cfg = LazyConfig.load(args.config_file)
-    return run(LazyConfig.apply_overrides(cfg, args.opts), args)
+    return run(load_lazy_cfg(args.config_file, args.opts), args)
 
 
 def run(cfg, args):
@@ -56,4 +70,4 @@ def run(cfg, args):
 
 
 if __name__ == "__main__":
-    launch_main(main)
+    launch_main(main, check_config=load_lazy_cfg)

@@ -116,16 +116,19 @@ def _distributed_entry(fn, args) -> None:
         raise SystemExit(2)
 
 
-def launch_main(main: Callable[[argparse.Namespace], Any], argv=None, parser=None) -> None:
+def launch_main(main: Callable[[argparse.Namespace], Any], argv=None, parser=None,
+                check_config: Optional[Callable[[str, Sequence[str]], Any]] = None) -> None:
     """detectron2's training-tool entry point (tools/train_net.py, tools/lazyconfig_train_net.py): parse
-    detectron2's ``default_argument_parser`` (or ``parser``, e.g. one extended with a tool's own flags) and run
-    ``main(args)`` on ``--num-gpus`` processes per machine through detectron2's ``launch`` (gloo on CPU)."""
+    detectron2's ``default_argument_parser`` (or ``parser``, e.g. one extended with a tool's own flags), check the
+    config and its overrides with ``check_config(config_file, opts)`` (default: the yacs :func:`read_cfg`; it
+    raises :class:`ToolError`) and run ``main(args)`` on ``--num-gpus`` processes per machine through
+    detectron2's ``launch`` (gloo on CPU)."""
     from detectron2.engine import default_argument_parser, launch
 
     args = (parser or default_argument_parser()).parse_args(argv)
     print("Command Line Args:", args)
     try:  # a missing / corrupt config or a bad override: one error line and exit code 2, before any process
-        read_cfg(args.config_file, args.opts)
+        (check_config or read_cfg)(args.config_file, args.opts)
     except ToolError as e:
         _report(e)
         raise SystemExit(2)
