@@ -261,8 +261,10 @@ def test_example_weighing_end_to_end_tiny(tmp_path):
     assert "--opts" in rec["command"] and rec["wall_s"] > 0
     for b in (2, 4):
         aps = [rec["conditions"][f"B={b} α={a:g}"]["ap"][0] for a in (0.05, 0.1, 0.2, 0.5, 1)]
-        assert all(0.0 <= a <= 100.0 for a in aps)
-        assert rec["conditions"][f"B={b} best α>0"]["ap"][0] == max(aps)
+        # NaN = COCOEvaluator's "no predictions" (a 4-iteration model at α=1 can have none, e.g. on detectron2 main)
+        scored = [a for a in aps if a == a]
+        assert scored and all(0.0 <= a <= 100.0 for a in scored)
+        assert rec["conditions"][f"B={b} best α>0"]["ap"][0] == max(scored)
     assert len(rec["details"]["trainings"]) == 2
     assert os.path.getsize(tmp_path / "res" / "example_weighing.png") > 1000
     assert "[example_weighing] verdict: inconclusive" in p.stdout
