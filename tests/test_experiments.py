@@ -321,7 +321,8 @@ def test_continue_a_checkpoint_with_and_without_the_frozen_bn_switch(tmp_path):
                                  "2", "D2NORM.PRECISE_BN.NUM_SAMPLES", "4"), 0, init_checkpoint=ckpt)
     for t in (cont, sw):
         log = open(os.path.join(t["dir"], "log.txt")).read()
-        assert "Starting training from iteration 2" in log and 0.0 <= t["ap"] <= 100.0
+        # NaN = COCOEvaluator's "no predictions" after a few iterations (seen on detectron2 main)
+        assert "Starting training from iteration 2" in log and (t["ap"] != t["ap"] or 0.0 <= t["ap"] <= 100.0)
     assert "FrozenBN switch at iteration 2" in open(os.path.join(sw["dir"], "log.txt")).read()
     assert "FrozenBN switch" not in open(os.path.join(cont["dir"], "log.txt")).read()
     assert ctx.train(run.with_opts("cont"), 0, init_checkpoint=ckpt) == cont  # reused, not retrained
