@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser
 
 import d2norm

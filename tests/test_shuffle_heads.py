@@ -4,7 +4,6 @@ of the head (conv → BN with the share's batch statistics → ReLU ..., written
 to each share, un-permuted. Outputs, input gradients of every rank, parameter gradients (summed over ranks, as
 data parallelism does) and each rank's EMA buffers are compared; uneven, empty and all-empty ranks; the permutation
 comes from rank 0 even when ranks' generators differ. Single process: exactly the stock head."""
-import copy
 
 import pytest
 import torch

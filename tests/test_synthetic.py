@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from d2norm.data import CLASSES, SyntheticSpec, check_datasets_exist, ensure_synthetic_dataset, register_synthetic_dataset

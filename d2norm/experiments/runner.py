@@ -10,7 +10,6 @@ back from detectron2's ``copypaste:`` log lines or the tools' JSON reports.
 import hashlib
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys

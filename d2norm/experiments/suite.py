@@ -4,7 +4,7 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from .core import Experiment, mean_std, result_record
 from .runner import Context
