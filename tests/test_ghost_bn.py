@@ -141,3 +141,17 @@ def test_registry_options_from_cfg(d2cfg):
     assert isinstance(a, GhostBatchNorm2d) and isinstance(b, GhostBatchNorm2d)
     assert (a.ghost_size, a.eps) == (16, 1e-5)
     assert (b.ghost_size, b.eps) == (5, 1e-3)
+
+
+def test_training_normalization_batch_is_the_ghost_size_other_layers_none():
+    """The B of EvalNorm's 1/B² rule for a converted layer (evalnorm §3.3): GhostBN fixes it (four-things eq 4),
+    BN-derived layers trained on the whole per-process batch say None."""
+    from d2norm.layers import NORM_REGISTRY, AnySyncBatchNorm2d, D2NormModule, ExampleWeightedBatchNorm2d
+
+    assert GhostBatchNorm2d(8, ghost_size=3).training_normalization_batch() == 3
+    assert GhostBatchNorm2d(8, ghost_size=16).training_normalization_batch() == 16
+    for cls in (AnySyncBatchNorm2d, ExampleWeightedBatchNorm2d):
+        assert cls(8).training_normalization_batch() is None
+    overriding = {n for n, cls in NORM_REGISTRY
+                  if cls.training_normalization_batch is not D2NormModule.training_normalization_batch}
+    assert overriding == {"GhostBN"}

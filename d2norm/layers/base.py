@@ -43,7 +43,8 @@ class D2NormModule:
     * Parameters named in :attr:`no_weight_decay` (e.g. EvalNorm's α̂, β̂) get no weight decay at all.
     * :meth:`from_config` (registry), :meth:`stats_adapter` (PreciseBN, BN monitor), :meth:`estimated_stats` and
       :meth:`stats_slot` (statistics probes), :meth:`frozen_bn_state` (FrozenBN switch), :meth:`inference_affine`
-      (folding), :attr:`bn_state_keys` (``convert_norm``). Modules that are not d2norm layers (torch's and
+      (folding), :attr:`bn_state_keys` (``convert_norm``), :meth:`training_normalization_batch` (EvalNorm's 1/B²
+      rule). Modules that are not d2norm layers (torch's and
       detectron2's norms) are handled by each consumer's default for them.
     """
 
@@ -88,6 +89,12 @@ class D2NormModule:
         needs a layer trained with per-channel batch statistics whose inference is BN with per-channel population
         statistics (its BN state carries over). Otherwise the reason it cannot be converted."""
         return f"{type(self).__name__} has no per-channel BN population statistics to mix sample statistics with"
+
+    def training_normalization_batch(self) -> Optional[int]:
+        """The number of examples one training statistic of this layer is computed over when the layer fixes
+        it (GhostBN: its ghost size, four-things eq 4), or ``None`` when it is the per-process training batch.
+        The B of EvalNorm's 1/B² rule (evalnorm §3.3) and of its offline fit batch (§3.4)."""
+        return None
 
     def inference_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(scale, shift)``, float tensors of shape (C,), such that the eval-mode forward of this layer is

@@ -74,6 +74,9 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
         self.ghost_size = int(ghost_size)
         self.remainder = remainder
 
+    def training_normalization_batch(self) -> int:
+        return self.ghost_size
+
     def extra_repr(self):
         return super().extra_repr() + f", ghost_size={self.ghost_size}, remainder={self.remainder!r}"
 
