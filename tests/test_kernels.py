@@ -1,5 +1,8 @@
-"""Fast per-sample-statistics primitives (d2norm/layers/kernels.py) and the layers' fast paths, against
-float64 references written from the definitions (mean, biased variance, affine), in every memory layout."""
+"""Fast per-sample-statistics primitives (d2norm/layers/kernels.py, d2norm/layers/native.py) and the layers'
+fast paths, against float64 references written from the definitions (mean, biased variance, affine), in every
+memory layout — each test once with the native moments kernel and once with the GroupNorm route."""
+import shutil
+
 import pytest
 import torch
 
@@ -12,7 +15,61 @@ from d2norm.layers import (
     GhostBatchNorm2d,
 )
 from d2norm.layers.evalnorm import _AffineL1Mean
+from d2norm.layers import kernels
 from d2norm.layers.kernels import channel_affine, group_moments
+from d2norm.layers.native import native_status, row_affine, row_moments
+
+
+@pytest.fixture(autouse=True, params=["native", "groupnorm"])
+def moments_route(request, monkeypatch):
+    """Every test of this module with both CPU routes: the native kernels, and torch's GroupNorm / BN kernels."""
+    if request.param == "groupnorm":
+        monkeypatch.setattr(kernels, "row_moments", lambda x: None)
+        monkeypatch.setattr(kernels, "row_affine", lambda x, s, b: None)
+    elif shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the native kernel cannot be built here (the GroupNorm route is tested)")
+    else:
+        assert native_status() == "ok", native_status()
+    return request.param
+
+
+def test_native_row_moments_is_the_two_pass_definition_and_refuses_what_it_cannot_do(moments_route):
+    if moments_route != "native":
+        return
+    g = torch.Generator().manual_seed(11)
+    for rows, n in ((5, 1), (7, 49), (3, 255), (3, 256), (2, 3137)):  # tails of every lane width; K=8 / K=32
+        for dtype in (torch.float64, torch.float32):
+            x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 0.5 + 1e3).to(dtype)
+            mean, var = row_moments(x)
+            assert mean.dtype == var.dtype == dtype and mean.shape == var.shape == (rows,)
+            x64 = x.double()
+            rmean = x64.mean(1)
+            rvar = (x64 - rmean[:, None]).square().mean(1)
+            tol = 1e-14 if dtype == torch.float64 else 1e-6  # float32: only the final rounding to float32
+            torch.testing.assert_close(mean.double(), rmean, rtol=tol, atol=0)
+            torch.testing.assert_close(var.double(), rvar, rtol=tol, atol=1e-300)
+    assert row_moments(torch.ones(3, 4).t()) is None  # not contiguous
+    assert row_moments(torch.ones(3, 0)) is None
+    assert row_moments(torch.ones(3, 4, dtype=torch.float16)) is None
+    assert row_moments(torch.ones(2, 3, 4)) is None
+
+
+def test_native_row_affine_is_the_definition(moments_route):
+    if moments_route != "native":
+        return
+    g = torch.Generator().manual_seed(12)
+    for rows, n in ((5, 1), (7, 49), (2, 3137)):
+        for dtype in (torch.float64, torch.float32):
+            x, s, b = (torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+                       for shape in ((rows, n), (rows,), (rows,)))
+            y = row_affine(x, s, b)
+            ref = x.double() * s.double()[:, None] + b.double()[:, None]
+            tol = 1e-15 if dtype == torch.float64 else 3e-7  # one or two roundings
+            torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    x = torch.ones(3, 4)
+    assert row_affine(x, torch.ones(2), torch.ones(2)) is None  # one coefficient per row
+    assert row_affine(x, torch.ones(3, dtype=torch.float64), torch.ones(3)) is None  # dtypes differ
+    assert row_affine(x.t(), torch.ones(4), torch.ones(4)) is None  # not contiguous
 
 
 def _x(shape, seed=0, dtype=torch.float64):
