@@ -15,9 +15,10 @@ from d2norm.layers import (
     GhostBatchNorm2d,
 )
 from d2norm.layers.evalnorm import _AffineL1Mean
+from d2norm.layers import evalnorm as evalnorm_module
 from d2norm.layers import kernels
 from d2norm.layers.kernels import channel_affine, group_moments
-from d2norm.layers.native import native_status, row_affine, row_moments
+from d2norm.layers.native import native_status, row_affine, row_affine_l1, row_moments
 
 
 @pytest.fixture(autouse=True, params=["native", "groupnorm"])
@@ -26,6 +27,7 @@ def moments_route(request, monkeypatch):
     if request.param == "groupnorm":
         monkeypatch.setattr(kernels, "row_moments", lambda x: None)
         monkeypatch.setattr(kernels, "row_affine", lambda x, s, b: None)
+        monkeypatch.setattr(evalnorm_module, "row_affine_l1", lambda x, a, b: None)
     elif shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the native kernel cannot be built here (the GroupNorm route is tested)")
     else:
@@ -70,6 +72,29 @@ def test_native_row_affine_is_the_definition(moments_route):
     assert row_affine(x, torch.ones(2), torch.ones(2)) is None  # one coefficient per row
     assert row_affine(x, torch.ones(3, dtype=torch.float64), torch.ones(3)) is None  # dtypes differ
     assert row_affine(x.t(), torch.ones(4), torch.ones(4)) is None  # not contiguous
+
+
+def test_native_row_affine_l1_is_the_definition(moments_route):
+    """Σ|x·a + b|, Σ sign(·), Σ sign(·)·x per row (evalnorm eq 9's term and its gradient statistics), with exact
+    zeros of t (sign 0) included."""
+    if moments_route != "native":
+        return
+    g = torch.Generator().manual_seed(13)
+    for rows, n in ((5, 1), (7, 49), (2, 3137)):
+        for dtype in (torch.float64, torch.float32):
+            x = torch.randn(rows, n, generator=g, dtype=torch.float64).to(dtype)
+            a = torch.randn(rows, generator=g, dtype=torch.float64).to(dtype)
+            b = torch.randn(rows, generator=g, dtype=torch.float64).to(dtype)
+            x[0, 0], a[0], b[0] = 2.0, 0.5, -1.0  # t = 0 exactly
+            out = row_affine_l1(x, a, b)
+            x64, a64, b64 = x.double(), a.double(), b.double()
+            t = x64 * a64[:, None] + b64[:, None]
+            ref = (t.abs().sum(1), t.sign().sum(1), (t.sign() * x64).sum(1))
+            tol = 1e-12 if dtype == torch.float64 else 1e-5
+            for got, want in zip(out, ref):
+                assert got.dtype == dtype and got.shape == (rows,)
+                torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert row_affine_l1(torch.ones(3, 4), torch.ones(2), torch.ones(2)) is None
 
 
 def _x(shape, seed=0, dtype=torch.float64):

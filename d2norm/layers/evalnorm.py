@@ -27,6 +27,7 @@ from torch import nn
 
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .kernels import channel_affine, group_moments
+from .native import row_affine_l1
 from ..utils.validation import check_choice, check_int, check_number
 from .registry import register_norm
 
@@ -74,8 +75,22 @@ class _AffineL1Mean(torch.autograd.Function):
         x = x.to(a.dtype).contiguous()
         x2 = x.view(x.shape[0] * x.shape[1], -1)
         a1, b1 = a.reshape(-1, 1), b.reshape(-1, 1)
+        fused = row_affine_l1(x2, a1.detach(), b1.detach())  # CPU: the native one-pass kernel
+        if fused is not None:
+            abs_sum, s1, s2 = fused
+            loss = abs_sum.sum()
+        else:
+            loss, s1, s2 = _AffineL1Mean._chunked(x2, a1, b1)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ctx.save_for_backward(s2.view_as(a), s1.view_as(a))
+        ctx.n = n
+        return loss / n
+
+    @staticmethod
+    def _chunked(x2, a1, b1):
+        """(Σ|t|, S₁, S₂) over rows of ``x2`` in cache-sized chunks of torch ops (CUDA, or no native kernel)."""
         rows = max(1, _AffineL1Mean.chunk_elements // max(x2.shape[1], 1))
-        loss = x.new_zeros(())
+        loss = x2.new_zeros(())
         s1, s2 = torch.empty_like(a1[:, 0]), torch.empty_like(a1[:, 0])
         for r in range(0, x2.shape[0], rows):
             xc = x2[r : r + rows]
@@ -84,10 +99,7 @@ class _AffineL1Mean(torch.autograd.Function):
             loss += torch.linalg.vecdot(sg.view(-1), t.view(-1))  # Σ sign(t)·t = Σ |t|
             s1[r : r + rows] = sg.sum(1)
             s2[r : r + rows] = torch.linalg.vecdot(sg, xc)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            ctx.save_for_backward(s2.view_as(a), s1.view_as(a))
-        ctx.n = n
-        return loss / n
+        return loss, s1, s2
 
     @staticmethod
     def backward(ctx, grad):
