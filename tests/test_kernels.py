@@ -69,7 +69,7 @@ def test_native_row_affine_is_the_definition(moments_route):
             tol = 1e-15 if dtype == torch.float64 else 3e-7  # one or two roundings
             torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
     x = torch.ones(3, 4)
-    assert row_affine(x, torch.ones(2), torch.ones(2)) is None  # one coefficient per row
+    assert row_affine(x, torch.ones(5), torch.ones(5)) is None  # 5 rows do not divide 12 elements
     assert row_affine(x, torch.ones(3, dtype=torch.float64), torch.ones(3)) is None  # dtypes differ
     assert row_affine(x.t(), torch.ones(4), torch.ones(4)) is None  # not contiguous
 
@@ -217,3 +217,52 @@ def test_float32_fast_paths_equal_the_float64_layer_in_every_layout(name, traini
             torch.testing.assert_close(m32.weight.grad.double(), m64.weight.grad, rtol=1e-3, atol=1e-3)
         m64.zero_grad()
         x64.grad = None
+
+
+def _group_coeffs(weight, bias, eps=1e-5):
+    """(scale, shift) (N, C) of per-(sample, group) normalization with a per-channel affine."""
+    def coeffs(mu, var):
+        n, g = mu.shape
+        cpg = weight.shape[0] // g
+        r = torch.rsqrt(var + eps).repeat_interleave(cpg, 1)
+        scale = r * weight
+        return scale, bias - mu.repeat_interleave(cpg, 1) * scale
+    return coeffs
+
+
+@pytest.mark.parametrize("groups", [6, 2])
+def test_normalize_by_own_moments_value_and_gradients_equal_the_definition(groups):
+    """y = (x − μ_i)/σ_i·γ + β per (sample, group): value against float64 formula, gradients of x, γ, β by
+    gradcheck (float64), with both routes (the fused native backward and autograd of the torch route)."""
+    g = torch.Generator().manual_seed(14)
+    x = _x((3, 6, 4, 5), seed=15).requires_grad_()
+    w = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(6, generator=g, dtype=torch.float64).requires_grad_()
+    y, mu, var = kernels.normalize_by_own_moments(x, groups, _group_coeffs(w, b))
+    rmu, rvar = _ref_moments(x.detach(), groups)
+    xr = x.detach().reshape(3, groups, -1)
+    ref = ((xr - rmu[..., None]) / torch.sqrt(rvar[..., None] + 1e-5)).reshape(x.shape)
+    ref = ref * w.detach()[None, :, None, None] + b.detach()[None, :, None, None]
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mu, rmu, rtol=1e-12, atol=1e-12)
+    torch.autograd.gradcheck(lambda t, ww, bb: kernels.normalize_by_own_moments(t, groups, _group_coeffs(ww, bb))[0],
+                             (x, w, b))
+    # only the statistics used (the output ignored): the input gradient is the moments' part alone
+    xg = x.detach().clone().requires_grad_()
+    _, mu2, var2 = kernels.normalize_by_own_moments(xg, groups, _group_coeffs(w.detach(), b.detach()))
+    (mu2.sum() + 2 * var2.sum()).backward()
+    m = x[0, : 6 // groups].numel()
+    expect = (1.0 / m + 2 * 2.0 * (x.detach().reshape(3, groups, -1) - rmu[..., None]) / m).reshape(x.shape)
+    torch.testing.assert_close(xg.grad, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_normalize_by_own_moments_refuses_coefficients_cut_from_the_moments(moments_route):
+    x = _x((2, 4, 3, 3)).requires_grad_()
+    cut = lambda mu, var: (torch.ones(2, 4, dtype=x.dtype), torch.zeros(2, 4, dtype=x.dtype))  # noqa: E731
+    if moments_route == "native":  # its input gradient would be lost: refused
+        with pytest.raises(ValueError, match="differentiable"):
+            kernels.normalize_by_own_moments(x, 4, cut)
+    else:  # the torch route differentiates through the affine alone
+        y, _, _ = kernels.normalize_by_own_moments(x, 4, cut)
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, torch.ones_like(x))

@@ -17,7 +17,7 @@ from ..stats.estimators import batch_moments
 from ..utils.validation import check_int, check_number
 from .base import D2NormModule, NotAnAffine, affine_from_stats, check_input_channels, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .ghost_bn import ghost_batch_sizes
-from .kernels import channel_affine, group_moments
+from .kernels import channel_affine, group_moments, normalize_by_own_moments
 from .registry import register_norm
 
 __all__ = ["BatchGroupNorm", "example_group_sizes"]
@@ -182,15 +182,23 @@ class BatchGroupNorm(nn.Module, D2NormModule):
             m, var = self._population_moments(sd)
             return self._normalize(x, m.unsqueeze(0), var.unsqueeze(0), xs)
 
+        if self.training:
+            # Per-example statistics of each channel group (N, G), pooled over each example group; one fused
+            # moments + normalize (layers/kernels.py).
+            sizes = example_group_sizes(x.shape[0], self.example_group_size)
+
+            def coeffs(mu_i, var_i):
+                mean = _example_group_average(mu_i, sizes)
+                var = _example_group_average(var_i + (mu_i - mean) ** 2, sizes)
+                return self._scale_shift(mean, var)
+
+            y, mu_i, var_i = normalize_by_own_moments(xs, self.num_groups, coeffs)
+            self._update_moving_stats(mu_i.detach(), var_i.detach())
+            return y.to(x.dtype)
+
         # Per-example statistics of each channel group: (N, G). One reduction pass over x.
         mu_i, var_i = group_moments(xs, self.num_groups)
-
-        if self.training:
-            sizes = example_group_sizes(x.shape[0], self.example_group_size)
-            mean = _example_group_average(mu_i, sizes)
-            var = _example_group_average(var_i + (mu_i - mean) ** 2, sizes)
-            self._update_moving_stats(mu_i.detach(), var_i.detach())
-        elif self.alpha == 1.0:
+        if self.alpha == 1.0:
             mean, var = mu_i, var_i  # eq 3 with α = 1: the example's own statistics (GroupNorm)
         else:
             a = self.alpha
@@ -236,29 +244,28 @@ class BatchGroupNorm(nn.Module, D2NormModule):
                         "= m_{x²} − m_x² (float64)", prefix.rstrip("."))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _normalize(self, x, mean, var, xs=None) -> torch.Tensor:
-        """``y = xs·scale + shift`` in one fused op; ``mean``/``var`` are (N or 1, G) or scalars."""
-        if xs is None:
-            xs = x
+    def _scale_shift(self, mean, var) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of ``y = x·scale + shift``, (N or 1, C), from (N or 1, G) group statistics."""
         rstd = torch.rsqrt(var + self.eps)
-        if mean.dim() == 2:
-            cpg = self.num_channels // self.num_groups
-            # (N, G) -> (N, C) by expand (its backward is a plain sum: deterministic, unlike index-based repeats)
-            n = rstd.shape[0]
-            rstd = rstd.unsqueeze(-1).expand(n, self.num_groups, cpg).reshape(n, self.num_channels)
-            mean = mean.unsqueeze(-1).expand(n, self.num_groups, cpg).reshape(n, self.num_channels)
+        cpg = self.num_channels // self.num_groups
+        # (N, G) -> (N, C) by expand (its backward is a plain sum: deterministic, unlike index-based repeats)
+        n = rstd.shape[0]
+        rstd = rstd.unsqueeze(-1).expand(n, self.num_groups, cpg).reshape(n, self.num_channels)
+        mean = mean.unsqueeze(-1).expand(n, self.num_groups, cpg).reshape(n, self.num_channels)
         scale = rstd * self.weight.to(rstd.dtype) if self.affine else rstd
         shift = -mean * scale
         if self.affine:
             shift = shift + self.bias.to(shift.dtype)
-        if scale.dim() == 2:
-            view = scale.shape + (1,) * (x.dim() - 2)
-        else:
-            view = (1, -1) + (1,) * (x.dim() - 2)
-        if xs.numel() > 0 and scale.dim() == 2:  # (N or 1, C): one fused pass
+        return scale, shift
+
+    def _normalize(self, x, mean, var, xs=None) -> torch.Tensor:
+        """``y = xs·scale + shift`` in one fused op; ``mean``/``var`` are (N or 1, G)."""
+        xs = x if xs is None else xs
+        scale, shift = self._scale_shift(mean, var)
+        if xs.numel() > 0:  # (N or 1, C): one fused pass
             return channel_affine(xs, scale, shift).to(x.dtype)
-        scale, shift = scale.reshape(view), shift.reshape(view)
-        return torch.addcmul(shift, xs, scale).to(x.dtype)
+        view = scale.shape + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.reshape(view), xs, scale.reshape(view)).to(x.dtype)
 
     @torch.no_grad()
     def _update_moving_stats(self, mu_i: torch.Tensor, var_i: torch.Tensor) -> None:

@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["row_moments", "row_affine", "row_affine_l1", "native_status"]
+__all__ = ["row_moments", "row_affine", "row_affine_l1", "native_status", "native_module"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,14 +108,16 @@ D2NORM_CLONES static void affine_f64(const double* x, int64_t b, int64_t e, int6
   affine_rows<double>(x, b, e, n, s, t, y);
 }
 
-// y[r, :] = x[r, :] * scale[r] + shift[r] (the compiler may fuse it into one multiply-add: one rounding)
+// y = x * scale[r] + shift[r] over the R = scale.numel() equal rows of the flat contiguous x; y has x's shape
+// (the compiler may fuse it into one multiply-add: one rounding)
 torch::Tensor row_affine(torch::Tensor x, torch::Tensor scale, torch::Tensor shift) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "row_affine: contiguous CPU (rows, n)");
-  TORCH_CHECK(scale.is_contiguous() && shift.is_contiguous() && scale.numel() == x.size(0) &&
-              shift.numel() == x.size(0), "row_affine: one contiguous scale and shift per row");
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.numel() > 0, "row_affine: contiguous CPU tensor");
+  TORCH_CHECK(scale.is_contiguous() && shift.is_contiguous() && scale.numel() > 0 &&
+              shift.numel() == scale.numel() && x.numel() % scale.numel() == 0,
+              "row_affine: one contiguous scale and shift per row");
   TORCH_CHECK(scale.scalar_type() == x.scalar_type() && shift.scalar_type() == x.scalar_type(),
               "row_affine: one dtype");
-  const int64_t rows = x.size(0), n = x.size(1);
+  const int64_t rows = scale.numel(), n = x.numel() / rows;
   auto y = torch::empty_like(x);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1));
   if (x.scalar_type() == torch::kFloat) {
@@ -188,6 +190,114 @@ std::vector<torch::Tensor> row_affine_l1(torch::Tensor x, torch::Tensor a, torch
   return {o, s1, s2};
 }
 
+// Backward of a per-row affine y = x·s + t whose (s, t) came from the rows' own moments:
+// row_dot_sums: per row Σg and Σg·x (the gradients of t and s); row_affine2: g·s + x·a + b per row (the input
+// gradient, the moments' part folded into a and b). Double accumulation; one pass each.
+template <typename T>
+__attribute__((always_inline)) static inline void dot_rows(const T* g, const T* x, int64_t b0, int64_t e0, int64_t n,
+                                                           T* sg, T* sgx) {
+  for (int64_t r = b0; r < e0; ++r) {
+    const T* pg = g + r * n;
+    const T* px = x + r * n;
+    double u = 0, v = 0;
+#pragma omp simd reduction(+ : u, v)
+    for (int64_t i = 0; i < n; ++i) {
+      const double gv = static_cast<double>(pg[i]);
+      u += gv;
+      v += gv * static_cast<double>(px[i]);
+    }
+    sg[r] = static_cast<T>(u);
+    sgx[r] = static_cast<T>(v);
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) static inline void affine2_rows(const T* g, const T* s, const T* x, const T* a,
+                                                               const T* b, int64_t b0, int64_t e0, int64_t n, T* y) {
+  for (int64_t r = b0; r < e0; ++r) {
+    const T sr = s[r], ar = a[r], br = b[r];
+    const T* pg = g + r * n;
+    const T* px = x + r * n;
+    T* py = y + r * n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) py[i] = pg[i] * sr + (px[i] * ar + br);
+  }
+}
+
+D2NORM_CLONES static void dot_f32(const float* g, const float* x, int64_t b0, int64_t e0, int64_t n, float* u,
+                                  float* v) {
+  dot_rows<float>(g, x, b0, e0, n, u, v);
+}
+D2NORM_CLONES static void dot_f64(const double* g, const double* x, int64_t b0, int64_t e0, int64_t n, double* u,
+                                  double* v) {
+  dot_rows<double>(g, x, b0, e0, n, u, v);
+}
+D2NORM_CLONES static void aff2_f32(const float* g, const float* s, const float* x, const float* a, const float* b,
+                                   int64_t b0, int64_t e0, int64_t n, float* y) {
+  affine2_rows<float>(g, s, x, a, b, b0, e0, n, y);
+}
+D2NORM_CLONES static void aff2_f64(const double* g, const double* s, const double* x, const double* a,
+                                   const double* b, int64_t b0, int64_t e0, int64_t n, double* y) {
+  affine2_rows<double>(g, s, x, a, b, b0, e0, n, y);
+}
+
+static void check_rows(const torch::Tensor& x, const torch::Tensor& like, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.numel() > 0, what, ": contiguous CPU tensor");
+  TORCH_CHECK(like.sizes() == x.sizes() && like.is_contiguous() && like.scalar_type() == x.scalar_type(), what,
+              ": operands of one shape, contiguous, one dtype");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble, what,
+              ": float32 or float64 expected");
+}
+
+static void check_coef(const torch::Tensor& c, int64_t rows, const torch::Tensor& x, const char* what) {
+  TORCH_CHECK(c.is_contiguous() && c.numel() == rows && c.scalar_type() == x.scalar_type(), what,
+              ": one contiguous coefficient per row, same dtype");
+}
+
+// per row of the (rows, n) view of the flat g and x
+std::vector<torch::Tensor> row_dot_sums(torch::Tensor g, torch::Tensor x, int64_t rows) {
+  check_rows(g, x, "row_dot_sums");
+  TORCH_CHECK(rows > 0 && g.numel() % rows == 0, "row_dot_sums: rows must divide the element count");
+  const int64_t n = g.numel() / rows;
+  auto u = torch::empty({rows}, g.options()), v = torch::empty({rows}, g.options());
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1));
+  if (g.scalar_type() == torch::kFloat) {
+    const float *pg = g.data_ptr<float>(), *px = x.data_ptr<float>();
+    float *pu = u.data_ptr<float>(), *pv = v.data_ptr<float>();
+    at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t e0) { dot_f32(pg, px, b0, e0, n, pu, pv); });
+  } else {
+    const double *pg = g.data_ptr<double>(), *px = x.data_ptr<double>();
+    double *pu = u.data_ptr<double>(), *pv = v.data_ptr<double>();
+    at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t e0) { dot_f64(pg, px, b0, e0, n, pu, pv); });
+  }
+  return {u, v};
+}
+
+// g·s[r] + x·a[r] + b[r] over the R = s.numel() rows of the flat g and x; the result has g's shape
+torch::Tensor row_affine2(torch::Tensor g, torch::Tensor s, torch::Tensor x, torch::Tensor a, torch::Tensor b) {
+  check_rows(g, x, "row_affine2");
+  const int64_t rows = s.numel();
+  TORCH_CHECK(rows > 0 && g.numel() % rows == 0, "row_affine2: one coefficient per row");
+  check_coef(s, rows, g, "row_affine2");
+  check_coef(a, rows, g, "row_affine2");
+  check_coef(b, rows, g, "row_affine2");
+  const int64_t n = g.numel() / rows;
+  auto y = torch::empty_like(g);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1));
+  if (g.scalar_type() == torch::kFloat) {
+    const float *pg = g.data_ptr<float>(), *ps = s.data_ptr<float>(), *px = x.data_ptr<float>(),
+                *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
+    float* py = y.data_ptr<float>();
+    at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t e0) { aff2_f32(pg, ps, px, pa, pb, b0, e0, n, py); });
+  } else {
+    const double *pg = g.data_ptr<double>(), *ps = s.data_ptr<double>(), *px = x.data_ptr<double>(),
+                 *pa = a.data_ptr<double>(), *pb = b.data_ptr<double>();
+    double* py = y.data_ptr<double>();
+    at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t e0) { aff2_f64(pg, ps, px, pa, pb, b0, e0, n, py); });
+  }
+  return y;
+}
+
 std::vector<torch::Tensor> row_moments(torch::Tensor x) {
   TORCH_CHECK(x.device().is_cpu(), "row_moments: CPU tensor expected");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "row_moments: contiguous (rows, n) tensor expected");
@@ -231,9 +341,9 @@ def _load():
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="d2norm_rows_v7",
+                name="d2norm_rows_v9",
                 cpp_sources=[_SOURCE],
-                functions=["row_moments", "row_affine", "row_affine_l1"],
+                functions=["row_moments", "row_affine", "row_affine_l1", "row_dot_sums", "row_affine2"],
                 extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for's threads (torch's libgomp)
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
@@ -245,6 +355,12 @@ def _load():
             logger.warning("d2norm: the native per-row moments kernel is unavailable, %s; per-sample statistics "
                            "use torch's GroupNorm kernel (same results, slower on CPU)", _status)
         return _module
+
+
+def native_module():
+    """The compiled module (functions ``row_moments``, ``row_affine``, ``row_affine_l1``, ``row_dot_sums``,
+    ``row_affine2`` on contiguous CPU float32/float64 rows), or ``None`` when unavailable."""
+    return _load()
 
 
 def native_status() -> str:
@@ -268,13 +384,13 @@ def row_moments(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
 
 
 def row_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> Optional[torch.Tensor]:
-    """``x[r] * scale[r] + shift[r]`` for each row of ``x`` (R, L) (contiguous CPU float32/float64; ``scale`` and
-    ``shift`` of R elements, same dtype) in one pass, or ``None`` when unavailable / not such tensors. Not
-    differentiable by itself."""
-    if (x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous()
+    """``x * scale[r] + shift[r]`` over the R = ``scale.numel()`` equal rows of the flat, contiguous CPU
+    float32/float64 ``x`` (e.g. the (sample, channel) rows of NCHW with (N, C) coefficients), in one pass; the
+    result has ``x``'s shape. ``None`` when unavailable / not such tensors. Not differentiable by itself."""
+    if (x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0
             or x.dtype not in (torch.float32, torch.float64)
-            or scale.dtype != x.dtype or shift.dtype != x.dtype
-            or scale.numel() != x.shape[0] or shift.numel() != x.shape[0]):
+            or scale.dtype != x.dtype or shift.dtype != x.dtype or scale.numel() == 0
+            or shift.numel() != scale.numel() or x.numel() % scale.numel()):
         return None
     mod = _load()
     if mod is None:
