@@ -10,6 +10,14 @@ import d2norm  # noqa: E402,F401  (compat shims + registrations)
 torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
+def pytest_sessionstart(session):
+    """Build d2norm's native CPU kernels (or learn that they cannot be built) before any test runs, so the first
+    compile (~50 s) never lands inside a test's subprocess timeout."""
+    from d2norm.layers.native import native_status
+
+    native_status()
+
+
 
 @pytest.fixture
 def d2cfg():

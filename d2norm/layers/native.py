@@ -17,8 +17,10 @@ cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). W
 ``D2NORM_NATIVE=0`` in the environment, :func:`row_moments` returns ``None`` and callers use the GroupNorm route;
 the reason is logged once. CUDA tensors never come here (torch's CUDA kernels are used).
 """
+import hashlib
 import logging
 import os
+import sys
 import threading
 from typing import Optional, Tuple
 
@@ -340,8 +342,10 @@ def _load():
         try:
             from torch.utils.cpp_extension import load_inline
 
+            # one build per environment (torch's cache is keyed by name; two venvs would rebuild each other's)
+            env = hashlib.sha1(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:10]
             _module = load_inline(
-                name="d2norm_rows_v9",
+                name=f"d2norm_native_{env}",
                 cpp_sources=[_SOURCE],
                 functions=["row_moments", "row_affine", "row_affine_l1", "row_dot_sums", "row_affine2"],
                 extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for's threads (torch's libgomp)
