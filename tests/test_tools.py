@@ -379,3 +379,13 @@ def test_single_process_tools_refuse_num_gpus(tiny, tmp_path, capsys):
     rc = _tool("analyze_bn").main(["--config-file", tiny["yaml"], "--weights", tiny["ckpts"][0], "--num-gpus", "2",
                                    "--output-dir", str(tmp_path), *tiny["opts"]])
     assert rc == 2 and "runs in one process" in capsys.readouterr().err
+
+
+def test_training_tools_default_to_a_free_port_so_two_multiprocess_runs_coexist():
+    """detectron2's default --dist-url is one fixed port per user (two 2-process trainings at once on one
+    machine failed with EADDRINUSE); the training tools default to launch()'s free port, an explicit URL wins."""
+    from d2norm.engine.cli import training_parser
+
+    for parser in (training_parser(), training_parser(_tool("train_net").argument_parser())):
+        assert parser.parse_args(["--num-gpus", "2"]).dist_url == "auto"
+        assert parser.parse_args(["--dist-url", "tcp://127.0.0.1:1234"]).dist_url == "tcp://127.0.0.1:1234"

@@ -19,6 +19,7 @@ __all__ = [
     "positive_int",
     "run_tool",
     "launch_main",
+    "training_parser",
     "base_parser",
     "load_cfg",
     "read_cfg",
@@ -116,6 +117,18 @@ def _distributed_entry(fn, args) -> None:
         raise SystemExit(2)
 
 
+def training_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """``parser`` (default: detectron2's ``default_argument_parser()``) with ``--dist-url`` defaulting to
+    ``"auto"``: detectron2's default is a fixed port per user, so two multi-process runs on one machine (e.g.
+    two seeds of an experiment) would fail with EADDRINUSE; "auto" is ``launch()``'s free local port.
+    Multi-machine jobs pass the URL, as with detectron2."""
+    from detectron2.engine import default_argument_parser
+
+    parser = parser or default_argument_parser()
+    parser.set_defaults(dist_url="auto")
+    return parser
+
+
 def launch_main(main: Callable[[argparse.Namespace], Any], argv=None, parser=None,
                 check_config: Optional[Callable[[str, Sequence[str]], Any]] = None) -> None:
     """detectron2's training-tool entry point (tools/train_net.py, tools/lazyconfig_train_net.py): parse
@@ -123,9 +136,9 @@ def launch_main(main: Callable[[argparse.Namespace], Any], argv=None, parser=Non
     config and its overrides with ``check_config(config_file, opts)`` (default: the yacs :func:`read_cfg`; it
     raises :class:`ToolError`) and run ``main(args)`` on ``--num-gpus`` processes per machine through
     detectron2's ``launch`` (gloo on CPU)."""
-    from detectron2.engine import default_argument_parser, launch
+    from detectron2.engine import launch
 
-    args = (parser or default_argument_parser()).parse_args(argv)
+    args = training_parser(parser).parse_args(argv)
     print("Command Line Args:", args)
     try:  # a missing / corrupt config or a bad override: one error line and exit code 2, before any process
         (check_config or read_cfg)(args.config_file, args.opts)
