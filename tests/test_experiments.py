@@ -343,3 +343,26 @@ def test_finished_run_is_reused_with_this_checkouts_paths(tmp_path, monkeypatch)
     info = ctx.train(run, 0)  # no subprocess: the finished run is reused
     assert info["dir"] == out and info["final"] == os.path.join(out, "model_final.pth") and info["ap"] == 7.5
     assert ctx.commands == [] and ctx.trainings == [{"dir": out, "wall_s": 100.0}]
+
+
+def test_finished_run_of_a_changed_config_is_refused_not_reused(tmp_path):
+    """The run directory is keyed by the config *path* and the overrides: a finished run records the digest of
+    the config and its _BASE_ chain, and reusing it after the file changed is an error naming the run."""
+    from d2norm.experiments.runner import ExperimentError, Run, config_digest
+
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  MAX_ITER: 400\n")
+    (tmp_path / "child.yaml").write_text('_BASE_: "base.yaml"\nSEED: 3\n')
+    cfg = str(tmp_path / "child.yaml")
+    ctx = Context(work_dir=str(tmp_path / "work"))
+    run = Run("r", cfg)
+    out = ctx.run_dir(run, 0)
+    os.makedirs(out)
+    before = config_digest(cfg)
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump({"dir": out, "final": "f", "ap": 1.0, "ap50": 2.0, "wall_s": 1.0, "command": "c",
+                   "config_sha": before}, f)
+    assert ctx.train(run, 0)["ap"] == 1.0  # unchanged: reused
+    (tmp_path / "base.yaml").write_text("SOLVER:\n  MAX_ITER: 800\n")  # a _BASE_ file changed
+    assert config_digest(cfg) != before
+    with pytest.raises(ExperimentError, match="another version"):
+        ctx.train(run, 0)

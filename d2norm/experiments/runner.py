@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["Run", "Context", "parse_coco_log", "ExperimentError"]
+__all__ = ["Run", "Context", "parse_coco_log", "ExperimentError", "config_digest"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,6 +63,27 @@ class Run:
 
     def with_opts(self, tag: str, *opts: str) -> "Run":
         return Run(tag, self.config, tuple(self.opts) + tuple(str(o) for o in opts), self.num_gpus)
+
+
+def config_digest(path: str) -> str:
+    """sha1 of a yacs config file and its ``_BASE_`` chain (paths relative to the repository or the file). A
+    finished run records it; reusing the run after one of those files changed is refused (the directory key
+    holds the path and the overrides only)."""
+    import yaml
+
+    h, todo, seen = hashlib.sha1(), [path if os.path.isabs(path) else os.path.join(REPO, path)], set()
+    while todo:
+        p = os.path.normpath(todo.pop(0))
+        if p in seen:
+            continue
+        seen.add(p)
+        with open(p, "rb") as f:
+            text = f.read()
+        h.update(os.path.relpath(p, REPO).encode() + b"\0" + text + b"\0")
+        base = (yaml.safe_load(text) or {}).get("_BASE_")
+        for b in [base] if isinstance(base, str) else (base or []):
+            todo.append(os.path.join(os.path.dirname(p), b))
+    return h.hexdigest()[:16]
 
 
 class _RunLock:
@@ -180,6 +201,12 @@ class Context:
             if os.path.isfile(done):
                 with open(done) as f:
                     info = json.load(f)
+                digest = config_digest(run.config)
+                if info.get("config_sha", digest) != digest:
+                    raise ExperimentError(
+                        f"finished run {out} was trained from another version of {run.config} (or its _BASE_ "
+                        f"files: sha {info['config_sha']} vs {digest} now); delete that directory or use another "
+                        f"--work-dir")
                 # the paths of this checkout (the record may come from another cwd or checkout)
                 info.update(dir=out, final=os.path.join(out, "model_final.pth"))
             else:
@@ -214,7 +241,7 @@ class Context:
         if res is None:
             raise ExperimentError(f"no COCO bbox result in {out}/log.txt")
         info = {"dir": out, "final": os.path.join(out, "model_final.pth"), "ap": res["AP"], "ap50": res["AP50"],
-                "wall_s": wall, "command": self.commands[-1]}
+                "wall_s": wall, "command": self.commands[-1], "config_sha": config_digest(run.config)}
         with open(done, "w") as f:
             json.dump(info, f, indent=1)
         return info
