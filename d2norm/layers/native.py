@@ -340,7 +340,14 @@ def _load():
             _status = "disabled by D2NORM_NATIVE=0"
             return None
         try:
-            from torch.utils.cpp_extension import load_inline
+            # its import warns "No CUDA runtime is found" on every CPU machine: irrelevant to a CPU kernel
+            ext_logger = logging.getLogger("torch.utils.cpp_extension")
+            level = ext_logger.level
+            ext_logger.setLevel(logging.ERROR)
+            try:
+                from torch.utils.cpp_extension import load_inline
+            finally:
+                ext_logger.setLevel(level)
 
             # one build per environment (torch's cache is keyed by name; two venvs would rebuild each other's)
             env = hashlib.sha1(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:10]
