@@ -15,10 +15,19 @@ from d2norm.layers import (
     GhostBatchNorm2d,
 )
 from d2norm.layers.evalnorm import _AffineL1Mean
+from d2norm.layers import batch_stats_bn as bsbn_module
 from d2norm.layers import evalnorm as evalnorm_module
+from d2norm.layers import example_weighted_bn as ewbn_module
 from d2norm.layers import kernels
 from d2norm.layers.kernels import channel_affine, group_moments
-from d2norm.layers.native import native_status, row_affine, row_affine_l1, row_moments
+from d2norm.layers.native import (
+    channel_moments,
+    mix_normalize,
+    native_status,
+    row_affine,
+    row_affine_l1,
+    row_moments,
+)
 
 
 @pytest.fixture(autouse=True, params=["native", "groupnorm"])
@@ -29,6 +38,9 @@ def moments_route(request, monkeypatch):
         monkeypatch.setattr(kernels, "row_affine", lambda x, s, b: None)
         monkeypatch.setattr(kernels, "native_module", lambda: None)
         monkeypatch.setattr(evalnorm_module, "row_affine_l1", lambda x, a, b: None)
+        monkeypatch.setattr(evalnorm_module, "mix_normalize", lambda *a, **k: None)
+        monkeypatch.setattr(ewbn_module, "mix_normalize", lambda *a, **k: None)
+        monkeypatch.setattr(bsbn_module, "channel_moments", lambda x: None)
     elif shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the native kernel cannot be built here (the GroupNorm route is tested)")
     else:
@@ -267,3 +279,55 @@ def test_normalize_by_own_moments_refuses_coefficients_cut_from_the_moments(mome
         y, _, _ = kernels.normalize_by_own_moments(x, 4, cut)
         y.sum().backward()
         torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_native_mix_normalize_is_eq3_and_eqs5_6(moments_route, affine):
+    """Mean mixed with α_m, variance with α_v (four-things eq 3: α_m = α_v; evalnorm eqs 5-6: α̂, β̂) against a
+    float64 formula; refused (None) when a gradient is needed."""
+    if moments_route != "native":
+        return
+    g = torch.Generator().manual_seed(16)
+    for shape in ((3, 5, 4, 6), (4, 5, 7, 7), (2, 3, 16, 20)):
+        c = shape[1]
+        for dtype in (torch.float64, torch.float32):
+            x = _x(shape, seed=17, dtype=dtype)
+            pm = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+            pv = (torch.rand(c, generator=g, dtype=torch.float64) * 5 + 0.5).to(dtype)
+            w = (torch.randn(c, generator=g, dtype=torch.float64).to(dtype)) if affine else None
+            b = (torch.randn(c, generator=g, dtype=torch.float64).to(dtype)) if affine else None
+            am, av = 0.3, 0.7
+            y = mix_normalize(x, pm, pv, w, b, am, av, 1e-5)
+            mu_i, var_i = _ref_moments(x, c)
+            d = mu_i - pm.double()
+            mu = pm.double() + am * d
+            var = av * var_i + (1 - av) * pv.double() + av * (1 - av) * d.square()
+            ref = (x.double() - mu[..., None, None]) / torch.sqrt(var[..., None, None] + 1e-5)
+            if affine:
+                ref = ref * w.double()[None, :, None, None] + b.double()[None, :, None, None]
+            tol = 1e-12 if dtype == torch.float64 else 2e-5
+            assert y.dtype == dtype and y.shape == x.shape
+            torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    xg = _x((2, 3, 4, 4)).requires_grad_()
+    assert mix_normalize(xg, torch.zeros(3, dtype=xg.dtype), torch.ones(3, dtype=xg.dtype), None, None,
+                         0.5, 0.5, 1e-5) is None
+
+
+def test_native_channel_moments_are_the_batch_statistics(moments_route):
+    """Per-channel mean / biased variance over N·H·W (two-pass float64 reference), at offsets where
+    E[x²] − E[x]² would fail; refused when a gradient is needed."""
+    if moments_route != "native":
+        return
+    for shape in ((3, 5, 4, 6), (64, 4, 7, 7), (2, 3, 1, 1), (2, 3, 17)):
+        for dtype in (torch.float64, torch.float32):
+            x = (_x(shape, seed=18) * 0.01 + 1e3).to(dtype)
+            mean, var = channel_moments(x)
+            xr = x.double().transpose(0, 1).reshape(shape[1], -1)
+            rm = xr.mean(1)
+            rv = (xr - rm[:, None]).square().mean(1)
+            tol = 1e-13 if dtype == torch.float64 else 1e-6
+            assert mean.shape == var.shape == (shape[1],) and mean.dtype == dtype
+            torch.testing.assert_close(mean.double(), rm, rtol=tol, atol=0)
+            torch.testing.assert_close(var.double(), rv, rtol=max(tol, 1e-4 if dtype == torch.float32 else 0),
+                                       atol=1e-300)
+    assert channel_moments(_x((2, 3, 4, 4)).requires_grad_()) is None

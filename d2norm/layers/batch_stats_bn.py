@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats, stat_dtype
 from .kernels import channel_affine, group_moments
+from .native import channel_moments
 from .registry import register_norm
 
 __all__ = ["BatchStatsBatchNorm2d"]
@@ -58,9 +59,13 @@ class BatchStatsBatchNorm2d(D2NormBatchNorm2d):
         # Same statistics from one vectorized per-(sample, channel) moments pass, pooled exactly over the
         # samples (μ = mean_i μ_i, σ² = mean_i (σ_i² + (μ_i − μ)²): every sample has H·W elements), then BN's
         # normalize as one fused affine (differentiable through the statistics, as training-mode BN is).
-        mu_i, var_i = group_moments(x)
-        mean = mu_i.mean(0)
-        var = (var_i + (mu_i - mean).square()).mean(0)
+        fused = channel_moments(x)  # CPU inference without gradient: one native pass
+        if fused is not None:
+            mean, var = fused
+        else:
+            mu_i, var_i = group_moments(x)
+            mean = mu_i.mean(0)
+            var = (var_i + (mu_i - mean).square()).mean(0)
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
             scale = scale * self.weight

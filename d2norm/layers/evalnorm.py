@@ -27,7 +27,7 @@ from torch import nn
 
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .kernels import channel_affine, group_moments
-from .native import row_affine_l1
+from .native import mix_normalize, row_affine_l1
 from ..utils.validation import check_choice, check_int, check_number
 from .registry import register_norm
 
@@ -347,9 +347,13 @@ class EvalNorm2d(D2NormBatchNorm2d):
         alpha, beta = self.eval_alpha_beta()
         sd = stat_dtype(x.dtype)
         xs = x.to(sd)
-        mu_i, var_i = group_moments(xs)  # (N, C), one vectorized pass
         mu_e = self.running_mean.to(sd)
         var_e = self.running_var.to(sd)
+        w, b = (self.weight.to(sd), self.bias.to(sd)) if self.affine else (None, None)
+        fused = mix_normalize(xs, mu_e, var_e, w, b, alpha, beta, self.eps)  # CPU inference: one native pass
+        if fused is not None:
+            return fused.to(x.dtype)
+        mu_i, var_i = group_moments(xs)  # (N, C), one vectorized pass
         if isinstance(alpha, torch.Tensor):
             alpha, beta = alpha.to(sd), beta.to(sd)
         d = mu_i - mu_e

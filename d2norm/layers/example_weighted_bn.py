@@ -15,6 +15,7 @@ import torch
 
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats, stat_dtype
 from .kernels import channel_affine, group_moments
+from .native import mix_normalize
 from ..utils.validation import check_number
 from .registry import register_norm
 
@@ -90,9 +91,13 @@ class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
 
         a = self.alpha
         xs = x.to(stat_dtype(x.dtype))  # four-things eq 3 statistics in float32 for fp16/bf16
-        mean_i, var_i = group_moments(xs)  # (N, C): E[x_i], Var[x_i] in one vectorized pass
         m = self.running_mean.to(xs.dtype)
         v = self.running_var.to(xs.dtype)
+        w, b = (self.weight.to(xs.dtype), self.bias.to(xs.dtype)) if self.affine else (None, None)
+        fused = mix_normalize(xs, m, v, w, b, a, a, self.eps)  # CPU inference: one native pass
+        if fused is not None:
+            return fused.to(x.dtype)
+        mean_i, var_i = group_moments(xs)  # (N, C): E[x_i], Var[x_i] in one vectorized pass
         mu = a * mean_i + (1.0 - a) * m
         var = a * var_i + (1.0 - a) * v + (a * (1.0 - a)) * (mean_i - m).square()
         scale = torch.rsqrt(var + self.eps)

@@ -26,13 +26,15 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["row_moments", "row_affine", "row_affine_l1", "native_status", "native_module"]
+__all__ = ["row_moments", "channel_moments", "row_affine", "row_affine_l1", "mix_normalize", "native_status",
+           "native_module"]
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -300,6 +302,138 @@ torch::Tensor row_affine2(torch::Tensor g, torch::Tensor s, torch::Tensor x, tor
   return y;
 }
 
+// Inference of the layers that mix each sample's own statistics into the population's (four-things eq 3,
+// evalnorm eqs 5-6): per (sample, channel) row r of channel c = r % C, with the row's mean / biased variance
+// (m_i, v_i) and d = m_i - pm[c]: mu = pm + a_m·d, var = a_v·v_i + (1 - a_v)·pv + a_v·(1 - a_v)·d²,
+// y = (x - mu) / sqrt(var + eps) · w[c] + b[c]. Three passes over the row, the last two from cache: the
+// activation is read once from memory and written once, like BN inference.
+template <typename T>
+__attribute__((always_inline)) static inline void mix_rows(const T* x, int64_t b0, int64_t e0, int64_t n, int64_t C,
+                                                           const T* pm, const T* pv, const T* w, const T* bb,
+                                                           double am, double av, double eps, T* y) {
+  for (int64_t r = b0; r < e0; ++r) {
+    const int64_t c = r % C;
+    const T* p = x + r * n;
+    double mi, vi;
+    if (n >= 256) moments_of_row<32, T>(p, n, &mi, &vi);
+    else moments_of_row<8, T>(p, n, &mi, &vi);
+    const double d = mi - static_cast<double>(pm[c]);
+    const double mu = static_cast<double>(pm[c]) + am * d;
+    const double var = av * vi + (1.0 - av) * static_cast<double>(pv[c]) + av * (1.0 - av) * d * d;
+    double sc = 1.0 / std::sqrt(var + eps);
+    if (w != nullptr) sc *= static_cast<double>(w[c]);
+    const double sh = (bb != nullptr ? static_cast<double>(bb[c]) : 0.0) - mu * sc;
+    const T s = static_cast<T>(sc), t = static_cast<T>(sh);
+    T* q = y + r * n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) q[i] = p[i] * s + t;
+  }
+}
+
+D2NORM_CLONES static void mix_f32(const float* x, int64_t b0, int64_t e0, int64_t n, int64_t C, const float* pm,
+                                  const float* pv, const float* w, const float* b, double am, double av, double eps,
+                                  float* y) {
+  mix_rows<float>(x, b0, e0, n, C, pm, pv, w, b, am, av, eps, y);
+}
+
+D2NORM_CLONES static void mix_f64(const double* x, int64_t b0, int64_t e0, int64_t n, int64_t C, const double* pm,
+                                  const double* pv, const double* w, const double* b, double am, double av,
+                                  double eps, double* y) {
+  mix_rows<double>(x, b0, e0, n, C, pm, pv, w, b, am, av, eps, y);
+}
+
+torch::Tensor mix_normalize(torch::Tensor x, torch::Tensor pm, torch::Tensor pv, torch::Tensor w, torch::Tensor b,
+                            double am, double av, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 2 && x.numel() > 0,
+              "mix_normalize: contiguous CPU (N, C, ...) tensor");
+  const int64_t C = x.size(1), rows = x.size(0) * x.size(1), n = x.numel() / rows;
+  auto ok = [&](const torch::Tensor& t) {
+    return t.is_contiguous() && t.numel() == C && t.scalar_type() == x.scalar_type();
+  };
+  TORCH_CHECK(ok(pm) && ok(pv), "mix_normalize: population mean / var of C elements, x's dtype");
+  TORCH_CHECK((w.numel() == 0 || ok(w)) && (b.numel() == 0 || ok(b)), "mix_normalize: weight / bias of C elements");
+  auto y = torch::empty_like(x);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1));
+  if (x.scalar_type() == torch::kFloat) {
+    const float *px = x.data_ptr<float>(), *pm_ = pm.data_ptr<float>(), *pv_ = pv.data_ptr<float>();
+    const float *pw = w.numel() ? w.data_ptr<float>() : nullptr, *pb = b.numel() ? b.data_ptr<float>() : nullptr;
+    float* py = y.data_ptr<float>();
+    at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t e0) {
+      mix_f32(px, b0, e0, n, C, pm_, pv_, pw, pb, am, av, eps, py);
+    });
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kDouble, "mix_normalize: float32 or float64 expected");
+    const double *px = x.data_ptr<double>(), *pm_ = pm.data_ptr<double>(), *pv_ = pv.data_ptr<double>();
+    const double *pw = w.numel() ? w.data_ptr<double>() : nullptr, *pb = b.numel() ? b.data_ptr<double>() : nullptr;
+    double* py = y.data_ptr<double>();
+    at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t e0) {
+      mix_f64(px, b0, e0, n, C, pm_, pv_, pw, pb, am, av, eps, py);
+    });
+  }
+  return y;
+}
+
+// Per-channel mean / biased variance of a contiguous (N, C, L) tensor over its N·L elements (BN's batch
+// statistics, rethinking §4.2 inference): two passes over each channel's N rows with the lanes kept across rows
+// (no per-row reduction), the second pass from cache when a channel's N·L values fit in it. Parallel over C.
+// Σ f(x) over channel c's N rows of L elements, 8 double lanes kept across the rows, then the tail
+template <typename T, typename F>
+__attribute__((always_inline)) static inline double channel_sum(const T* x, int64_t c, int64_t N, int64_t C,
+                                                                int64_t L, F f) {
+  constexpr int K = 8;
+  double s[K] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double tail = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* p = x + (n * C + c) * L;
+    int64_t i = 0;
+    for (; i + K <= L; i += K)
+      for (int j = 0; j < K; ++j) s[j] += f(static_cast<double>(p[i + j]));
+    for (; i < L; ++i) tail += f(static_cast<double>(p[i]));
+  }
+  return (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) + tail;
+}
+
+template <typename T>
+__attribute__((always_inline)) static inline void channel_rows(const T* x, int64_t c0, int64_t c1, int64_t N,
+                                                               int64_t C, int64_t L, T* mean, T* var) {
+  const double cnt = static_cast<double>(N * L);
+  for (int64_t c = c0; c < c1; ++c) {
+    const double m = channel_sum(x, c, N, C, L, [](double v) { return v; }) / cnt;
+    const double q = channel_sum(x, c, N, C, L, [m](double v) { const double d = v - m; return d * d; });
+    mean[c] = static_cast<T>(m);
+    var[c] = static_cast<T>(q / cnt);
+  }
+}
+
+D2NORM_CLONES static void chan_f32(const float* x, int64_t c0, int64_t c1, int64_t N, int64_t C, int64_t L,
+                                   float* m, float* v) {
+  channel_rows<float>(x, c0, c1, N, C, L, m, v);
+}
+
+D2NORM_CLONES static void chan_f64(const double* x, int64_t c0, int64_t c1, int64_t N, int64_t C, int64_t L,
+                                   double* m, double* v) {
+  channel_rows<double>(x, c0, c1, N, C, L, m, v);
+}
+
+std::vector<torch::Tensor> channel_moments(torch::Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 2 && x.numel() > 0,
+              "channel_moments: contiguous CPU (N, C, ...) tensor");
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C);
+  auto mean = torch::empty({C}, x.options()), var = torch::empty({C}, x.options());
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(N * L, 1));
+  if (x.scalar_type() == torch::kFloat) {
+    const float* px = x.data_ptr<float>();
+    float *pm = mean.data_ptr<float>(), *pv = var.data_ptr<float>();
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) { chan_f32(px, c0, c1, N, C, L, pm, pv); });
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kDouble, "channel_moments: float32 or float64 expected");
+    const double* px = x.data_ptr<double>();
+    double *pm = mean.data_ptr<double>(), *pv = var.data_ptr<double>();
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) { chan_f64(px, c0, c1, N, C, L, pm, pv); });
+  }
+  return {mean, var};
+}
+
 std::vector<torch::Tensor> row_moments(torch::Tensor x) {
   TORCH_CHECK(x.device().is_cpu(), "row_moments: CPU tensor expected");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "row_moments: contiguous (rows, n) tensor expected");
@@ -354,7 +488,7 @@ def _load():
             _module = load_inline(
                 name=f"d2norm_native_{env}",
                 cpp_sources=[_SOURCE],
-                functions=["row_moments", "row_affine", "row_affine_l1", "row_dot_sums", "row_affine2"],
+                functions=["row_moments", "row_affine", "row_affine_l1", "row_dot_sums", "row_affine2", "mix_normalize", "channel_moments"],
                 extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for's threads (torch's libgomp)
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
@@ -422,3 +556,42 @@ def row_affine_l1(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     if mod is None:
         return None
     return tuple(mod.row_affine_l1(x, a.contiguous().view(-1), b.contiguous().view(-1)))
+
+
+def mix_normalize(x: torch.Tensor, pop_mean: torch.Tensor, pop_var: torch.Tensor, weight: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor], alpha_mean: float, alpha_var: float, eps: float
+                  ) -> Optional[torch.Tensor]:
+    """Inference of a layer that mixes each (sample, channel)'s own mean / variance into the population's:
+    four-things eq 3 (``alpha_mean = alpha_var = α``) and evalnorm eqs 5-6 (α̂, β̂), then normalizes and applies
+    the per-channel affine, in one kernel that reads ``x`` (N, C, ...) once and writes the output once. ``None``
+    when unavailable or not applicable (contiguous CPU float32/float64, no gradient needed, C-element
+    statistics / affine of ``x``'s dtype)."""
+    if (x.device.type != "cpu" or x.dim() < 2 or not x.is_contiguous() or x.numel() == 0
+            or x.dtype not in (torch.float32, torch.float64)
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
+        return None
+    c = x.shape[1]
+    if any(t is not None and (t.dtype != x.dtype or t.numel() != c) for t in (pop_mean, pop_var, weight, bias)):
+        return None
+    mod = _load()
+    if mod is None:
+        return None
+    empty = x.new_empty(0)
+    return mod.mix_normalize(x, pop_mean.contiguous(), pop_var.contiguous(),
+                             empty if weight is None else weight.detach().contiguous(),
+                             empty if bias is None else bias.detach().contiguous(),
+                             float(alpha_mean), float(alpha_var), float(eps))
+
+
+def channel_moments(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel (mean, biased variance) of ``x`` (N, C, ...) over its N·H·W elements (BN's batch statistics)
+    in one read of ``x``; ``None`` when unavailable or not applicable (contiguous CPU float32/float64, no
+    gradient needed)."""
+    if (x.device.type != "cpu" or x.dim() < 2 or not x.is_contiguous() or x.numel() == 0
+            or x.dtype not in (torch.float32, torch.float64) or (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    mod = _load()
+    if mod is None:
+        return None
+    mean, var = mod.channel_moments(x)
+    return mean, var
