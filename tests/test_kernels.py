@@ -318,7 +318,7 @@ def test_native_channel_moments_are_the_batch_statistics(moments_route):
     E[x²] − E[x]² would fail; refused when a gradient is needed."""
     if moments_route != "native":
         return
-    for shape in ((3, 5, 4, 6), (64, 4, 7, 7), (2, 3, 1, 1), (2, 3, 17)):
+    for shape in ((3, 5, 4, 6), (64, 4, 7, 7), (2, 3, 1, 1), (2, 3, 17), (3, 2, 16, 21)):  # L=336: 32 lanes
         for dtype in (torch.float64, torch.float32):
             x = (_x(shape, seed=18) * 0.01 + 1e3).to(dtype)
             mean, var = channel_moments(x)

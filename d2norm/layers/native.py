@@ -376,12 +376,13 @@ torch::Tensor mix_normalize(torch::Tensor x, torch::Tensor pm, torch::Tensor pv,
 // Per-channel mean / biased variance of a contiguous (N, C, L) tensor over its N·L elements (BN's batch
 // statistics, rethinking §4.2 inference): two passes over each channel's N rows with the lanes kept across rows
 // (no per-row reduction), the second pass from cache when a channel's N·L values fit in it. Parallel over C.
-// Σ f(x) over channel c's N rows of L elements, 8 double lanes kept across the rows, then the tail
-template <typename T, typename F>
+// Σ f(x) over channel c's N rows of L elements in K double lanes kept across the rows, then the tail (K = 32
+// for long rows: several accumulator vectors hide the add latency, as in lane_sum)
+template <int K, typename T, typename F>
 __attribute__((always_inline)) static inline double channel_sum(const T* x, int64_t c, int64_t N, int64_t C,
                                                                 int64_t L, F f) {
-  constexpr int K = 8;
-  double s[K] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double s[K];
+  for (int j = 0; j < K; ++j) s[j] = 0.0;
   double tail = 0;
   for (int64_t n = 0; n < N; ++n) {
     const T* p = x + (n * C + c) * L;
@@ -390,19 +391,27 @@ __attribute__((always_inline)) static inline double channel_sum(const T* x, int6
       for (int j = 0; j < K; ++j) s[j] += f(static_cast<double>(p[i + j]));
     for (; i < L; ++i) tail += f(static_cast<double>(p[i]));
   }
+  for (int j = 8; j < K; ++j) s[j % 8] += s[j];
   return (((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))) + tail;
+}
+
+template <int K, typename T>
+__attribute__((always_inline)) static inline void channel_rows_k(const T* x, int64_t c0, int64_t c1, int64_t N,
+                                                                 int64_t C, int64_t L, T* mean, T* var) {
+  const double cnt = static_cast<double>(N * L);
+  for (int64_t c = c0; c < c1; ++c) {
+    const double m = channel_sum<K>(x, c, N, C, L, [](double v) { return v; }) / cnt;
+    const double q = channel_sum<K>(x, c, N, C, L, [m](double v) { const double d = v - m; return d * d; });
+    mean[c] = static_cast<T>(m);
+    var[c] = static_cast<T>(q / cnt);
+  }
 }
 
 template <typename T>
 __attribute__((always_inline)) static inline void channel_rows(const T* x, int64_t c0, int64_t c1, int64_t N,
                                                                int64_t C, int64_t L, T* mean, T* var) {
-  const double cnt = static_cast<double>(N * L);
-  for (int64_t c = c0; c < c1; ++c) {
-    const double m = channel_sum(x, c, N, C, L, [](double v) { return v; }) / cnt;
-    const double q = channel_sum(x, c, N, C, L, [m](double v) { const double d = v - m; return d * d; });
-    mean[c] = static_cast<T>(m);
-    var[c] = static_cast<T>(q / cnt);
-  }
+  if (L >= 256) channel_rows_k<32, T>(x, c0, c1, N, C, L, mean, var);
+  else channel_rows_k<8, T>(x, c0, c1, N, C, L, mean, var);
 }
 
 D2NORM_CLONES static void chan_f32(const float* x, int64_t c0, int64_t c1, int64_t N, int64_t C, int64_t L,
