@@ -1,11 +1,11 @@
 """Fast building blocks for the layers that normalize with each sample's own statistics.
 
-Two memory-bound primitives, each one pass over the activation:
+Memory-bound primitives, each one pass over the activation:
 
 * :func:`group_moments` — per-(sample, channel group) mean and biased variance. ``torch.var_mean`` over the
   spatial dims is a scalar Welford loop on CPU (about 25× slower than ``nn.BatchNorm2d`` inference on a ResNet
-  feature map). On CPU (float32/float64, contiguous) it is :func:`d2norm.layers.native.row_moments`, our one
-  kernel: exact two-pass per row, reads the activation once, writes nothing else. Elsewhere (CUDA, other
+  feature map). On CPU (float32/float64, contiguous) it is :func:`d2norm.layers.native.row_moments`, d2norm's
+  native kernel: exact two-pass per row, reads the activation once, writes nothing else. Elsewhere (CUDA, other
   layouts, or no C++ compiler to build that kernel) torch's GroupNorm kernel computes the same moments
   vectorized and numerically stable (pairwise Welford combination, no ``E[x²] − E[x]²`` cancellation): we take
   its mean and rstd (with ``eps = 0``: ``var = rstd⁻²`` exactly, 0 for a constant group) and discard its
@@ -13,11 +13,13 @@ Two memory-bound primitives, each one pass over the activation:
 * :func:`channel_affine` — ``y = x·scale + shift`` with per-channel ``(C,)`` or per-(sample, channel) ``(N, C)``
   coefficients. On CPU, per-(sample, channel) coefficients when no gradient is needed go to
   :func:`d2norm.layers.native.row_affine` (one pass per row, about 0.7-0.9× BN inference). Otherwise, on CPU,
-  it runs through BN's inference kernel (``F.batch_norm`` with μ = 0, σ² = 1, ε = 0 on the ``(1, N·C, H·W)`` view of a contiguous input),
-  which is ~2× faster than a broadcast ``addcmul`` there; elsewhere (CUDA; channels-last or other strided
-  input) a broadcast ``addcmul``. Differentiable (BN's backward, or addcmul's).
+  it runs through BN's inference kernel (``F.batch_norm`` with μ = 0, σ² = 1, ε = 0 on the ``(1, N·C, H·W)``
+  view of a contiguous input), which is ~2× faster than a broadcast ``addcmul`` there; elsewhere (CUDA;
+  channels-last or other strided input) a broadcast ``addcmul``. Differentiable (BN's backward, or addcmul's).
+* :func:`normalize_by_own_moments` — both fused for a training forward whose affine comes from the input's own
+  moments (GhostBN, BGN), with a two-pass native backward.
 
-Both keep the input dtype (callers upcast fp16/bf16 to float32 first, as every layer does for its statistics).
+All keep the input dtype (callers upcast fp16/bf16 to float32 first, as every layer does for its statistics).
 """
 from typing import Callable, Optional, Tuple
 

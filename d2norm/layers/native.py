@@ -1,21 +1,31 @@
-"""A CPU kernel torch lacks: per-row mean and biased variance of a contiguous matrix, reading it once and
-writing nothing else.
+"""CPU kernels torch lacks, for the layers that normalize with each sample's own statistics.
 
 Why our own: on CPU, ``torch.var_mean`` over a contiguous row is a scalar Welford loop (~25× ``BatchNorm2d``
 inference on a ResNet feature map, measured with ``tools/benchmark_norms.py``'s shapes), and the fast vectorized
 moments inside torch's GroupNorm/LayerNorm kernels (``RowwiseMoments``) are only reachable through those ops,
 which also write a normalized copy of the input that :func:`~d2norm.layers.kernels.group_moments` must discard
-(2 reads + 2 writes of the activation, plus an activation-sized allocation, instead of 1 read). This kernel is
+(2 reads + 2 writes of the activation, plus an activation-sized allocation, instead of 1 read). The moments are
 the exact two-pass algorithm per row — the mean, then Σ(x − mean)² over the same row while it is still in cache
-— with double-precision accumulators in 32 independent lanes (vectorizable without reassociating, no
-``E[x²] − E[x]²`` cancellation: more accurate than the GroupNorm route), parallel over rows with ATen's thread
-pool, compiled for AVX-512 / AVX2 / baseline x86-64 and chosen at load time (``target_clones``: a build cached
-in a home directory shared by different CPUs stays valid).
+— with double-precision accumulators in independent lanes (vectorizable without reassociating, no
+``E[x²] − E[x]²`` cancellation: more accurate than the GroupNorm route). The kernels, one C++ source below:
 
-It is compiled on first use with ``torch.utils.cpp_extension.load_inline`` (needs a C++ compiler and ninja;
-cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Without them, or with
-``D2NORM_NATIVE=0`` in the environment, :func:`row_moments` returns ``None`` and callers use the GroupNorm route;
-the reason is logged once. CUDA tensors never come here (torch's CUDA kernels are used).
+* ``row_moments`` — per-(sample, channel [group]) mean / biased variance (:func:`row_moments`);
+* ``channel_moments`` — per-channel batch statistics over N·H·W (BatchStatsBN inference, :func:`channel_moments`);
+* ``row_affine`` — ``x·s[r] + t[r]`` per row (:func:`row_affine`);
+* ``mix_normalize`` — four-things eq 3 / evalnorm eqs 5-6 inference in one kernel (:func:`mix_normalize`);
+* ``row_affine_l1`` — evalnorm eq 9's Σ|t|, Σ sign(t), Σ sign(t)·x per row (:func:`row_affine_l1`);
+* ``row_dot_sums`` / ``row_affine2`` — the backward of a per-row affine whose coefficients come from the rows'
+  own moments (used by :func:`~d2norm.layers.kernels.normalize_by_own_moments` through :func:`native_module`).
+
+All are parallel over rows (or channels) with ATen's thread pool (OpenMP, torch's libgomp) and compiled for
+AVX-512 / AVX2 / baseline x86-64, chosen at load time (``target_clones``: a build cached in a home directory
+shared by different CPUs stays valid).
+
+They are compiled on first use with ``torch.utils.cpp_extension.load_inline`` (needs a C++ compiler and ninja;
+one build per environment, cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``;
+``scripts/install.sh`` and the test session build it up front). Without them, or with ``D2NORM_NATIVE=0`` in the
+environment, every wrapper returns ``None`` and callers use the torch route (same results, slower); the reason is
+logged once. CUDA tensors never come here (torch's CUDA kernels are used).
 """
 import hashlib
 import logging
