@@ -533,12 +533,17 @@ def native_status() -> str:
     return _status
 
 
+def _cpu_rows(x: torch.Tensor, min_dim: int = 1) -> bool:
+    """The condition every kernel shares: a non-empty contiguous CPU float32/float64 tensor of >= min_dim dims."""
+    return (x.device.type == "cpu" and x.dim() >= min_dim and x.is_contiguous() and x.numel() > 0
+            and x.dtype in (torch.float32, torch.float64))
+
+
 def row_moments(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """(mean, biased variance) of each row of ``x`` (R, L), float32/float64, contiguous, on CPU, L ≥ 1 — or
     ``None`` when the kernel is unavailable or ``x`` is not such a tensor (the caller's fallback applies). Not
     differentiable by itself (``kernels._GroupMoments`` supplies the backward)."""
-    if (x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous() or x.shape[1] == 0
-            or x.dtype not in (torch.float32, torch.float64)):
+    if not _cpu_rows(x) or x.dim() != 2:
         return None
     mod = _load()
     if mod is None:
@@ -551,9 +556,7 @@ def row_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> Opt
     """``x * scale[r] + shift[r]`` over the R = ``scale.numel()`` equal rows of the flat, contiguous CPU
     float32/float64 ``x`` (e.g. the (sample, channel) rows of NCHW with (N, C) coefficients), in one pass; the
     result has ``x``'s shape. ``None`` when unavailable / not such tensors. Not differentiable by itself."""
-    if (x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0
-            or x.dtype not in (torch.float32, torch.float64)
-            or scale.dtype != x.dtype or shift.dtype != x.dtype or scale.numel() == 0
+    if (not _cpu_rows(x) or scale.dtype != x.dtype or shift.dtype != x.dtype or scale.numel() == 0
             or shift.numel() != scale.numel() or x.numel() % scale.numel()):
         return None
     mod = _load()
@@ -567,9 +570,8 @@ def row_affine_l1(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     """Per row of ``x`` (R, L), with ``t = x·a[r] + b[r]``: ``(Σ|t|, Σ sign(t), Σ sign(t)·x)``, three (R,)
     tensors from one pass (evalnorm eq 9's L1 term and its gradient statistics), or ``None`` when unavailable /
     not such tensors (contiguous CPU float32/float64, ``a``/``b`` of R elements, same dtype)."""
-    if (x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous()
-            or x.dtype not in (torch.float32, torch.float64)
-            or a.dtype != x.dtype or b.dtype != x.dtype or a.numel() != x.shape[0] or b.numel() != x.shape[0]):
+    if (not _cpu_rows(x) or x.dim() != 2 or a.dtype != x.dtype or b.dtype != x.dtype
+            or a.numel() != x.shape[0] or b.numel() != x.shape[0]):
         return None
     mod = _load()
     if mod is None:
@@ -585,9 +587,8 @@ def mix_normalize(x: torch.Tensor, pop_mean: torch.Tensor, pop_var: torch.Tensor
     the per-channel affine, in one kernel that reads ``x`` (N, C, ...) once and writes the output once. ``None``
     when unavailable or not applicable (contiguous CPU float32/float64, no gradient needed, C-element
     statistics / affine of ``x``'s dtype)."""
-    if (x.device.type != "cpu" or x.dim() < 2 or not x.is_contiguous() or x.numel() == 0
-            or x.dtype not in (torch.float32, torch.float64)
-            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
+    if not _cpu_rows(x, 2) or (torch.is_grad_enabled()
+                               and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return None
     c = x.shape[1]
     if any(t is not None and (t.dtype != x.dtype or t.numel() != c) for t in (pop_mean, pop_var, weight, bias)):
@@ -606,8 +607,7 @@ def channel_moments(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tenso
     """Per-channel (mean, biased variance) of ``x`` (N, C, ...) over its N·H·W elements (BN's batch statistics)
     in one read of ``x``; ``None`` when unavailable or not applicable (contiguous CPU float32/float64, no
     gradient needed)."""
-    if (x.device.type != "cpu" or x.dim() < 2 or not x.is_contiguous() or x.numel() == 0
-            or x.dtype not in (torch.float32, torch.float64) or (torch.is_grad_enabled() and x.requires_grad)):
+    if not _cpu_rows(x, 2) or (torch.is_grad_enabled() and x.requires_grad):
         return None
     mod = _load()
     if mod is None:
