@@ -19,6 +19,7 @@ from d2norm.layers import batch_stats_bn as bsbn_module
 from d2norm.layers import evalnorm as evalnorm_module
 from d2norm.layers import example_weighted_bn as ewbn_module
 from d2norm.layers import kernels
+from d2norm.layers import mabn as mabn_module
 from d2norm.layers.kernels import channel_affine, group_moments
 from d2norm.layers.native import (
     channel_moments,
@@ -26,6 +27,7 @@ from d2norm.layers.native import (
     native_status,
     row_affine,
     row_affine_l1,
+    row_center,
     row_moments,
 )
 
@@ -41,6 +43,7 @@ def moments_route(request, monkeypatch):
         monkeypatch.setattr(evalnorm_module, "mix_normalize", lambda *a, **k: None)
         monkeypatch.setattr(ewbn_module, "mix_normalize", lambda *a, **k: None)
         monkeypatch.setattr(bsbn_module, "channel_moments", lambda x: None)
+        monkeypatch.setattr(mabn_module, "row_center", lambda x, rows: None)
     elif shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler: the native kernel cannot be built here (the GroupNorm route is tested)")
     else:
@@ -85,6 +88,43 @@ def test_native_row_affine_is_the_definition(moments_route):
     assert row_affine(x, torch.ones(5), torch.ones(5)) is None  # 5 rows do not divide 12 elements
     assert row_affine(x, torch.ones(3, dtype=torch.float64), torch.ones(3)) is None  # dtypes differ
     assert row_affine(x.t(), torch.ones(4), torch.ones(4)) is None  # not contiguous
+
+
+def test_native_row_center_is_the_definition(moments_route):
+    if moments_route != "native":
+        return
+    g = torch.Generator().manual_seed(13)
+    for rows, n in ((5, 1), (7, 49), (3, 255), (3, 256), (4, 4608)):  # K = 8 / K = 32 lanes and their tails
+        for dtype in (torch.float64, torch.float32):
+            x = (torch.randn(rows, n, generator=g, dtype=torch.float64) * 0.5 + 1e2).to(dtype)
+            y = row_center(x, rows)
+            assert y.dtype == dtype and y.shape == x.shape
+            x64 = x.double()
+            ref = x64 - x64.mean(1, keepdim=True)
+            # float32: the mean rounded once, then one rounding of the difference (|x| ~ 1e2 -> ~1e-5 absolute)
+            tol = 1e-12 if dtype == torch.float64 else 2e-5
+            torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol)
+    assert row_center(torch.ones(3, 4).t(), 3) is None  # not contiguous
+    assert row_center(torch.ones(3, 4), 5) is None  # 5 rows do not divide 12 elements
+    assert row_center(torch.ones(3, 4, dtype=torch.float16), 3) is None
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (5, 2, 1, 1), (3, 1, 7, 7)])
+def test_weight_centering_value_and_gradient_equal_the_definition(moments_route, shape):
+    """mabn eq 18 (W − W̄ per output channel) and its chain rule, float32 through either route, against float64
+    autograd of the definition; channels-last weights take the torch route."""
+    g = torch.Generator().manual_seed(14)
+    w64 = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 0.7).requires_grad_()
+    gz = torch.randn(shape, generator=g, dtype=torch.float64)
+    ref = w64 - w64.mean(dim=(1, 2, 3), keepdim=True)
+    ref.backward(gz)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        w = w64.detach().float().contiguous(memory_format=layout).requires_grad_()
+        y = mabn_module._CenterRows.apply(w)
+        y.backward(gz.float())
+        torch.testing.assert_close(y.double(), ref.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(w.grad.double(), w64.grad, rtol=0, atol=1e-5)
+        assert abs(float(w.grad.double().sum(dim=(1, 2, 3)).abs().max())) < 1e-5  # the gradient is centered too
 
 
 def test_native_row_affine_l1_is_the_definition(moments_route):

@@ -83,8 +83,24 @@ def assert_buffers_equal(module, snap, names=None):
             assert torch.equal(v, snap[k]), k
 
 
+@pytest.fixture(params=["native", "torch"])
+def route(request, monkeypatch):
+    """MABN's two CPU routes: d2norm's native kernels (per-channel moments, Σg / Σg·x, the one-pass eq-20 input
+    gradient, the weight centering) and torch ops (what CUDA, channels-last and a machine without a compiler
+    run)."""
+    import d2norm.layers.mabn as mabn_module
+    from d2norm.layers.native import native_status
+
+    if request.param == "torch":
+        monkeypatch.setattr(mabn_module, "native_module", lambda: None)
+        monkeypatch.setattr(mabn_module, "row_center", lambda x, rows: None)
+    elif native_status() != "ok":
+        pytest.skip(f"native kernels unavailable here ({native_status()}); the torch route is tested")
+    return request.param
+
+
 @pytest.mark.parametrize("m,warmup", [(4, 1), (3, 5), (1, 0)])
-def test_training_matches_float64_reference(m, warmup):
+def test_training_matches_float64_reference(m, warmup, route):
     """Forward and input/γ/β gradients at each step: warm-up, partially filled ring, full ring, wrap-around."""
     alpha, lam, eps = 0.6, 1.3, 1e-5
     layer = make_layer(m=m, alpha=alpha, lam=lam, warmup=warmup, eps=eps)
@@ -422,6 +438,17 @@ def test_centered_conv_forward_and_gradient(groups):
     expect_x = torch.nn.grad.conv2d_input(x.shape, Wc, gz, 1, 1, 1, groups)
     torch.testing.assert_close(x.grad, expect_x, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(conv.bias.grad, gz.sum(dim=(0, 2, 3)))
+
+
+def test_centered_weight_first_and_second_order_gradients():
+    """The written-out backward of eq 18's centering (∂L/∂W = G − mean(G)) against finite differences, to
+    first and second order (the projection is linear, so higher-order gradients must still flow)."""
+    from d2norm.layers.mabn import _CenterRows
+
+    torch.manual_seed(1)
+    w = (torch.randn(4, 3, 3, 3, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(_CenterRows.apply, (w,))
+    assert torch.autograd.gradgradcheck(_CenterRows.apply, (w,))
 
 
 def test_centered_conv_accepts_norm_and_activation_like_detectron2():

@@ -31,6 +31,7 @@ from .base import (
 )
 from ..utils.validation import check_choice, check_int, check_number
 from .kernels import channel_affine
+from .native import native_module, row_center
 from .registry import register_norm
 
 __all__ = [
@@ -63,6 +64,15 @@ def _window_mean(ring: torch.Tensor, count: torch.Tensor, current: torch.Tensor)
     window = ring.to(current.dtype).index_copy(0, pos, current.view(1, -1))
     fill = torch.clamp(count + 1, max=m).to(current.dtype)
     return window.sum(0) / fill, pos
+
+
+def _native_rows(xs: torch.Tensor):
+    """d2norm's CPU kernels (``layers/native.py``) when ``xs`` (N, C, *) is a contiguous CPU float32/float64
+    tensor and they are built, else ``None`` (torch ops: CUDA, channels-last, no compiler)."""
+    if (xs.device.type != "cpu" or not xs.is_contiguous() or xs.dtype not in (torch.float32, torch.float64)
+            or xs.dim() < 2):
+        return None
+    return native_module()
 
 
 class MABNFunction(torch.autograd.Function):
@@ -101,8 +111,13 @@ class MABNFunction(torch.autograd.Function):
         n = x.numel() // x.shape[1]
         xs = x.to(sd)
 
-        # χ²_B = E[x²] + ε (eq 15); vector_norm reduces without materializing x².
-        chi_sq_b = torch.linalg.vector_norm(xs, 2, dim=dims).square() / n + eps
+        native = _native_rows(xs)
+        if native is not None:  # CPU: per-channel moments in one read (d2norm's kernel), E[x²] = var + mean²
+            mean_b, var_b = native.channel_moments(xs)
+            chi_sq_b = var_b + mean_b * mean_b + eps
+        else:
+            # χ²_B = E[x²] + ε (eq 15); vector_norm reduces without materializing x².
+            chi_sq_b = torch.linalg.vector_norm(xs, 2, dim=dims).square() / n + eps
         warm = num_batches_tracked < warmup_iters
         chi_bar_sq, pos = _window_mean(chi_sq_ring, num_batches_tracked, chi_sq_b)
         chi = torch.where(warm, chi_sq_b, chi_bar_sq).sqrt()  # χ̄_t (χ_B in warm-up)
@@ -115,9 +130,9 @@ class MABNFunction(torch.autograd.Function):
             running_chi.copy_(chi_hat)
             num_batches_tracked.add_(1)
 
-        # z = γ·r·x/χ̄ + β in one fused pass.
+        # z = γ·r·x/χ̄ + β in one fused pass (BN's inference kernel on CPU, layers/kernels.py).
         scale = weight.to(sd) * r / chi
-        y = torch.addcmul(_channel_view(bias.to(sd), xs), xs, _channel_view(scale, xs)).to(x.dtype)
+        y = channel_affine(xs, scale, bias.to(sd)).to(x.dtype)
 
         ctx.save_for_backward(x, weight, chi, r, warm)
         ctx.psi_ring = psi_ring
@@ -134,7 +149,13 @@ class MABNFunction(torch.autograd.Function):
         n = x.numel() // x.shape[1]
         xs, gs = x.to(sd), grad_z.to(sd)
 
-        sum_xg = (xs * gs).sum(dims)
+        native = _native_rows(xs)
+        if native is not None:
+            gs = gs.contiguous()
+            rows = xs.shape[0] * xs.shape[1]
+            sum_g, sum_xg = (t.view(xs.shape[0], -1).sum(0) for t in native.row_dot_sums(gs, xs, rows))
+        else:
+            sum_g, sum_xg = None, (xs * gs).sum(dims)
         r_over_chi = r / chi  # Ŷ = x·r/χ̄
         a = weight.to(sd) * r_over_chi  # ∂L/∂Y = r·γ·∂L/∂z, so ∂L/∂Y / χ̄ = a·∂L/∂z
         psi_b = a * sum_xg / n  # Ψ_B = mean(Y·∂L/∂Y), eq 5
@@ -148,13 +169,18 @@ class MABNFunction(torch.autograd.Function):
 
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            # eq 20: (∂L/∂Y − Y·Ψ̄)/χ̄ = a·g − x·Ψ̄/χ̄² (two element-wise kernels, no reduction).
+            # eq 20: (∂L/∂Y − Y·Ψ̄)/χ̄ = a·g − x·Ψ̄/χ̄² (one element-wise pass, no reduction).
             b = -psi_bar / (chi * chi)
-            grad_x = torch.addcmul(xs * _channel_view(b, xs), gs, _channel_view(a, xs)).to(x.dtype)
+            if native is not None:  # one pass: g·a_c + x·b_c per (sample, channel) row
+                k = xs.shape[0]
+                grad_x = native.row_affine2(gs, a.repeat(k), xs, b.repeat(k), b.new_zeros(k * b.numel()))
+            else:
+                grad_x = torch.addcmul(xs * _channel_view(b, xs), gs, _channel_view(a, xs))
+            grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (r_over_chi * sum_xg).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = gs.sum(dims).to(weight.dtype)
+            grad_b = (gs.sum(dims) if sum_g is None else sum_g).to(weight.dtype)
         return (grad_x, grad_w, grad_b) + (None,) * 11
 
 
@@ -331,8 +357,33 @@ class WeightCentralized:
     a conv's class can be swapped in place (:func:`centralize_mabn_convs`)."""
 
     def centered_weight(self) -> torch.Tensor:
-        w = self.weight
-        return w - w.mean(dim=(1, 2, 3), keepdim=True)
+        return _CenterRows.apply(self.weight)
+
+
+class _CenterRows(torch.autograd.Function):
+    """``W − mean(W)`` over every dim but the first (eq 18's W̄ per output channel), with the backward written
+    out: the centering is an orthogonal projection P, so ∂L/∂W = P(∂L/∂(W − W̄)) = G − mean(G), the same map.
+    On CPU both directions are d2norm's one-pass kernel (:func:`~d2norm.layers.native.row_center`: one read,
+    one write); elsewhere ``t - t.mean(...)``. Autograd's own backward of ``w - w.mean(...)`` takes five passes
+    over the weight (neg, sum, an expanded div, add); centering was most of MABN's extra cost in detector
+    training, where every backbone conv is centered (``tools/benchmark_models.py``). The backward applies this
+    Function again, so higher-order gradients work (P is linear: its own derivative)."""
+
+    @staticmethod
+    def center(t: torch.Tensor) -> torch.Tensor:
+        fast = row_center(t, t.shape[0]) if t.dim() > 1 else None
+        if fast is not None:
+            return fast
+        dims = tuple(range(1, t.dim()))
+        return t - t.mean(dim=dims, keepdim=True)
+
+    @staticmethod
+    def forward(ctx, w):
+        return _CenterRows.center(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _CenterRows.apply(g)
 
 
 class CenteredConv2d(WeightCentralized, Conv2d):

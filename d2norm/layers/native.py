@@ -12,6 +12,8 @@ the exact two-pass algorithm per row — the mean, then Σ(x − mean)² over th
 * ``row_moments`` — per-(sample, channel [group]) mean / biased variance (:func:`row_moments`);
 * ``channel_moments`` — per-channel batch statistics over N·H·W (BatchStatsBN inference, :func:`channel_moments`);
 * ``row_affine`` — ``x·s[r] + t[r]`` per row (:func:`row_affine`);
+* ``row_center`` — ``x − mean(x[r])`` per row: mabn eq 18's weight centralization and its backward
+  (:func:`row_center`);
 * ``mix_normalize`` — four-things eq 3 / evalnorm eqs 5-6 inference in one kernel (:func:`mix_normalize`);
 * ``row_affine_l1`` — evalnorm eq 9's Σ|t|, Σ sign(t), Σ sign(t)·x per row (:func:`row_affine_l1`);
 * ``row_dot_sums`` / ``row_affine2`` — the backward of a per-row affine whose coefficients come from the rows'
@@ -36,8 +38,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["row_moments", "channel_moments", "row_affine", "row_affine_l1", "mix_normalize", "native_status",
-           "native_module"]
+__all__ = ["row_moments", "channel_moments", "row_affine", "row_affine_l1", "row_center", "mix_normalize",
+           "native_status", "native_module"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +145,48 @@ torch::Tensor row_affine(torch::Tensor x, torch::Tensor scale, torch::Tensor shi
     const double *px = x.data_ptr<double>(), *ps = scale.data_ptr<double>(), *pt = shift.data_ptr<double>();
     double* py = y.data_ptr<double>();
     at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { affine_f64(px, b, e, n, ps, pt, py); });
+  }
+  return y;
+}
+
+// y = x − mean(x[r]) per row r of the (rows, n) view (mabn eq 18's weight centralization, and its backward,
+// which is the same projection): the row's mean in double lanes, then the subtraction while the row is still in
+// cache — one read of x from memory and one write, where torch's mean + sub reads it twice.
+template <typename T>
+__attribute__((always_inline)) static inline void center_rows(const T* x, int64_t b, int64_t e, int64_t n, T* y) {
+  for (int64_t r = b; r < e; ++r) {
+    const T* p = x + r * n;
+    T* q = y + r * n;
+    const T m = static_cast<T>((n >= 256 ? lane_sum<32>(p, n, [](double v) { return v; })
+                                         : lane_sum<8>(p, n, [](double v) { return v; })) / static_cast<double>(n));
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) q[i] = p[i] - m;
+  }
+}
+
+D2NORM_CLONES static void center_f32(const float* x, int64_t b, int64_t e, int64_t n, float* y) {
+  center_rows<float>(x, b, e, n, y);
+}
+
+D2NORM_CLONES static void center_f64(const double* x, int64_t b, int64_t e, int64_t n, double* y) {
+  center_rows<double>(x, b, e, n, y);
+}
+
+torch::Tensor row_center(torch::Tensor x, int64_t rows) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.numel() > 0, "row_center: contiguous CPU tensor");
+  TORCH_CHECK(rows > 0 && x.numel() % rows == 0, "row_center: rows must divide the element count");
+  const int64_t n = x.numel() / rows;
+  auto y = torch::empty_like(x);
+  const int64_t grain = std::max<int64_t>(1, 65536 / n);
+  if (x.scalar_type() == torch::kFloat) {
+    const float* px = x.data_ptr<float>();
+    float* py = y.data_ptr<float>();
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { center_f32(px, b, e, n, py); });
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kDouble, "row_center: float32 or float64 expected");
+    const double* px = x.data_ptr<double>();
+    double* py = y.data_ptr<double>();
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { center_f64(px, b, e, n, py); });
   }
   return y;
 }
@@ -507,7 +551,8 @@ def _load():
             _module = load_inline(
                 name=f"d2norm_native_{env}",
                 cpp_sources=[_SOURCE],
-                functions=["row_moments", "row_affine", "row_affine_l1", "row_dot_sums", "row_affine2", "mix_normalize", "channel_moments"],
+                functions=["row_moments", "row_affine", "row_affine_l1", "row_dot_sums", "row_affine2", "mix_normalize",
+                           "channel_moments", "row_center"],
                 extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for's threads (torch's libgomp)
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
@@ -614,3 +659,15 @@ def channel_moments(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tenso
         return None
     mean, var = mod.channel_moments(x)
     return mean, var
+
+
+def row_center(x: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
+    """``x − mean`` of each of the ``rows`` equal rows of the flat, contiguous CPU float32/float64 ``x`` (e.g. a
+    conv weight's output channels: mabn eq 18), in one pass; the result has ``x``'s shape. ``None`` when
+    unavailable / not such a tensor. Not differentiable by itself (``mabn._CenterRows`` supplies the backward)."""
+    if not _cpu_rows(x) or rows < 1 or x.numel() % rows:
+        return None
+    mod = _load()
+    if mod is None:
+        return None
+    return mod.row_center(x, int(rows))
