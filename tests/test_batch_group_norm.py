@@ -319,13 +319,14 @@ def test_b1_equals_groupnorm_forward_backward(dtype, tol, case):
     torch.testing.assert_close(gb, gbr, rtol=tol, atol=tol)
 
 
-def test_b1_train_and_alpha1_eval_agree_bitwise():
-    """Same statistics, same code path for the normalize step: GroupNorm in train (size 1) and eval (α = 1)."""
+def test_b1_train_and_alpha1_eval_agree():
+    """Same statistics: GroupNorm in train (example groups of 1) and eval (α = 1), to float64 rounding (the
+    training kernel forms its coefficients in double, the eval path in the input dtype)."""
     m = make(8, 4, 1, alpha=1.0)
     x = rand_x(3, 8, 3, 3)
     y_train = m.train()(x)
     y_eval = m.eval()(x)
-    assert torch.equal(y_train, y_eval)
+    torch.testing.assert_close(y_train, y_eval, rtol=1e-13, atol=1e-13)
 
 
 # ----------------------------------------------------------------------------------------------------------

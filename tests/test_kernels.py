@@ -272,53 +272,64 @@ def test_float32_fast_paths_equal_the_float64_layer_in_every_layout(name, traini
         x64.grad = None
 
 
-def _group_coeffs(weight, bias, eps=1e-5):
-    """(scale, shift) (N, C) of per-(sample, group) normalization with a per-channel affine."""
-    def coeffs(mu, var):
-        n, g = mu.shape
-        cpg = weight.shape[0] // g
-        r = torch.rsqrt(var + eps).repeat_interleave(cpg, 1)
-        scale = r * weight
-        return scale, bias - mu.repeat_interleave(cpg, 1) * scale
-    return coeffs
+def _ref_example_group_norm(x, groups, sizes, w, b, eps=1e-5):
+    """float64 definition: every (example group × channel group) block normalized by its own mean and biased
+    variance, block by block, then γ_c·x̂ + β_c."""
+    n, c = x.shape[:2]
+    cpg = c // groups
+    out = torch.empty_like(x)
+    start = 0
+    for size in sizes:
+        for g in range(groups):
+            blk = x[start:start + size, g * cpg:(g + 1) * cpg]
+            mean = blk.mean()
+            var = (blk - mean).square().mean()
+            out[start:start + size, g * cpg:(g + 1) * cpg] = (blk - mean) / torch.sqrt(var + eps)
+        start += size
+    if w is not None:
+        out = out * w[None, :, None, None] + b[None, :, None, None]
+    return out
 
 
-@pytest.mark.parametrize("groups", [6, 2])
-def test_normalize_by_own_moments_value_and_gradients_equal_the_definition(groups):
-    """y = (x − μ_i)/σ_i·γ + β per (sample, group): value against float64 formula, gradients of x, γ, β by
-    gradcheck (float64), with both routes (the fused native backward and autograd of the torch route)."""
+@pytest.mark.parametrize("groups,sizes", [(6, (2, 2, 1)), (2, (3, 2)), (1, (5,)), (3, (1, 1, 1, 1, 1))])
+@pytest.mark.parametrize("affine", [True, False])
+def test_example_group_norm_value_and_gradients_equal_the_definition(groups, sizes, affine):
+    """GhostBN / BGN training normalization (four-things eq 4, §3.4): value, per-example moments and the
+    gradients of x, γ, β against autograd of the float64 block-by-block definition, with both routes (the
+    closed-form native backward and autograd of the torch route); gradcheck in float64."""
     g = torch.Generator().manual_seed(14)
-    x = _x((3, 6, 4, 5), seed=15).requires_grad_()
-    w = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(6, generator=g, dtype=torch.float64).requires_grad_()
-    y, mu, var = kernels.normalize_by_own_moments(x, groups, _group_coeffs(w, b))
-    rmu, rvar = _ref_moments(x.detach(), groups)
-    xr = x.detach().reshape(3, groups, -1)
-    ref = ((xr - rmu[..., None]) / torch.sqrt(rvar[..., None] + 1e-5)).reshape(x.shape)
-    ref = ref * w.detach()[None, :, None, None] + b.detach()[None, :, None, None]
+    x = (_x((5, 6, 4, 5), seed=15) * 3 + 2).requires_grad_()
+    w = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(6, generator=g, dtype=torch.float64).requires_grad_() if affine else None
+    y, mu, var = kernels.example_group_norm(x, groups, sizes, w, b, 1e-5)
+    xr = x.detach().clone().requires_grad_()
+    wr = w.detach().clone().requires_grad_() if affine else None
+    br = b.detach().clone().requires_grad_() if affine else None
+    ref = _ref_example_group_norm(xr, groups, sizes, wr, br)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    rmu, rvar = _ref_moments(x.detach(), groups)
     torch.testing.assert_close(mu, rmu, rtol=1e-12, atol=1e-12)
-    torch.autograd.gradcheck(lambda t, ww, bb: kernels.normalize_by_own_moments(t, groups, _group_coeffs(ww, bb))[0],
-                             (x, w, b))
-    # only the statistics used (the output ignored): the input gradient is the moments' part alone
-    xg = x.detach().clone().requires_grad_()
-    _, mu2, var2 = kernels.normalize_by_own_moments(xg, groups, _group_coeffs(w.detach(), b.detach()))
-    (mu2.sum() + 2 * var2.sum()).backward()
-    m = x[0, : 6 // groups].numel()
-    expect = (1.0 / m + 2 * 2.0 * (x.detach().reshape(3, groups, -1) - rmu[..., None]) / m).reshape(x.shape)
-    torch.testing.assert_close(xg.grad, expect, rtol=1e-12, atol=1e-12)
-
-
-def test_normalize_by_own_moments_refuses_coefficients_cut_from_the_moments(moments_route):
-    x = _x((2, 4, 3, 3)).requires_grad_()
-    cut = lambda mu, var: (torch.ones(2, 4, dtype=x.dtype), torch.zeros(2, 4, dtype=x.dtype))  # noqa: E731
-    if moments_route == "native":  # its input gradient would be lost: refused
-        with pytest.raises(ValueError, match="differentiable"):
-            kernels.normalize_by_own_moments(x, 4, cut)
-    else:  # the torch route differentiates through the affine alone
-        y, _, _ = kernels.normalize_by_own_moments(x, 4, cut)
-        y.sum().backward()
-        torch.testing.assert_close(x.grad, torch.ones_like(x))
+    torch.testing.assert_close(var, rvar, rtol=1e-12, atol=1e-12)
+    assert not mu.requires_grad and not var.requires_grad
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy)
+    ref.backward(gy)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-11)
+    if affine:
+        torch.testing.assert_close(w.grad, wr.grad, rtol=1e-10, atol=1e-11)
+        torch.testing.assert_close(b.grad, br.grad, rtol=1e-10, atol=1e-11)
+        fn = lambda t, ww, bb: kernels.example_group_norm(t, groups, sizes, ww, bb, 1e-5)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x.detach().requires_grad_(), w.detach().requires_grad_(),
+                                             b.detach().requires_grad_()))
+    # only some inputs need a gradient: the others get none
+    x2 = x.detach().clone()
+    w2 = w.detach().clone().requires_grad_() if affine else None
+    y2, _, _ = kernels.example_group_norm(x2, groups, sizes, w2, b.detach() if affine else None, 1e-5)
+    if affine:
+        y2.backward(gy)
+        torch.testing.assert_close(w2.grad, wr.grad, rtol=1e-10, atol=1e-11)
+    else:
+        assert not y2.requires_grad
 
 
 @pytest.mark.parametrize("affine", [True, False])

@@ -5,7 +5,6 @@ over both channels and examples — that is, normalization statistics are calcul
 channels of each example and *across* examples in groups within each batch"; combined at inference with
 Inference Example Weighing (four-things §3.1, eq 3), as the paper does for every method of §3.4.
 """
-import itertools
 import logging
 from typing import List, Optional, Tuple
 
@@ -17,7 +16,7 @@ from ..stats.estimators import batch_moments
 from ..utils.validation import check_int, check_number
 from .base import D2NormModule, NotAnAffine, affine_from_stats, check_input_channels, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .ghost_bn import ghost_batch_sizes
-from .kernels import channel_affine, group_moments, normalize_by_own_moments
+from .kernels import channel_affine, example_group_norm, group_moments
 from .registry import register_norm
 
 __all__ = ["BatchGroupNorm", "example_group_sizes"]
@@ -34,21 +33,6 @@ def example_group_sizes(n: int, example_group_size: int) -> List[int]:
     ``example_group_size`` consecutive examples. E.g. n=5, size 2 -> [2, 2, 1]; n=3, size 4 -> [3].
     """
     return ghost_batch_sizes(n, example_group_size, "balanced")
-
-
-def _example_group_average(t: torch.Tensor, sizes: List[int]) -> torch.Tensor:
-    """Per-example average of ``t`` (N, G) over each example's own group, broadcast back to (N, G).
-
-    Groups are contiguous; each run of equal sizes is one reshape (a balanced split has at most two runs), so
-    this is O(N) and deterministic (no scatter/atomics).
-    """
-    out, start = [], 0
-    for size, run in itertools.groupby(sizes):
-        g = len(list(run))
-        block = t[start : start + g * size].reshape(g, size, -1)
-        out.append(block.mean(1, keepdim=True).expand(g, size, block.shape[-1]).reshape(g * size, -1))
-        start += g * size
-    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 @register_norm("BGN")
@@ -183,17 +167,12 @@ class BatchGroupNorm(nn.Module, D2NormModule):
             return self._normalize(x, m.unsqueeze(0), var.unsqueeze(0), xs)
 
         if self.training:
-            # Per-example statistics of each channel group (N, G), pooled over each example group; one fused
-            # moments + normalize (layers/kernels.py).
+            # Per-example statistics of each channel group (N, G), pooled exactly over each example group, one
+            # fused moments + normalize with a closed-form backward (layers/kernels.py).
             sizes = example_group_sizes(x.shape[0], self.example_group_size)
-
-            def coeffs(mu_i, var_i):
-                mean = _example_group_average(mu_i, sizes)
-                var = _example_group_average(var_i + (mu_i - mean) ** 2, sizes)
-                return self._scale_shift(mean, var)
-
-            y, mu_i, var_i = normalize_by_own_moments(xs, self.num_groups, coeffs)
-            self._update_moving_stats(mu_i.detach(), var_i.detach())
+            w, b = (self.weight.to(sd), self.bias.to(sd)) if self.affine else (None, None)
+            y, mu_i, var_i = example_group_norm(xs, self.num_groups, sizes, w, b, self.eps)
+            self._update_moving_stats(mu_i, var_i)
             return y.to(x.dtype)
 
         # Per-example statistics of each channel group: (N, G). One reduction pass over x.

@@ -10,8 +10,7 @@ import torch
 
 from .base import D2NormBatchNorm2d, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from ..utils.validation import check_choice, check_int
-from .kernels import normalize_by_own_moments
-from .moments import pooled_moments
+from .kernels import example_group_moments, example_group_norm
 from .registry import register_norm
 
 __all__ = ["GhostBatchNorm2d", "ghost_batch_sizes"]
@@ -92,41 +91,17 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
 
         sizes = ghost_batch_sizes(x.shape[0], self.ghost_size, self.remainder)
         sd = stat_dtype(x.dtype)
-        xs = x.to(sd)
         # Every example's per-channel moments in one pass, pooled exactly over each sub-batch (equal element
-        # counts per example), then one fused normalize with per-(example, channel) affine.
-        hw = x.shape[2] * x.shape[3]
-        means, vars_, counts = [], [], []
-
-        def coeffs(mu_i, var_i):
-            scales, shifts, start = [], [], 0
-            # At most two distinct sub-batch sizes: each run of equal sizes is one reshaped block.
-            for size in sorted(set(sizes), reverse=True):
-                g = sizes.count(size)
-                rows = slice(start, start + g * size)
-                start += g * size
-                ones = mu_i.new_ones(1, size, 1)
-                _, mean, var = pooled_moments(ones, mu_i[rows].reshape(g, size, -1),
-                                              var_i[rows].reshape(g, size, -1), 1)
-                scale = torch.rsqrt(var + self.eps)  # (g, C)
-                if self.affine:
-                    scale = scale * self.weight.to(sd)
-                    shift = self.bias.to(sd) - mean * scale
-                else:
-                    shift = -mean * scale
-                scales.append(scale.repeat_interleave(size, dim=0))
-                shifts.append(shift.repeat_interleave(size, dim=0))
-                means.append(mean.detach())
-                vars_.append(var.detach())
-                counts.append(torch.full((g, 1), float(size * hw), dtype=sd, device=x.device))
-            return torch.cat(scales), torch.cat(shifts)
-
-        y, _, _ = normalize_by_own_moments(xs, x.shape[1], coeffs)
-        y = y.to(x.dtype)
-
+        # counts per example), one fused normalize with a closed-form backward (layers/kernels.py).
+        w, b = (self.weight.to(sd), self.bias.to(sd)) if self.affine else (None, None)
+        y, mu_i, var_i = example_group_norm(x.to(sd), x.shape[1], sizes, w, b, self.eps)
         if self.track_running_stats:
-            self._update_running_stats(torch.cat(means), torch.cat(vars_), torch.cat(counts))
-        return y
+            with torch.no_grad():
+                means, vars_ = example_group_moments(mu_i, var_i, sizes)  # (k, C) per sub-batch
+                hw = x.shape[2] * x.shape[3]
+                counts = torch.tensor([[float(s * hw)] for s in sizes], dtype=sd, device=x.device)
+            self._update_running_stats(means, vars_, counts)
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, means, vars_, counts):

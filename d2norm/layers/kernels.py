@@ -16,12 +16,13 @@ Memory-bound primitives, each one pass over the activation:
   it runs through BN's inference kernel (``F.batch_norm`` with μ = 0, σ² = 1, ε = 0 on the ``(1, N·C, H·W)``
   view of a contiguous input), which is ~2× faster than a broadcast ``addcmul`` there; elsewhere (CUDA;
   channels-last or other strided input) a broadcast ``addcmul``. Differentiable (BN's backward, or addcmul's).
-* :func:`normalize_by_own_moments` — both fused for a training forward whose affine comes from the input's own
-  moments (GhostBN, BGN), with a two-pass native backward.
+* :func:`example_group_norm` — normalization of (example group × channel group) blocks by their own moments,
+  the training forward of GhostBN and BGN, with a closed-form two-pass native backward.
 
 All keep the input dtype (callers upcast fp16/bf16 to float32 first, as every layer does for its statistics).
 """
-from typing import Callable, Optional, Tuple
+import itertools
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ from torch.autograd.function import once_differentiable
 
 from .native import native_module, row_affine, row_moments
 
-__all__ = ["group_moments", "channel_affine", "normalize_by_own_moments"]
+__all__ = ["group_moments", "channel_affine", "example_group_norm", "example_group_moments", "example_group_means",
+           "expand_example_groups"]
 
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
@@ -102,102 +104,116 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     return torch.addcmul(shift.reshape(view), x, scale.reshape(view))
 
 
-class _Link:
-    """What the two halves of :func:`normalize_by_own_moments`'s fused backward share: the output gradient and
-    the scale, left by the affine's backward for the moments' backward (which autograd runs after it: the
-    scale depends on the moments)."""
-
-    __slots__ = ("gy", "scale")
-
-    def __init__(self):
-        self.gy = self.scale = None
+def _channels(t: torch.Tensor, cpg: int) -> torch.Tensor:
+    """(N, G) per channel group -> (N, G·cpg) per channel, by ``expand`` (deterministic backward: a plain sum)."""
+    n, g = t.shape
+    return t.unsqueeze(-1).expand(n, g, cpg).reshape(n, g * cpg)
 
 
-class _LinkedMoments(torch.autograd.Function):
-    """Per-(sample, group) moments (native kernel) whose backward also adds the affine's ``gy·scale``, so the
-    input gradient is one pass: ``gx = gy·s + x·a + b`` (a, b from ∂μ/∂x = 1/M, ∂σ²/∂x = 2(x − μ)/M)."""
+def _runs(sizes: Sequence[int]):
+    """(first row, group size, number of groups) of each run of equal consecutive group sizes."""
+    start = 0
+    for size, run in itertools.groupby(sizes):
+        g = len(list(run))
+        yield start, size, g
+        start += g * size
+
+
+def example_group_means(t: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Mean of the rows of ``t`` (N, K) over each contiguous example group (``sizes``, summing to N): (k, K).
+
+    Each run of equal sizes is one reshape (a balanced split has at most two runs): O(N), deterministic."""
+    out = [t[a: a + g * size].reshape(g, size, -1).mean(1) for a, size, g in _runs(sizes)]
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def expand_example_groups(t: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """One row per example group (k, K) -> one per example (N, K), each group's row repeated ``size`` times (by
+    ``expand``: its backward is a plain sum, deterministic)."""
+    out, i = [], 0
+    for _, size, g in _runs(sizes):
+        block = t[i: i + g]
+        out.append(block.unsqueeze(1).expand(g, size, block.shape[-1]).reshape(g * size, -1))
+        i += g
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def example_group_moments(mu: torch.Tensor, var: torch.Tensor, sizes: Sequence[int]
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact mean and biased variance of each (example group, channel group) block from the per-example moments
+    ``mu``, ``var`` (N, G) of its examples (equal element counts): ``μ_e = mean μ_i``, ``σ²_e = mean (v_i +
+    (μ_i − μ_e)²)`` (no E[x²] − μ² cancellation), as (k, G). Differentiable."""
+    mean = example_group_means(mu, sizes)
+    var_e = example_group_means(var + (mu - expand_example_groups(mean, sizes)).square(), sizes)
+    return mean, var_e
+
+
+class _ExampleGroupNorm(torch.autograd.Function):
+    """Native CPU route of :func:`example_group_norm`: d2norm's block kernels (``native.py``
+    ``block_norm_forward`` / ``block_norm_backward``), one task per (example group, channel group) block whose
+    rows stay in cache: the forward reads x once and writes y once, the backward reads gy and x once and writes
+    the input gradient once (closed form, below)."""
 
     @staticmethod
-    def forward(ctx, x, groups: int, link: _Link):
+    def forward(ctx, x, weight, bias, groups: int, starts: torch.Tensor, eps: float):
         n = x.shape[0]
-        mean, var = native_module().row_moments(x.view(n * groups, -1))
-        ctx.save_for_backward(x, mean)
-        ctx.groups, ctx.link = groups, link
-        return mean.view(n, groups), var.view(n, groups)
+        none = x.new_empty(0)
+        y, mu, var, bmean, brstd = native_module().block_norm_forward(
+            x, starts, groups, none if weight is None else weight.contiguous(),
+            none if bias is None else bias.contiguous(), float(eps))
+        ctx.save_for_backward(x, weight, starts, bmean, brstd)
+        ctx.groups = groups
+        mu, var = mu.view(n, groups), var.view(n, groups)
+        ctx.mark_non_differentiable(mu, var)
+        return y, mu, var
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_mean, g_var):
-        x, mean = ctx.saved_tensors
-        n, c, g = x.shape[0], x.shape[1], ctx.groups
-        m = x.numel() // (n * g)
-        mean = mean.view(n, g)
-        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
-        g_var = torch.zeros_like(mean) if g_var is None else g_var
-        a = 2.0 * g_var / m
-        b = g_mean / m - a * mean
-        a = a.repeat_interleave(c // g, dim=1).reshape(-1)
-        b = b.repeat_interleave(c // g, dim=1).reshape(-1)
-        link, mod = ctx.link, native_module()
-        if link.gy is not None:
-            gx = mod.row_affine2(link.gy, link.scale, x, a, b)
-        else:  # the output was not used: only the statistics' part
-            gx = mod.row_affine(x, a, b)
-        link.gy = link.scale = None
-        return gx, None, None
-
-
-class _LinkedAffine(torch.autograd.Function):
-    """``y = x·scale + shift`` per (sample, channel) row (native kernel); its backward computes the gradients
-    of scale and shift (Σgy·x, Σgy per row) and leaves the input gradient to :class:`_LinkedMoments`."""
-
-    @staticmethod
-    def forward(ctx, x, scale, shift, link: _Link):
-        y = native_module().row_affine(x, scale.reshape(-1).contiguous(), shift.reshape(-1).contiguous())
-        ctx.save_for_backward(x, scale)
-        ctx.link = link
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        x, scale = ctx.saved_tensors
+    def backward(ctx, gy, _g_mu, _g_var):
+        # The per-example moments are outputs for the layers' moving statistics only (non-differentiable).
+        # Per block of M elements with x̂ = (x − μ_e)·r_e, A = Σ γ·gy, B = Σ γ·gy·x̂ (native kernel):
+        #   dx = r·(γ·gy − A/M − x̂·B/M),   dγ_c = Σ gy·x̂,   dβ_c = Σ gy.
+        x, weight, starts, bmean, brstd = ctx.saved_tensors
         n, c = x.shape[0], x.shape[1]
-        gy = gy.contiguous()
-        g_scale = g_shift = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            s_g, s_gx = native_module().row_dot_sums(gy, x, n * c)
-            g_scale, g_shift = s_gx.view(n, c), s_g.view(n, c)
-        if ctx.needs_input_grad[0]:
-            ctx.link.gy, ctx.link.scale = gy, scale.reshape(-1).contiguous()
-        return None, g_scale, g_shift, None
+        gx, s_g, s_gxhat = native_module().block_norm_backward(
+            gy.contiguous(), x, starts, ctx.groups, x.new_empty(0) if weight is None else weight.contiguous(),
+            bmean, brstd, bool(ctx.needs_input_grad[0]))
+        g_weight = s_gxhat.view(n, c).sum(0) if weight is not None and ctx.needs_input_grad[1] else None
+        g_bias = s_g.view(n, c).sum(0) if ctx.needs_input_grad[2] else None
+        return (gx if ctx.needs_input_grad[0] else None), g_weight, g_bias, None, None, None
 
 
-def normalize_by_own_moments(
+def example_group_norm(
     x: torch.Tensor,
     groups: int,
-    coeffs: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+    sizes: Sequence[int],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``y = x·scale + shift`` where ``(scale, shift) = coeffs(μ_i, σ_i²)``, both (N, C), are computed (with
-    ordinary differentiable ops) from the per-(sample, channel group) moments (N, G) of ``x`` itself: the
-    training forward of GhostBN (sub-batch statistics, four-things eq 4) and BGN (example × channel groups,
-    §3.4). Returns ``(y, μ_i, σ_i²)``.
+    """Normalize each (example group × channel group) block of ``x`` (N, C, *) by its own mean and biased
+    variance, then a per-channel affine: the training forward of GhostBN (channel groups of one channel,
+    example groups = sub-batches, four-things eq 4) and BGN (four-things §3.4). ``sizes``: the contiguous example
+    groups (summing to N, at most two distinct sizes in runs); ``groups`` divides C. Returns ``(y, μ_i, σ_i²)``
+    with the per-(example, channel group) moments (N, G) for the layers' moving statistics (no gradient flows
+    through them; the gradient of ``y`` is exact).
 
-    On CPU (contiguous float32/float64, native kernel built) forward and backward are two activation passes
-    each, like torch's GroupNorm kernels: moments + affine, then Σgy / Σgy·x per row + one fused input
-    gradient ``gy·scale + x·a + b``. Elsewhere :func:`group_moments` + :func:`channel_affine` and autograd
-    (same values and gradients)."""
-    mod = None
+    On CPU (contiguous float32/float64, native kernels built): :class:`_ExampleGroupNorm`, one native kernel
+    each way, block by block (x read once and y written once; gy and x read once and the input gradient
+    written once), with no autograd graph of small ops around them. Elsewhere
+    (CUDA, channels-last, no compiler): :func:`group_moments` + :func:`channel_affine` and autograd, same values
+    and gradients (both tested against a float64 definition)."""
+    sizes = tuple(int(s) for s in sizes)
     if (x.device.type == "cpu" and x.is_contiguous() and x.numel() > 0
-            and x.dtype in (torch.float32, torch.float64)):
-        mod = native_module()
-    if mod is None:
-        mu, var = group_moments(x, groups)
-        scale, shift = coeffs(mu, var)
-        return channel_affine(x, scale, shift), mu, var
-    link = _Link()
-    mu, var = _LinkedMoments.apply(x, groups, link)
-    scale, shift = coeffs(mu, var)
-    if mu.requires_grad and not scale.requires_grad:  # the input gradient is computed by the moments' backward
-        raise ValueError("normalize_by_own_moments: coeffs must keep scale differentiable in the moments")
-    return _LinkedAffine.apply(x, scale, shift, link), mu, var
+            and x.dtype in (torch.float32, torch.float64) and native_module() is not None):
+        starts = torch.tensor((0,) + tuple(itertools.accumulate(sizes)), dtype=torch.long)
+        return _ExampleGroupNorm.apply(x, weight, bias, groups, starts, eps)
+    n, c = x.shape[0], x.shape[1]
+    cpg = c // groups
+    mu, var = group_moments(x, groups)
+    mean_k, var_k = example_group_moments(mu, var, sizes)
+    rstd = _channels(torch.rsqrt(expand_example_groups(var_k, sizes) + eps), cpg)
+    mean = _channels(expand_example_groups(mean_k, sizes), cpg)
+    scale = rstd if weight is None else rstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return channel_affine(x, scale, shift), mu.detach(), var.detach()

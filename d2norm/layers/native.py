@@ -17,7 +17,7 @@ the exact two-pass algorithm per row — the mean, then Σ(x − mean)² over th
 * ``mix_normalize`` — four-things eq 3 / evalnorm eqs 5-6 inference in one kernel (:func:`mix_normalize`);
 * ``row_affine_l1`` — evalnorm eq 9's Σ|t|, Σ sign(t), Σ sign(t)·x per row (:func:`row_affine_l1`);
 * ``row_dot_sums`` / ``row_affine2`` — the backward of a per-row affine whose coefficients come from the rows'
-  own moments (used by :func:`~d2norm.layers.kernels.normalize_by_own_moments` through :func:`native_module`).
+  own moments (the closed-form backward of :func:`~d2norm.layers.kernels.example_group_norm`, through :func:`native_module`).
 
 All are parallel over rows (or channels) with ATen's thread pool (OpenMP, torch's libgomp) and compiled for
 AVX-512 / AVX2 / baseline x86-64, chosen at load time (``target_clones``: a build cached in a home directory
@@ -497,6 +497,201 @@ std::vector<torch::Tensor> channel_moments(torch::Tensor x) {
   return {mean, var};
 }
 
+// ---- (example group × channel group) block normalization: GhostBN / BGN training (four-things eq 4, §3.4) ----
+// x (N, C, L) contiguous; example groups [starts[e], starts[e+1]); channel group g = channels [g·cpg, (g+1)·cpg),
+// which in example n is one contiguous span of cpg·L elements. One task per block (e, g): the block's spans are
+// read from memory once and stay in cache for the second moments pass and the output pass.
+template <typename T>
+__attribute__((always_inline)) static inline void block_fwd(const T* x, const int64_t* starts, int64_t b0, int64_t b1,
+                                                            int64_t G, int64_t C, int64_t L, const T* w, const T* bias,
+                                                            double eps, T* y, T* mu, T* var, T* bmean, T* brstd) {
+  const int64_t cpg = C / G, m = cpg * L;
+  std::vector<double> ex;  // the block's per-example (mean, variance) in double
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t e = blk / G, g = blk % G, n0 = starts[e], n1 = starts[e + 1];
+    ex.resize(2 * (n1 - n0));
+    double mean_sum = 0.0;
+    for (int64_t n = n0; n < n1; ++n) {
+      double mm, vv;
+      const T* p = x + (n * C + g * cpg) * L;
+      if (m >= 256) moments_of_row<32, T>(p, m, &mm, &vv);
+      else moments_of_row<8, T>(p, m, &mm, &vv);
+      mu[n * G + g] = static_cast<T>(mm);
+      var[n * G + g] = static_cast<T>(vv);
+      ex[2 * (n - n0)] = mm;
+      ex[2 * (n - n0) + 1] = vv;
+      mean_sum += mm;
+    }
+    const double cnt = static_cast<double>(n1 - n0);
+    const double me = mean_sum / cnt;
+    double ve = 0.0;  // pooled exactly: mean of v_i + (μ_i − μ_e)² (no E[x²] − μ² cancellation)
+    for (int64_t i = 0; i < n1 - n0; ++i) ve += ex[2 * i + 1] + (ex[2 * i] - me) * (ex[2 * i] - me);
+    ve /= cnt;
+    const double r = 1.0 / std::sqrt(ve + eps);
+    bmean[blk] = static_cast<T>(me);
+    brstd[blk] = static_cast<T>(r);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t j = 0; j < cpg; ++j) {
+        const int64_t ch = g * cpg + j;
+        const double sd = r * (w ? static_cast<double>(w[ch]) : 1.0);
+        const T s = static_cast<T>(sd), t = static_cast<T>((bias ? static_cast<double>(bias[ch]) : 0.0) - me * sd);
+        const T* p = x + (n * C + ch) * L;
+        T* q = y + (n * C + ch) * L;
+#pragma omp simd
+        for (int64_t i = 0; i < L; ++i) q[i] = p[i] * s + t;
+      }
+    }
+  }
+}
+
+template <typename T>
+__attribute__((always_inline)) static inline void block_bwd(const T* gy, const T* x, const int64_t* starts, int64_t b0,
+                                                            int64_t b1, int64_t G, int64_t C, int64_t L, const T* w,
+                                                            const T* bmean, const T* brstd, T* gx, T* sg, T* sgxh) {
+  const int64_t cpg = C / G;
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t e = blk / G, g = blk % G, n0 = starts[e], n1 = starts[e + 1];
+    const double me = bmean[blk], r = brstd[blk];
+    double A = 0.0, B = 0.0;  // Σ γ·gy and Σ γ·gy·x̂ over the block
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t j = 0; j < cpg; ++j) {
+        const int64_t ch = g * cpg + j, row = n * C + ch;
+        const T* pg = gy + row * L;
+        const T* px = x + row * L;
+        double u = 0, v = 0;
+#pragma omp simd reduction(+ : u, v)
+        for (int64_t i = 0; i < L; ++i) {
+          const double gv = static_cast<double>(pg[i]);
+          u += gv;
+          v += gv * static_cast<double>(px[i]);
+        }
+        const double xh = r * (v - me * u);  // Σ gy·x̂ of the row
+        sg[row] = static_cast<T>(u);
+        sgxh[row] = static_cast<T>(xh);
+        const double wc = w ? static_cast<double>(w[ch]) : 1.0;
+        A += wc * u;
+        B += wc * xh;
+      }
+    }
+    if (!gx) continue;
+    const double M = static_cast<double>((n1 - n0) * cpg * L);
+    // dx = r·(γ·gy − A/M − x̂·B/M) = (r·γ)·gy + x·(−r²B/M) + r·(r·μ·B − A)/M
+    const T ax = static_cast<T>(-r * r * B / M), a1 = static_cast<T>(r * (r * me * B - A) / M);
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t j = 0; j < cpg; ++j) {
+        const int64_t ch = g * cpg + j, row = n * C + ch;
+        const T s = static_cast<T>(r * (w ? static_cast<double>(w[ch]) : 1.0));
+        const T* pg = gy + row * L;
+        const T* px = x + row * L;
+        T* q = gx + row * L;
+#pragma omp simd
+        for (int64_t i = 0; i < L; ++i) q[i] = pg[i] * s + (px[i] * ax + a1);
+      }
+    }
+  }
+}
+
+D2NORM_CLONES static void block_fwd_f32(const float* x, const int64_t* st, int64_t b0, int64_t b1, int64_t G,
+                                        int64_t C, int64_t L, const float* w, const float* b, double eps, float* y,
+                                        float* mu, float* var, float* bm, float* br) {
+  block_fwd<float>(x, st, b0, b1, G, C, L, w, b, eps, y, mu, var, bm, br);
+}
+D2NORM_CLONES static void block_fwd_f64(const double* x, const int64_t* st, int64_t b0, int64_t b1, int64_t G,
+                                        int64_t C, int64_t L, const double* w, const double* b, double eps, double* y,
+                                        double* mu, double* var, double* bm, double* br) {
+  block_fwd<double>(x, st, b0, b1, G, C, L, w, b, eps, y, mu, var, bm, br);
+}
+D2NORM_CLONES static void block_bwd_f32(const float* gy, const float* x, const int64_t* st, int64_t b0, int64_t b1,
+                                        int64_t G, int64_t C, int64_t L, const float* w, const float* bm,
+                                        const float* br, float* gx, float* sg, float* sgxh) {
+  block_bwd<float>(gy, x, st, b0, b1, G, C, L, w, bm, br, gx, sg, sgxh);
+}
+D2NORM_CLONES static void block_bwd_f64(const double* gy, const double* x, const int64_t* st, int64_t b0, int64_t b1,
+                                        int64_t G, int64_t C, int64_t L, const double* w, const double* bm,
+                                        const double* br, double* gx, double* sg, double* sgxh) {
+  block_bwd<double>(gy, x, st, b0, b1, G, C, L, w, bm, br, gx, sg, sgxh);
+}
+
+static void check_blocks(const torch::Tensor& x, const torch::Tensor& starts, int64_t groups, const torch::Tensor& w,
+                         const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2 && x.is_contiguous() && x.numel() > 0, what,
+              ": contiguous non-empty CPU (N, C, ...) tensor");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble, what,
+              ": float32 or float64 expected");
+  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0, what, ": groups must divide C");
+  TORCH_CHECK(starts.scalar_type() == torch::kLong && starts.dim() == 1 && starts.is_contiguous() &&
+              starts.numel() >= 2, what, ": int64 group starts (k + 1)");
+  const int64_t* st = starts.data_ptr<int64_t>();
+  TORCH_CHECK(st[0] == 0 && st[starts.numel() - 1] == x.size(0), what, ": group starts must span [0, N]");
+  for (int64_t e = 0; e + 1 < starts.numel(); ++e) TORCH_CHECK(st[e + 1] > st[e], what, ": empty example group");
+  TORCH_CHECK(w.numel() == 0 || (w.numel() == x.size(1) && w.is_contiguous() && w.scalar_type() == x.scalar_type()),
+              what, ": per-channel coefficients of x's dtype (or empty)");
+}
+
+// returns y, μ_i, σ²_i (N·G each: per example, channel group), and the block mean and rstd (k·G) for the backward
+std::vector<torch::Tensor> block_norm_forward(torch::Tensor x, torch::Tensor starts, int64_t groups,
+                                              torch::Tensor weight, torch::Tensor bias, double eps) {
+  check_blocks(x, starts, groups, weight, "block_norm_forward");
+  check_blocks(x, starts, groups, bias, "block_norm_forward");
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), k = starts.numel() - 1;
+  auto y = torch::empty_like(x);
+  auto mu = torch::empty({N * groups}, x.options()), var = torch::empty({N * groups}, x.options());
+  auto bm = torch::empty({k * groups}, x.options()), br = torch::empty({k * groups}, x.options());
+  const int64_t per_block = std::max<int64_t>(1, (N / k) * (C / groups) * L);
+  const int64_t grain = std::max<int64_t>(1, 65536 / per_block);
+  const int64_t* st = starts.data_ptr<int64_t>();
+  if (x.scalar_type() == torch::kFloat) {
+    const float* pw = weight.numel() ? weight.data_ptr<float>() : nullptr;
+    const float* pb = bias.numel() ? bias.data_ptr<float>() : nullptr;
+    at::parallel_for(0, k * groups, grain, [&](int64_t b0, int64_t b1) {
+      block_fwd_f32(x.data_ptr<float>(), st, b0, b1, groups, C, L, pw, pb, eps, y.data_ptr<float>(),
+                    mu.data_ptr<float>(), var.data_ptr<float>(), bm.data_ptr<float>(), br.data_ptr<float>());
+    });
+  } else {
+    const double* pw = weight.numel() ? weight.data_ptr<double>() : nullptr;
+    const double* pb = bias.numel() ? bias.data_ptr<double>() : nullptr;
+    at::parallel_for(0, k * groups, grain, [&](int64_t b0, int64_t b1) {
+      block_fwd_f64(x.data_ptr<double>(), st, b0, b1, groups, C, L, pw, pb, eps, y.data_ptr<double>(),
+                    mu.data_ptr<double>(), var.data_ptr<double>(), bm.data_ptr<double>(), br.data_ptr<double>());
+    });
+  }
+  return {y, mu, var, bm, br};
+}
+
+// returns gx (empty unless need_gx), Σgy and Σgy·x̂ per (example, channel) row (N·C each)
+std::vector<torch::Tensor> block_norm_backward(torch::Tensor gy, torch::Tensor x, torch::Tensor starts, int64_t groups,
+                                               torch::Tensor weight, torch::Tensor bmean, torch::Tensor brstd,
+                                               bool need_gx) {
+  check_blocks(x, starts, groups, weight, "block_norm_backward");
+  check_rows(gy, x, "block_norm_backward");
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), k = starts.numel() - 1;
+  TORCH_CHECK(bmean.numel() == k * groups && brstd.numel() == k * groups && bmean.is_contiguous() &&
+              brstd.is_contiguous() && bmean.scalar_type() == x.scalar_type() &&
+              brstd.scalar_type() == x.scalar_type(), "block_norm_backward: block statistics (k·G) of x's dtype");
+  auto gx = need_gx ? torch::empty_like(x) : torch::empty({0}, x.options());
+  auto sg = torch::empty({N * C}, x.options()), sgxh = torch::empty({N * C}, x.options());
+  const int64_t per_block = std::max<int64_t>(1, (N / k) * (C / groups) * L);
+  const int64_t grain = std::max<int64_t>(1, 65536 / per_block);
+  const int64_t* st = starts.data_ptr<int64_t>();
+  if (x.scalar_type() == torch::kFloat) {
+    const float* pw = weight.numel() ? weight.data_ptr<float>() : nullptr;
+    float* pgx = need_gx ? gx.data_ptr<float>() : nullptr;
+    at::parallel_for(0, k * groups, grain, [&](int64_t b0, int64_t b1) {
+      block_bwd_f32(gy.data_ptr<float>(), x.data_ptr<float>(), st, b0, b1, groups, C, L, pw, bmean.data_ptr<float>(),
+                    brstd.data_ptr<float>(), pgx, sg.data_ptr<float>(), sgxh.data_ptr<float>());
+    });
+  } else {
+    const double* pw = weight.numel() ? weight.data_ptr<double>() : nullptr;
+    double* pgx = need_gx ? gx.data_ptr<double>() : nullptr;
+    at::parallel_for(0, k * groups, grain, [&](int64_t b0, int64_t b1) {
+      block_bwd_f64(gy.data_ptr<double>(), x.data_ptr<double>(), st, b0, b1, groups, C, L, pw,
+                    bmean.data_ptr<double>(), brstd.data_ptr<double>(), pgx, sg.data_ptr<double>(),
+                    sgxh.data_ptr<double>());
+    });
+  }
+  return {gx, sg, sgxh};
+}
+
 std::vector<torch::Tensor> row_moments(torch::Tensor x) {
   TORCH_CHECK(x.device().is_cpu(), "row_moments: CPU tensor expected");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "row_moments: contiguous (rows, n) tensor expected");
@@ -552,7 +747,7 @@ def _load():
                 name=f"d2norm_native_{env}",
                 cpp_sources=[_SOURCE],
                 functions=["row_moments", "row_affine", "row_affine_l1", "row_dot_sums", "row_affine2", "mix_normalize",
-                           "channel_moments", "row_center"],
+                           "channel_moments", "row_center", "block_norm_forward", "block_norm_backward"],
                 extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for's threads (torch's libgomp)
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
