@@ -53,14 +53,35 @@ def test_benchmark_models_json(tmp_path):
     import benchmark_models
 
     out = tmp_path / "models.json"
-    benchmark_models.main(["--models", "faster_rcnn_R18_FPN", "--norms", "GhostBN", "EvalNorm", "--rounds", "1",
-                           "--threads", "1", "--fold", "--json", str(out)])
+    benchmark_models.main(["--models", "faster_rcnn_R18_FPN", "--norms", "GhostBN", "EvalNorm", "--rounds", "2",
+                           "--threads", "1", "--fold", "--image-size", "96", "--json", str(out)])
     doc = json.loads(out.read_text())
     r = doc["models"]["faster_rcnn_R18_FPN"]
     assert set(r["norms"]) == {"BN+fold", "none", "GhostBN", "GhostBN+fold", "EvalNorm"}  # EvalNorm: nothing to fold
     assert r["norms"]["GhostBN+fold"]["folded"] > 0 and "train_ratio" not in r["norms"]["GhostBN+fold"]
+    assert r["image_size"] == 96 and r["rounds"] == 2 and doc["image_size"] == 96
+    for row in r["norms"].values():  # every ratio: median of the per-round ratios inside its IQR, and the best-of
+        for key in ("train_ratio", "infer_ratio", "infer_vs_no_norm"):
+            if key in row:
+                lo, hi = row[key + "_iqr"]
+                assert 0 < lo <= row[key] <= hi and row[key + "_best"] > 0
     pb = r["precise_bn"]
     c = pb["schedules"]["coco_90k_eval_period_5000"]
     assert c["passes"] == 19
     expected = 100 * 19 * pb["num_samples"] * pb["forward_s_per_image"] / (90000 * 16 * pb["train_s_per_image"])
     assert abs(c["cost_percent"] - expected) < 1e-9 * expected
+
+
+def test_benchmark_models_ratio_statistics_are_the_paired_median_and_quartiles():
+    import benchmark_models
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base, other = list(rng.uniform(1, 2, 7)), list(rng.uniform(1, 2, 7))
+    r = benchmark_models._ratio(base, other)
+    per_round = np.array(base) / np.array(other)
+    assert r["median"] == pytest.approx(np.median(per_round), rel=1e-12)
+    assert r["iqr"] == pytest.approx(list(np.percentile(per_round, [25, 75])), rel=1e-12)
+    assert r["best"] == pytest.approx(min(base) / min(other), rel=1e-12)
+    with pytest.raises(SystemExit):
+        benchmark_models.main(["--image-size", "8"])

@@ -201,15 +201,19 @@ def test_aux_loss_matches_reference_value_and_gradient():
     assert a.grad.abs() > 0 and b.grad.abs() > 0
 
 
-def test_affine_l1_mean_gradcheck():
+def test_aux_loss_function_gradcheck():
+    """The closed-form gradient of eqs 7-9 w.r.t. α̂, β̂ (E._AuxLoss) against finite differences (float64), at
+    α̂, β̂ away from and near 0 / 1; the stop-gradient arguments get no gradient."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, 3, 2, generator=g, dtype=torch.float64) * 3 + 2
-    a = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: E._AffineL1Mean.apply(x, a, b), (a, b))
-    torch.testing.assert_close(E._AffineL1Mean.apply(x, a, b), (x * a[..., None, None] + b[..., None, None]).abs().mean())
-    with pytest.raises(RuntimeError, match="detached"):
-        E._AffineL1Mean.apply(x.clone().requires_grad_(True), a, b)
+    x = torch.randn(3, 4, 3, 2, generator=g, dtype=torch.float64) * 3 + 2
+    mu_e = torch.randn(4, generator=g, dtype=torch.float64) + 2
+    var_e = torch.rand(4, generator=g, dtype=torch.float64) * 8 + 1
+    for a0, b0 in ((0.3, 0.6), (0.02, 0.97)):
+        a = torch.tensor(a0, dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(b0, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, b: E._AuxLoss.apply(x, mu_e, var_e, a, b, 1e-3), (a, b))
+        torch.testing.assert_close(E._AuxLoss.apply(x, mu_e, var_e, a, b, 1e-3),
+                                   ref_aux(x, mu_e, var_e, a, b, 1e-3), rtol=1e-12, atol=1e-14)
 
 
 class TinyNet(nn.Module):

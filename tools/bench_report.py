@@ -39,22 +39,33 @@ def norms_tables(doc):
     return lines
 
 
+def _ratio(row, key, digits=2):
+    """``median [q25–q75]`` (benchmark_models' ratio with its interquartile range; the median alone for JSON
+    written before the IQR was recorded)."""
+    if key + "_iqr" not in row:
+        return f"{row[key]:.{digits}f}"
+    lo, hi = row[key + "_iqr"]
+    return f"{row[key]:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
+
+
 def models_tables(doc):
     lines = []
     for name, r in doc["models"].items():
         lines += [
             f"**{name}** (`{r['config']}`, {r['image_size']} px, {r['ims_per_batch']} images/iteration, "
-            f"{doc['threads']} thread(s), best of {doc['rounds']} rounds): BN trains at {r['BN']['train_it_s']:.2f} it/s "
-            f"and infers {r['BN']['infer_img_s']:.1f} img/s.",
+            f"{doc['threads']} thread(s), {doc['rounds']} interleaved rounds; ratio = median of the per-round ratios "
+            f"[interquartile range]): BN trains at {r['BN']['train_it_s']:.2f} it/s and infers "
+            f"{r['BN']['infer_img_s']:.1f} img/s (best round).",
             "",
             "| backbone norm | training it/s vs BN | inference img/s vs BN |",
             "|---|---|---|",
         ]
         for key, row in r["norms"].items():
-            t = f"{row['train_ratio']:.2f}" if "train_ratio" in row else "—"
-            inf = f"{row['infer_ratio']:.2f}"
+            t = _ratio(row, "train_ratio") if "train_ratio" in row else "—"
+            inf = _ratio(row, "infer_ratio")
             if "infer_vs_no_norm" in row:
-                inf += f" ({row['infer_vs_no_norm']:.3f} × no-norm model; {row['folded']} folded, {row['not_folded']} left)"
+                inf += (f" ({_ratio(row, 'infer_vs_no_norm', 3)} × no-norm model; {row['folded']} folded, "
+                        f"{row['not_folded']} left)")
             label = key.replace("+fold", " folded") if key != "none" else "none (no norm)"
             lines.append(f"| {label} | {t} | {inf} |")
         pb = r["precise_bn"]

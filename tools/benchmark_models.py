@@ -7,8 +7,12 @@ R18-FPN (``configs/cpu/retinanet_R18_ghostbn.yaml``) with ``MODEL.RESNETS.NORM``
 weight-centralized backbone), plus ``none`` (no norm: the bound a folded model can reach). Synthetic 128 px
 images with random boxes (the timing does not depend on the content). Training = forward + losses (EvalNorm's
 aux loss included) + backward + SGD step at ``SOLVER.IMS_PER_BATCH``; inference = ``model.eval()`` on one image at
-a time. All variants of a model are timed interleaved in the same rounds; each keeps its best round. The clock
-is this process's CPU time (``time.process_time``), which other load on a shared machine does not inflate.
+a time. All variants of a model are timed interleaved in the same rounds, one call each per round; a ratio is
+the median over the rounds of the per-round ratio (the pair was measured seconds apart, in the same machine
+state), reported with its interquartile range, and the best-of-rounds ratio is kept in the JSON too. The clock is
+this process's CPU time (``time.process_time``), which other load on a shared machine does not inflate.
+``--image-size`` changes the (square) image size: the per-layer and weight-side costs of a norm are fixed while
+the convolutions grow with the image, so the ratios depend on it (the CPU configs train at 128 px, COCO at ~800).
 
 PreciseBN (rethinking §3.2) cost, with f = train-mode forward time per image at batch B (no backward) and
 g = training time per image:
@@ -44,9 +48,12 @@ MODELS = {
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def model_cfg(config: str, norm: str, mabn_backbone: str):
+def model_cfg(config: str, norm: str, mabn_backbone: str, image_size=None):
     cfg = d2norm.add_d2norm_config(get_cfg())
     cfg.merge_from_file(os.path.join(ROOT, config))
+    if image_size is not None:  # square synthetic images of this size, train and test
+        cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (image_size,), image_size
+        cfg.INPUT.MIN_SIZE_TEST = cfg.INPUT.MAX_SIZE_TEST = image_size
     cfg.MODEL.RESNETS.NORM = "" if norm == "none" else norm
     cfg.D2NORM.DOMAIN_BN.NUM_DOMAINS = 1  # one domain in a backbone
     if norm == "MABN":
@@ -98,11 +105,32 @@ def _steps(model, cfg):
     return {"train": train_step, "infer": infer_step, "stats_fwd": stats_forward}
 
 
-def bench_model(name, norms, rounds, fold):
+def _quantiles(values):
+    """(median, 25th, 75th percentile) of a list of ratios (linear interpolation, as numpy's default)."""
+    v = sorted(values)
+
+    def q(p):
+        i = p * (len(v) - 1)
+        lo = int(i)
+        hi = min(lo + 1, len(v) - 1)
+        return v[lo] + (v[hi] - v[lo]) * (i - lo)
+
+    return q(0.5), q(0.25), q(0.75)
+
+
+def _ratio(num_times, den_times):
+    """Throughput ratio of two variants timed in the same rounds: the median over rounds of the per-round
+    ratio (a pair measured seconds apart shares the machine's state), its interquartile range, and the
+    best-of-rounds ratio (timeit's convention)."""
+    med, q25, q75 = _quantiles([a / b for a, b in zip(num_times, den_times)])
+    return {"median": med, "iqr": [q25, q75], "best": min(num_times) / min(den_times)}
+
+
+def bench_model(name, norms, rounds, fold, image_size=None):
     config, mabn_backbone = MODELS[name]
     variants = {}
     for norm in ["BN", "none"] + [n for n in norms if n != "BN"]:
-        cfg = model_cfg(config, norm, mabn_backbone)
+        cfg = model_cfg(config, norm, mabn_backbone, image_size)
         torch.manual_seed(0)
         model = build_model(cfg)
         variants[norm] = (model, cfg)
@@ -122,32 +150,42 @@ def bench_model(name, norms, rounds, fold):
         steps[key] = s
         for fn in s.values():
             fn()  # warm-up
-    best = {key: {k: float("inf") for k in s} for key, s in steps.items()}
+    times = {key: {k: [] for k in s} for key, s in steps.items()}
     for _ in range(rounds):
         for key, s in steps.items():
             for k, fn in s.items():
                 start = time.process_time()
                 fn()
-                best[key][k] = min(best[key][k], time.process_time() - start)
-    bn = best["BN"]
+                times[key][k].append(time.process_time() - start)
+    bn = times["BN"]
+    best = {key: {k: min(t) for k, t in kinds.items()} for key, kinds in times.items()}
     cfg = variants["BN"][1]
     out = {"config": config, "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "image_size": cfg.INPUT.MIN_SIZE_TEST,
-           "BN": {"train_it_s": 1 / bn["train"], "infer_img_s": 1 / bn["infer"]}, "norms": {}}
-    for key, b in best.items():
+           "rounds": rounds,
+           "BN": {"train_it_s": 1 / best["BN"]["train"], "infer_img_s": 1 / best["BN"]["infer"],
+                  "train_s_median": _quantiles(bn["train"])[0], "infer_s_median": _quantiles(bn["infer"])[0]},
+           "norms": {}}
+    for key, t in times.items():
         if key == "BN":
             continue
-        row = {"infer_ratio": bn["infer"] / b["infer"], "infer_img_s": 1 / b["infer"]}
-        if "train" in b:
-            row.update(train_ratio=bn["train"] / b["train"], train_it_s=1 / b["train"])
+        r = _ratio(bn["infer"], t["infer"])
+        row = {"infer_ratio": r["median"], "infer_ratio_iqr": r["iqr"], "infer_ratio_best": r["best"],
+               "infer_img_s": 1 / best[key]["infer"]}
+        if "train" in t:
+            r = _ratio(bn["train"], t["train"])
+            row.update(train_ratio=r["median"], train_ratio_iqr=r["iqr"], train_ratio_best=r["best"],
+                       train_it_s=1 / best[key]["train"])
         if key.endswith("+fold"):
             report = variants[key][2]
             row.update(folded=len(report.converted), not_folded=len(report.skipped))
-            if "none" in best:
-                row["infer_vs_no_norm"] = best["none"]["infer"] / b["infer"]
+            if "none" in times:
+                r = _ratio(times["none"]["infer"], t["infer"])
+                row.update(infer_vs_no_norm=r["median"], infer_vs_no_norm_iqr=r["iqr"],
+                           infer_vs_no_norm_best=r["best"])
         out["norms"][key] = row
     # PreciseBN cost (module docstring): f per image at batch B, g per image at IMS_PER_BATCH
-    f = bn["stats_fwd"] / cfg.D2NORM.PRECISE_BN.BATCH_SIZE
-    g = bn["train"] / cfg.SOLVER.IMS_PER_BATCH
+    f = best["BN"]["stats_fwd"] / cfg.D2NORM.PRECISE_BN.BATCH_SIZE
+    g = best["BN"]["train"] / cfg.SOLVER.IMS_PER_BATCH
     out["precise_bn"] = {"forward_s_per_image": f, "train_s_per_image": g,
                          "num_samples": cfg.D2NORM.PRECISE_BN.NUM_SAMPLES,
                          "batch_size": cfg.D2NORM.PRECISE_BN.BATCH_SIZE, "schedules": {}}
@@ -160,11 +198,20 @@ def precise_bn_cost(f, g, num_samples, max_iter, ims_per_batch, period):
             "cost_percent": 100.0 * passes * num_samples * f / (max_iter * ims_per_batch * g)}
 
 
+def fmt_ratio(row, key, digits=2):
+    """``median [q25–q75]`` of a ratio row entry."""
+    lo, hi = row[key + "_iqr"]
+    return f"{row[key]:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--norms", nargs="*", default=None, help="registered names (default: all) besides BN")
-    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds; the best one counts")
+    p.add_argument("--rounds", type=int, default=15,
+                   help="interleaved rounds; ratios are the median of the per-round ratios (with their IQR)")
+    p.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="square image size for training and inference (default: the config's, 128)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--fold", action="store_true", help="also time each model with its norms folded")
     p.add_argument("--json", default=None, metavar="PATH")
@@ -172,15 +219,16 @@ def main(argv=None):
     registered = sorted(k for k, _ in NORM_REGISTRY)
     norms = registered if args.norms is None else args.norms
     bad = sorted(set(norms) - set(registered) - {"BN", "FrozenBN", "GN"})
-    if bad or args.rounds < 1 or args.threads < 1:
+    if bad or args.rounds < 1 or args.threads < 1 or (args.image_size is not None and args.image_size < 32):
         p.error(f"unknown norm(s) {bad} (registered: {registered}, or BN/FrozenBN/GN)" if bad
-                else f"--rounds and --threads must be >= 1, got {args.rounds}, {args.threads}")
+                else f"--rounds and --threads must be >= 1 and --image-size >= 32, got {args.rounds}, "
+                     f"{args.threads}, {args.image_size}")
     torch.set_num_threads(args.threads)
     load = [os.getloadavg()[0]]
     results = {}
     for name in args.models:
         with EventStorage(0):  # detectron2's losses log into an event storage
-            r = bench_model(name, norms, args.rounds, args.fold)
+            r = bench_model(name, norms, args.rounds, args.fold, args.image_size)
         pb = r["precise_bn"]
         f, g = pb["forward_s_per_image"], pb["train_s_per_image"]
         # detectron2's COCO 1x: 90k iterations of 16 images; D2NORM.PRECISE_BN.PERIOD -1 = TEST.EVAL_PERIOD
@@ -192,11 +240,12 @@ def main(argv=None):
         results[name] = r
         print(f"{name}: BN train {r['BN']['train_it_s']:.2f} it/s, inference {r['BN']['infer_img_s']:.1f} img/s "
               f"(threads={args.threads}, load {os.getloadavg()[0]:.1f})")
-        print(f"  {'norm':<22}{'train vs BN':>12}{'infer vs BN':>12}")
+        print(f"  {'norm':<22}{'train vs BN [IQR]':>22}{'infer vs BN [IQR]':>22}   (median of {args.rounds} "
+              f"per-round ratios)")
         for key, row in r["norms"].items():
-            t = f"{row['train_ratio']:.2f}" if "train_ratio" in row else "-"
-            extra = f"  (vs no-norm model {row['infer_vs_no_norm']:.3f})" if "infer_vs_no_norm" in row else ""
-            print(f"  {key:<22}{t:>12}{row['infer_ratio']:>12.2f}{extra}")
+            t = fmt_ratio(row, "train_ratio") if "train_ratio" in row else "-"
+            extra = f"  (vs no-norm model {fmt_ratio(row, 'infer_vs_no_norm', 3)})" if "infer_vs_no_norm" in row else ""
+            print(f"  {key:<22}{t:>22}{fmt_ratio(row, 'infer_ratio'):>22}{extra}")
         for tag, c in pb["schedules"].items():
             print(f"  PreciseBN N={pb['num_samples']} B={pb['batch_size']} on {tag}: {c['passes']} pass(es), "
                   f"{c['cost_percent']:.4f}% of training")
@@ -207,6 +256,7 @@ def main(argv=None):
                "command": "python tools/benchmark_models.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds, "clock": "process",
+               "image_size": args.image_size,
                "loadavg_1min": load, "models": results}
         with open(args.json, "w") as fh:
             json.dump(doc, fh, indent=1)

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .kernels import channel_affine, group_moments
@@ -53,59 +54,83 @@ def _validate_options(mode, rule_batch_size, init_alpha, init_beta) -> None:
         check_number(f"EvalNorm: D2NORM.EVALNORM.{key}", v, 0, 1, low_open=True, high_open=True)
 
 
-class _AffineL1Mean(torch.autograd.Function):
-    """``mean(|x·a + b|)`` with a, b per (sample, channel); x carries no gradient (it is ⟨x_i⟩ in eq 9).
+#: elements per chunk of the torch route of :func:`_affine_l1_sums` (float32: 512 KiB): the chunk's temporaries
+#: stay in cache and x is read from cache by the later reductions; large fresh temporaries would also page-fault
+#: on every call
+L1_CHUNK_ELEMENTS = 1 << 17
 
-    Same value and gradient as ``(x * a + b).abs().mean()``. Its gradient only needs, per (sample, channel),
-    ``S₁ = Σ sign(t)`` and ``S₂ = Σ sign(t)·x`` with ``t = x·a + b`` (∂/∂a = S₂/n, ∂/∂b = S₁/n), so the forward
-    computes them with the loss and saves only those two (N, C) tensors: no full-size tensor is kept for the
-    backward, and the backward does no pass over the activation.
-    """
 
-    #: elements per chunk (float32: 512 KiB): the chunk's temporaries stay in cache and x is read from cache
-    #: by the later reductions; large fresh temporaries would also page-fault on every call
-    chunk_elements = 1 << 17
+def _affine_l1_sums(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """Per (sample, channel) row of ``x`` (N, C, *) with ``t = x·a + b`` (a, b of shape (N, C)):
+    ``(Σ|t| over all rows, S₁ = Σ sign(t), S₂ = Σ sign(t)·x)``. The L1 term of eq 9 and everything its gradient
+    needs (∂ mean|t| / ∂a = S₂/n, ∂/∂b = S₁/n): one pass over x, nothing activation-sized is kept. CPU: the
+    native one-pass kernel; elsewhere cache-sized chunks of torch ops. Not differentiable (:class:`_AuxLoss`
+    supplies the gradient)."""
+    x2 = x.contiguous().view(x.shape[0] * x.shape[1], -1)
+    a1, b1 = a.reshape(-1, 1), b.reshape(-1, 1)
+    fused = row_affine_l1(x2, a1, b1)
+    if fused is not None:
+        abs_sum, s1, s2 = fused
+        return abs_sum.sum(), s1.view_as(a), s2.view_as(a)
+    rows = max(1, L1_CHUNK_ELEMENTS // max(x2.shape[1], 1))
+    loss = x2.new_zeros(())
+    s1, s2 = torch.empty_like(a1[:, 0]), torch.empty_like(a1[:, 0])
+    for r in range(0, x2.shape[0], rows):
+        xc = x2[r : r + rows]
+        t = torch.addcmul(b1[r : r + rows], xc, a1[r : r + rows])
+        sg = torch.sign(t)
+        loss += torch.linalg.vecdot(sg.view(-1), t.view(-1))  # Σ sign(t)·t = Σ |t|
+        s1[r : r + rows] = sg.sum(1)
+        s2[r : r + rows] = torch.linalg.vecdot(sg, xc)
+    return loss, s1.view_as(a), s2.view_as(a)
+
+
+class _AuxLoss(torch.autograd.Function):
+    """Eqs 7-9 (element mean of |·|) and its gradient w.r.t. α̂, β̂ in closed form; every other argument is
+    stop-gradient (evalnorm §3.4), so nothing else gets one.
+
+    ``apply(x, μ_E, σ_E², α̂, β̂, eps)`` with x (N, C, *) detached, in the statistics dtype. With per-(sample,
+    channel) μ_i, σ_i² and the minibatch μ_B, σ_B² pooled from them, d = μ_i − μ_E, r_B = (σ_B² + ε)^-½:
+
+        μ̂ = μ_E + α̂·d,   σ̂² = σ_E² + β̂(σ_i² − σ_E²) + β̂(1 − β̂)·d²,   r̂ = (σ̂² + ε)^-½
+        L = mean |x·a + b|,   a = r_B − r̂,   b = μ̂·r̂ − μ_B·r_B
+
+    (eq 9: (x − μ_B)·r_B − (x − μ̂)·r̂ = x·a + b). With ∂L/∂a = S₂/n, ∂L/∂b = S₁/n (:func:`_affine_l1_sums`):
+    ∂L/∂r̂ = μ̂·∂L/∂b − ∂L/∂a, ∂L/∂α̂ = Σ ∂L/∂b·r̂·d, ∂L/∂β̂ = Σ ∂L/∂r̂·(−½ r̂³)·(σ_i² − σ_E² + (1 − 2β̂)d²).
+    One Function instead of ~25 autograd-recorded small ops per layer and call (their bookkeeping was most of
+    EvalNorm's extra training cost at detector feature-map sizes)."""
 
     @staticmethod
-    def forward(ctx, x, a, b):
-        if x.requires_grad:
-            raise RuntimeError("_AffineL1Mean: x must be detached (stop-gradient of evalnorm eq 9)")
+    def forward(ctx, x, mu_e, var_e, alpha, beta, eps: float):
+        mu_i, var_i = group_moments(x)  # (N, C)
+        # minibatch statistics from the per-sample ones (combined-population formulas, cf. eqs 3-4)
+        mu_b = mu_i.mean(0)
+        var_b = var_i.mean(0) + (mu_i - mu_b).square().mean(0)
+        r_b = torch.rsqrt(var_b + eps)
+        d = mu_i - mu_e
+        mu_hat = mu_e + alpha * d  # eq 7
+        d2 = d.square()
+        var_hat = var_e + beta * (var_i - var_e) + beta * (1 - beta) * d2  # eq 8
+        r_hat = torch.rsqrt(var_hat + eps)
+        abs_sum, s1, s2 = _affine_l1_sums(x, r_b - r_hat, mu_hat * r_hat - mu_b * r_b)  # eq 9
         n = x.numel()
-        # bf16/fp16 x: the loss terms in a's (float32) precision; rows (sample, channel) of the flat view
-        x = x.to(a.dtype).contiguous()
-        x2 = x.view(x.shape[0] * x.shape[1], -1)
-        a1, b1 = a.reshape(-1, 1), b.reshape(-1, 1)
-        fused = row_affine_l1(x2, a1.detach(), b1.detach())  # CPU: the native one-pass kernel
-        if fused is not None:
-            abs_sum, s1, s2 = fused
-            loss = abs_sum.sum()
-        else:
-            loss, s1, s2 = _AffineL1Mean._chunked(x2, a1, b1)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            ctx.save_for_backward(s2.view_as(a), s1.view_as(a))
+        ctx.save_for_backward(s1, s2, d, r_hat, mu_hat, var_i - var_e + (1 - 2 * beta) * d2, alpha, beta)
         ctx.n = n
-        return loss / n
+        return abs_sum / n
 
     @staticmethod
-    def _chunked(x2, a1, b1):
-        """(Σ|t|, S₁, S₂) over rows of ``x2`` in cache-sized chunks of torch ops (CUDA, or no native kernel)."""
-        rows = max(1, _AffineL1Mean.chunk_elements // max(x2.shape[1], 1))
-        loss = x2.new_zeros(())
-        s1, s2 = torch.empty_like(a1[:, 0]), torch.empty_like(a1[:, 0])
-        for r in range(0, x2.shape[0], rows):
-            xc = x2[r : r + rows]
-            t = torch.addcmul(b1[r : r + rows], xc, a1[r : r + rows])
-            sg = torch.sign(t)
-            loss += torch.linalg.vecdot(sg.view(-1), t.view(-1))  # Σ sign(t)·t = Σ |t|
-            s1[r : r + rows] = sg.sum(1)
-            s2[r : r + rows] = torch.linalg.vecdot(sg, xc)
-        return loss, s1, s2
-
-    @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        s2, s1 = ctx.saved_tensors
+        s1, s2, d, r_hat, mu_hat, dvar_dbeta, alpha, beta = ctx.saved_tensors
         scale = grad / ctx.n
-        return None, s2 * scale, s1 * scale
+        g_a, g_b = s2 * scale, s1 * scale
+        g_alpha = g_beta = None
+        if ctx.needs_input_grad[3]:
+            g_alpha = (g_b * r_hat * d).sum().view_as(alpha)
+        if ctx.needs_input_grad[4]:
+            g_rhat = mu_hat * g_b - g_a
+            g_beta = (g_rhat * (-0.5) * r_hat.pow(3) * dvar_dbeta).sum().view_as(beta)
+        return None, None, None, g_alpha, g_beta, None
 
 
 def _logit(p: float) -> float:
@@ -283,22 +308,11 @@ class EvalNorm2d(D2NormBatchNorm2d):
         self._aux_counts.append(count)
 
     def _aux_loss(self, x: torch.Tensor, mu_e: torch.Tensor, var_e: torch.Tensor) -> torch.Tensor:
-        """Eqs 7-9 on the detached input ``x`` (N > 0) and the pre-update EMA ``mu_e``, ``var_e`` (C,)."""
+        """Eqs 7-9 on the detached input ``x`` (N > 0) and the pre-update EMA ``mu_e``, ``var_e`` (C,)
+        (:class:`_AuxLoss`)."""
         sd = stat_dtype(x.dtype)
-        mu_i, var_i = group_moments(x.to(sd))  # (N, C)
-        # minibatch statistics from the per-sample ones (combined-population formulas, cf. eqs 3-4)
-        mu_b = mu_i.mean(0)
-        var_b = var_i.mean(0) + (mu_i - mu_b).square().mean(0)
-        r_b = torch.rsqrt(var_b + self.eps)
-        alpha = self.alpha_hat.to(sd)
-        beta = self.beta_hat.to(sd)
-        mu_e, var_e = mu_e.to(sd), var_e.to(sd)
-        d = mu_i - mu_e
-        mu_hat = mu_e + alpha * d  # eq 7
-        var_hat = beta * var_i + (1 - beta) * var_e + beta * (1 - beta) * d.square()  # eq 8
-        r_hat = torch.rsqrt(var_hat + self.eps)
-        # eq 9: (x - μ_B)·r_B - (x - μ̂)·r̂ = x·(r_B - r̂) + (μ̂·r̂ - μ_B·r_B)
-        return _AffineL1Mean.apply(x, r_b - r_hat, mu_hat * r_hat - mu_b * r_b)
+        return _AuxLoss.apply(x.to(sd), mu_e.to(sd), var_e.to(sd), self.alpha_hat.to(sd), self.beta_hat.to(sd),
+                              self.eps)
 
     # ---- forward ----------------------------------------------------------------------------------------
     @property
