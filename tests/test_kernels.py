@@ -14,6 +14,7 @@ from d2norm.layers import (
     ExampleWeightedBatchNorm2d,
     GhostBatchNorm2d,
 )
+from d2norm.layers import batch_group_norm as bgn_module
 from d2norm.layers import batch_stats_bn as bsbn_module
 from d2norm.layers import evalnorm as evalnorm_module
 from d2norm.layers import example_weighted_bn as ewbn_module
@@ -41,6 +42,7 @@ def moments_route(request, monkeypatch):
         monkeypatch.setattr(evalnorm_module, "row_affine_l1", lambda x, a, b: None)
         monkeypatch.setattr(evalnorm_module, "mix_normalize", lambda *a, **k: None)
         monkeypatch.setattr(ewbn_module, "mix_normalize", lambda *a, **k: None)
+        monkeypatch.setattr(bgn_module, "mix_normalize", lambda *a, **k: None)
         monkeypatch.setattr(bsbn_module, "channel_moments", lambda x: None)
         monkeypatch.setattr(mabn_module, "row_center", lambda x, rows: None)
     elif shutil.which("c++") is None and shutil.which("g++") is None:
@@ -336,26 +338,30 @@ def test_example_group_norm_value_and_gradients_equal_the_definition(groups, siz
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_native_mix_normalize_is_eq3_and_eqs5_6(moments_route, affine):
-    """Mean mixed with α_m, variance with α_v (four-things eq 3: α_m = α_v; evalnorm eqs 5-6: α̂, β̂) against a
-    float64 formula; refused (None) when a gradient is needed."""
+    """Mean mixed with α_m, variance with α_v (four-things eq 3: α_m = α_v, per channel or per channel group as
+    BGN; evalnorm eqs 5-6: α̂, β̂) against a float64 formula; refused (None) when a gradient is needed or the
+    sizes do not fit."""
     if moments_route != "native":
         return
     g = torch.Generator().manual_seed(16)
-    for shape in ((3, 5, 4, 6), (4, 5, 7, 7), (2, 3, 16, 20)):
+    for shape, groups in (((3, 5, 4, 6), None), ((4, 6, 7, 7), None), ((2, 3, 16, 20), None), ((3, 6, 4, 6), 2),
+                          ((4, 8, 7, 7), 4), ((2, 6, 5, 5), 1)):
         c = shape[1]
+        k = c if groups is None else groups
         for dtype in (torch.float64, torch.float32):
             x = _x(shape, seed=17, dtype=dtype)
-            pm = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
-            pv = (torch.rand(c, generator=g, dtype=torch.float64) * 5 + 0.5).to(dtype)
+            pm = torch.randn(k, generator=g, dtype=torch.float64).to(dtype)
+            pv = (torch.rand(k, generator=g, dtype=torch.float64) * 5 + 0.5).to(dtype)
             w = (torch.randn(c, generator=g, dtype=torch.float64).to(dtype)) if affine else None
             b = (torch.randn(c, generator=g, dtype=torch.float64).to(dtype)) if affine else None
             am, av = 0.3, 0.7
-            y = mix_normalize(x, pm, pv, w, b, am, av, 1e-5)
-            mu_i, var_i = _ref_moments(x, c)
+            y = mix_normalize(x, pm, pv, w, b, am, av, 1e-5, groups=groups)
+            mu_i, var_i = _ref_moments(x, k)  # (N, k) per (sample, group)
             d = mu_i - pm.double()
             mu = pm.double() + am * d
             var = av * var_i + (1 - av) * pv.double() + av * (1 - av) * d.square()
-            ref = (x.double() - mu[..., None, None]) / torch.sqrt(var[..., None, None] + 1e-5)
+            xg = x.double().reshape(shape[0], k, -1)
+            ref = ((xg - mu[..., None]) / torch.sqrt(var[..., None] + 1e-5)).reshape(shape)
             if affine:
                 ref = ref * w.double()[None, :, None, None] + b.double()[None, :, None, None]
             tol = 1e-12 if dtype == torch.float64 else 2e-5
@@ -364,6 +370,10 @@ def test_native_mix_normalize_is_eq3_and_eqs5_6(moments_route, affine):
     xg = _x((2, 3, 4, 4)).requires_grad_()
     assert mix_normalize(xg, torch.zeros(3, dtype=xg.dtype), torch.ones(3, dtype=xg.dtype), None, None,
                          0.5, 0.5, 1e-5) is None
+    x = _x((2, 6, 4, 4))
+    one = torch.ones(3, dtype=x.dtype)
+    assert mix_normalize(x, one, one, None, None, 0.5, 0.5, 1e-5, groups=4) is None  # 4 does not divide 6
+    assert mix_normalize(x, one, one, None, None, 0.5, 0.5, 1e-5, groups=2) is None  # 3 stats for 2 groups
 
 
 def test_native_channel_moments_are_the_batch_statistics(moments_route):

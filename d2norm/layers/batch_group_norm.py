@@ -17,6 +17,7 @@ from ..utils.validation import check_int, check_number
 from .base import D2NormModule, NotAnAffine, affine_from_stats, check_input_channels, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .ghost_bn import ghost_batch_sizes
 from .kernels import channel_affine, example_group_norm, group_moments
+from .native import mix_normalize
 from .registry import register_norm
 
 __all__ = ["BatchGroupNorm", "example_group_sizes"]
@@ -175,6 +176,12 @@ class BatchGroupNorm(nn.Module, D2NormModule):
             self._update_moving_stats(mu_i, var_i)
             return y.to(x.dtype)
 
+        if 0.0 < self.alpha:  # eq 3 per (example, channel group) + normalize: CPU, one native pass over x
+            m, pop_var = self._population_moments(sd)
+            w, b = (self.weight.to(sd), self.bias.to(sd)) if self.affine else (None, None)
+            fused = mix_normalize(xs, m, pop_var, w, b, self.alpha, self.alpha, self.eps, groups=self.num_groups)
+            if fused is not None:
+                return fused.to(x.dtype)
         # Per-example statistics of each channel group: (N, G). One reduction pass over x.
         mu_i, var_i = group_moments(xs, self.num_groups)
         if self.alpha == 1.0:

@@ -14,7 +14,8 @@ the exact two-pass algorithm per row — the mean, then Σ(x − mean)² over th
 * ``row_affine`` — ``x·s[r] + t[r]`` per row (:func:`row_affine`);
 * ``row_center`` — ``x − mean(x[r])`` per row: mabn eq 18's weight centralization and its backward
   (:func:`row_center`);
-* ``mix_normalize`` — four-things eq 3 / evalnorm eqs 5-6 inference in one kernel (:func:`mix_normalize`);
+* ``mix_normalize`` — four-things eq 3 (per channel or channel group) / evalnorm eqs 5-6 inference in one kernel
+  (:func:`mix_normalize`);
 * ``row_affine_l1`` — evalnorm eq 9's Σ|t|, Σ sign(t), Σ sign(t)·x per row (:func:`row_affine_l1`);
 * ``row_dot_sums`` / ``row_affine2`` — the backward of a per-row affine whose coefficients come from the rows'
   own moments (the closed-form backward of :func:`~d2norm.layers.kernels.example_group_norm`, through :func:`native_module`).
@@ -362,58 +363,65 @@ torch::Tensor row_affine2(torch::Tensor g, torch::Tensor s, torch::Tensor x, tor
 // y = (x - mu) / sqrt(var + eps) · w[c] + b[c]. Three passes over the row, the last two from cache: the
 // activation is read once from memory and written once, like BN inference.
 template <typename T>
-__attribute__((always_inline)) static inline void mix_rows(const T* x, int64_t b0, int64_t e0, int64_t n, int64_t C,
-                                                           const T* pm, const T* pv, const T* w, const T* bb,
-                                                           double am, double av, double eps, T* y) {
+__attribute__((always_inline)) static inline void mix_rows(const T* x, int64_t b0, int64_t e0, int64_t L, int64_t G,
+                                                           int64_t cpg, const T* pm, const T* pv, const T* w,
+                                                           const T* bb, double am, double av, double eps, T* y) {
+  const int64_t n = cpg * L;  // one row = one (sample, channel group): cpg channels of L positions
   for (int64_t r = b0; r < e0; ++r) {
-    const int64_t c = r % C;
+    const int64_t g = r % G;
     const T* p = x + r * n;
     double mi, vi;
     if (n >= 256) moments_of_row<32, T>(p, n, &mi, &vi);
     else moments_of_row<8, T>(p, n, &mi, &vi);
-    const double d = mi - static_cast<double>(pm[c]);
-    const double mu = static_cast<double>(pm[c]) + am * d;
-    const double var = av * vi + (1.0 - av) * static_cast<double>(pv[c]) + av * (1.0 - av) * d * d;
-    double sc = 1.0 / std::sqrt(var + eps);
-    if (w != nullptr) sc *= static_cast<double>(w[c]);
-    const double sh = (bb != nullptr ? static_cast<double>(bb[c]) : 0.0) - mu * sc;
-    const T s = static_cast<T>(sc), t = static_cast<T>(sh);
-    T* q = y + r * n;
+    const double d = mi - static_cast<double>(pm[g]);
+    const double mu = static_cast<double>(pm[g]) + am * d;
+    const double var = av * vi + (1.0 - av) * static_cast<double>(pv[g]) + av * (1.0 - av) * d * d;
+    const double rs = 1.0 / std::sqrt(var + eps);
+    for (int64_t j = 0; j < cpg; ++j) {
+      const int64_t c = g * cpg + j;
+      const double sc = w != nullptr ? rs * static_cast<double>(w[c]) : rs;
+      const double sh = (bb != nullptr ? static_cast<double>(bb[c]) : 0.0) - mu * sc;
+      const T s = static_cast<T>(sc), t = static_cast<T>(sh);
+      const T* pj = p + j * L;
+      T* q = y + r * n + j * L;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) q[i] = p[i] * s + t;
+      for (int64_t i = 0; i < L; ++i) q[i] = pj[i] * s + t;
+    }
   }
 }
 
-D2NORM_CLONES static void mix_f32(const float* x, int64_t b0, int64_t e0, int64_t n, int64_t C, const float* pm,
-                                  const float* pv, const float* w, const float* b, double am, double av, double eps,
-                                  float* y) {
-  mix_rows<float>(x, b0, e0, n, C, pm, pv, w, b, am, av, eps, y);
+D2NORM_CLONES static void mix_f32(const float* x, int64_t b0, int64_t e0, int64_t L, int64_t G, int64_t cpg,
+                                  const float* pm, const float* pv, const float* w, const float* b, double am,
+                                  double av, double eps, float* y) {
+  mix_rows<float>(x, b0, e0, L, G, cpg, pm, pv, w, b, am, av, eps, y);
 }
 
-D2NORM_CLONES static void mix_f64(const double* x, int64_t b0, int64_t e0, int64_t n, int64_t C, const double* pm,
-                                  const double* pv, const double* w, const double* b, double am, double av,
-                                  double eps, double* y) {
-  mix_rows<double>(x, b0, e0, n, C, pm, pv, w, b, am, av, eps, y);
+D2NORM_CLONES static void mix_f64(const double* x, int64_t b0, int64_t e0, int64_t L, int64_t G, int64_t cpg,
+                                  const double* pm, const double* pv, const double* w, const double* b, double am,
+                                  double av, double eps, double* y) {
+  mix_rows<double>(x, b0, e0, L, G, cpg, pm, pv, w, b, am, av, eps, y);
 }
 
 torch::Tensor mix_normalize(torch::Tensor x, torch::Tensor pm, torch::Tensor pv, torch::Tensor w, torch::Tensor b,
-                            double am, double av, double eps) {
+                            double am, double av, double eps, int64_t groups) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 2 && x.numel() > 0,
               "mix_normalize: contiguous CPU (N, C, ...) tensor");
-  const int64_t C = x.size(1), rows = x.size(0) * x.size(1), n = x.numel() / rows;
-  auto ok = [&](const torch::Tensor& t) {
-    return t.is_contiguous() && t.numel() == C && t.scalar_type() == x.scalar_type();
+  const int64_t C = x.size(1);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "mix_normalize: groups must divide C");
+  const int64_t G = groups, cpg = C / G, rows = x.size(0) * G, L = x.numel() / (x.size(0) * C);
+  auto ok = [&](const torch::Tensor& t, int64_t k) {
+    return t.is_contiguous() && t.numel() == k && t.scalar_type() == x.scalar_type();
   };
-  TORCH_CHECK(ok(pm) && ok(pv), "mix_normalize: population mean / var of C elements, x's dtype");
-  TORCH_CHECK((w.numel() == 0 || ok(w)) && (b.numel() == 0 || ok(b)), "mix_normalize: weight / bias of C elements");
+  TORCH_CHECK(ok(pm, G) && ok(pv, G), "mix_normalize: population mean / var of one element per group, x's dtype");
+  TORCH_CHECK((w.numel() == 0 || ok(w, C)) && (b.numel() == 0 || ok(b, C)), "mix_normalize: weight / bias of C elements");
   auto y = torch::empty_like(x);
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(cpg * L, 1));
   if (x.scalar_type() == torch::kFloat) {
     const float *px = x.data_ptr<float>(), *pm_ = pm.data_ptr<float>(), *pv_ = pv.data_ptr<float>();
     const float *pw = w.numel() ? w.data_ptr<float>() : nullptr, *pb = b.numel() ? b.data_ptr<float>() : nullptr;
     float* py = y.data_ptr<float>();
     at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t e0) {
-      mix_f32(px, b0, e0, n, C, pm_, pv_, pw, pb, am, av, eps, py);
+      mix_f32(px, b0, e0, L, G, cpg, pm_, pv_, pw, pb, am, av, eps, py);
     });
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kDouble, "mix_normalize: float32 or float64 expected");
@@ -421,7 +429,7 @@ torch::Tensor mix_normalize(torch::Tensor x, torch::Tensor pm, torch::Tensor pv,
     const double *pw = w.numel() ? w.data_ptr<double>() : nullptr, *pb = b.numel() ? b.data_ptr<double>() : nullptr;
     double* py = y.data_ptr<double>();
     at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t e0) {
-      mix_f64(px, b0, e0, n, C, pm_, pv_, pw, pb, am, av, eps, py);
+      mix_f64(px, b0, e0, L, G, cpg, pm_, pv_, pw, pb, am, av, eps, py);
     });
   }
   return y;
@@ -820,18 +828,24 @@ def row_affine_l1(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
 
 def mix_normalize(x: torch.Tensor, pop_mean: torch.Tensor, pop_var: torch.Tensor, weight: Optional[torch.Tensor],
-                  bias: Optional[torch.Tensor], alpha_mean: float, alpha_var: float, eps: float
-                  ) -> Optional[torch.Tensor]:
-    """Inference of a layer that mixes each (sample, channel)'s own mean / variance into the population's:
-    four-things eq 3 (``alpha_mean = alpha_var = α``) and evalnorm eqs 5-6 (α̂, β̂), then normalizes and applies
-    the per-channel affine, in one kernel that reads ``x`` (N, C, ...) once and writes the output once. ``None``
-    when unavailable or not applicable (contiguous CPU float32/float64, no gradient needed, C-element
-    statistics / affine of ``x``'s dtype)."""
+                  bias: Optional[torch.Tensor], alpha_mean: float, alpha_var: float, eps: float,
+                  groups: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Inference of a layer that mixes each (sample, channel [group])'s own mean / variance into the
+    population's: four-things eq 3 (``alpha_mean = alpha_var = α``; per channel group for BGN, §3.4) and
+    evalnorm eqs 5-6 (α̂, β̂), then normalizes and applies the per-channel affine, in one kernel that reads ``x``
+    (N, C, ...) once and writes the output once. ``groups`` (default C) contiguous channel groups, with
+    ``pop_mean`` / ``pop_var`` one value per group. ``None`` when unavailable or not applicable (contiguous CPU
+    float32/float64, no gradient needed, statistics / affine of ``x``'s dtype and size)."""
     if not _cpu_rows(x, 2) or (torch.is_grad_enabled()
                                and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return None
     c = x.shape[1]
-    if any(t is not None and (t.dtype != x.dtype or t.numel() != c) for t in (pop_mean, pop_var, weight, bias)):
+    g = c if groups is None else int(groups)
+    if g < 1 or c % g:
+        return None
+    if any(t.dtype != x.dtype or t.numel() != g for t in (pop_mean, pop_var)):
+        return None
+    if any(t is not None and (t.dtype != x.dtype or t.numel() != c) for t in (weight, bias)):
         return None
     mod = _load()
     if mod is None:
@@ -840,7 +854,7 @@ def mix_normalize(x: torch.Tensor, pop_mean: torch.Tensor, pop_var: torch.Tensor
     return mod.mix_normalize(x, pop_mean.contiguous(), pop_var.contiguous(),
                              empty if weight is None else weight.detach().contiguous(),
                              empty if bias is None else bias.detach().contiguous(),
-                             float(alpha_mean), float(alpha_var), float(eps))
+                             float(alpha_mean), float(alpha_var), float(eps), g)
 
 
 def channel_moments(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
