@@ -257,7 +257,7 @@ def test_float32_fast_paths_equal_the_float64_layer_in_every_layout(name, traini
     """The same layer in float64 (whose paths the layer tests check against the papers' equations) and the
     float32 fast path agree to float32 accuracy, forward and backward, contiguous and channels-last, on a
     ResNet-like and an RoI-like shape."""
-    for shape in ((4, 16, 14, 14), (64, 16, 7, 7)):
+    for shape in ((4, 16, 14, 14), (64, 16, 7, 7), (3, 16, 16, 17)):  # H·W < 256 and >= 256 (BatchStatsBN routes)
         m64 = _randomized(LAYERS[name]()).double().train(training)
         m32 = _randomized(LAYERS[name]()).float().train(training)
         x64 = _x(shape, seed=8).requires_grad_()
