@@ -4,7 +4,8 @@
 With ``--readme README.md`` the block between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` is replaced
 by the regenerated tables (shape, threads, date, command and load come from the JSON files).
 
-    python tools/bench_report.py bench/norms.json bench/models.json --png bench/norms.png --readme README.md
+    python tools/bench_report.py bench/norms.json bench/models.json [bench/models_384.json ...] --png bench/norms.png \
+        --readme README.md
 """
 import argparse
 import json
@@ -106,15 +107,15 @@ def plot(norms_doc, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("norms_json")
-    p.add_argument("models_json", nargs="?")
+    p.add_argument("models_json", nargs="*", help="benchmark_models.py JSON files (e.g. one per image size)")
     p.add_argument("--png", default=None)
     p.add_argument("--readme", default=None)
     args = p.parse_args(argv)
     with open(args.norms_json) as f:
         norms = json.load(f)
     lines = [f"Measured {norms['date']} with `{norms['command']}` (torch {norms['torch']}):", ""] + norms_tables(norms)
-    if args.models_json:
-        with open(args.models_json) as f:
+    for path in args.models_json:
+        with open(path) as f:
             models = json.load(f)
         lines += [f"Measured {models['date']} with `{models['command']}` (1-min load "
                   f"{models['loadavg_1min'][0]:.1f}→{models['loadavg_1min'][1]:.1f}):", ""] + models_tables(models)
