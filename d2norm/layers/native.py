@@ -252,19 +252,35 @@ std::vector<torch::Tensor> row_affine_l1(torch::Tensor x, torch::Tensor a, torch
 // Backward of a per-row affine y = x·s + t whose (s, t) came from the rows' own moments:
 // row_dot_sums: per row Σg and Σg·x (the gradients of t and s); row_affine2: g·s + x·a + b per row (the input
 // gradient, the moments' part folded into a and b). Double accumulation; one pass each.
+// Σg and Σg·x over one row of n elements, in double
+template <typename T>
+__attribute__((always_inline)) static inline void dot_of_row(const T* pg, const T* px, int64_t n, double* su,
+                                                             double* sv) {
+  double u = 0, v = 0;
+#pragma omp simd reduction(+ : u, v)
+  for (int64_t i = 0; i < n; ++i) {
+    const double gv = static_cast<double>(pg[i]);
+    u += gv;
+    v += gv * static_cast<double>(px[i]);
+  }
+  *su = u;
+  *sv = v;
+}
+
+// q = g·s + (x·a + b) over one row of n elements
+template <typename T>
+__attribute__((always_inline)) static inline void affine2_of_row(const T* pg, T s, const T* px, T a, T b, int64_t n,
+                                                                 T* q) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) q[i] = pg[i] * s + (px[i] * a + b);
+}
+
 template <typename T>
 __attribute__((always_inline)) static inline void dot_rows(const T* g, const T* x, int64_t b0, int64_t e0, int64_t n,
                                                            T* sg, T* sgx) {
   for (int64_t r = b0; r < e0; ++r) {
-    const T* pg = g + r * n;
-    const T* px = x + r * n;
-    double u = 0, v = 0;
-#pragma omp simd reduction(+ : u, v)
-    for (int64_t i = 0; i < n; ++i) {
-      const double gv = static_cast<double>(pg[i]);
-      u += gv;
-      v += gv * static_cast<double>(px[i]);
-    }
+    double u, v;
+    dot_of_row<T>(g + r * n, x + r * n, n, &u, &v);
     sg[r] = static_cast<T>(u);
     sgx[r] = static_cast<T>(v);
   }
@@ -273,14 +289,7 @@ __attribute__((always_inline)) static inline void dot_rows(const T* g, const T* 
 template <typename T>
 __attribute__((always_inline)) static inline void affine2_rows(const T* g, const T* s, const T* x, const T* a,
                                                                const T* b, int64_t b0, int64_t e0, int64_t n, T* y) {
-  for (int64_t r = b0; r < e0; ++r) {
-    const T sr = s[r], ar = a[r], br = b[r];
-    const T* pg = g + r * n;
-    const T* px = x + r * n;
-    T* py = y + r * n;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) py[i] = pg[i] * sr + (px[i] * ar + br);
-  }
+  for (int64_t r = b0; r < e0; ++r) affine2_of_row<T>(g + r * n, s[r], x + r * n, a[r], b[r], n, y + r * n);
 }
 
 D2NORM_CLONES static void dot_f32(const float* g, const float* x, int64_t b0, int64_t e0, int64_t n, float* u,
@@ -564,15 +573,8 @@ __attribute__((always_inline)) static inline void block_bwd(const T* gy, const T
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t j = 0; j < cpg; ++j) {
         const int64_t ch = g * cpg + j, row = n * C + ch;
-        const T* pg = gy + row * L;
-        const T* px = x + row * L;
-        double u = 0, v = 0;
-#pragma omp simd reduction(+ : u, v)
-        for (int64_t i = 0; i < L; ++i) {
-          const double gv = static_cast<double>(pg[i]);
-          u += gv;
-          v += gv * static_cast<double>(px[i]);
-        }
+        double u, v;
+        dot_of_row<T>(gy + row * L, x + row * L, L, &u, &v);
         const double xh = r * (v - me * u);  // Σ gy·x̂ of the row
         sg[row] = static_cast<T>(u);
         sgxh[row] = static_cast<T>(xh);
@@ -589,11 +591,7 @@ __attribute__((always_inline)) static inline void block_bwd(const T* gy, const T
       for (int64_t j = 0; j < cpg; ++j) {
         const int64_t ch = g * cpg + j, row = n * C + ch;
         const T s = static_cast<T>(r * (w ? static_cast<double>(w[ch]) : 1.0));
-        const T* pg = gy + row * L;
-        const T* px = x + row * L;
-        T* q = gx + row * L;
-#pragma omp simd
-        for (int64_t i = 0; i < L; ++i) q[i] = pg[i] * s + (px[i] * ax + a1);
+        affine2_of_row<T>(gy + row * L, s, x + row * L, ax, a1, L, gx + row * L);
       }
     }
   }
