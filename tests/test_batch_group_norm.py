@@ -272,9 +272,13 @@ def test_eval_alpha1_is_groupnorm_and_ignores_moving_stats():
     m = make(8, 4, 2, alpha=1.0).eval()
     x = rand_x(3, 8, 3, 3)
     y = m(x)
-    with torch.no_grad():
+    with torch.no_grad():  # the inference route without a graph (CPU: the native eq-3 kernel)
+        y_ng = m(x)
         m.running_mean.fill_(float("nan"))  # never read with α = 1
+        m.running_var.fill_(float("inf"))
+        assert torch.equal(m(x), y_ng)
     assert torch.equal(m(x), y)
+    torch.testing.assert_close(y_ng, y.detach(), rtol=1e-13, atol=1e-13)
     gn = _groupnorm_like(m)
     torch.testing.assert_close(y, gn(x).detach(), rtol=1e-12, atol=1e-12)
 

@@ -178,6 +178,8 @@ class BatchGroupNorm(nn.Module, D2NormModule):
 
         if 0.0 < self.alpha:  # eq 3 per (example, channel group) + normalize: CPU, one native pass over x
             m, pop_var = self._population_moments(sd)
+            if self.alpha == 1.0:  # GroupNorm: the buffers play no part (not even as 0 · NaN)
+                m, pop_var = torch.zeros_like(m), torch.zeros_like(pop_var)
             w, b = (self.weight.to(sd), self.bias.to(sd)) if self.affine else (None, None)
             fused = mix_normalize(xs, m, pop_var, w, b, self.alpha, self.alpha, self.eps, groups=self.num_groups)
             if fused is not None:
