@@ -257,7 +257,7 @@ def test_float32_fast_paths_equal_the_float64_layer_in_every_layout(name, traini
     """The same layer in float64 (whose paths the layer tests check against the papers' equations) and the
     float32 fast path agree to float32 accuracy, forward and backward, contiguous and channels-last, on a
     ResNet-like and an RoI-like shape."""
-    for shape in ((4, 16, 14, 14), (64, 16, 7, 7), (3, 16, 16, 17)):  # H·W < 256 and >= 256 (BatchStatsBN routes)
+    for shape in ((4, 16, 14, 14), (64, 16, 7, 7), (3, 16, 16, 17)):  # H·W < 256 and >= 256 (two kernel routes)
         m64 = _randomized(LAYERS[name]()).double().train(training)
         m32 = _randomized(LAYERS[name]()).float().train(training)
         x64 = _x(shape, seed=8).requires_grad_()
@@ -378,7 +378,8 @@ def test_native_mix_normalize_is_eq3_and_eqs5_6(moments_route, affine):
 
 def test_native_channel_moments_are_the_batch_statistics(moments_route):
     """Per-channel mean / biased variance over N·H·W (two-pass float64 reference), at offsets where
-    E[x²] − E[x]² would fail; refused when a gradient is needed."""
+    E[x²] − E[x]² would fail, for long rows (per-channel two-pass) and short rows (streamed shifted sums);
+    refused when a gradient is needed."""
     if moments_route != "native":
         return
     for shape in ((3, 5, 4, 6), (64, 4, 7, 7), (2, 3, 1, 1), (2, 3, 17), (3, 2, 16, 21)):  # L=336: 32 lanes
@@ -393,4 +394,14 @@ def test_native_channel_moments_are_the_batch_statistics(moments_route):
             torch.testing.assert_close(mean.double(), rm, rtol=tol, atol=0)
             torch.testing.assert_close(var.double(), rv, rtol=max(tol, 1e-4 if dtype == torch.float32 else 0),
                                        atol=1e-300)
+    # short rows over several sample chunks, with sample means spread far beyond the within-sample spread (the
+    # shifted sums' hard case: the shift is the first row's mean)
+    x = _x((200, 64, 3, 3), seed=19) * 0.1 + 1e3 + torch.arange(200, dtype=torch.float64).view(-1, 1, 1, 1) * 5
+    for dtype in (torch.float64, torch.float32):
+        mean, var = channel_moments(x.to(dtype))
+        xr = x.to(dtype).double().transpose(0, 1).reshape(64, -1)
+        rm = xr.mean(1)
+        torch.testing.assert_close(mean.double(), rm, rtol=1e-13 if dtype == torch.float64 else 1e-6, atol=0)
+        torch.testing.assert_close(var.double(), (xr - rm[:, None]).square().mean(1),
+                                   rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
     assert channel_moments(_x((2, 3, 4, 4)).requires_grad_()) is None

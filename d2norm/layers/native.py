@@ -49,6 +49,7 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <vector>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define D2NORM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -495,6 +496,81 @@ D2NORM_CLONES static void chan_f64(const double* x, int64_t c0, int64_t c1, int6
   channel_rows<double>(x, c0, c1, N, C, L, m, v);
 }
 
+// Short rows (L < 256, e.g. RoI features of 7×7): the rows of one channel are scattered over the tensor, so the
+// per-channel loops above read them strided, and per-row reductions cost more than the row's memory. Instead x is
+// streamed once in memory order into 8 double lanes per channel of Σd and Σd², d = x − s_c, shifted by the mean
+// s_c of the channel's first row: var = E[d²] − E[d]² on values centred near the channel mean, whose rounding
+// error is eps_double · (μ − s_c)²/σ² ≤ eps_double · N (one sample's squared deviation is at most N·σ²).
+// Rows are split into fixed chunks of samples (independent of the thread count), each with its own lanes,
+// summed in chunk order at the end: deterministic.
+template <typename T>
+__attribute__((always_inline)) static inline void short_rows_chunk(const T* x, int64_t n0, int64_t n1, int64_t C,
+                                                                   int64_t L, const double* shift, double* s1,
+                                                                   double* s2) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* p = x + (n * C + c) * L;
+      const double sh = shift[c];
+      double* a1 = s1 + c * 8;
+      double* a2 = s2 + c * 8;
+      double l1[8], l2[8];
+      for (int j = 0; j < 8; ++j) { l1[j] = a1[j]; l2[j] = a2[j]; }
+      int64_t i = 0;
+      for (; i + 8 <= L; i += 8) {
+#pragma omp simd
+        for (int j = 0; j < 8; ++j) {
+          const double d = static_cast<double>(p[i + j]) - sh;
+          l1[j] += d;
+          l2[j] += d * d;
+        }
+      }
+      for (int j = 0; i < L; ++i, ++j) {
+        const double d = static_cast<double>(p[i]) - sh;
+        l1[j] += d;
+        l2[j] += d * d;
+      }
+      for (int j = 0; j < 8; ++j) { a1[j] = l1[j]; a2[j] = l2[j]; }
+    }
+  }
+}
+
+D2NORM_CLONES static void short_rows_f32(const float* x, int64_t n0, int64_t n1, int64_t C, int64_t L,
+                                         const double* shift, double* s1, double* s2) {
+  short_rows_chunk<float>(x, n0, n1, C, L, shift, s1, s2);
+}
+D2NORM_CLONES static void short_rows_f64(const double* x, int64_t n0, int64_t n1, int64_t C, int64_t L,
+                                         const double* shift, double* s1, double* s2) {
+  short_rows_chunk<double>(x, n0, n1, C, L, shift, s1, s2);
+}
+
+template <typename T>
+static void channel_moments_short_rows(const T* x, int64_t N, int64_t C, int64_t L, T* mean_out, T* var_out) {
+  const int64_t chunk = std::max<int64_t>(1, (65536 / std::max<int64_t>(C * L, 1)));
+  const int64_t nchunks = (N + chunk - 1) / chunk;
+  std::vector<double> shift(C), s1(nchunks * C * 8, 0.0), s2(nchunks * C * 8, 0.0);
+  for (int64_t c = 0; c < C; ++c) shift[c] = lane_sum<8>(x + c * L, L, [](double v) { return v; }) / L;
+  at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t n0 = k * chunk, n1 = std::min(N, (k + 1) * chunk);
+      double *p1 = s1.data() + k * C * 8, *p2 = s2.data() + k * C * 8;
+      if constexpr (std::is_same<T, float>::value) short_rows_f32(x, n0, n1, C, L, shift.data(), p1, p2);
+      else short_rows_f64(x, n0, n1, C, L, shift.data(), p1, p2);
+    }
+  });
+  const double cnt = static_cast<double>(N * L);
+  for (int64_t c = 0; c < C; ++c) {
+    double t1 = 0.0, t2 = 0.0;
+    for (int64_t k = 0; k < nchunks; ++k)
+      for (int j = 0; j < 8; ++j) {
+        t1 += s1[(k * C + c) * 8 + j];
+        t2 += s2[(k * C + c) * 8 + j];
+      }
+    const double md = t1 / cnt;
+    mean_out[c] = static_cast<T>(shift[c] + md);
+    var_out[c] = static_cast<T>(std::max(0.0, t2 / cnt - md * md));
+  }
+}
+
 std::vector<torch::Tensor> channel_moments(torch::Tensor x) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 2 && x.numel() > 0,
               "channel_moments: contiguous CPU (N, C, ...) tensor");
@@ -504,12 +580,14 @@ std::vector<torch::Tensor> channel_moments(torch::Tensor x) {
   if (x.scalar_type() == torch::kFloat) {
     const float* px = x.data_ptr<float>();
     float *pm = mean.data_ptr<float>(), *pv = var.data_ptr<float>();
-    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) { chan_f32(px, c0, c1, N, C, L, pm, pv); });
+    if (L < 256) channel_moments_short_rows<float>(px, N, C, L, pm, pv);
+    else at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) { chan_f32(px, c0, c1, N, C, L, pm, pv); });
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kDouble, "channel_moments: float32 or float64 expected");
     const double* px = x.data_ptr<double>();
     double *pm = mean.data_ptr<double>(), *pv = var.data_ptr<double>();
-    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) { chan_f64(px, c0, c1, N, C, L, pm, pv); });
+    if (L < 256) channel_moments_short_rows<double>(px, N, C, L, pm, pv);
+    else at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) { chan_f64(px, c0, c1, N, C, L, pm, pv); });
   }
   return {mean, var};
 }
