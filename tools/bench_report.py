@@ -14,14 +14,24 @@ import sys
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
+def _ratio(row, key, digits=2):
+    """``median [q25–q75]``: a benchmark ratio with its interquartile range (the median alone for JSON written
+    before the IQR was recorded)."""
+    if key + "_iqr" not in row:
+        return f"{row[key]:.{digits}f}"
+    lo, hi = row[key + "_iqr"]
+    return f"{row[key]:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
+
+
 def norms_tables(doc):
     lines = []
     for r in doc["results"]:
         b = r["baseline"]["BatchNorm2d"]
         gn = r["baseline"]["GroupNorm"]
         lines += [
-            f"**Layers, shape {tuple(r['shape'])}** — {r['device']}, {r['threads']} thread(s), {r['clock']} clock, best of "
-            f"{r['rounds']} interleaved rounds of ~{r['window_ms']:g} ms samples, 1-min load {r['loadavg_1min'][0]:.1f}→"
+            f"**Layers, shape {tuple(r['shape'])}** — {r['device']}, {r['threads']} thread(s), {r['clock']} clock, "
+            f"{r['rounds']} interleaved rounds of ~{r['window_ms']:g} ms samples; ratio = median of the per-round "
+            f"ratios [interquartile range], times = best round; 1-min load {r['loadavg_1min'][0]:.1f}→"
             f"{r['loadavg_1min'][1]:.1f}. `nn.BatchNorm2d`: train {b['train_ms']:.2f} ms, eval {b['eval_ms']:.3f} ms "
             f"({b['eval_GBps']:.1f} GB/s); `nn.GroupNorm({gn['groups']})`: train {gn['train_ms']:.2f} ms, eval "
             f"{gn['eval_ms']:.3f} ms.",
@@ -30,23 +40,14 @@ def norms_tables(doc):
             "|---|---|---|---|",
         ]
         for name, v in r["layers"].items():
-            t = f"{v['train_ratio']:.2f}"
-            e = f"{v['eval_ratio']:.2f}"
+            t = _ratio(v, "train_ratio")
+            e = _ratio(v, "eval_ratio")
             if "train_ratio_vs_groupnorm" in v:
                 t += f" ({v['train_ratio_vs_groupnorm']:.2f} × GroupNorm)"
                 e += f" ({v['eval_ratio_vs_groupnorm']:.2f} × GroupNorm)"
             lines.append(f"| {name} | {t} | {e} | {v['eval_GBps']:.1f} |")
         lines.append("")
     return lines
-
-
-def _ratio(row, key, digits=2):
-    """``median [q25–q75]`` (benchmark_models' ratio with its interquartile range; the median alone for JSON
-    written before the IQR was recorded)."""
-    if key + "_iqr" not in row:
-        return f"{row[key]:.{digits}f}"
-    lo, hi = row[key + "_iqr"]
-    return f"{row[key]:.{digits}f} [{lo:.{digits}f}–{hi:.{digits}f}]"
 
 
 def models_tables(doc):

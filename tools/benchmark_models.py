@@ -42,6 +42,8 @@ from d2norm.deploy import fold_norms
 from d2norm.layers import NORM_REGISTRY, build_model
 from d2norm.layers.evalnorm import evalnorm_aux_loss
 
+from benchmark_norms import paired_ratio, quantiles  # noqa: E402  (tools/ is on sys.path when run)
+
 MODELS = {
     "faster_rcnn_R18_FPN": ("configs/cpu/faster_rcnn_R18_FPN_ghostbn.yaml", "build_mabn_resnet_fpn_backbone"),
     "retinanet_R18_FPN": ("configs/cpu/retinanet_R18_ghostbn.yaml", "build_mabn_retinanet_resnet_fpn_backbone"),
@@ -116,27 +118,6 @@ def _steps(model, cfg):
     return {"train": train_step, "infer": infer_step, "stats_fwd": stats_forward, "backbone": backbone_step}
 
 
-def _quantiles(values):
-    """(median, 25th, 75th percentile) of a list of ratios (linear interpolation, as numpy's default)."""
-    v = sorted(values)
-
-    def q(p):
-        i = p * (len(v) - 1)
-        lo = int(i)
-        hi = min(lo + 1, len(v) - 1)
-        return v[lo] + (v[hi] - v[lo]) * (i - lo)
-
-    return q(0.5), q(0.25), q(0.75)
-
-
-def _ratio(num_times, den_times):
-    """Throughput ratio of two variants timed in the same rounds: the median over rounds of the per-round
-    ratio (a pair measured seconds apart shares the machine's state), its interquartile range, and the
-    best-of-rounds ratio (timeit's convention)."""
-    med, q25, q75 = _quantiles([a / b for a, b in zip(num_times, den_times)])
-    return {"median": med, "iqr": [q25, q75], "best": min(num_times) / min(den_times)}
-
-
 def bench_model(name, norms, rounds, fold, image_size=None):
     config, mabn_backbone = MODELS[name]
     variants = {}
@@ -176,16 +157,16 @@ def bench_model(name, norms, rounds, fold, image_size=None):
     out = {"config": config, "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH, "image_size": cfg.INPUT.MIN_SIZE_TEST,
            "rounds": rounds,
            "BN": {"train_it_s": 1 / best["BN"]["train"], "infer_img_s": 1 / best["BN"]["infer"],
-                  "train_s_median": _quantiles(bn["train"])[0], "infer_s_median": _quantiles(bn["infer"])[0]},
+                  "train_s_median": quantiles(bn["train"])[0], "infer_s_median": quantiles(bn["infer"])[0]},
            "norms": {}}
     for key, t in times.items():
         if key == "BN":
             continue
-        r = _ratio(bn["infer"], t["infer"])
+        r = paired_ratio(bn["infer"], t["infer"])
         row = {"infer_ratio": r["median"], "infer_ratio_iqr": r["iqr"], "infer_ratio_best": r["best"],
                "infer_img_s": 1 / best[key]["infer"]}
         if "train" in t:
-            r = _ratio(bn["train"], t["train"])
+            r = paired_ratio(bn["train"], t["train"])
             row.update(train_ratio=r["median"], train_ratio_iqr=r["iqr"], train_ratio_best=r["best"],
                        train_it_s=1 / best[key]["train"])
         if key.endswith("+fold"):
@@ -194,7 +175,7 @@ def bench_model(name, norms, rounds, fold, image_size=None):
             if "none" in times:
                 # backbone alone: the rest of the detector's inference depends on its scores (how many boxes
                 # pass the RPN / box-head thresholds), which differ between a folded and a norm-free model
-                r = _ratio(times["none"]["backbone"], t["backbone"])
+                r = paired_ratio(times["none"]["backbone"], t["backbone"])
                 row.update(infer_vs_no_norm=r["median"], infer_vs_no_norm_iqr=r["iqr"],
                            infer_vs_no_norm_best=r["best"])
         out["norms"][key] = row

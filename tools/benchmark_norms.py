@@ -3,7 +3,9 @@
 
 Prints ratios (layer time / BatchNorm2d time); no assertions. The machine may be shared and noisy, so every
 layer and both baselines (``nn.BatchNorm2d``; ``nn.GroupNorm`` with BGN's channel groups) are timed
-*interleaved* in the same rounds, and each keeps its best round (the least disturbed one, as timeit does). On
+*interleaved* in the same rounds; a ratio is the median over the rounds of the per-round ratio, with its
+interquartile range (a single lucky baseline round would otherwise move every ratio of a shape), and the
+best-of-rounds ratio (timeit's convention) is kept in the JSON; absolute times are best rounds. On
 CPU the clock is this process's CPU time by default (``--clock process``), which other processes on the
 machine do not inflate; ``--clock wall`` for elapsed time.
 Training cost includes EvalNorm's eq-9 aux loss. ``eval_GBps`` is the achieved bandwidth of one read of x and
@@ -68,10 +70,31 @@ def _time_once(fn, iters, device):
     return (clock() - start) / iters
 
 
+def quantiles(values):
+    """(median, 25th, 75th percentile) of a list (linear interpolation, as numpy's default)."""
+    v = sorted(values)
+
+    def q(p):
+        i = p * (len(v) - 1)
+        lo = int(i)
+        hi = min(lo + 1, len(v) - 1)
+        return v[lo] + (v[hi] - v[lo]) * (i - lo)
+
+    return q(0.5), q(0.25), q(0.75)
+
+
+def paired_ratio(num_times, den_times):
+    """Ratio of two entries timed in the same rounds: the median over rounds of the per-round ratio (a pair
+    measured moments apart shares the machine's state; one lucky round of either side does not set it), its
+    interquartile range, and the best-of-rounds ratio (timeit's convention)."""
+    med, q25, q75 = quantiles([a / b for a, b in zip(num_times, den_times)])
+    return {"median": med, "iqr": [q25, q75], "best": min(num_times) / min(den_times)}
+
+
 def bench_shape(shape, cfg, device, window, rounds, names=None):
-    """Best-of-``rounds`` seconds per call of every entry, all entries interleaved within each round. Each
-    timed sample is as many calls as fit in ``window`` seconds (at least one): short samples are the ones a
-    busy machine leaves undisturbed, and the best of many of them is the least disturbed estimate."""
+    """Seconds per call of every entry in each of ``rounds`` rounds, all entries interleaved within each round:
+    ``{name: (train_times, eval_times)}``. Each timed sample is as many calls as fit in ``window`` seconds (at
+    least one): short samples are the ones a busy machine leaves undisturbed."""
     n, c = shape[0], shape[1]
     x = torch.randn(*shape, device=device) * 2 + 1
     groups = cfg.D2NORM.BGN.NUM_CHANNEL_GROUPS
@@ -86,12 +109,12 @@ def bench_shape(shape, cfg, device, window, rounds, names=None):
         for fn in steps[name]:  # warm-up (allocator, first-use paths, MABN/EvalNorm state)
             fn()
         iters[name] = [max(1, int(window / _time_once(fn, 1, device))) for fn in steps[name]]
-    best = {name: [float("inf"), float("inf")] for name in entries}
+    times = {name: ([], []) for name in entries}
     for _ in range(rounds):
         for name, (train_step, eval_step) in steps.items():
-            best[name][0] = min(best[name][0], _time_once(train_step, iters[name][0], device))
-            best[name][1] = min(best[name][1], _time_once(eval_step, iters[name][1], device))
-    return best, x.numel() * x.element_size(), iters
+            times[name][0].append(_time_once(train_step, iters[name][0], device))
+            times[name][1].append(_time_once(eval_step, iters[name][1], device))
+    return times, x.numel() * x.element_size(), iters
 
 
 def run(shapes, window_ms, rounds, device, threads, names=None, clock="wall"):
@@ -102,18 +125,25 @@ def run(shapes, window_ms, rounds, device, threads, names=None, clock="wall"):
     results = []
     for shape in shapes:
         load_before = os.getloadavg()[0]
-        best, nbytes, iters = bench_shape(shape, cfg, torch.device(device), window_ms / 1e3, rounds, names)
+        times, nbytes, iters = bench_shape(shape, cfg, torch.device(device), window_ms / 1e3, rounds, names)
+        best = {name: (min(t), min(e)) for name, (t, e) in times.items()}
         bn_t, bn_e = best["BatchNorm2d"]
         gn_t, gn_e = best["GroupNorm"]
         layers = {}
-        for name, (t, e) in best.items():
+        for name, (t, e) in times.items():
             if name in ("BatchNorm2d", "GroupNorm"):
                 continue
-            layers[name] = {"train_ratio": t / bn_t, "eval_ratio": e / bn_e, "train_ms": t * 1e3,
-                            "eval_ms": e * 1e3, "eval_GBps": 2 * nbytes / e / 1e9}
+            row = {}
+            for kind, mine, base in (("train_ratio", t, times["BatchNorm2d"][0]),
+                                     ("eval_ratio", e, times["BatchNorm2d"][1])):
+                r = paired_ratio(mine, base)
+                row.update({kind: r["median"], kind + "_iqr": r["iqr"], kind + "_best": r["best"]})
+            row.update(train_ms=best[name][0] * 1e3, eval_ms=best[name][1] * 1e3,
+                       eval_GBps=2 * nbytes / best[name][1] / 1e9)
             if name == "BGN":
-                layers[name]["train_ratio_vs_groupnorm"] = t / gn_t
-                layers[name]["eval_ratio_vs_groupnorm"] = e / gn_e
+                row["train_ratio_vs_groupnorm"] = paired_ratio(t, times["GroupNorm"][0])["median"]
+                row["eval_ratio_vs_groupnorm"] = paired_ratio(e, times["GroupNorm"][1])["median"]
+            layers[name] = row
         results.append({
             "shape": list(shape),
             "device": device if device != "cpu" else f"cpu ({torch.backends.cpu.get_cpu_capability()})",
@@ -136,8 +166,9 @@ def run(shapes, window_ms, rounds, device, threads, names=None, clock="wall"):
 def print_results(results, out=sys.stdout):
     for r in results:
         b = r["baseline"]
-        print(f"shape={tuple(r['shape'])} device={r['device']} threads={r['threads']} clock={r['clock']} best of {r['rounds']} "
-              f"interleaved rounds of ~{r['window_ms']:g} ms samples, load {r['loadavg_1min'][0]:.1f}->{r['loadavg_1min'][1]:.1f}"
+        print(f"shape={tuple(r['shape'])} device={r['device']} threads={r['threads']} clock={r['clock']} {r['rounds']} "
+              f"interleaved rounds of ~{r['window_ms']:g} ms samples (ratios: median of the per-round ratios; times: "
+              f"best round), load {r['loadavg_1min'][0]:.1f}->{r['loadavg_1min'][1]:.1f}"
               + (f", malloc {r['malloc']}" if "malloc" in r else ""),
               file=out)
         print(f"BatchNorm2d: train {b['BatchNorm2d']['train_ms']:.2f} ms, eval {b['BatchNorm2d']['eval_ms']:.3f} ms "
@@ -183,7 +214,8 @@ def main(argv=None):
                    help="input shape; repeat for several (default: 8 64 56 56 and 512 256 7 7)")
     p.add_argument("--window-ms", type=float, default=20.0,
                    help="length of one timed sample (as many calls as fit, at least one)")
-    p.add_argument("--rounds", type=int, default=20, help="interleaved rounds; the best one counts")
+    p.add_argument("--rounds", type=int, default=20,
+                   help="interleaved rounds; ratios are the median of the per-round ratios (best-of kept in the JSON)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--clock", choices=sorted(CLOCKS), default=None,

@@ -17,7 +17,8 @@ Memory-bound primitives, each one pass over the activation:
   view of a contiguous input), which is ~2× faster than a broadcast ``addcmul`` there; elsewhere (CUDA;
   channels-last or other strided input) a broadcast ``addcmul``. Differentiable (BN's backward, or addcmul's).
 * :func:`example_group_norm` — normalization of (example group × channel group) blocks by their own moments,
-  the training forward of GhostBN and BGN, with a closed-form two-pass native backward.
+  the training forward of GhostBN and BGN: on CPU one native kernel each way (forward: x read once, y written
+  once; backward: gy and x read once, the closed-form input gradient written once).
 
 All keep the input dtype (callers upcast fp16/bf16 to float32 first, as every layer does for its statistics).
 """
