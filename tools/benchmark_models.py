@@ -8,9 +8,11 @@ weight-centralized backbone), plus ``none`` (no norm: the bound a folded model c
 images with random boxes. Training = forward + losses (EvalNorm's aux loss included) + backward + SGD step at
 ``SOLVER.IMS_PER_BATCH``; inference = ``model.eval()`` on one image at a time. A folded model is compared with
 the norm-free one on the backbone alone (where the norms were): the rest of a detector's inference depends on
-its scores — how many boxes pass the RPN and box-head thresholds —, which differ between two such models. All variants of a model are timed interleaved in the same rounds, one call each per round; a ratio is
-the median over the rounds of the per-round ratio (the pair was measured seconds apart, in the same machine
-state), reported with its interquartile range, and the best-of-rounds ratio is kept in the JSON too. The clock is
+its scores — how many boxes pass the RPN and box-head thresholds —, which differ between two such models.
+All variants of a model are timed interleaved in the same rounds (in a shuffled order per round), one call each
+per round; a ratio is the median over the rounds of the per-round ratio (the pair was measured seconds apart, in
+the same machine state), reported with its interquartile range, and the best-of-rounds ratio is kept in the JSON
+too. The clock is
 this process's CPU time (``time.process_time``), which other load on a shared machine does not inflate.
 ``--image-size`` changes the (square) image size: the per-layer and weight-side costs of a norm are fixed while
 the convolutions grow with the image, so the ratios depend on it (the CPU configs train at 128 px, COCO at ~800).
@@ -42,7 +44,7 @@ from d2norm.deploy import fold_norms
 from d2norm.layers import NORM_REGISTRY, build_model
 from d2norm.layers.evalnorm import evalnorm_aux_loss
 
-from benchmark_norms import paired_ratio, quantiles  # noqa: E402  (tools/ is on sys.path when run)
+from benchmark_norms import paired_ratio, quantiles, round_order  # noqa: E402  (tools/ is on sys.path when run)
 
 MODELS = {
     "faster_rcnn_R18_FPN": ("configs/cpu/faster_rcnn_R18_FPN_ghostbn.yaml", "build_mabn_resnet_fpn_backbone"),
@@ -145,9 +147,9 @@ def bench_model(name, norms, rounds, fold, image_size=None):
         for fn in s.values():
             fn()  # warm-up
     times = {key: {k: [] for k in s} for key, s in steps.items()}
-    for _ in range(rounds):
-        for key, s in steps.items():
-            for k, fn in s.items():
+    for rnd in range(rounds):
+        for key in round_order(steps, rnd):
+            for k, fn in steps[key].items():
                 start = time.process_time()
                 fn()
                 times[key][k].append(time.process_time() - start)
