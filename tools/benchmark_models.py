@@ -12,8 +12,8 @@ its scores — how many boxes pass the RPN and box-head thresholds —, which di
 All variants of a model are timed interleaved in the same rounds (in a shuffled order per round), one call each
 per round; a ratio is the median over the rounds of the per-round ratio (the pair was measured seconds apart, in
 the same machine state), reported with its interquartile range, and the best-of-rounds ratio is kept in the JSON
-too. The clock is
-this process's CPU time (``time.process_time``), which other load on a shared machine does not inflate.
+too. The clock is this process's CPU time (``time.process_time``), which other load on a shared machine does not
+inflate.
 ``--image-size`` changes the (square) image size: the per-layer and weight-side costs of a norm are fixed while
 the convolutions grow with the image, so the ratios depend on it (the CPU configs train at 128 px, COCO at ~800).
 
