@@ -1,4 +1,4 @@
-"""CPU kernels torch lacks, for the layers that normalize with each sample's own statistics.
+"""CPU kernels torch lacks, for the layers that normalize with each sample's own statistics (and MABN).
 
 Why our own: on CPU, ``torch.var_mean`` over a contiguous row is a scalar Welford loop (~25× ``BatchNorm2d``
 inference on a ResNet feature map, measured with ``tools/benchmark_norms.py``'s shapes), and the fast vectorized
@@ -10,15 +10,20 @@ the exact two-pass algorithm per row — the mean, then Σ(x − mean)² over th
 ``E[x²] − E[x]²`` cancellation: more accurate than the GroupNorm route). The kernels, one C++ source below:
 
 * ``row_moments`` — per-(sample, channel [group]) mean / biased variance (:func:`row_moments`);
-* ``channel_moments`` — per-channel batch statistics over N·H·W (BatchStatsBN inference, :func:`channel_moments`);
+* ``channel_moments`` — per-channel batch statistics over N·H·W (BatchStatsBN inference, MABN's E[x²];
+  :func:`channel_moments`): two passes per channel for long rows, one memory-order stream of shifted double sums
+  for short (RoI) rows;
 * ``row_affine`` — ``x·s[r] + t[r]`` per row (:func:`row_affine`);
 * ``row_center`` — ``x − mean(x[r])`` per row: mabn eq 18's weight centralization and its backward
   (:func:`row_center`);
 * ``mix_normalize`` — four-things eq 3 (per channel or channel group) / evalnorm eqs 5-6 inference in one kernel
   (:func:`mix_normalize`);
 * ``row_affine_l1`` — evalnorm eq 9's Σ|t|, Σ sign(t), Σ sign(t)·x per row (:func:`row_affine_l1`);
-* ``row_dot_sums`` / ``row_affine2`` — the backward of a per-row affine whose coefficients come from the rows'
-  own moments (the closed-form backward of :func:`~d2norm.layers.kernels.example_group_norm`, through :func:`native_module`).
+* ``row_dot_sums`` / ``row_affine2`` — per-row Σg, Σg·x and ``g·s + x·a + b`` (MABN's eq-20 backward, through
+  :func:`native_module`);
+* ``block_norm_forward`` / ``block_norm_backward`` — normalization of (example group × channel group) blocks by
+  their own moments and its closed-form backward, one task per block whose rows stay in cache (GhostBN / BGN
+  training, :func:`~d2norm.layers.kernels.example_group_norm`, through :func:`native_module`).
 
 All are parallel over rows (or channels) with ATen's thread pool (OpenMP, torch's libgomp) and compiled for
 AVX-512 / AVX2 / baseline x86-64, chosen at load time (``target_clones``: a build cached in a home directory
