@@ -92,7 +92,7 @@ def route(request, monkeypatch):
     from d2norm.layers.native import native_status
 
     if request.param == "torch":
-        monkeypatch.setattr(mabn_module, "native_module", lambda: None)
+        monkeypatch.setattr(mabn_module, "native_for", lambda x, min_dim=1: None)
         monkeypatch.setattr(mabn_module, "row_center", lambda x, rows: None)
     elif native_status() != "ok":
         pytest.skip(f"native kernels unavailable here ({native_status()}); the torch route is tested")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .native import native_module, row_affine, row_moments
+from .native import native_for, native_module, row_affine, row_moments
 
 __all__ = ["group_moments", "channel_affine", "example_group_norm", "example_group_moments", "example_group_means",
            "expand_example_groups"]
@@ -205,8 +205,7 @@ def example_group_norm(
     (CUDA, channels-last, no compiler): :func:`group_moments` + :func:`channel_affine` and autograd, same values
     and gradients (both tested against a float64 definition)."""
     sizes = tuple(int(s) for s in sizes)
-    if (x.device.type == "cpu" and x.is_contiguous() and x.numel() > 0
-            and x.dtype in (torch.float32, torch.float64) and native_module() is not None):
+    if native_for(x, 2) is not None:
         starts = torch.tensor((0,) + tuple(itertools.accumulate(sizes)), dtype=torch.long)
         return _ExampleGroupNorm.apply(x, weight, bias, groups, starts, eps)
     n, c = x.shape[0], x.shape[1]

@@ -31,7 +31,7 @@ from .base import (
 )
 from ..utils.validation import check_choice, check_int, check_number
 from .kernels import channel_affine
-from .native import native_module, row_center
+from .native import native_for, row_center
 from .registry import register_norm
 
 __all__ = [
@@ -64,15 +64,6 @@ def _window_mean(ring: torch.Tensor, count: torch.Tensor, current: torch.Tensor)
     window = ring.to(current.dtype).index_copy(0, pos, current.view(1, -1))
     fill = torch.clamp(count + 1, max=m).to(current.dtype)
     return window.sum(0) / fill, pos
-
-
-def _native_rows(xs: torch.Tensor):
-    """d2norm's CPU kernels (``layers/native.py``) when ``xs`` (N, C, *) is a contiguous CPU float32/float64
-    tensor and they are built, else ``None`` (torch ops: CUDA, channels-last, no compiler)."""
-    if (xs.device.type != "cpu" or not xs.is_contiguous() or xs.dtype not in (torch.float32, torch.float64)
-            or xs.dim() < 2):
-        return None
-    return native_module()
 
 
 class MABNFunction(torch.autograd.Function):
@@ -111,7 +102,7 @@ class MABNFunction(torch.autograd.Function):
         n = x.numel() // x.shape[1]
         xs = x.to(sd)
 
-        native = _native_rows(xs)
+        native = native_for(xs, 2)  # d2norm's CPU kernels, or None (torch ops)
         if native is not None:  # CPU: per-channel moments in one read (d2norm's kernel), E[x²] = var + mean²
             mean_b, var_b = native.channel_moments(xs)
             chi_sq_b = var_b + mean_b * mean_b + eps
@@ -149,7 +140,7 @@ class MABNFunction(torch.autograd.Function):
         n = x.numel() // x.shape[1]
         xs, gs = x.to(sd), grad_z.to(sd)
 
-        native = _native_rows(xs)
+        native = native_for(xs, 2)  # d2norm's CPU kernels, or None (torch ops)
         if native is not None:
             gs = gs.contiguous()
             rows = xs.shape[0] * xs.shape[1]

@@ -45,7 +45,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ["row_moments", "channel_moments", "row_affine", "row_affine_l1", "row_center", "mix_normalize",
-           "native_status", "native_module"]
+           "native_status", "native_module", "native_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -851,8 +851,8 @@ def _load():
 
 
 def native_module():
-    """The compiled module (functions ``row_moments``, ``row_affine``, ``row_affine_l1``, ``row_dot_sums``,
-    ``row_affine2`` on contiguous CPU float32/float64 rows), or ``None`` when unavailable."""
+    """The compiled module (every kernel of the source above, on contiguous CPU float32/float64 tensors), or
+    ``None`` when unavailable."""
     return _load()
 
 
@@ -866,6 +866,12 @@ def _cpu_rows(x: torch.Tensor, min_dim: int = 1) -> bool:
     """The condition every kernel shares: a non-empty contiguous CPU float32/float64 tensor of >= min_dim dims."""
     return (x.device.type == "cpu" and x.dim() >= min_dim and x.is_contiguous() and x.numel() > 0
             and x.dtype in (torch.float32, torch.float64))
+
+
+def native_for(x: torch.Tensor, min_dim: int = 1):
+    """:func:`native_module` when ``x`` is what every kernel takes (:func:`_cpu_rows`), else ``None``: for callers
+    that use several kernels of the module directly (MABN's forward / backward, the block normalization)."""
+    return _load() if _cpu_rows(x, min_dim) else None
 
 
 def row_moments(x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
