@@ -177,6 +177,77 @@ def test_reused_layer_exact_equals_one_batch_training_forward():
             torch.testing.assert_close(getattr(m, name).running_var, var * n / (n - 1), rtol=1e-10, atol=1e-10)
 
 
+class ReusedInARow(nn.Module):
+    """conv → bn1 → conv → bn1 (again, right after its first call) → conv → bn3 → fc → bn4 (BatchNorm1d): the
+    second call of bn1 follows the first with no other norm between, and its input depends on the first call's
+    statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(C, C, 3, padding=1) for _ in range(3))
+        self.fc = nn.Linear(C * 4, 6)
+        self.bn1, self.bn3 = nn.BatchNorm2d(C, eps=EPS), nn.BatchNorm2d(C, eps=EPS)
+        self.bn4 = nn.BatchNorm1d(6, eps=EPS)
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6 + 0.2)
+        self.double().train()
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.c1(x)))
+        y = F.relu(self.bn1(self.c2(y) * 2 + 1))
+        y = F.relu(self.bn3(self.c3(y)))
+        return self.bn4(self.fc(F.adaptive_avg_pool2d(y, 2).flatten(1)))
+
+
+def _reused_in_a_row_reference(model, x):
+    """The float64 training forward of the population ``x`` as one batch, written from BN's definition
+    (every call normalized with the mean / biased variance of all its inputs): per layer, the inputs of all its
+    calls (the statistics PreciseBN must write pool them)."""
+    inputs = {"bn1": [], "bn3": [], "bn4": []}
+
+    def bn(name, t):
+        inputs[name].append(t)
+        m = getattr(model, name)
+        dims = [0] + list(range(2, t.dim()))
+        mu = t.mean(dims, keepdim=True)
+        var = ((t - mu) ** 2).mean(dims, keepdim=True)
+        shape = [1, -1] + [1] * (t.dim() - 2)
+        return (t - mu) / torch.sqrt(var + EPS) * m.weight.view(shape) + m.bias.view(shape)
+
+    with torch.no_grad():
+        y = F.relu(bn("bn1", F.conv2d(x, model.c1.weight, model.c1.bias, padding=1)))
+        y = F.relu(bn("bn1", F.conv2d(y, model.c2.weight, model.c2.bias, padding=1) * 2 + 1))
+        y = F.relu(bn("bn3", F.conv2d(y, model.c3.weight, model.c3.bias, padding=1)))
+        bn("bn4", F.linear(F.adaptive_avg_pool2d(y, 2).flatten(1), model.fc.weight, model.fc.bias))
+    out = {}
+    for name, ts in inputs.items():
+        flat = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in ts], dim=1)
+        out[name] = (flat.mean(1), flat.var(1, unbiased=True))
+    return out
+
+
+def test_layer_reused_in_a_row_exact_with_several_batches_equals_population_forward():
+    """N = 60 samples in loader batches of 8 (B = 8, the last 4): several batches, so the non-exact pass is
+    not exact; the exact layer-wise pass must equal the independent one-batch population forward."""
+    model = ReusedInARow()
+    x = _data(60, seed=3)
+    ref = _reused_in_a_row_reference(model, x)
+    loader = [x[i:i + 8] for i in range(0, 60, 8)]
+    exact = copy.deepcopy(model)
+    recompute_population_stats(exact, loader, num_samples=60, batch_size=8, exact_layerwise=True, progress=False)
+    approx = copy.deepcopy(model)
+    recompute_population_stats(approx, loader, num_samples=60, batch_size=8, progress=False)
+    for name, (mean, var) in ref.items():
+        torch.testing.assert_close(getattr(exact, name).running_mean, mean, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(getattr(exact, name).running_var, var, rtol=1e-10, atol=1e-12)
+    # the test can fail: with B < N the non-exact pass is measurably off after the reused layer
+    for name in ("bn3", "bn4"):
+        off = ((getattr(approx, name).running_var - ref[name][1]).abs() / ref[name][1]).max()
+        assert off > 1e-5, (name, float(off))
+
+
 def test_reused_layer_with_varying_calls_is_refused_naming_the_layer():
     model = Reused(extra_call_if_odd=True)
     x = _data(7, seed=2)

@@ -293,8 +293,8 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
     A layer called several times per forward (a head shared by several inputs, weight sharing) is a sequence of
     calls: call j of a forward normalizes, as in a training forward of the population as one batch, with the
     population statistics of call j's own inputs (over all batches), and the layer's written statistics pool
-    all its calls (each call is a batch, as its EMA has it). Passes run in call order; consecutive calls of one
-    layer share a pass (their inputs cannot depend on each other's statistics).
+    all its calls (each call is a batch, as its EMA has it). Passes run in call order, one per call (also for
+    consecutive calls of one layer: the later one's input may depend on the earlier one's statistics).
     """
     from detectron2.utils import comm
 
@@ -324,10 +324,11 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
     passes: List[Any] = []
     for n, j in units:
         calls[n] = max(calls[n], j + 1)
-        if passes and passes[-1][0] == n:
-            passes[-1][1].append(j)
-        else:
-            passes.append((n, [j]))
+        # One pass per call, also for consecutive calls of one layer: in conv → bn → conv → bn (the same bn
+        # twice) the second call's input depends on the first call's statistics, so it can only be recorded once
+        # the first call normalizes with its population statistics (recording both in one pass would give the
+        # non-exact pass's statistics for the second call).
+        passes.append((n, [j]))
 
     device = next(itertools.chain(net.parameters(), net.buffers())).device
     for n, a in adapters.items():
