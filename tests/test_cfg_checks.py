@@ -212,3 +212,45 @@ def test_bad_layer_option_names_its_cfg_key(tmp_path, norm, key, value):
         cfg, _ = _setup(tmp_path, DEMO, "MODEL.RESNETS.NORM", norm, key, value, *extra)
         Trainer(cfg)
     assert key in str(e.value) and repr(value) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("config,extra", [
+    ("retinanet_R18_table5_cpu.yaml", []),  # DomainBNRetinaNet, per-level training statistics
+    ("retinanet_R18_ghostbn.yaml", ["MODEL.RETINANET.NORM", "BN"]),  # detectron2's per-level head BN
+])
+def test_retinanet_head_with_one_value_at_p7_fails_at_setup(tmp_path, config, extra):
+    """One 128 px image per process: P7 is 1x1, one value per channel for a per-level batch variance (the
+    first iteration would fail deep in the head)."""
+    from d2norm.layers.cfg_checks import check_norm_cfg
+    from d2norm.engine.cli import read_cfg
+
+    cfg = read_cfg(os.path.join(ROOT, "configs", "cpu", config), [*extra, "SOLVER.IMS_PER_BATCH", 1])
+    with pytest.raises(ValueError, match=r"level 'p7' \(stride 128\).*SOLVER\.IMS_PER_BATCH 1 over 1 process"):
+        check_norm_cfg(cfg, world_size=1)
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    check_norm_cfg(cfg, world_size=1)  # two images: two values, accepted
+    cfg.SOLVER.IMS_PER_BATCH = 1
+    cfg.INPUT.MAX_SIZE_TRAIN = 200  # 2x2 at P7
+    check_norm_cfg(cfg, world_size=1)
+
+
+def test_online_evalnorm_in_a_stock_meta_architecture_fails_at_setup(tmp_path):
+    """`MODEL.RESNETS.NORM EvalNorm` (MODE online) in GeneralizedRCNN: nobody adds the eq-9 aux loss, so α̂, β̂
+    would never train; refused at setup with the fixes, before anything is written."""
+    from d2norm.engine.cli import read_cfg
+    from d2norm.layers import build_model
+    from d2norm.modeling.meta_arch.evalnorm_arch import check_aux_loss_collected
+
+    with pytest.raises(ValueError, match=r"MODEL.RESNETS.NORM 'EvalNorm' with D2NORM.EVALNORM.MODE 'online' in "
+                                         r"MODEL.META_ARCHITECTURE 'GeneralizedRCNN'.*EvalNormGeneralizedRCNN"):
+        _setup(tmp_path, DEMO, "MODEL.RESNETS.NORM", "EvalNorm")
+    assert not (tmp_path / "out").exists()  # nothing written
+    _setup(tmp_path, DEMO, "MODEL.RESNETS.NORM", "EvalNorm", "MODEL.META_ARCHITECTURE", "EvalNormGeneralizedRCNN")
+    _setup(tmp_path, DEMO, "MODEL.RESNETS.NORM", "EvalNorm", "D2NORM.EVALNORM.MODE", "rule", "OUTPUT_DIR",
+           str(tmp_path / "rule"))
+    # the built model (also where a custom head or a LazyConfig placed the layer): the Trainer's check
+    model = build_model(read_cfg(DEMO, ["MODEL.RESNETS.NORM", "EvalNorm"]))
+    with pytest.raises(ValueError, match=r"EvalNorm layer\(s\) in mode 'online'.*'GeneralizedRCNN'"):
+        check_aux_loss_collected(model)
+    check_aux_loss_collected(build_model(read_cfg(DEMO, ["MODEL.RESNETS.NORM", "EvalNorm",
+                                                          "MODEL.META_ARCHITECTURE", "EvalNormGeneralizedRCNN"])))

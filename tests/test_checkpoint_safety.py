@@ -82,14 +82,14 @@ def test_tools_with_defaults_leave_resume_point_alone(trained):
     assert _tool("fit_evalnorm").main(common + ["--rule", "4"]) == 0
 
     assert _files(out) == before  # nothing in the training folder was written or touched
-    rc = _load(os.path.join(out, "recompute_bn_stats", "model_precise_bn_d2norm_synthetic_train.pth"))
+    rc = _load(os.path.join(out, "recompute_bn_stats", "model_final_precise_bn_d2norm_synthetic_train.pth"))
     assert rc["iteration"] == source["iteration"] == 3
     assert rc["trainer"]["iteration"] == 3 and rc["trainer"].keys() == source["trainer"].keys()
     for a, b in zip(rc["trainer"]["_trainer"]["optimizer"]["state"].values(),
                     source["trainer"]["_trainer"]["optimizer"]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert not os.path.exists(os.path.join(out, "recompute_bn_stats", "last_checkpoint"))
-    fit = _load(os.path.join(out, "fit_evalnorm", "model_evalnorm_rule.pth"))
+    fit = _load(os.path.join(out, "fit_evalnorm", "model_final_evalnorm_rule.pth"))
     assert fit["iteration"] == 3 and "trainer" not in fit and "converted to EvalNorm" in fit["inference_only"]
 
     # --resume of the training run continues from ITS last checkpoint: iteration 4, optimizer state kept
@@ -236,13 +236,13 @@ def test_tool_fails_on_checkpoint_of_another_architecture(retinanet_weights, tmp
 def test_eval_only_fails_and_training_warns(retinanet_weights, tmp_path, caplog):
     from detectron2.engine import default_argument_parser
 
-    from d2norm.engine.checkpoint import CheckpointMismatchError
+    from d2norm.engine.cli import ToolError  # train_net's command line prints it as one error line, exit 2
 
     r = retinanet_weights
     train_net = _tool("train_net")
     args = default_argument_parser().parse_args(
         ["--config-file", r["yaml"], "--eval-only", "MODEL.WEIGHTS", r["path"], "OUTPUT_DIR", str(tmp_path / "e")])
-    with pytest.raises(CheckpointMismatchError, match=r"not in the checkpoint \(.*roi_heads"):
+    with pytest.raises(ToolError, match=r"not in the checkpoint \(.*roi_heads"):
         train_net.main(args)
 
     cfg = r["frcnn"].clone()
@@ -317,10 +317,10 @@ def test_recompute_tool_with_one_nan_pixel(trained, tmp_path, monkeypatch, capsy
         assert not list(tmp_path.glob("*.pth"))
         return
     assert rc == 0 and "WARNING: non-finite batch statistics were left out of" in cap.out
-    report = __import__("json").loads((tmp_path / "model_precise_bn_d2norm_synthetic_train.json").read_text())
+    report = __import__("json").loads((tmp_path / "model_final_precise_bn_d2norm_synthetic_train.json").read_text())
     assert all(v == [b for b in v if b.startswith("batch 1 of rank 0")] for v in report["nonfinite_skipped"].values())
     assert len(report["nonfinite_skipped"]) == report["layers"]  # the NaN reaches every later layer
-    ck = _load(tmp_path / "model_precise_bn_d2norm_synthetic_train.pth")
+    ck = _load(tmp_path / "model_final_precise_bn_d2norm_synthetic_train.pth")
     assert all(torch.isfinite(v).all() for k, v in ck["model"].items() if v.is_floating_point())
 
 

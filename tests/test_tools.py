@@ -366,7 +366,7 @@ def test_recompute_two_processes_equals_one(tiny, tmp_path):
         res = subprocess.run(common + ["--num-gpus", str(n), "--output-dir", str(out), *tiny["opts"]], env=env,
                              capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-        outs[n] = _load_state(out / "model_precise_bn_d2norm_synthetic_val.pth")
+        outs[n] = _load_state(out / "tiny_4_precise_bn_d2norm_synthetic_val.pth")
     src = _load_state(tiny["ckpts"][1])
     stats = [k for k in outs[1] if k.endswith(("running_mean", "running_var"))]
     assert stats
@@ -389,3 +389,26 @@ def test_training_tools_default_to_a_free_port_so_two_multiprocess_runs_coexist(
     for parser in (training_parser(), training_parser(_tool("train_net").argument_parser())):
         assert parser.parse_args(["--num-gpus", "2"]).dist_url == "auto"
         assert parser.parse_args(["--dist-url", "tcp://127.0.0.1:1234"]).dist_url == "tcp://127.0.0.1:1234"
+
+
+@pytest.mark.parametrize("tail", [["MODEL.DEVICE", "cpu", "SEED", "3"], ["--", "MODEL.DEVICE", "cpu", "SEED", "3"]])
+def test_tune_example_weight_alphas_then_overrides(tail):
+    """``--alphas 0 0.5 KEY VALUE`` (was: "invalid float value: 'MODEL.DEVICE'"), with or without ``--``."""
+    from d2norm.engine import cli
+
+    tool = _tool("tune_example_weight")
+    args = cli.parse_tool_args(tool.build_parser(), ["--config-file", "c.yaml", "--weights", "w.pth", "--alphas",
+                                                     "0", "0.5", *tail])
+    assert args.alphas == [0.0, 0.5]
+    assert args.opts == ["MODEL.DEVICE", "cpu", "SEED", "3"]
+    args = cli.parse_tool_args(tool.build_parser(), ["--config-file", "c.yaml", "--alphas", "0.1", "--weights", "w"])
+    assert args.alphas == [0.1] and args.opts == [] and args.weights == "w"
+
+
+def test_tune_example_weight_bad_alpha_is_a_usage_error(capsys):
+    from d2norm.engine import cli
+
+    tool = _tool("tune_example_weight")
+    with pytest.raises(SystemExit) as e:
+        cli.parse_tool_args(tool.build_parser(), ["--config-file", "c.yaml", "--alphas", "0", "half"])
+    assert e.value.code == 2 and "--alphas: invalid number 'half'" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def test_fit_evalnorm_converts_ghost_bn_of_the_demo_model(demo, capsys):
     assert f"converted {len(demo['ghost'])} layer(s) to EvalNorm" in text
     assert "fitting alpha/beta of" in text and "of 2 images" in text  # B = D2NORM.GHOST_BN.SIZE 2, not 4
     yaml_cfg = add_d2norm_config(get_cfg())
-    yaml_cfg.merge_from_file(os.path.join(out, "model_evalnorm_offline.yaml"))
+    yaml_cfg.merge_from_file(os.path.join(out, "model_final_evalnorm_offline.yaml"))
     assert yaml_cfg.MODEL.RESNETS.NORM == "EvalNorm" and yaml_cfg.D2NORM.EVALNORM.MODE == "offline"
     model = cli.load_model(yaml_cfg)  # the written pair loads strictly and is all EvalNorm where GhostBN was
     names = {n for n, m in model.named_modules() if isinstance(m, EvalNorm2d)}
@@ -78,7 +78,7 @@ def test_fit_evalnorm_rule_uses_ghost_size(demo, capsys):
     rc, out = _run("fit_evalnorm", demo, "--rule")
     text = capsys.readouterr().out
     assert rc == 0, text[-3000:]
-    state = torch.load(os.path.join(out, "model_evalnorm_rule.pth"), map_location="cpu", weights_only=False)["model"]
+    state = torch.load(os.path.join(out, "model_final_evalnorm_rule.pth"), map_location="cpu", weights_only=False)["model"]
     logits = [v for k, v in state.items() if k.endswith("alpha_logit")]
     assert len(logits) == len(demo["ghost"])
     for v in logits:  # alpha = 1/B^2 with B = GHOST_BN.SIZE = 2 (evalnorm §4.1 rule of thumb)

@@ -114,6 +114,7 @@ def run(args):
     test_ds = tc.prepare_dataset(cfg, args.test_dataset or tc.first(cfg.DATASETS.TEST))
     batch_size = args.batch_size or cfg.SOLVER.IMS_PER_BATCH
     out_dir = tc.output_dir(args, cfg, "analyze_bn")
+    tc.claim_outputs([os.path.join(out_dir, f"{args.output_name}.json")], args.overwrite)
     for w in args.weights:  # fail before any work
         if not os.path.isfile(w) and "://" not in w:
             raise tc.ToolError(f"checkpoint not found: {w!r}")

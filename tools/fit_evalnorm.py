@@ -11,8 +11,10 @@ stop-gradient aux loss of eq 9 on training batches (the model's training forward
 normalization batch: a GhostBN layer's SIZE, else SOLVER.IMS_PER_BATCH) with every other parameter and
 statistic unchanged. ``--rule [B]`` instead sets α̂ = β̂ = 1/B², B >= 1 (omitted: each layer's training
 normalization batch, GhostBN's SIZE or the batch size an EvalNorm layer recorded).
-The new checkpoint stores α̂, β̂; a config ``<name>.yaml`` next to it evaluates it (EvalNorm, MODE "offline").
-Outputs go to ``<OUTPUT_DIR>/fit_evalnorm/`` unless ``--output-dir``; no ``last_checkpoint`` is written. The
+The new checkpoint stores α̂, β̂; a config ``<name>.yaml`` next to it evaluates it (EvalNorm, MODE "offline";
+its OUTPUT_DIR is that folder, so ``train_net.py --eval-only`` with it never writes into the training run).
+Outputs go to ``<OUTPUT_DIR>/fit_evalnorm/<source>_evalnorm_<method>.*`` unless ``--output-dir`` /
+``--output-name``; an existing output is an error unless ``--overwrite``; no ``last_checkpoint`` is written. The
 checkpoint keeps the source's iteration; its trainer state too when no layer was converted (α̂, β̂ only
 changed), else it is marked ``inference_only`` (the converted layers' new parameters have no optimizer state).
 
@@ -42,7 +44,8 @@ def build_parser():
                    help="no fit: alpha = beta = 1/B^2, B >= 1 (B omitted: each layer's training normalization "
                         "batch: GhostBN's SIZE, or the batch size an EvalNorm layer recorded)")
     tc.add_eval_args(p)
-    p.add_argument("--output-name", help="checkpoint name without .pth (default model_evalnorm_offline|rule)")
+    p.add_argument("--output-name", help="checkpoint name without .pth (default <source checkpoint's name>_"
+                   "evalnorm_offline|rule)")
     return p
 
 
@@ -63,7 +66,9 @@ def run(args):
     dataset = None if args.rule is not None else tc.prepare_dataset(cfg, args.dataset or tc.first(cfg.DATASETS.TRAIN))
     eval_ds = tc.eval_dataset(args, cfg)
     out_dir = tc.output_dir(args, cfg, "fit_evalnorm")
-    name = args.output_name or f"model_evalnorm_{'rule' if args.rule is not None else 'offline'}"
+    method = "rule" if args.rule is not None else "offline"
+    name = args.output_name or f"{tc.source_stem(args.weights or cfg.MODEL.WEIGHTS)}_evalnorm_{method}"
+    tc.claim_outputs([os.path.join(out_dir, f"{name}{ext}") for ext in (".pth", ".yaml", ".json")], args.overwrite)
 
     model, source = tc.load_model(cfg, args.weights, return_checkpoint=True)
     # decided before any evaluation: which layers become EvalNorm (BN-derived, incl. GhostBN: BN at inference)

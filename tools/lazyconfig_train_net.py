@@ -24,8 +24,10 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2norm.data import prepare_datasets
-from d2norm.engine.cli import ToolError, launch_main
+from d2norm.engine.cli import ToolError, launch_main, load_weights
 from d2norm.engine.checkpoint import D2NormCheckpointer
+from d2norm.engine.log_output import quiet_known_warnings, route_log_handlers, setup_training_loggers
+from d2norm.engine.run_folder import check_fresh_start, keep_previous_config
 from d2norm.engine.lazy import LazyTrainer, bridge_cfg, build_lazy_model, lazy_test
 
 logger = logging.getLogger("d2norm")
@@ -49,18 +51,33 @@ def main(args):
     return run(load_lazy_cfg(args.config_file, args.opts), args)
 
 
+def preflight(cfg, args):
+    """Before anything is written: no training from scratch over an earlier run's checkpoints in
+    ``train.output_dir`` without ``--overwrite`` (:func:`~d2norm.engine.run_folder.check_fresh_start`)."""
+    check_fresh_start(bridge_cfg(cfg).OUTPUT_DIR, resume=bool(args.resume), eval_only=bool(args.eval_only),
+                      overwrite=bool(getattr(args, "overwrite", False)), key="train.output_dir")
+
+
 def run(cfg, args):
     """Train (or with ``args.eval_only`` evaluate) the loaded LazyConfig ``cfg``; returns the last COCO results."""
-    default_setup(cfg, args)
+    preflight(cfg, args)
+    out = bridge_cfg(cfg).OUTPUT_DIR
+    # as train_net.py: environment table, config dump and model print go to OUTPUT_DIR/log.txt only
+    quiet_known_warnings()
+    setup_training_loggers(out, comm.get_rank())
+    with keep_previous_config(out, comm.is_main_process()):
+        default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="d2norm", abbrev_name="d2norm")
+    route_log_handlers()
     bridge = bridge_cfg(cfg)
     prepare_datasets(bridge)
 
     if args.eval_only:
         model = build_lazy_model(cfg, bridge)
         # evaluating a model whose parameters were partly not loaded (another architecture) is an error
-        D2NormCheckpointer(model, save_dir=bridge.OUTPUT_DIR, on_mismatch="error").resume_or_load(
-            bridge.MODEL.WEIGHTS, resume=args.resume)
+        load_weights(D2NormCheckpointer(model, save_dir=bridge.OUTPUT_DIR, on_mismatch="error",
+                                        on_bad_stats="error"), bridge.MODEL.WEIGHTS, resume=args.resume,
+                     key="train.init_checkpoint")
         return lazy_test(cfg, create_ddp_model(model))
 
     trainer = LazyTrainer(cfg)
@@ -70,4 +87,4 @@ def run(cfg, args):
 
 
 if __name__ == "__main__":
-    launch_main(main, check_config=load_lazy_cfg)
+    launch_main(main, check_config=load_lazy_cfg, preflight=preflight)

@@ -10,7 +10,8 @@ dataset and write a new checkpoint.
   checkpoint's DomainBN layers define), computed on the inference path (each level normalized with its own
   statistics unless the layout shares both; row 2 needs this recomputation); frozen layers are untouched;
 * ``--eval``: COCO AP before and after (on ``--eval-dataset``, default the cfg's first test set);
-* output: ``<OUTPUT_DIR>/recompute_bn_stats/`` unless ``--output-dir``; the new checkpoint keeps the source's
+* output: ``<OUTPUT_DIR>/recompute_bn_stats/<source>_precise_bn_<dataset>.pth`` (+ ``.json``) unless
+  ``--output-dir`` / ``--output-name``; an existing output is an error unless ``--overwrite``; the new checkpoint keeps the source's
   iteration and trainer state (optimizer, scheduler), and no ``last_checkpoint`` is ever written, so
   ``train_net.py --resume`` of the training run continues from its own last checkpoint;
 * a batch with NaN/Inf statistics stops the tool naming the layer and the batch (``--nonfinite skip`` leaves
@@ -46,7 +47,8 @@ def build_parser():
                    "what the PreciseBN hook does); 'inference': inference path with only the norm layers in "
                    "training mode (unlabeled data; RoI heads then see test-time proposals)")
     tc.add_eval_args(p)
-    p.add_argument("--output-name", help="checkpoint name without .pth (default model_precise_bn_<dataset>)")
+    p.add_argument("--output-name", help="checkpoint name without .pth (default <source checkpoint's name>_"
+                   "precise_bn_<dataset>, e.g. model_final_precise_bn_coco_2017_train)")
     return p
 
 
@@ -62,7 +64,8 @@ def run(args):
     exact = args.exact_layerwise or c.EXACT_LAYERWISE
     nonfinite = args.nonfinite or c.NONFINITE
     out_dir = tc.output_dir(args, cfg, "recompute_bn_stats")
-    name = args.output_name or f"model_precise_bn_{dataset}"
+    name = args.output_name or f"{tc.source_stem(args.weights or cfg.MODEL.WEIGHTS)}_precise_bn_{dataset}"
+    tc.claim_outputs([os.path.join(out_dir, f"{name}{ext}") for ext in (".pth", ".json")], args.overwrite)
 
     model, source = tc.load_model(cfg, args.weights, return_checkpoint=True)
     before = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "before")

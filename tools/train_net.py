@@ -12,9 +12,10 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from d2norm.engine import Trainer, setup_cfg
+from d2norm.engine.trainer import preflight
 from d2norm.deploy import fold_norms
 from d2norm.engine.checkpoint import D2NormCheckpointer
-from d2norm.engine.cli import launch_main
+from d2norm.engine.cli import launch_main, load_weights
 
 
 def main(args):
@@ -25,8 +26,9 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         # evaluating a model whose parameters were partly not loaded (another architecture) is an error
-        D2NormCheckpointer(model, save_dir=cfg.OUTPUT_DIR, on_mismatch="error").resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
+        # (and missing or non-finite statistics): an error line naming the checkpoint
+        load_weights(D2NormCheckpointer(model, save_dir=cfg.OUTPUT_DIR, on_mismatch="error", on_bad_stats="error"),
+                     cfg.MODEL.WEIGHTS, resume=args.resume)
         if args.fold:
             # every fixed-affine norm into its convolution (d2norm.deploy); the report is logged
             print(fold_norms(model.eval()).summary())
@@ -54,5 +56,11 @@ def argument_parser():
     return parser
 
 
+def cli(argv=None) -> None:
+    """The command line: parse ``argv``, check the launch (:func:`d2norm.engine.trainer.preflight`: an
+    ``error:`` line and exit code 2 before anything is written), run :func:`main` on ``--num-gpus`` processes."""
+    launch_main(main, argv, parser=argument_parser(), preflight=preflight)
+
+
 if __name__ == "__main__":
-    launch_main(main, parser=argument_parser())
+    cli()

@@ -26,8 +26,9 @@ DEFAULT_ALPHAS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 def build_parser():
     p = tc.base_parser(__doc__)
-    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS),
-                   help=f"alpha values in [0, 1] (0 is always added; default {' '.join(map(str, DEFAULT_ALPHAS))})")
+    p.add_argument("--alphas", nargs="+", action=tc.NumbersThenOverrides, default=list(DEFAULT_ALPHAS),
+                   help=f"alpha values in [0, 1] (0 is always added; default {' '.join(map(str, DEFAULT_ALPHAS))}); "
+                        f"KEY VALUE overrides may follow directly or after --")
     p.add_argument("--dataset", help="validation dataset (default: the cfg's first DATASETS.TEST)")
     p.add_argument("--output-name", default="example_weight_sweep", help="JSON name without .json")
     return p
@@ -40,6 +41,7 @@ def run(args):
     alphas = sorted({ExampleWeightedBatchNorm2d.check_alpha(a) for a in list(args.alphas) + [0.0]})
     dataset = tc.prepare_dataset(cfg, args.dataset or tc.first(cfg.DATASETS.TEST))
     out_dir = tc.output_dir(args, cfg, "tune_example_weight")
+    tc.claim_outputs([os.path.join(out_dir, f"{args.output_name}.json")], args.overwrite)
     model = tc.load_model(cfg, args.weights)
 
     # decided before any evaluation: BN-derived layers whose inference is BN (BN, GhostBN, AnySyncBN, one-set
@@ -74,9 +76,9 @@ def run(args):
     matches = tc.same_results(results[0.0], base)
     best = max(alphas, key=lambda a: (tc.main_metric(results[a]), -a))
     table = tc.format_table(
-        ["alpha", "AP", "AP50", "AP75"],
-        [[f"{a:g}", *(results[a].get("bbox", {}).get(k, float("nan")) for k in ("AP", "AP50", "AP75"))]
-         for a in alphas],
+        ["alpha", "AP", "AP50", "AP75", "note"],
+        [[f"{a:g}", *(results[a].get("bbox", {}).get(k, float("nan")) for k in ("AP", "AP50", "AP75")),
+          "" if results[a].get("bbox") else "no predictions (the model detected nothing)"] for a in alphas],
     )
     print(table)
     print(f"alpha = 0 reproduces the plain-BN AP: {'yes' if matches else 'NO'}; best alpha: {best:g} "

@@ -19,7 +19,8 @@ from ..layers.frozen import freeze_bn_layers
 
 __all__ = ["D2NormCheckpointer", "atomic_write", "write_checkpoint", "NonFiniteCheckpointError",
            "CheckpointMismatchError", "ParameterLoadReport", "TRAINING_CHECKPOINT_NAME", "unloaded_statistics",
-           "report_unloaded_statistics", "is_remote"]
+           "report_unloaded_statistics", "is_remote", "training_checkpoints",
+           "check_loaded_statistics"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +54,12 @@ class D2NormCheckpointer(DetectionCheckpointer):
     """
 
     def __init__(self, model, save_dir: str = "", *, save_to_disk: Optional[bool] = None, on_mismatch: str = "warn",
-                 on_nonfinite: str = "warn", **checkpointables):
+                 on_nonfinite: str = "warn", on_bad_stats: str = "warn", **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
-        if on_mismatch not in ("warn", "error"):
-            raise ValueError(f"on_mismatch must be 'warn' or 'error', got {on_mismatch!r}")
-        if on_nonfinite not in ("warn", "error"):
-            raise ValueError(f"on_nonfinite must be 'warn' or 'error', got {on_nonfinite!r}")
-        self.on_mismatch, self.on_nonfinite = on_mismatch, on_nonfinite
+        for name, v in (("on_mismatch", on_mismatch), ("on_nonfinite", on_nonfinite), ("on_bad_stats", on_bad_stats)):
+            if v not in ("warn", "error"):
+                raise ValueError(f"{name} must be 'warn' or 'error', got {v!r}")
+        self.on_mismatch, self.on_nonfinite, self.on_bad_stats = on_mismatch, on_nonfinite, on_bad_stats
         self.load_report: Optional[ParameterLoadReport] = None
         self._preloaded = None
         self._loading: Optional[str] = None
@@ -119,11 +119,30 @@ class D2NormCheckpointer(DetectionCheckpointer):
             incompatible = super()._load_model(checkpoint)
         finally:
             handle.remove()
+        unloaded = []
         if incompatible is not None and "keys" in loaded:
             report_unloaded_statistics(self.model, loaded["keys"], incompatible.missing_keys, author)
+            if author != "Caffe2":  # Caffe2 files fold the statistics into the affine by convention
+                unloaded = [f"{n}.{b}" if n else b
+                            for n, bs in unloaded_statistics(self.model, loaded["keys"]).items() for b in bs]
         self.load_report = ParameterLoadReport.of(self.model, incompatible)
         self.load_report.check(self.on_mismatch, self._loading or "the checkpoint")
+        optional = [k for k in (incompatible.missing_keys if incompatible is not None else [])
+                    if k in set(_optional_keys(self.model))]
+        if optional:  # one line for all layers (e.g. EvalNorm's α̂, β̂ from a BN checkpoint)
+            logger.warning("%s has no %s: kept at their documented initial values", self._loading or "the checkpoint",
+                           _by_kind(optional))
+        check_loaded_statistics(self.model, unloaded, self.on_bad_stats, self._loading or "the checkpoint")
         return incompatible
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        """fvcore's list of missing keys, without the optional state already summarized in one line
+        (:meth:`_load_model`): a BN checkpoint into EvalNorm would otherwise list 4 keys per layer."""
+        optional = set(_optional_keys(self.model))
+        if optional and incompatible is not None:
+            incompatible = incompatible._replace(
+                missing_keys=[k for k in incompatible.missing_keys if k not in optional])
+        super()._log_incompatible_keys(incompatible)
 
     # ---- reading ---------------------------------------------------------------------------------------------
     def load(self, path, *args, **kwargs):
@@ -153,7 +172,9 @@ class D2NormCheckpointer(DetectionCheckpointer):
         return self._load_file(filename)
 
     def resume_or_load(self, path: str, *, resume: bool = True):
-        if not (resume and self.has_checkpoint()) or is_remote(self.save_dir):
+        # fvcore resumes only through last_checkpoint; a folder whose last_checkpoint is missing but which holds
+        # training checkpoints would restart from iteration 0 and overwrite them: resume from them instead
+        if not resume or is_remote(self.save_dir) or not self.has_checkpoint():
             return super().resume_or_load(path, resume=resume)
         unreadable = []
         for candidate in self._resume_candidates():
@@ -172,10 +193,22 @@ class D2NormCheckpointer(DetectionCheckpointer):
             finally:
                 self._preloaded = None
         raise RuntimeError(
-            f"cannot resume: {self.save_dir!r} has a last_checkpoint but no readable training checkpoint"
+            f"cannot resume: {self.save_dir!r} has "
+            f"{'a last_checkpoint' if super().has_checkpoint() else 'training checkpoints'} but no readable training "
+            f"checkpoint"
             + (f"; unreadable: {'; '.join(unreadable)}" if unreadable else "")
             + ". Start without --resume (or restore a checkpoint there)."
         )
+
+    def has_checkpoint(self) -> bool:
+        """fvcore's test (a ``last_checkpoint`` file), or training checkpoints in the folder: what detectron2's
+        ``DefaultTrainer.resume_or_load`` asks before continuing at the loaded iteration + 1 instead of 0."""
+        if super().has_checkpoint():
+            return True
+        return not is_remote(self.save_dir) and bool(self._training_files())
+
+    def _training_files(self) -> List[str]:
+        return training_checkpoints(self.save_dir)
 
     def _resume_candidates(self) -> List[str]:
         """The file ``last_checkpoint`` names (if it exists), then the folder's other training checkpoints,
@@ -185,16 +218,18 @@ class D2NormCheckpointer(DetectionCheckpointer):
             with open(tag) as f:
                 named = f.read().strip()
         except OSError:
-            named = ""
+            named = None
         first = os.path.join(self.save_dir, named) if named else ""
-        if not named:
+        if named is None:
+            logger.warning("%s does not exist; resuming from the newest readable checkpoint in %s", tag,
+                           self.save_dir)
+        elif not named:
             logger.warning("%s is empty; resuming from the newest readable checkpoint in %s", tag, self.save_dir)
         elif not os.path.isfile(first):
             logger.warning("%s names %r, which does not exist; resuming from the newest readable checkpoint",
                            tag, named)
             first = ""
-        others = [os.path.join(self.save_dir, f) for f in os.listdir(self.save_dir)
-                  if f.endswith(".pth") and TRAINING_CHECKPOINT_NAME.match(f[:-4])]
+        others = [os.path.join(self.save_dir, f) for f in self._training_files()]
         others = sorted((p for p in others if p != first), key=lambda p: (os.path.getmtime(p), p), reverse=True)
         return ([first] if first else []) + others
 
@@ -227,8 +262,63 @@ def is_remote(path: str) -> bool:
 TRAINING_CHECKPOINT_NAME = re.compile(r"^model_(\d{7}|final)$")
 
 
+def training_checkpoints(folder: str) -> List[str]:
+    """The file names of the trainer's checkpoints in ``folder`` (``model_final.pth``, ``model_NNNNNNN.pth``),
+    sorted; ``[]`` for a missing or remote folder. Tools' outputs (other names) are not training checkpoints."""
+    if not folder or is_remote(folder) or not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if f.endswith(".pth") and TRAINING_CHECKPOINT_NAME.match(f[:-4]))
+
+
 class CheckpointMismatchError(ValueError):
-    """A checkpoint left parameters of the model missing or with other shapes (``on_mismatch="error"``)."""
+    """A checkpoint left parameters of the model missing or with other shapes (``on_mismatch="error"``), or
+    its normalization statistics are missing or non-finite (``on_bad_stats="error"``)."""
+
+
+def _optional_keys(model: nn.Module) -> List[str]:
+    """State keys a checkpoint may lack because their layer documents a meaningful initial value
+    (:attr:`D2NormModule.optional_state`)."""
+    return [f"{mname}.{p}" if mname else p for mname, m in model.named_modules()
+            for p in getattr(m, "optional_state", ())]
+
+
+def _by_kind(keys) -> str:
+    """``"alpha_logit (20 layers), beta_logit (20 layers)"``: parameter names with their layer counts."""
+    counts: Dict[str, int] = {}
+    for k in keys:
+        leaf = k.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    return ", ".join(f"{leaf} ({n} layer{'s' if n > 1 else ''})" for leaf, n in counts.items())
+
+
+def _layers_of(keys) -> List[str]:
+    return list(dict.fromkeys(k.rsplit(".", 1)[0] if "." in k else "(model)" for k in keys))
+
+
+def check_loaded_statistics(model: nn.Module, unloaded: List[str], policy: str, source: str) -> None:
+    """After a load: population statistics the checkpoint did not hold (``unloaded``: keys from
+    :func:`report_unloaded_statistics`, which already warned) or that hold a NaN/Inf. Non-finite ones are
+    always a warning naming the layers; with ``policy="error"`` (evaluation: ``--eval-only``) both are a
+    :class:`CheckpointMismatchError` — such layers would normalize with their initial values (e.g. MABN's
+    χ̂ = 1 from a BN checkpoint, whose BN statistics do not map onto MABN's uncentred, weight-centralized
+    inputs, mabn §4.2) or make every output NaN ("No predictions from the model!")."""
+    bad = nonfinite_statistics(model)
+    if bad:
+        what = "; ".join(f"{n}: {', '.join(b)}" for n, b in list(bad.items())[:5]) + (" ..." if len(bad) > 5 else "")
+        msg = f"non-finite (NaN/Inf) statistics in {len(bad)} layer(s) after loading {source}: {what}"
+        if policy == "error":
+            raise CheckpointMismatchError(
+                f"{msg}. Evaluating with them gives NaN outputs. Recompute the statistics (tools/"
+                f"recompute_bn_stats.py, PreciseBN) or load another checkpoint.")
+        logger.warning("%s", msg)
+    if unloaded and policy == "error":
+        layers = _layers_of(unloaded)
+        raise CheckpointMismatchError(
+            f"checkpoint {source} has no population statistics for {len(layers)} normalization layer(s) "
+            f"(e.g. {', '.join(unloaded[:3])}): evaluated, they would normalize with their initial values. Is it a "
+            f"checkpoint of another norm (e.g. BN into MABN)? Recompute the statistics on training data first "
+            f"(tools/recompute_bn_stats.py, PreciseBN), or evaluate with the norm it was trained with."
+        )
 
 
 @dataclass
@@ -247,10 +337,7 @@ class ParameterLoadReport:
     def of(cls, model: nn.Module, incompatible) -> "ParameterLoadReport":
         params = [n for n, _ in model.named_parameters()]
         names = set(params)
-        optional = set()
-        for mname, m in model.named_modules():
-            for p in getattr(m, "optional_state", ()):
-                optional.add(f"{mname}.{p}" if mname else p)
+        optional = set(_optional_keys(model))
         missing = [k for k in incompatible.missing_keys if k in names]
         mismatched = [k for k, *_ in incompatible.incorrect_shapes if k in names]
         return cls(len(params), [k for k in missing if k not in optional], mismatched,

@@ -17,6 +17,8 @@ from torch import nn
 __all__ = [
     "ToolError",
     "positive_int",
+    "NumbersThenOverrides",
+    "parse_tool_args",
     "run_tool",
     "launch_main",
     "training_parser",
@@ -25,10 +27,14 @@ __all__ = [
     "read_cfg",
     "prepare_dataset",
     "load_model",
+    "load_weights",
     "save_checkpoint",
     "output_dir",
+    "source_stem",
+    "claim_outputs",
     "train_style_loader",
     "test_loader",
+    "empty_dataset_is_a_tool_error",
     "evaluate",
     "main_metric",
     "convert_bn_layers",
@@ -76,6 +82,43 @@ def positive_int(text: str) -> int:
     if v is None or v < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return v
+
+
+class NumbersThenOverrides(argparse.Action):
+    """``nargs="+"`` option of numbers followed by the trailing ``KEY VALUE`` overrides without a separator
+    (``--alphas 0 0.5 MODEL.DEVICE cpu``): argparse gives the option every word up to the next flag, so the
+    numbers are its leading words that parse as floats, the rest goes back in front of ``opts``. A word that is
+    neither a number nor an override key (upper-case dotted) is a usage error naming it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        numbers, i = [], 0
+        for i, v in enumerate(values):
+            try:
+                numbers.append(float(v))
+            except ValueError:
+                break
+        else:
+            i = len(values)
+        rest = list(values[i:])
+        if not numbers:
+            parser.error(f"{option_string}: expected at least one number, got {values[0]!r}")
+        if rest and not (rest[0].isupper() or "." in rest[0]):
+            parser.error(f"{option_string}: invalid number {rest[0]!r} (numbers first, then KEY VALUE overrides)")
+        setattr(namespace, self.dest, numbers)
+        namespace._leading_opts = getattr(namespace, "_leading_opts", []) + rest
+
+
+def parse_tool_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with the overrides in ``opts`` made whole: a ``--`` separator before them
+    is dropped (``--alphas 0 0.5 -- KEY VALUE``), and words a :class:`NumbersThenOverrides` option did not take
+    come first."""
+    args = parser.parse_args(argv)
+    if hasattr(args, "opts"):
+        opts = list(args.opts or [])
+        if opts[:1] == ["--"]:
+            opts = opts[1:]
+        args.opts = list(getattr(args, "_leading_opts", [])) + opts
+    return args
 
 
 class ToolError(Exception):
@@ -126,37 +169,64 @@ def training_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpars
 
     parser = parser or default_argument_parser()
     parser.set_defaults(dist_url="auto")
+    if not any("--overwrite" in a.option_strings for a in parser._actions):
+        parser.add_argument(
+            "--overwrite", action="store_true",
+            help="train from scratch in an OUTPUT_DIR that holds an earlier run's checkpoints, replacing them "
+                 "(without it such a launch is refused: use --resume to continue that run)")
     return parser
 
 
 def launch_main(main: Callable[[argparse.Namespace], Any], argv=None, parser=None,
-                check_config: Optional[Callable[[str, Sequence[str]], Any]] = None) -> None:
+                check_config: Optional[Callable[[str, Sequence[str]], Any]] = None,
+                preflight: Optional[Callable[[Any, argparse.Namespace], Any]] = None) -> None:
     """detectron2's training-tool entry point (tools/train_net.py, tools/lazyconfig_train_net.py): parse
     detectron2's ``default_argument_parser`` (or ``parser``, e.g. one extended with a tool's own flags), check the
     config and its overrides with ``check_config(config_file, opts)`` (default: the yacs :func:`read_cfg`; it
-    raises :class:`ToolError`) and run ``main(args)`` on ``--num-gpus`` processes per machine through
-    detectron2's ``launch`` (gloo on CPU)."""
+    raises :class:`ToolError`), then ``preflight(cfg, args)`` (the launch's checks: norm choices, hook options,
+    the run folder; ValueError), and run ``main(args)`` on ``--num-gpus`` processes per machine through
+    detectron2's ``launch`` (gloo on CPU). A failed check is one ``error:`` line and exit code 2, before any
+    process starts or any file is written."""
     from detectron2.engine import launch
 
     args = training_parser(parser).parse_args(argv)
     print("Command Line Args:", args)
-    try:  # a missing / corrupt config or a bad override: one error line and exit code 2, before any process
-        (check_config or read_cfg)(args.config_file, args.opts)
-    except ToolError as e:
+    try:
+        cfg = (check_config or read_cfg)(args.config_file, args.opts)
+        if preflight is not None:
+            preflight(cfg, args)
+    except (ToolError, ValueError) as e:
         _report(e)
         raise SystemExit(2)
     from ..config import resolve_config_file
 
     args.config_file = resolve_config_file(args.config_file)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        launch(_training_entry, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(main, args))
+    except Exception as e:  # a rank exited with code 2 after rank 0 printed its error line
+        if "exit code 2" in str(e) or "exitcode 2" in str(e).replace(" ", ""):
+            raise SystemExit(2)
+        raise
+
+
+def _training_entry(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace):
+    """``main(args)`` where a :class:`ToolError` (bad input met after the launch: a missing or unreadable
+    checkpoint, an empty dataset, a checkpoint of another model to resume from) is one ``error:`` line (from
+    the main process) and exit code 2. Other exceptions keep their traceback: they are bugs to report."""
+    try:
+        return main(args)
+    except ToolError as e:
+        if is_main_process():
+            _report(e)
+        raise SystemExit(2)
 
 
 def run_tool(fn: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv=None) -> int:
     """Parse ``argv`` and run ``fn(args)`` (on ``--num-gpus`` processes through detectron2's ``launch``, gloo
     on CPU); :class:`ToolError` (and the ValueError / KeyError / FileNotFoundError of bad options) become one
     line on stderr and exit code 2."""
-    args = parser.parse_args(argv)
+    args = parse_tool_args(parser, argv)
     _setup_logging()
     world = getattr(args, "num_gpus", 1) * getattr(args, "num_machines", 1)
     if world > 1:
@@ -220,6 +290,8 @@ def base_parser(description: str, multi_weights: bool = False) -> argparse.Argum
         p.add_argument("--weights", metavar="CKPT", help="checkpoint to load (default: MODEL.WEIGHTS of the cfg)")
     p.add_argument("--output-dir", metavar="DIR", help="where outputs go (default: a folder named after the tool "
                    "inside the cfg's OUTPUT_DIR, so a training run's own checkpoints are never touched)")
+    p.add_argument("--overwrite", action="store_true", help="replace this tool's outputs of the same name (by "
+                   "default an existing output is an error, checked before any work)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (gloo on CPU, NCCL on CUDA); "
                    "only tools that compute statistics support more than one")
@@ -287,23 +359,53 @@ def load_model(cfg, weights: Optional[str] = None, return_checkpoint: bool = Fal
     """``build_model(cfg)`` in training mode with ``weights`` (default ``cfg.MODEL.WEIGHTS``) loaded by
     detectron2's ``DetectionCheckpointer``; :class:`ToolError` when the checkpoint is missing or unreadable.
     With ``return_checkpoint``: ``(model, the checkpoint's other entries, e.g. "iteration")``."""
-    from .checkpoint import CheckpointMismatchError, D2NormCheckpointer, is_remote
+    from .checkpoint import D2NormCheckpointer
     from ..layers import build_model
 
     weights = weights if weights is not None else cfg.MODEL.WEIGHTS
     if not weights:
         raise ToolError("no checkpoint given: pass --weights CKPT (or set MODEL.WEIGHTS)")
-    if not is_remote(weights) and not os.path.isfile(weights):
-        raise ToolError(f"checkpoint not found: {weights!r}")
     model = build_model(cfg)
+    extra = load_weights(D2NormCheckpointer(model, on_mismatch="error"), weights, key="--weights")
+    model.train()
+    return (model, extra or {}) if return_checkpoint else model
+
+
+def load_weights(checkpointer, weights: str, resume: bool = False, key: str = "MODEL.WEIGHTS"):
+    """``checkpointer.resume_or_load(weights, resume=resume)`` for evaluation and the tools: a missing, empty,
+    unreadable or non-fitting checkpoint is a :class:`ToolError` naming it (and ``key``), never a traceback or a
+    model left at its initialization."""
+    from .checkpoint import CheckpointMismatchError, is_remote
+
+    if not (resume and checkpointer.has_checkpoint()):
+        if not weights:
+            raise ToolError(f"{key} is empty: no checkpoint to evaluate (the model would keep its random "
+                            f"initialization); set {key} to a checkpoint")
+        if not is_remote(weights) and not os.path.isfile(weights):
+            raise ToolError(f"checkpoint not found: {weights!r} ({key})")
     try:
-        extra = D2NormCheckpointer(model, on_mismatch="error").load(weights)
+        return checkpointer.resume_or_load(weights, resume=resume)
     except CheckpointMismatchError as e:  # another architecture: the counts say what did not fit
         raise ToolError(str(e)) from None
     except Exception as e:  # corrupt / foreign file: say which one
-        raise ToolError(f"cannot load checkpoint {weights!r}: {type(e).__name__}: {e}") from None
-    model.train()
-    return (model, extra or {}) if return_checkpoint else model
+        raise ToolError(f"cannot load checkpoint {weights!r} ({key}): {type(e).__name__}: {e}") from None
+
+
+def source_stem(weights: str) -> str:
+    """The file name of a checkpoint without its extension (``.../model_0000999.pth`` -> ``model_0000999``):
+    outputs are named after their source, so the same tool on two checkpoints of a run writes two files."""
+    base = os.path.basename(str(weights).rstrip("/")) or "model"
+    return os.path.splitext(base)[0]
+
+
+def claim_outputs(paths: Sequence[str], overwrite: bool) -> None:
+    """Called before any work: an existing output file is a :class:`ToolError` unless ``overwrite``
+    (``--overwrite``), so a repeated or second command never replaces an earlier result silently."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise ToolError(f"{existing[0]!r} exists (an earlier output of this tool"
+                        f"{f', and {len(existing) - 1} more' if len(existing) > 1 else ''}); pass --overwrite to "
+                        f"replace it, or choose another --output-name / --output-dir")
 
 
 def output_dir(args, cfg, tool: str) -> str:
@@ -353,8 +455,10 @@ def registered_norm_names(model: nn.Module, names: Sequence[str]) -> List[str]:
 
 def cfg_with_norm(cfg, to: str, weights: str, sources: Sequence[str] = (), **overrides):
     """A copy of ``cfg`` whose BN norm keys (:data:`BN_NORM_NAMES`, and keys naming one of ``sources``, the
-    converted d2norm norms) name ``to`` and whose MODEL.WEIGHTS is ``weights``; extra ``{"D2NORM.X.Y": value}`` overrides are applied too (for a config written next to a
-    converted checkpoint). Returns ``(cfg, keys left unchanged)``: ``MODEL.RETINANET.NORM`` "BN"/"SyncBN"
+    converted d2norm norms) name ``to``, whose MODEL.WEIGHTS is ``weights`` and whose OUTPUT_DIR is the folder of
+    ``weights`` (a config written next to a converted checkpoint evaluates into its own folder, never over the
+    training run's ``config.yaml`` and ``inference/``); extra ``{"D2NORM.X.Y": value}`` overrides are applied
+    too. Returns ``(cfg, keys left unchanged)``: ``MODEL.RETINANET.NORM`` "BN"/"SyncBN"
     (detectron2's per-level head BN) cannot be named by a registered norm without changing the layout."""
     c = cfg.clone()
     c.defrost()
@@ -370,7 +474,7 @@ def cfg_with_norm(cfg, to: str, weights: str, sources: Sequence[str] = (), **ove
                 kept.append(key)
                 continue
             opts += [key, to]
-    opts += ["MODEL.WEIGHTS", weights]
+    opts += ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", os.path.dirname(os.path.abspath(weights))]
     for k, v in overrides.items():
         opts += [k, v]
     c.merge_from_list(opts)
@@ -475,7 +579,21 @@ def test_loader(cfg, dataset: str) -> Iterable:
     c = cfg.clone()
     c.defrost()
     c.DATALOADER.NUM_WORKERS = 0
-    return build_detection_test_loader(c, dataset)
+    with empty_dataset_is_a_tool_error(dataset):
+        return build_detection_test_loader(c, dataset)
+
+
+@contextlib.contextmanager
+def empty_dataset_is_a_tool_error(dataset: str):
+    """detectron2 asserts ``Dataset '<name>' is empty!`` when a loader is built on a dataset without images: a
+    :class:`ToolError` naming it instead of a traceback."""
+    try:
+        yield
+    except AssertionError as e:
+        if "is empty" not in str(e):
+            raise
+        raise ToolError(f"dataset {dataset!r} has no images ({e}): register it with images, or choose another "
+                        f"(DATASETS.TEST / --dataset)") from None
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------

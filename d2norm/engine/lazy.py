@@ -34,10 +34,12 @@ from detectron2.solver import LRMultiplier
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .. import compat
 from ..config import add_d2norm_config
 from ..data import prepare_datasets
 from ..layers.registry import norm_options
 from ..solver import get_optimizer_params
+from .log_output import FILE_ONLY
 from .trainer import Trainer
 
 __all__ = ["LazyTrainer", "bridge_cfg", "build_lazy_model", "lazy_test"]
@@ -130,7 +132,12 @@ def lazy_test(lazy, model):
     """detectron2's ``do_test``: ``inference_on_dataset`` with ``dataloader.test`` and ``dataloader.evaluator``."""
     if "evaluator" not in lazy.dataloader:
         return {}
-    ret = inference_on_dataset(model, instantiate(lazy.dataloader.test), instantiate(lazy.dataloader.evaluator))
+    evaluator = instantiate(lazy.dataloader.evaluator)
+    if getattr(evaluator, "_use_fast_impl", False) and not compat.HAS_COMPILED_OPS:
+        # detectron2's COCOEvaluator would log "Evaluating predictions with unofficial COCO API" while compat
+        # routes it to pycocotools' COCOeval (as d2norm's Trainer builds it): say what runs
+        evaluator._use_fast_impl = False
+    ret = inference_on_dataset(model, instantiate(lazy.dataloader.test), evaluator)
     print_csv_format(ret)
     return ret
 
@@ -146,7 +153,7 @@ class LazyTrainer(Trainer):
 
     def build_model(self, cfg):
         model = build_lazy_model(self.lazy, cfg)
-        logger.info("Model:\n%s", model)
+        logger.info("Model:\n%s", model, extra=FILE_ONLY)  # the full print in log.txt only, as train_net.py
         return model
 
     def build_optimizer(self, cfg, model):

@@ -9,10 +9,11 @@ they are. detectron2 highlights the config with ANSI codes (``_highlight``) and 
 import logging
 import re
 import sys
+import warnings
 
 from detectron2.utils.logger import setup_logger
 
-__all__ = ["FILE_ONLY", "setup_training_loggers", "route_log_handlers", "has_log_file"]
+__all__ = ["FILE_ONLY", "setup_training_loggers", "route_log_handlers", "has_log_file", "quiet_known_warnings"]
 
 #: ``logger.info(..., extra=FILE_ONLY)`` writes a record to the log file only (when there is one)
 FILE_ONLY = {"d2norm_file_only": True}
@@ -73,3 +74,22 @@ def setup_training_loggers(output_dir: str, rank: int) -> None:
     setup_logger(output_dir, distributed_rank=rank, name="fvcore")
     setup_logger(output_dir, distributed_rank=rank)
     route_log_handlers(("fvcore", "detectron2"))
+
+
+def quiet_known_warnings() -> None:
+    """Silence third-party warnings every training run printed that say nothing about the user's run (each
+    raised inside detectron2 / fvcore / torch code the user does not call):
+
+    * ``torch.meshgrid: in an upcoming release, it will be required to pass the indexing argument``: detectron2's
+      anchor generator calls ``torch.meshgrid`` without ``indexing``; the default it warns about ("ij") is the
+      one detectron2 relies on;
+    * ``TypedStorage is deprecated``: raised by torch's own serialization paths used by fvcore's checkpointer;
+    * ``No CUDA runtime is found`` (logger ``torch.utils.cpp_extension``, on machines without CUDA): logged when
+      detectron2's environment table imports ``CUDA_HOME``; d2norm's kernels are CPU kernels.
+    """
+    warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated", category=UserWarning)
+    import torch
+
+    if not torch.cuda.is_available():
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

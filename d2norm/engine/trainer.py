@@ -3,7 +3,7 @@ import copy
 import functools
 import logging
 import os
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -21,11 +21,13 @@ from ..data import prepare_datasets
 from ..layers import build_model
 from ..layers.cfg_checks import check_norm_cfg
 from ..modeling.meta_arch.evalnorm_arch import LOSS_KEY as EVALNORM_LOSS_KEY
+from ..modeling.meta_arch.evalnorm_arch import check_aux_loss_collected, check_evalnorm_training_cfg
 from ..solver import build_optimizer
 from .checkpoint import D2NormCheckpointer
-from .log_output import FILE_ONLY, has_log_file, route_log_handlers, setup_training_loggers
+from .run_folder import check_fresh_start, keep_previous_config
+from .log_output import FILE_ONLY, has_log_file, quiet_known_warnings, route_log_handlers, setup_training_loggers
 
-__all__ = ["Trainer", "setup_cfg"]
+__all__ = ["Trainer", "setup_cfg", "validate_launch", "preflight"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        check_aux_loss_collected(self.model)  # online EvalNorm whose aux loss nobody adds: fail, not train
         self._trainer._write_metrics = functools.partial(_write_metrics, self._trainer._write_metrics)
 
     @classmethod
@@ -64,6 +67,29 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(
             dataset_name, output_dir=output_folder, use_fast_impl=compat.HAS_COMPILED_OPS
         )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from .cli import empty_dataset_is_a_tool_error  # --eval-only on an empty set: one error line, exit 2
+
+        with empty_dataset_is_a_tool_error(dataset_name):
+            return super().build_test_loader(cfg, dataset_name)
+
+    def resume_or_load(self, resume=True):
+        """detectron2's, where ``--resume`` into a folder whose checkpoint was written by another model (its
+        optimizer's parameter groups do not match) is a :class:`~d2norm.engine.cli.ToolError` naming the folder
+        instead of torch's "loaded state dict contains a parameter group that doesn't match"."""
+        from .cli import ToolError
+
+        try:
+            return super().resume_or_load(resume=resume)
+        except ValueError as e:
+            if not (resume and "parameter group" in str(e)):
+                raise
+            raise ToolError(
+                f"--resume: the checkpoint in {self.cfg.OUTPUT_DIR!r} was written by a model with other parameters "
+                f"(another architecture or norm?): {e}. Resume with the config that trained it, or train this "
+                f"config in a new OUTPUT_DIR.") from None
 
     def load_state_dict(self, state_dict):
         """detectron2's resume, also from a checkpoint without optimizer state (one written by v0.6's
@@ -157,8 +183,33 @@ def _write_metrics(write, loss_dict, data_time, prefix=""):
         storage.put_scalars(**values)  # as detectron2: only total_loss carries the prefix
 
 
+def validate_launch(cfg, args, world_size: Optional[int] = None) -> None:
+    """Every check of a ``train_net.py`` launch, run before anything is written to ``OUTPUT_DIR`` (so a failed
+    launch into a run's folder leaves its ``config.yaml`` and checkpoints as they were): the norm choices
+    (:func:`~d2norm.layers.cfg_checks.check_norm_cfg`); for a training, the d2norm hooks' options and EvalNorm's
+    aux-loss rule; the run folder (:func:`~d2norm.engine.run_folder.check_fresh_start`: no training from
+    scratch over an earlier run's checkpoints without ``--overwrite``). ``world_size``: the launch's number of
+    processes (default: the current process group's)."""
+    from .hooks import check_bn_monitor_cfg, check_evalnorm_fit_cfg, check_frozen_bn_switch_cfg, check_precise_bn_cfg
+
+    eval_only = bool(getattr(args, "eval_only", False))
+    check_norm_cfg(cfg, world_size)
+    if not eval_only:
+        for check in (check_precise_bn_cfg, check_frozen_bn_switch_cfg, check_evalnorm_fit_cfg,
+                      check_bn_monitor_cfg, check_evalnorm_training_cfg):
+            check(cfg)
+    check_fresh_start(cfg.OUTPUT_DIR, resume=bool(getattr(args, "resume", False)), eval_only=eval_only,
+                      overwrite=bool(getattr(args, "overwrite", False)))
+
+
+def preflight(cfg, args) -> None:
+    """:func:`validate_launch` for ``launch_main``: before the processes start, with their number."""
+    validate_launch(cfg, args, world_size=args.num_gpus * args.num_machines)
+
+
 def setup_cfg(args):
-    """cfg from ``--config-file`` and ``KEY VALUE`` overrides, with datasets prepared; detectron2's default_setup."""
+    """cfg from ``--config-file`` and ``KEY VALUE`` overrides, validated (:func:`validate_launch`) before
+    detectron2's ``default_setup`` writes anything, with datasets prepared."""
     cfg = get_cfg()
     add_d2norm_config(cfg)
     args = copy.copy(args)  # default_setup reads (and logs) the config file too: the resolved one
@@ -166,15 +217,17 @@ def setup_cfg(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    validate_launch(cfg, args)  # before any file is written, data prepared or model built
     # environment table, config dump and model print to OUTPUT_DIR/log.txt only; no colour codes in the file
+    quiet_known_warnings()
     setup_training_loggers(cfg.OUTPUT_DIR, comm.get_rank())
-    default_setup(cfg, args)
+    with keep_previous_config(cfg.OUTPUT_DIR, comm.is_main_process()):
+        default_setup(cfg, args)
     # detectron2's default_setup configures the "detectron2"/"fvcore" loggers only; d2norm logs its hooks,
     # conversions and compat decisions under "d2norm".
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2norm", abbrev_name="d2norm")
     route_log_handlers()
     if comm.is_main_process() and has_log_file():
         logger.info("Environment info, config files and model print: %s", os.path.join(cfg.OUTPUT_DIR, "log.txt"))
-    check_norm_cfg(cfg)  # before any data or model work
     prepare_datasets(cfg)
     return cfg

@@ -304,7 +304,7 @@ class Context:
             argv = [self.python, self._tool("recompute_bn_stats.py"), "--config-file", run.config,
                     "--weights", weights or trained["final"], "--num-samples", str(num_samples),
                     "--batch-size", str(batch_size), "--seed", str(seed), "--output-dir", out,
-                    "--output-name", "precise", *run.opts, *self.data_opts()]
+                    "--output-name", "precise", "--overwrite", *run.opts, *self.data_opts()]
             self._call(argv, os.path.join(out, "stdout.log"))
         return self.evaluate(run, trained, os.path.join(name, "eval"), weights=ckpt)
 
@@ -318,7 +318,7 @@ class Context:
         if rep is None:
             argv = [self.python, self._tool("tune_example_weight.py"), "--config-file", run.config,
                     "--weights", trained["final"], "--alphas", *[f"{a:g}" for a in alphas],
-                    "--output-dir", out, *run.opts, *self.data_opts()]
+                    "--output-dir", out, "--overwrite", *run.opts, *self.data_opts()]
             self._call(argv, os.path.join(out, "stdout.log"))
             if self.dry_run:
                 return {float(a): (float("nan"),) * 2 for a in alphas}
@@ -333,7 +333,7 @@ class Context:
         if not os.path.isfile(os.path.join(out, "evalnorm.json")):
             argv = [self.python, self._tool("fit_evalnorm.py"), "--config-file", run.config,
                     "--weights", trained["final"], "--output-dir", out, "--output-name", "evalnorm",
-                    *args, *run.opts, *self.data_opts()]
+                    "--overwrite", *args, *run.opts, *self.data_opts()]
             self._call(argv, os.path.join(out, "stdout.log"))
         return self.evaluate(run, trained, os.path.join(name, "eval"), weights=os.path.join(out, "evalnorm.pth"),
                              config=os.path.join(out, "evalnorm.yaml"))
@@ -345,7 +345,7 @@ class Context:
         rep = self._cached(os.path.join(out, "analyze_bn.json"))
         if rep is None:
             argv = [self.python, self._tool("analyze_bn.py"), "--config-file", run.config,
-                    "--weights", trained["final"], "--output-dir", out, *args, *run.opts, *self.data_opts()]
+                    "--weights", trained["final"], "--output-dir", out, "--overwrite", *args, *run.opts, *self.data_opts()]
             self._call(argv, os.path.join(out, "stdout.log"))
             if self.dry_run:
                 return {"checkpoints": [{"esm": []}]}

@@ -8,7 +8,9 @@ Errors (``ValueError`` naming the cfg key, the value and what to do):
 * ``DomainBN`` with several domains in a stock meta-architecture: stock modules call ``norm(x)`` without a
   domain, so the first forward would fail (rethinking §5.2: the domain is the FPN level of a shared head);
 * ``D2NORM.SYNC_BN.GROUP_SIZE`` (with ``AnySyncBN``) and ``D2NORM.RETINANET_HEAD.SYNC_GROUP_SIZE`` (with
-  ``DomainBNRetinaNet``) must divide the number of processes (rethinking A.5: groups of consecutive ranks).
+  ``DomainBNRetinaNet``) must divide the number of processes (rethinking A.5: groups of consecutive ranks);
+* a RetinaNet head normalizing each FPN level with its own training batch statistics whose coarsest level
+  (P7) has one value per channel per normalization group (e.g. 128 px images, one image per process).
 
 Warnings (once per process and message):
 
@@ -155,6 +157,63 @@ def _check_group(key: str, g, world: int) -> None:
         )
 
 
+def _fails_on_one_value(cfg, name: str) -> bool:
+    """True when the norm ``name`` (built from ``cfg``'s options) cannot take a training batch of one value
+    per channel (BN's batch variance is undefined; torch raises "Expected more than 1 value per channel")."""
+    import torch
+
+    from .registry import get_norm, norm_options
+
+    try:
+        with norm_options(cfg):
+            layer = get_norm(name, 8)
+        if layer is None:
+            return False
+        layer.train()(torch.zeros(1, 8, 1, 1))
+    except ValueError as e:
+        return "more than 1 value" in str(e)
+    except Exception:  # a norm that needs something else to run (a process group, a domain): not this check
+        return False
+    return False
+
+
+def _check_retinanet_coarsest_level(cfg, world: int) -> None:
+    """A RetinaNet head that normalizes each FPN level with that level's own training batch statistics
+    (DomainBNRetinaNet's per-level statistics, rethinking §5.2 Table 5; a BN-like MODEL.RETINANET.NORM, called
+    once per level) needs more than one value per channel at the coarsest level: P7 (stride 128) of a 128 px
+    image is 1x1, so one image per process fails at iteration 0 inside the head. Caught here, naming the keys."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if "RetinaNet" not in arch:
+        return
+    levels = [f for f in cfg.MODEL.RETINANET.IN_FEATURES if f[:1] == "p" and f[1:].isdigit()]
+    if not levels:
+        return
+    top = max(levels, key=lambda f: int(f[1:]))
+    stride = 2 ** int(top[1:])
+    side = -(-int(cfg.INPUT.MAX_SIZE_TRAIN) // stride)
+    images = _images_per_process(cfg, world)
+    if arch == "DomainBNRetinaNet":
+        h = cfg.D2NORM.RETINANET_HEAD
+        if h.TRAIN_STATS != "per_level":
+            return
+        sync = (h.SYNC_GROUP_SIZE or world) if h.SYNC else 1
+        what, values = "D2NORM.RETINANET_HEAD.TRAIN_STATS 'per_level'", images * side * side * sync
+    else:
+        name = cfg.MODEL.RETINANET.NORM
+        if not name or not _fails_on_one_value(cfg, name):
+            return
+        what, values = f"MODEL.RETINANET.NORM {name!r}", images * side * side
+    if values > 1:
+        return
+    raise ValueError(
+        f"{what}: the RetinaNet head normalizes level {top!r} (stride {stride}) with that level's own training "
+        f"batch statistics, and INPUT.MAX_SIZE_TRAIN {cfg.INPUT.MAX_SIZE_TRAIN} with {images} image(s) per process "
+        f"(SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} over {world} process(es)) gives it at most {values} value "
+        f"per channel (a {side}x{side} map): a batch variance needs more than one. Use SOLVER.IMS_PER_BATCH of at "
+        f"least {2 * world}, larger training images, or statistics shared over the levels."
+    )
+
+
 def check_norm_cfg(cfg, world_size: int = None) -> None:
     """Run every check of the module docstring on ``cfg`` (``world_size``: default the current process
     group's size, 1 outside one)."""
@@ -173,3 +232,4 @@ def check_norm_cfg(cfg, world_size: int = None) -> None:
         _check_group("D2NORM.RETINANET_HEAD.SYNC_GROUP_SIZE", cfg.D2NORM.RETINANET_HEAD.SYNC_GROUP_SIZE, world)
     _check_ghost_bn(cfg, keys, world)
     _check_mabn(cfg, keys)
+    _check_retinanet_coarsest_level(cfg, world)

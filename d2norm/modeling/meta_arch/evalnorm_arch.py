@@ -87,6 +87,8 @@ __all__ = [
     "evalnorm_aware",
     "bn_statistics_layers",
     "LOSS_KEY",
+    "check_aux_loss_collected",
+    "check_evalnorm_training_cfg",
 ]
 
 logger = logging.getLogger(__name__)
@@ -391,3 +393,51 @@ def EvalNormMetaArch(cfg):  # noqa: N802  (registry name)
             f"valid: {', '.join(valid)}"
         )
     return evalnorm_aware(META_ARCH_REGISTRY.get(name))(cfg)
+
+
+def _no_aux_loss_error(what: str, arch: str) -> ValueError:
+    return ValueError(
+        f"{what} in MODEL.META_ARCHITECTURE {arch!r}, which never adds EvalNorm's aux loss (evalnorm §3.4 eq 9) "
+        f"to the training loss: alpha-hat, beta-hat would not train. Use MODEL.META_ARCHITECTURE "
+        f"'EvalNormGeneralizedRCNN' / 'EvalNormRetinaNet' (or 'EvalNormMetaArch' with "
+        f"D2NORM.EVALNORM_MODEL.BASE_META_ARCHITECTURE {arch!r}), which add it as {LOSS_KEY!r}; or "
+        f"D2NORM.EVALNORM.MODE 'rule' / 'offline' (no aux loss in training; fit alpha-hat, beta-hat afterwards "
+        f"with tools/fit_evalnorm.py)."
+    )
+
+
+def check_evalnorm_training_cfg(cfg) -> None:
+    """Training setup, before anything is written: a NORM key naming ``EvalNorm`` with
+    ``D2NORM.EVALNORM.MODE "online"`` needs a meta-architecture that adds the layers' aux loss to the loss dict
+    (:class:`EvalNormModelMixin`); a stock one would train every other weight while α̂, β̂ stay at their
+    initial value, with nothing said until the pending terms overflow. ValueError naming the keys and the fix."""
+    from ...layers.cfg_checks import norm_keys
+    from ...layers.registry import get_norm, norm_options
+
+    keys = [k for k, v in norm_keys(cfg) if v == "EvalNorm"]
+    if keys:
+        with norm_options(cfg):  # the layer's own option checks first (they name the bad D2NORM.EVALNORM key)
+            get_norm("EvalNorm", 8)
+    if cfg.D2NORM.EVALNORM.MODE != "online":
+        return
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if not keys or arch == "EvalNormMetaArch" or arch not in META_ARCH_REGISTRY:
+        return
+    cls = META_ARCH_REGISTRY.get(arch)
+    if isinstance(cls, type) and issubclass(cls, EvalNormModelMixin):
+        return
+    raise _no_aux_loss_error(f"{', '.join(keys)} 'EvalNorm' with D2NORM.EVALNORM.MODE 'online'", arch)
+
+
+def check_aux_loss_collected(model: nn.Module) -> None:
+    """Training setup on the built model (also layers a custom head or a LazyConfig placed): EvalNorm layers in
+    mode ``"online"`` in a model that is not an :class:`EvalNormModelMixin` are a ValueError (see
+    :func:`check_evalnorm_training_cfg`)."""
+    net = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    if isinstance(net, EvalNormModelMixin):
+        return
+    online = [n for n, m in evalnorm_modules(net).items() if m.mode == "online"]
+    if online:
+        raise _no_aux_loss_error(
+            f"{len(online)} EvalNorm layer(s) in mode 'online' (D2NORM.EVALNORM.MODE), e.g. {online[0]!r},",
+            type(net).__name__)
