@@ -49,6 +49,10 @@ def test_bad_options_are_named(capsys):
     with pytest.raises(SystemExit):
         benchmark_norms.main(["--layers", "NoSuchNorm"])
     assert "NoSuchNorm" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # GroupNorm(32, 16) would raise a traceback while timing
+        benchmark_norms.main(["--shape", "4", "16", "16", "16"])
+    assert e.value.code == 2
+    assert "--shape 4 16 16 16: every size must be >= 1 and C a multiple of 32" in capsys.readouterr().err
 
 
 @pytest.mark.slow

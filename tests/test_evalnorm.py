@@ -512,7 +512,8 @@ def test_loads_batchnorm_and_frozen_bn_state_and_reports_missing(caplog):
     bn.load_state_dict({k: v for k, v in randomize_bn.state_dict().items() if k in bn.state_dict()})
     bn.num_batches_tracked.fill_(17)
     layer = EvalNorm2d(C, init_alpha=0.2, init_beta=0.4)
-    with caplog.at_level(logging.WARNING, logger="d2norm.layers.evalnorm"):
+    # per layer at DEBUG (a model's load says it once for all layers: D2NormCheckpointer); missing_keys has it
+    with caplog.at_level(logging.DEBUG, logger="d2norm.layers.evalnorm"):
         res = layer.load_state_dict(bn.state_dict(), strict=False)
     assert sorted(res.missing_keys) == ["alpha_logit", "beta_logit", "seen_batch_size", "seen_batches"]
     assert res.unexpected_keys == []
@@ -692,3 +693,42 @@ def test_bn_options_checked_like_every_bn_derived_layer():
     for bad in (dict(eps=-1.0), dict(eps=0.0), dict(eps=float("nan")), dict(momentum=1.5), dict(momentum=True)):
         with pytest.raises(ValueError, match="eps|momentum"):
             EvalNorm2d(4, **bad)
+
+
+def test_deepcopy_and_pickle_after_a_training_forward_leave_pending_aux_terms_behind():
+    """An EMA / SWA teacher copy after a training forward (issue: "Only Tensors created explicitly by the
+    user..."): the copy works and has no pending terms; the original still collects its own."""
+    import copy
+    import io
+
+    from d2norm.layers.evalnorm import EvalNorm2d, evalnorm_aux_loss
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), EvalNorm2d(4))
+    x = torch.randn(4, 3, 5, 5)
+    model(x).sum().backward()
+    assert model[1]._aux_terms and model[1]._aux_terms[0].grad_fn is not None
+    teacher = copy.deepcopy(model)
+    assert teacher[1]._aux_terms == [] and teacher[1]._aux_counts == []
+    for a, b in zip(teacher.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    buf = io.BytesIO()
+    torch.save(model.eval(), buf)
+    assert len(model[1]._aux_terms) == 1  # the original's pending term is untouched
+    assert evalnorm_aux_loss(model).requires_grad
+    teacher.train()(x)
+    assert len(teacher[1]._aux_terms) == 1  # the copy collects its own terms from its own forwards
+
+
+def test_bn_checkpoint_into_evalnorm_model_is_one_warning_line(tmp_path, caplog):
+    """A stock BN checkpoint into a model of 5 EvalNorm layers: one summary line for all their α̂, β̂ (was one
+    WARNING per layer)."""
+    from d2norm.engine.checkpoint import D2NormCheckpointer
+
+    bn = nn.Sequential(*[nn.BatchNorm2d(C) for _ in range(5)])
+    torch.save({"model": bn.state_dict()}, tmp_path / "bn.pth")
+    model = nn.Sequential(*[EvalNorm2d(C) for _ in range(5)])
+    with caplog.at_level(logging.WARNING):
+        D2NormCheckpointer(model).load(str(tmp_path / "bn.pth"))
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING and "alpha_logit" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "alpha_logit (5 layers), beta_logit (5 layers)" in lines[0].getMessage()

@@ -366,3 +366,16 @@ def test_finished_run_of_a_changed_config_is_refused_not_reused(tmp_path):
     assert config_digest(cfg) != before
     with pytest.raises(ExperimentError, match="another version"):
         ctx.train(run, 0)
+
+
+def test_dry_run_prints_no_verdict(tmp_path):
+    """``reproduce.py --dry-run`` measured nothing: it says "dry run", never "verdict: inconclusive" on NaN APs."""
+    from d2norm.experiments import run_experiment
+
+    ctx = Context(work_dir=str(tmp_path), dry_run=True, quiet=True)
+    lines = []
+    rec = run_experiment(EXPERIMENTS[0], ctx, [0], str(tmp_path / "out"), "cmd", log=lambda *a, **k: lines.append(a[0]))
+    assert rec["verdict"] == "dry run"
+    assert any("dry run:" in ln and "nothing trained or measured" in ln for ln in lines)
+    assert not any("verdict:" in ln for ln in lines)
+    assert not (tmp_path / "out").exists()

@@ -405,3 +405,22 @@ def test_native_channel_moments_are_the_batch_statistics(moments_route):
         torch.testing.assert_close(var.double(), (xr - rm[:, None]).square().mean(1),
                                    rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
     assert channel_moments(_x((2, 3, 4, 4)).requires_grad_()) is None
+
+
+def test_first_build_of_the_native_kernels_says_so(monkeypatch, capsys):
+    """The first layer forward of an environment builds the kernels (~1 min): it says so on stderr, once."""
+    import torch.utils.cpp_extension as ext
+
+    from d2norm.layers import native
+
+    built = {}
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native, "_is_built", lambda name: bool(built))
+    monkeypatch.setattr(ext, "load_inline", lambda name, **kw: built.setdefault("m", object()))
+    assert native.native_module() is built["m"]
+    err = capsys.readouterr().err
+    assert "d2norm: building the native CPU kernels (once per environment" in err and "built in" in err
+    monkeypatch.setattr(native, "_status", None)
+    native.native_module()  # cached: silent
+    assert "building" not in capsys.readouterr().err

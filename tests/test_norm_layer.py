@@ -150,3 +150,54 @@ def test_install_is_idempotent():
     d2norm.layers.install()
     d2norm.layers.install()
     assert fpn.get_norm is before is d2norm.layers.get_norm
+
+
+def test_empty_training_batch_counts_as_in_torch_batchnorm_for_every_layer():
+    """With momentum=None (cumulative average), torch's BatchNorm2d counts an empty training batch in
+    num_batches_tracked and leaves the running statistics unchanged; every d2norm layer with that counter does
+    the same (GhostBN, DomainBN and BGN did not count it)."""
+    import torch
+    from torch import nn
+
+    from d2norm.layers import norm_layer
+    from d2norm.layers.registry import NORM_REGISTRY
+
+    def steps(m):
+        m.train()
+        g = torch.Generator().manual_seed(0)
+        m(torch.randn(4, 32, 4, 4, generator=g) + 5)
+        before = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("running_")}
+        m(torch.randn(0, 32, 4, 4))
+        for k, v in before.items():
+            assert torch.equal(m.state_dict()[k], v), k  # nothing learned from no data
+        m(torch.randn(4, 32, 4, 4, generator=g) - 5)
+        return int(m.num_batches_tracked.reshape(-1)[0])
+
+    ref = steps(nn.BatchNorm2d(32, momentum=None))
+    assert ref == 3
+    covered = []
+    for name, _ in NORM_REGISTRY:
+        opts = {"momentum": None}
+        if name == "DomainBN":
+            opts["num_domains"] = 1
+        try:
+            layer = norm_layer(name, **opts)(32)
+        except (TypeError, ValueError):
+            continue  # no cumulative-average option (MABN's momentum is its own EMA's)
+        if getattr(layer, "num_batches_tracked", None) is None:
+            continue
+        assert steps(layer) == ref, name
+        covered.append(name)
+    assert {"GhostBN", "DomainBN", "BGN", "EvalNorm", "BatchStatsBN", "ExampleWeightedBN", "AnySyncBN"} <= set(covered)
+
+
+def test_ghost_batch_of_one_1x1_example_raises_like_torch():
+    import pytest
+    import torch
+
+    from d2norm.layers import norm_layer
+
+    layer = norm_layer("GhostBN", ghost_size=1)(4).train()
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel.*ghost batch of one 1x1 example"):
+        layer(torch.randn(3, 4, 1, 1))
+    layer(torch.randn(3, 4, 2, 1))  # two values per channel: fine

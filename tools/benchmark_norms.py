@@ -246,6 +246,12 @@ def main(argv=None):
         unknown = sorted(set(args.layers) - {k for k, _ in NORM_REGISTRY})
         if unknown:
             p.error(f"unknown layer name(s) {unknown}; registered: {sorted(k for k, _ in NORM_REGISTRY)}")
+    groups = d2norm.add_d2norm_config(get_cfg()).D2NORM.BGN.NUM_CHANNEL_GROUPS  # GroupNorm baseline, BGN
+    for shape in args.shape or []:
+        if min(shape) < 1 or shape[1] % groups:
+            p.error(f"--shape {' '.join(map(str, shape))}: every size must be >= 1 and C a multiple of "
+                    f"{groups} (D2NORM.BGN.NUM_CHANNEL_GROUPS: the GroupNorm baseline and BGN split C into "
+                    f"{groups} groups)")
     clock = args.clock or ("wall" if args.device.startswith("cuda") else "process")
     if clock == "process" and args.device.startswith("cuda"):
         p.error("--clock process measures CPU time; use --clock wall with --device cuda")

@@ -89,8 +89,12 @@ def run_experiment(exp: Experiment, ctx: Context, seeds: Sequence[int], output_d
         if exp.summarize_extra is not None:
             details["extra_summary"] = exp.summarize_extra(extras)
     rec = result_record(exp, per_seed, command, wall, details)
-    if not ctx.dry_run:
-        write_record(rec, output_dir, exp.plot)
+    if ctx.dry_run:  # nothing was trained or measured: there is no verdict to print, only the commands
+        rec["verdict"] = "dry run"
+        log(f"[{exp.name}] dry run: {len(details['subcommands'])} command(s) listed, nothing trained or measured",
+            flush=True)
+        return rec
+    write_record(rec, output_dir, exp.plot)
     log(verdict_line(rec), flush=True)
     return rec
 

@@ -51,8 +51,9 @@ class D2NormModule:
 
     #: names of direct parameters of this module that must never be weight-decayed
     no_weight_decay: Tuple[str, ...] = ()
-    #: names of direct parameters a checkpoint may lack because their initial value is meaningful (e.g.
-    #: EvalNorm's α̂, β̂ when a BN checkpoint is loaded); checkpoint-fit checks do not count them as missing
+    #: names of direct parameters / buffers a checkpoint may lack because their initial value is meaningful (e.g.
+    #: EvalNorm's α̂, β̂ when a BN checkpoint is loaded); checkpoint-fit checks do not count them as missing and
+    #: d2norm's checkpointer reports them in one line for all layers
     optional_state: Tuple[str, ...] = ()
     #: state-dict keys of a torch BN / detectron2 FrozenBN that mean the same in this layer: what ``convert_norm``
     #: carries over (a per-channel tensor is repeated over a leading per-domain dimension); the rest is reported

@@ -157,8 +157,11 @@ class BatchGroupNorm(nn.Module, D2NormModule):
     @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_channels("BatchGroupNorm", x, self.num_channels)
-        if x.numel() == 0:
-            return empty_passthrough(x, self.weight, self.bias)  # no statistics, no buffer update
+        if x.numel() == 0:  # as torch's BN: no statistics, the batch counted (momentum=None's cumulative count)
+            if self.training:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+            return empty_passthrough(x, self.weight, self.bias)
 
         sd = stat_dtype(x.dtype)
         xs = x.to(sd)

@@ -176,7 +176,8 @@ class EvalNorm2d(D2NormBatchNorm2d):
     """
 
     no_weight_decay = ("alpha_logit", "beta_logit")
-    optional_state = ("alpha_logit", "beta_logit")  # a BN checkpoint has none: initial values (or fitted later)
+    # a BN checkpoint has none: initial values (α̂, β̂ fitted later; 0 = no batch size recorded yet)
+    optional_state = ("alpha_logit", "beta_logit", "seen_batch_size", "seen_batches")
     #: training-time aux-loss terms kept until :func:`evalnorm_aux_loss` collects them; beyond this the oldest
     #: is dropped (with a warning), so a model that never collects them does not hold its activations forever
     max_pending_aux = 32
@@ -226,6 +227,14 @@ class EvalNorm2d(D2NormBatchNorm2d):
         self._aux_counts: List[int] = []  # per pending call: its number of elements
         self._warned_pending = False
         self.mode = mode
+
+    def __getstate__(self):
+        """Copies (``copy.deepcopy``: an EMA / SWA teacher) and pickles leave the pending aux-loss terms behind:
+        they are this module's autograd graphs of the current iteration (deepcopy of a non-leaf tensor fails),
+        collected by the next :func:`evalnorm_aux_loss` of the original only."""
+        state = self.__dict__.copy()
+        state["_aux_terms"], state["_aux_counts"] = [], []
+        return state
 
     # ---- options ----------------------------------------------------------------------------------------
     @property
@@ -399,8 +408,9 @@ class EvalNorm2d(D2NormBatchNorm2d):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if absent:
-            # e.g. a plain BN / FrozenBN checkpoint: reported here and through missing_keys, never silent
-            logger.warning(
+            # e.g. a plain BN / FrozenBN checkpoint: reported through missing_keys (d2norm's checkpointer says it
+            # once for all layers: ParameterLoadReport.optional); per layer only at DEBUG level
+            logger.debug(
                 "EvalNorm %s: checkpoint has no %s; keeping alpha=%.4g, beta=%.4g (mode=%r)",
                 prefix.rstrip(".") or "<module>",
                 ", ".join(absent),

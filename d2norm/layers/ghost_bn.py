@@ -84,12 +84,20 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
         if x.dim() != 4:
             raise ValueError(f"GhostBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")
         if x.numel() == 0:
-            # No statistics from an empty batch (torch's BN would still count it); keep the graph connected.
+            # As torch's BatchNorm2d: zero-size output (graph kept connected), running statistics unchanged, the
+            # batch counted in num_batches_tracked (with momentum=None it enters the cumulative average's count).
+            if self.training and self.track_running_stats:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
             return empty_passthrough(x, self.weight, self.bias)
         if not self.training or x.shape[0] <= self.ghost_size:
             return super().forward(x)
 
         sizes = ghost_batch_sizes(x.shape[0], self.ghost_size, self.remainder)
+        if x.shape[2] * x.shape[3] == 1 and min(sizes) == 1:  # torch's BN raises for one value per channel
+            raise ValueError(f"Expected more than 1 value per channel when training, got a ghost batch of one 1x1 "
+                             f"example (input size {tuple(x.shape)}, ghost batch sizes {sizes}, "
+                             f"D2NORM.GHOST_BN.SIZE {self.ghost_size})")
         sd = stat_dtype(x.dtype)
         # Every example's per-channel moments in one pass, pooled exactly over each sub-batch (equal element
         # counts per example), one fused normalize with a closed-form backward (layers/kernels.py).

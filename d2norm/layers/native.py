@@ -40,6 +40,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Optional, Tuple
 
 import torch
@@ -832,8 +833,14 @@ def _load():
 
             # one build per environment (torch's cache is keyed by name; two venvs would rebuild each other's)
             env = hashlib.sha1(f"{sys.prefix}|{torch.__version__}".encode()).hexdigest()[:10]
+            name = f"d2norm_native_{env}"
+            start = time.perf_counter()
+            building = not _is_built(name)
+            if building:  # the first layer forward of an environment would otherwise sit ~1 min without a word
+                print(f"d2norm: building the native CPU kernels (once per environment, about a minute; "
+                      f"D2NORM_NATIVE=0 skips them) ...", file=sys.stderr, flush=True)
             _module = load_inline(
-                name=f"d2norm_native_{env}",
+                name=name,
                 cpp_sources=[_SOURCE],
                 functions=["row_moments", "row_affine", "row_affine_l1", "row_dot_sums", "row_affine2", "mix_normalize",
                            "channel_moments", "row_center", "block_norm_forward", "block_norm_backward"],
@@ -842,12 +849,26 @@ def _load():
                 verbose=False,
             )
             _status = "ok"
+            if building:
+                print(f"d2norm: native CPU kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+                      flush=True)
         except Exception as e:  # no compiler / ninja / headers: the GroupNorm route is exact too, only slower
             _module = None
             _status = f"not built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             logger.warning("d2norm: the native per-row moments kernel is unavailable, %s; per-sample statistics "
                            "use torch's GroupNorm kernel (same results, slower on CPU)", _status)
         return _module
+
+
+def _is_built(name: str) -> bool:
+    """Whether torch's extension cache already holds the compiled ``name`` (then loading takes a moment)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = _get_build_directory(name, verbose=False)
+        return any(f.endswith(".so") or f.endswith(".pyd") for f in os.listdir(folder))
+    except Exception:
+        return False
 
 
 def native_module():
