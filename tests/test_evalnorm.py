@@ -184,7 +184,16 @@ def test_eval_never_mutates_buffers(mode):
 
 
 # ---- aux loss: eqs 7-9 -----------------------------------------------------------------------------------------
-def test_aux_loss_matches_reference_value_and_gradient():
+@pytest.mark.parametrize("route", ["default", "torch_one_chunk", "torch_chunks"])
+def test_aux_loss_matches_reference_value_and_gradient(route, monkeypatch):
+    """Every route of the eq-9 sums: the native kernel (CPU default), the torch ops in one chunk (what an
+    accelerator runs) and in small chunks (CPU without the native build)."""
+    import d2norm.layers.evalnorm as evalnorm_module
+    from d2norm.layers import native
+
+    if route != "default":
+        monkeypatch.setattr(native, "_load", lambda: None)
+        monkeypatch.setattr(evalnorm_module, "L1_CHUNK_ELEMENTS", 1 << 40 if route == "torch_one_chunk" else 7)
     layer = randomize(EvalNorm2d(C, eps=1e-3)).double().train()
     rm0, rv0 = layer.running_mean.clone(), layer.running_var.clone()  # the pre-update EMA is used
     x = rand_x(n=2)

@@ -72,7 +72,10 @@ def _affine_l1_sums(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
     if fused is not None:
         abs_sum, s1, s2 = fused
         return abs_sum.sum(), s1.view_as(a), s2.view_as(a)
-    rows = max(1, L1_CHUNK_ELEMENTS // max(x2.shape[1], 1))
+    # CPU: cache-sized chunks; an accelerator: one chunk (a few fused kernels; a loop of small chunks there is tens
+    # of thousands of kernel launches per iteration at detector feature-map sizes)
+    chunk = L1_CHUNK_ELEMENTS if x2.device.type == "cpu" else x2.numel()
+    rows = max(1, chunk // max(x2.shape[1], 1))
     loss = x2.new_zeros(())
     s1, s2 = torch.empty_like(a1[:, 0]), torch.empty_like(a1[:, 0])
     for r in range(0, x2.shape[0], rows):
@@ -320,8 +323,11 @@ class EvalNorm2d(D2NormBatchNorm2d):
         """Eqs 7-9 on the detached input ``x`` (N > 0) and the pre-update EMA ``mu_e``, ``var_e`` (C,)
         (:class:`_AuxLoss`)."""
         sd = stat_dtype(x.dtype)
-        return _AuxLoss.apply(x.to(sd), mu_e.to(sd), var_e.to(sd), self.alpha_hat.to(sd), self.beta_hat.to(sd),
-                              self.eps)
+        # in the statistics dtype with autocast off: under AMP fp16 autocast would run the row sums of eq 9 in
+        # half precision (torch.linalg.vecdot), whose sums over a feature map overflow to inf
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _AuxLoss.apply(x.to(sd), mu_e.to(sd), var_e.to(sd), self.alpha_hat.to(sd), self.beta_hat.to(sd),
+                                  self.eps)
 
     # ---- forward ----------------------------------------------------------------------------------------
     @property
