@@ -106,3 +106,50 @@ def test_layer_under_autocast_matches_float32(name, dtype, scale, route):
             e16 = amp(x)
     assert e16.dtype == dtype and torch.isfinite(e16.float()).all()
     torch.testing.assert_close(e16.float(), e32, rtol=0, atol=8 * u * float(e32.abs().max()) + 8 * u)
+
+
+def _detector_cases():
+    from helpers import tiny_r18_fpn_rcnn_cfg, tiny_retinanet_cfg
+
+    cases = {}
+    for name in NAMES:
+        opts = ["MODEL.RESNETS.NORM", name, "MODEL.FPN.NORM", name, "D2NORM.DOMAIN_BN.NUM_DOMAINS", 1,
+                "D2NORM.GHOST_BN.SIZE", 1, "D2NORM.MABN.WARMUP_ITERS", 0, "D2NORM.BGN.NUM_CHANNEL_GROUPS", 8]
+        if name == "EvalNorm":
+            opts += ["MODEL.META_ARCHITECTURE", "EvalNormGeneralizedRCNN"]
+        cases[f"rcnn-{name}"] = lambda o=opts: tiny_r18_fpn_rcnn_cfg(opts=o)
+    cases["rcnn-mabn-backbone"] = lambda: tiny_r18_fpn_rcnn_cfg(opts=[
+        "MODEL.BACKBONE.NAME", "build_mabn_resnet_fpn_backbone", "MODEL.RESNETS.NORM", "MABN", "MODEL.FPN.NORM", "MABN"])
+    cases["rcnn-xbn-backbone"] = lambda: tiny_r18_fpn_rcnn_cfg(opts=[
+        "MODEL.BACKBONE.NAME", "build_xbn_resnet_fpn_backbone", "MODEL.RESNETS.NORM", "BN"])
+    cases["retinanet-domainbn-head"] = lambda: tiny_retinanet_cfg("BN", [
+        "MODEL.META_ARCHITECTURE", "DomainBNRetinaNet", "MODEL.RETINANET.NORM", ""])
+    return cases
+
+
+DETECTORS = _detector_cases()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", sorted(DETECTORS))
+def test_detector_training_step_under_autocast(case, dtype):
+    """One AMP training step of a tiny detector with each norm in backbone + FPN (and d2norm's backbones / head):
+    finite losses (EvalNorm's aux loss among them) and finite gradients for every parameter that gets one."""
+    from detectron2.utils.events import EventStorage
+
+    from d2norm.layers import build_model
+    from helpers import tiny_instance_batch
+
+    cfg = DETECTORS[case]()
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    with EventStorage(0), torch.autocast("cpu", dtype=dtype):
+        losses = model(tiny_instance_batch())
+    assert all(torch.isfinite(v).all() for v in losses.values()), {k: float(v) for k, v in losses.items()}
+    if "EvalNorm" in case:
+        assert "loss_evalnorm" in losses
+    sum(v.float() for v in losses.values()).backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+    stats = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    assert all(b.dtype == torch.float32 and torch.isfinite(b).all() for _, b in stats)

@@ -1,4 +1,5 @@
 """What every d2norm normalization layer shares."""
+import contextlib
 import functools
 import logging
 import math
@@ -14,6 +15,7 @@ __all__ = [
     "D2NormBatchNorm2d",
     "FrozenBNState",
     "stat_dtype",
+    "autocast_off",
     "empty_passthrough",
     "check_input_channels",
     "OWN_STATS_NOTE",
@@ -213,6 +215,14 @@ class D2NormBatchNorm2d(nn.BatchNorm2d, D2NormModule):
 
     bn_state_keys = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0 and self.training:
+            # An empty batch has no statistics: zero-size output, buffers untouched and the batch not counted.
+            # torch's BatchNorm2d counts it in num_batches_tracked, which with momentum=None (cumulative average)
+            # then weighs the later batches as if it had been one; every d2norm layer leaves it out.
+            return empty_passthrough(x, self.weight, self.bias)
+        return super().forward(x)
+
     def inference_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """Eval with the population statistics (= BN inference, rethinking §4.3): a fixed affine map."""
         return bn_inference_affine(self)
@@ -245,6 +255,16 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype normalization statistics are computed in for inputs of ``dtype``: float32 for fp16/bf16 (their
     sums of squares overflow or lose precision), the input's own dtype otherwise (float32, float64)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def autocast_off(device: torch.device):
+    """A context with autocast disabled for ``device``'s type, for statistics computed in :func:`stat_dtype`
+    under AMP (autocast would run some reductions, e.g. ``torch.linalg.vecdot``, in half precision); a no-op for
+    device types without autocast (``meta``)."""
+    available = getattr(torch.amp, "is_autocast_available", None)
+    if available is not None and not available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def check_input_channels(layer: str, x: torch.Tensor, channels: int) -> None:

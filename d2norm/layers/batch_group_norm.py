@@ -157,11 +157,8 @@ class BatchGroupNorm(nn.Module, D2NormModule):
     @skip_nonfinite_stats
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_channels("BatchGroupNorm", x, self.num_channels)
-        if x.numel() == 0:  # as torch's BN: no statistics, the batch counted (momentum=None's cumulative count)
-            if self.training:
-                with torch.no_grad():
-                    self.num_batches_tracked.add_(1)
-            return empty_passthrough(x, self.weight, self.bias)
+        if x.numel() == 0:
+            return empty_passthrough(x, self.weight, self.bias)  # no statistics, no buffer update
 
         sd = stat_dtype(x.dtype)
         xs = x.to(sd)
@@ -264,11 +261,13 @@ class BatchGroupNorm(nn.Module, D2NormModule):
         batch_mean = mu_i.mean(0)
         batch_var = (var_i + (mu_i - batch_mean) ** 2).mean(0)  # all examples hold equally many elements
         self.num_batches_tracked.add_(1)
-        f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        # momentum=None: the cumulative factor 1/n stays on the device (no read of the counter on the host)
+        f = (self.momentum if self.momentum is not None
+             else self.num_batches_tracked.reciprocal().to(self.running_mean.dtype))
         d = batch_mean.to(self.running_mean.dtype) - self.running_mean
-        self.running_mean.add_(d, alpha=f)
-        self.running_var.mul_(1.0 - f).add_(batch_var.to(self.running_var.dtype), alpha=f)
-        self.running_var.add_(d * d, alpha=f * (1.0 - f))
+        self.running_mean.add_(d * f)
+        self.running_var.mul_(1.0 - f).add_(batch_var.to(self.running_var.dtype) * f)
+        self.running_var.add_(d * d * (f * (1.0 - f)))
 
 
 class BGNAdapter(StatsAdapter):

@@ -261,8 +261,7 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
 
     def _train_one(self, x: torch.Tensor, k: Optional[int]) -> torch.Tensor:
         w, b = self._affine(k)
-        if x.numel() == 0:  # as torch's BN: zero-size output, EMA untouched, the batch counted (momentum=None)
-            self._ema_factor(k)
+        if x.numel() == 0:  # no statistics: zero-size output, EMA untouched and not counted
             return empty_passthrough(x, w, b)
         if x.numel() == self.num_features:  # checked before counting the update (torch would raise later)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, empty_passthrough, skip_nonfinite_stats, stat_dtype
+from .base import (OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, autocast_off, empty_passthrough, skip_nonfinite_stats,
+                   stat_dtype)
 from .kernels import channel_affine, group_moments
 from .native import mix_normalize, row_affine_l1
 from ..utils.validation import check_choice, check_int, check_number
@@ -229,6 +230,8 @@ class EvalNorm2d(D2NormBatchNorm2d):
         self._aux_terms: List[torch.Tensor] = []  # per pending call: element mean of |·| (eq 9 / count)
         self._aux_counts: List[int] = []  # per pending call: its number of elements
         self._warned_pending = False
+        self._seen_version = 0  # bumped when seen_batch_size may change (training forward, checkpoint load)
+        self._rule_cache = None  # ((rule_batch_size, _seen_version), 1/B²) of the "rule" mode's eval
         self.mode = mode
 
     def __getstate__(self):
@@ -278,9 +281,13 @@ class EvalNorm2d(D2NormBatchNorm2d):
 
     def eval_alpha_beta(self):
         """(α̂, β̂) that eval uses in the current mode: Python floats 1/B² in ``"rule"`` mode (exact in any
-        dtype, no host-to-device copy), else the detached scalar tensors sigmoid(logit)."""
+        dtype, no host-to-device copy), else the detached scalar tensors sigmoid(logit). The recorded B is read on
+        the host once and cached until the next training forward or checkpoint load (not once per eval call)."""
         if self._mode == "rule":
-            v = 1.0 / self.rule_batch_size_used() ** 2
+            key = (self.rule_batch_size, self._seen_version)
+            if self._rule_cache is None or self._rule_cache[0] != key:
+                self._rule_cache = (key, 1.0 / self.rule_batch_size_used() ** 2)
+            v = self._rule_cache[1]
             return v, v
         return self.alpha_hat.detach(), self.beta_hat.detach()
 
@@ -291,9 +298,9 @@ class EvalNorm2d(D2NormBatchNorm2d):
         |·|, divided by their total number (class docstring); None when nothing is pending."""
         if not self._aux_terms:
             return None
-        terms = torch.stack(self._aux_terms)
-        counts = torch.tensor(self._aux_counts, dtype=terms.dtype, device=terms.device)
-        return (terms * counts).sum() / counts.sum().clamp(min=1)
+        # counts are Python ints: scalar multipliers, no host-to-device copy of a count vector
+        total = sum(t * c for t, c in zip(self._aux_terms, self._aux_counts))
+        return total / max(sum(self._aux_counts), 1)
 
     def pop_aux_loss(self) -> Optional[torch.Tensor]:
         loss = self.aux_loss
@@ -325,7 +332,7 @@ class EvalNorm2d(D2NormBatchNorm2d):
         sd = stat_dtype(x.dtype)
         # in the statistics dtype with autocast off: under AMP fp16 autocast would run the row sums of eq 9 in
         # half precision (torch.linalg.vecdot), whose sums over a feature map overflow to inf
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             return _AuxLoss.apply(x.to(sd), mu_e.to(sd), var_e.to(sd), self.alpha_hat.to(sd), self.beta_hat.to(sd),
                                   self.eps)
 
@@ -366,6 +373,7 @@ class EvalNorm2d(D2NormBatchNorm2d):
 
     @torch.no_grad()
     def _record_batch_size(self, n: int) -> None:
+        self._seen_version += 1
         self.seen_batches.add_(1)
         self.seen_batch_size.add_((n - self.seen_batch_size) / self.seen_batches)
 
@@ -409,6 +417,7 @@ class EvalNorm2d(D2NormBatchNorm2d):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        self._seen_version += 1
         absent = [k for k in ("alpha_logit", "beta_logit") if prefix + k not in state_dict]
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -39,6 +39,18 @@ def ghost_batch_sizes(n: int, ghost_size: int, remainder: str = "balanced") -> L
     return [base + 1] * extra + [base] * (k - extra)
 
 
+def _device_column(values: List[int], dtype: torch.dtype, device) -> torch.Tensor:
+    """``values`` as a (k, 1) tensor on ``device`` without a host-to-device copy: one fill per run of equal values
+    (the ghost sizes are at most two distinct values), each a kernel with the value as its argument."""
+    out = torch.empty(len(values), 1, dtype=dtype, device=device)
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            out[start:i].fill_(float(values[start]))
+            start = i
+    return out
+
+
 @register_norm("GhostBN")
 class GhostBatchNorm2d(D2NormBatchNorm2d):
     """BatchNorm2d whose training statistics are computed over sub-batches of ``ghost_size`` examples.
@@ -84,11 +96,7 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
         if x.dim() != 4:
             raise ValueError(f"GhostBatchNorm2d expects NCHW input, got shape {tuple(x.shape)}")
         if x.numel() == 0:
-            # As torch's BatchNorm2d: zero-size output (graph kept connected), running statistics unchanged, the
-            # batch counted in num_batches_tracked (with momentum=None it enters the cumulative average's count).
-            if self.training and self.track_running_stats:
-                with torch.no_grad():
-                    self.num_batches_tracked.add_(1)
+            # No statistics from an empty batch, not counted (D2NormBatchNorm2d.forward); keep the graph connected.
             return empty_passthrough(x, self.weight, self.bias)
         if not self.training or x.shape[0] <= self.ghost_size:
             return super().forward(x)
@@ -106,8 +114,7 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
         if self.track_running_stats:
             with torch.no_grad():
                 means, vars_ = example_group_moments(mu_i, var_i, sizes)  # (k, C) per sub-batch
-                hw = x.shape[2] * x.shape[3]
-                counts = torch.tensor([[float(s * hw)] for s in sizes], dtype=sd, device=x.device)
+                counts = _device_column([s * x.shape[2] * x.shape[3] for s in sizes], sd, x.device)
             self._update_running_stats(means, vars_, counts)
         return y.to(x.dtype)
 
@@ -118,6 +125,11 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
         mean = (means * w).sum(0)
         var = (unbiased * w).sum(0)
         self.num_batches_tracked.add_(1)
-        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-        self.running_var.mul_(1 - m).add_(var.to(self.running_var.dtype), alpha=m)
+        if self.momentum is not None:
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.to(self.running_var.dtype), alpha=m)
+        else:  # cumulative average with the factor 1/n kept on the device (no read of the counter on the host)
+            m = self.num_batches_tracked.reciprocal().to(self.running_mean.dtype)
+            self.running_mean.add_((mean.to(self.running_mean.dtype) - self.running_mean) * m)
+            self.running_var.add_((var.to(self.running_var.dtype) - self.running_var) * m)
