@@ -96,6 +96,25 @@ def test_tune_example_weight_on_the_demo_model(demo, capsys):
     assert set(rep["ap"]) == {"0", "0.5"} and all(math.isfinite(v) or v != v for v in rep["ap"].values())
 
 
+def test_tune_example_weight_table_says_no_predictions(demo, capsys, monkeypatch):
+    """An alpha whose model detects nothing: COCOEvaluator gives no bbox result; the table says why it is nan."""
+    from d2norm.engine import cli
+
+    real = cli.evaluate
+
+    def evaluate(cfg, model, dataset, output_dir):
+        return {} if output_dir.endswith("alpha_0.5") else real(cfg, model, dataset, output_dir)
+
+    monkeypatch.setattr(cli, "evaluate", evaluate)
+    rc, out = _run("tune_example_weight", demo, "--alphas", "0", "0.5", "--output-name", "nopred")
+    text = capsys.readouterr().out
+    assert rc == 0, text[-3000:]
+    row = next(line for line in text.splitlines() if line.startswith("| 0.5 "))
+    assert "nan" in row and "no predictions" in row
+    row0 = next(line for line in text.splitlines() if line.startswith("| 0 "))
+    assert "no predictions" not in row0
+
+
 @pytest.mark.parametrize("tool", ["fit_evalnorm", "tune_example_weight"])
 def test_unconvertible_model_fails_before_any_evaluation(demo, tool, capsys, tmp_path):
     """MABN everywhere (a config the user trained): neither tool applies; they say so first, naming the reason,

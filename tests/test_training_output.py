@@ -67,3 +67,40 @@ def test_total_loss_excludes_evalnorm_aux_loss(evalnorm_run):
         det = sum(v for k, v in r.items() if k.startswith("loss_") and k != "loss_evalnorm")
         assert "loss_evalnorm" in r and r["loss_evalnorm"] > 0
         assert r["total_loss"] == pytest.approx(det, rel=1e-6, abs=1e-6), r
+
+
+KNOWN_NOISE = ("torch.meshgrid: in an upcoming release", "TypedStorage is deprecated", "No CUDA runtime is found")
+
+
+def test_train_net_console_has_no_third_party_noise(evalnorm_run):
+    res, _ = evalnorm_run
+    text = res.stdout + res.stderr
+    for noise in KNOWN_NOISE:
+        assert noise not in text, noise
+
+
+@pytest.mark.slow
+def test_lazyconfig_console_is_like_train_net(tmp_path):
+    """tools/lazyconfig_train_net.py printed 258 console lines (environment table, coloured config, full model)
+    and "unofficial COCO API" while evaluating with pycocotools; now the same rules as train_net.py."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONWARNINGS="default")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "lazyconfig_train_net.py"), "--config-file",
+           os.path.join(ROOT, "configs", "lazy", "cpu", "faster_rcnn_R18_FPN_ghostbn.py"),
+           "train.max_iter=1", "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+           "dataloader.test.num_workers=0", f"train.output_dir={out}", "lr_multiplier.warmup_length=0.0",
+           "train.d2norm.DATA.SYNTHETIC_IMAGE_SIZE=64", "train.d2norm.DATA.SYNTHETIC_NUM_TRAIN=4",
+           "train.d2norm.DATA.SYNTHETIC_NUM_VAL=2", f"train.d2norm.DATA.SYNTHETIC_ROOT={tmp_path / 'data'}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=str(tmp_path), env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    text = res.stdout + res.stderr
+    log = (out / "log.txt").read_text()
+    assert "GeneralizedRCNN(" in log and "GeneralizedRCNN(" not in text  # the model print: log.txt only
+    assert "Contents of args.config_file" in log and "Contents of args.config_file" not in text
+    assert "Environment info" in log and "Environment info:" not in text
+    assert "unofficial COCO API" not in text and "official COCO API" in text
+    for noise in KNOWN_NOISE:
+        assert noise not in text, noise
+    assert not ANSI.search(log)
+    n_setup = res.stdout.split("Starting training from iteration 0")[0].count("\n")
+    assert n_setup < 150, n_setup
