@@ -194,9 +194,10 @@ def _check_retinanet_coarsest_level(cfg, world: int) -> None:
     images = _images_per_process(cfg, world)
     if arch == "DomainBNRetinaNet":
         h = cfg.D2NORM.RETINANET_HEAD
-        if h.TRAIN_STATS != "per_level":
-            return
-        sync = (h.SYNC_GROUP_SIZE or world) if h.SYNC else 1
+        g = h.SYNC_GROUP_SIZE
+        if h.TRAIN_STATS != "per_level" or not isinstance(g, int) or g < 0:
+            return  # a bad SYNC_GROUP_SIZE is reported by the head's own option check
+        sync = (g or world) if h.SYNC else 1
         what, values = "D2NORM.RETINANET_HEAD.TRAIN_STATS 'per_level'", images * side * side * sync
     else:
         name = cfg.MODEL.RETINANET.NORM
