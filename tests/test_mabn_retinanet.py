@@ -40,7 +40,7 @@ def test_every_mabn_is_fed_by_a_centered_conv_and_warmups():
         for i, k in enumerate(kids):
             if isinstance(k, MABN2d):
                 assert isinstance(kids[i - 1], CenteredPlainConv2d)
-                assert k.warmup_iters == 7
+                assert k.warmup_iters == 7 * 5  # HEAD_WARMUP_ITERS in iterations; the layer counts its 5 level calls
     backbone_mabn = [m for m in model.backbone.modules() if isinstance(m, MABN2d)]
     assert backbone_mabn and all(m.warmup_iters == 3 for m in backbone_mabn)
     assert sum(isinstance(m, CenteredConv2d) for m in model.backbone.modules()) == len(backbone_mabn)
@@ -102,3 +102,29 @@ def test_effective_conv_weight_is_what_each_conv_convolves_with():
             assert w is conv.weight
         else:  # mabn eq 18: zero mean over (in, kh, kw) per output channel
             torch.testing.assert_close(w.mean(dim=(1, 2, 3)), torch.zeros(4, dtype=torch.float64))
+
+
+def test_shared_head_warmup_window_and_momentum_are_in_iterations():
+    """One head MABN serves the 5 FPN levels: 5 calls per iteration. HEAD_WARMUP_ITERS 7 ends after 7
+    iterations (was: after 7 calls, i.e. during iteration 2); the SMA buffer holds m iterations of every level;
+    the EMA decays by the paper's 0.98 per iteration (mabn §4.1, B.3)."""
+    torch.manual_seed(0)
+    cfg = _cfg()
+    model = build_model(cfg).train()
+    layer = model.head.cls_subnet[1]
+    assert isinstance(layer, MABN2d)
+    assert layer.buffer_size == 16 * 5 and tuple(layer.chi_sq_buffer.shape) == (80, 16)
+    assert layer.momentum ** 5 == pytest.approx(0.98, rel=1e-12)
+    backbone = next(m for m in model.backbone.modules() if isinstance(m, MABN2d))
+    assert backbone.buffer_size == 16 and backbone.momentum == 0.98  # called once per iteration: unchanged
+    inst = Instances((64, 64))
+    inst.gt_boxes = Boxes(torch.tensor([[4.0, 6.0, 30.0, 40.0]]))
+    inst.gt_classes = torch.tensor([1])
+    batch = [{"image": torch.rand(3, 64, 64) * 255, "instances": inst} for _ in range(2)]
+    in_warmup = []
+    for it in range(8):
+        in_warmup.append(int(layer.num_batches_tracked) < layer.warmup_iters)  # before iteration `it`'s forward
+        with EventStorage(it):
+            model(batch)
+        assert int(layer.num_batches_tracked) == 5 * (it + 1)
+    assert in_warmup == [True] * 7 + [False]

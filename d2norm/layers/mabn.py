@@ -44,6 +44,7 @@ __all__ = [
     "centralize_mabn_convs",
     "check_mabn_wiring",
     "set_mabn_warmup",
+    "set_mabn_calls_per_iteration",
 ]
 
 
@@ -445,6 +446,28 @@ def check_mabn_wiring(module: nn.Module, where: str, hint: str = "") -> None:
     if loose:
         raise ValueError(f"{where}: MABN layers not preceded by a weight-centralized conv (mabn eq 18): "
                          f"{', '.join(loose)}{hint}")
+
+
+def set_mabn_calls_per_iteration(module: nn.Module, calls: int) -> int:
+    """Every :class:`MABN2d` of ``module`` is called ``calls`` times per training iteration (one layer shared by
+    the ``calls`` FPN levels of a RetinaNet head): its per-iteration quantities are rescaled to per-call ones so
+    they keep the paper's meaning, which is stated in iterations t (mabn §4.1 SMA ``S_t`` over the last m
+    iterations, B.3 "batch statistics ... during first 10,000 iterations", momentum α = 0.98 per iteration):
+    warm-up ``warmup_iters`` → ``warmup_iters·calls`` calls, ring buffer m → m·calls calls (the SMA spans m
+    iterations of every level), EMA momentum α → α^(1/calls). Call it at build time (before any training
+    forward: the ring buffers are reallocated) after the warm-up is set. Returns how many layers were set."""
+    check_int("MABN calls per iteration", calls, minimum=1)
+    layers = [m for m in module.modules() if isinstance(m, MABN2d)]
+    for m in layers:
+        if int(m.num_batches_tracked) != 0:
+            raise ValueError("set_mabn_calls_per_iteration: the layer has already trained; set it at build time")
+        m.warmup_iters *= calls
+        m.buffer_size *= calls
+        m.momentum = m.momentum ** (1.0 / calls)
+        for name in ("chi_sq_buffer", "psi_buffer"):
+            old = getattr(m, name)
+            setattr(m, name, old.new_zeros(m.buffer_size, m.num_features))
+    return len(layers)
 
 
 def set_mabn_warmup(module: nn.Module, warmup_iters: int) -> int:
