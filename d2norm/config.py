@@ -75,6 +75,19 @@ def add_d2norm_config(cfg: CN) -> CN:
     # No keys of its own: EPS / MOMENTUM come from D2NORM.BN.
     _C.D2NORM.BATCH_STATS_BN = CN()
 
+    # ---- Batch Renormalization (Ioffe 2017): the "BRN" baseline of mabn Tables 3, 5 --------------------
+    # Layer "BRN" (d2norm/layers/batch_renorm.py). r = clip(σ_B/σ, 1/R_MAX, R_MAX), d = clip((μ_B-μ)/σ, ±D_MAX);
+    # (R_MAX, D_MAX) relaxed linearly from (1, 0) at WARMUP_ITERS to their values at R_MAX_ITERS / D_MAX_ITERS
+    # (Ioffe §4: 5k, 40k, 25k steps of the layer). MOMENTUM in torch's convention (new value's weight): mabn's
+    # "momentum 0.98" of BRN = 0.02. EPS comes from D2NORM.BN.
+    _C.D2NORM.BRN = CN()
+    _C.D2NORM.BRN.R_MAX = 3.0
+    _C.D2NORM.BRN.D_MAX = 5.0
+    _C.D2NORM.BRN.WARMUP_ITERS = 5000
+    _C.D2NORM.BRN.R_MAX_ITERS = 40000
+    _C.D2NORM.BRN.D_MAX_ITERS = 25000
+    _C.D2NORM.BRN.MOMENTUM = 0.02
+
     # ---- inference example weighing: four-things §3.1, eq 3 -------------------------------------------
     _C.D2NORM.EXAMPLE_WEIGHING = CN()
     # Layer "ExampleWeightedBN" (training = BN). alpha in [0, 1] of eq 3: weight of the example's own statistics

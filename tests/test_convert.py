@@ -8,7 +8,7 @@ from torch import nn
 import d2norm
 from d2norm.layers import NORM_REGISTRY, GhostBatchNorm2d, convert_norm
 
-BN_DERIVED = ["GhostBN", "BatchStatsBN", "ExampleWeightedBN", "EvalNorm", "AnySyncBN", "DomainBN"]
+BN_DERIVED = ["GhostBN", "BatchStatsBN", "ExampleWeightedBN", "EvalNorm", "AnySyncBN", "DomainBN", "BRN"]
 
 
 def _model():

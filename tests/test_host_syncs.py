@@ -81,9 +81,9 @@ def _layer(name, **extra):
 def test_training_and_eval_forward_do_not_sync(name, momentum):
     extra = {} if momentum == "default" else {"momentum": None}
     if momentum is None and name in ("BatchStatsBN", "ExampleWeightedBN", "EvalNorm", "AnySyncBN", "DomainBN",
-                                     "MABN"):
-        pytest.skip("torch's own BatchNorm reads the counter for momentum=None (module docstring); MABN has no "
-                    "cumulative mode")
+                                     "MABN", "BRN"):
+        pytest.skip("torch's own BatchNorm reads the counter for momentum=None (module docstring); MABN and BRN "
+                    "have no cumulative mode")
     layer = _layer(name, **extra)
     x = torch.randn(6, 32, 8, 8, device="meta", requires_grad=True)
     with audit() as a:
