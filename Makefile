@@ -9,8 +9,11 @@ install:
 	bash scripts/install.sh
 
 # Main job: generate the synthetic COCO-format set, train a tiny detector with a d2norm norm, COCO-evaluate.
+# A second run into the same OUTPUT_DIR is refused (it would overwrite the first run's checkpoints): rerun with
+# DEMO_ARGS=--overwrite (start over) or DEMO_ARGS=--resume.
+DEMO_ARGS ?=
 demo: install
-	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG)
+	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from torch import nn
 
-__all__ = ["CATALOGUE", "load_rows", "norm_name", "part_norms", "check_row", "markdown_table", "row_cfg"]
+__all__ = ["CATALOGUE", "load_rows", "norm_name", "part_norms", "check_row", "markdown_table", "row_cfg", "row_slug",
+           "launch_commands", "collect", "results_table"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the catalogue's path in a checkout
@@ -152,4 +153,87 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
                      f"{r['images_per_gpu']} | {norms} | `{r['config']}` |")
     lines.append("")
     lines.append("¹ a setting differs from the paper; the reason is in `configs/paper_rows.yaml` (`deviations`).")
+    return "\n".join(lines)
+
+
+# ---- launching a table and collecting its results ---------------------------------------------------------------
+def row_slug(row: Dict[str, Any]) -> str:
+    """The row's output folder name: its config's name (+ a short digest of its overrides, if any)."""
+    import hashlib
+
+    name = os.path.splitext(os.path.basename(row["config"]))[0]
+    if row.get("overrides"):
+        name += "-" + hashlib.sha1(" ".join(map(str, row["overrides"])).encode()).hexdigest()[:8]
+    return name
+
+
+def launch_commands(rows: List[Dict[str, Any]], gpus_per_machine: int, output_root: str,
+                    python: str = "python", dist_url: str = "tcp://MASTER_HOST:PORT") -> List[Dict[str, Any]]:
+    """For each row: ``{"row", "machines", "commands"}``: the ``tools/train_net.py`` command(s) that give the row
+    its workers (``gpus``) and images per worker. A row needing more workers than one machine has runs on
+    ``machines`` machines (one command per machine rank, ``dist_url`` the first machine's); ValueError when the
+    row's workers are not a multiple of ``gpus_per_machine`` (the normalization batch per GPU would change)."""
+    if gpus_per_machine < 1:
+        raise ValueError(f"--gpus-per-machine must be >= 1, got {gpus_per_machine}")
+    out = []
+    for r in rows:
+        workers = int(r["gpus"])
+        per = min(workers, gpus_per_machine)
+        if workers % per:
+            raise ValueError(f"{r['paper']} Table {r['table']} {r['row']}: needs {workers} workers of "
+                             f"{r['images_per_gpu']} image(s); {gpus_per_machine} GPUs per machine do not divide it")
+        machines = workers // per
+        base = [python, "tools/train_net.py", "--num-gpus", str(per)]
+        tail = ["--config-file", r["config"], *map(str, r.get("overrides", [])), "OUTPUT_DIR",
+                os.path.join(output_root, row_slug(r))]
+        if machines == 1:
+            cmds = [base + tail]
+        else:
+            cmds = [base + ["--num-machines", str(machines), "--machine-rank", str(k), "--dist-url", dist_url] + tail
+                    for k in range(machines)]
+        out.append({"row": r, "machines": machines, "commands": cmds})
+    return out
+
+
+def _last_metrics(path: str) -> Dict[str, float]:
+    """The last value of every ``bbox/AP`` / ``segm/AP`` in a detectron2 ``metrics.json``."""
+    import json
+
+    found: Dict[str, float] = {}
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            for task in ("bbox", "segm"):
+                if f"{task}/AP" in rec:
+                    found[task] = float(rec[f"{task}/AP"])
+    return found
+
+
+def collect(rows: List[Dict[str, Any]], root: str) -> List[Dict[str, Any]]:
+    """``[{"paper", "table", "row", "config", "paper_ap", "ours", "delta", "dir"}]``: each row's final COCO AP from
+    ``root/<row_slug>/metrics.json`` (detectron2's evaluation during / after training) next to the paper's; rows
+    without results have ``ours`` None."""
+    out = []
+    for r in rows:
+        d = os.path.join(root, row_slug(r))
+        m = os.path.join(d, "metrics.json")
+        ours = _last_metrics(m) if os.path.isfile(m) else {}
+        ours = {k: v for k, v in ours.items() if k in r["ap"]} or None
+        delta = {k: ours[k] - r["ap"][k] for k in ours} if ours else None
+        out.append({"paper": r["paper"], "table": r["table"], "row": r["row"], "config": r["config"],
+                    "paper_ap": r["ap"], "ours": ours, "delta": delta, "dir": d})
+    return out
+
+
+def results_table(collected: List[Dict[str, Any]]) -> str:
+    """Markdown: paper vs ours (box / mask AP) and the difference, per row."""
+    def fmt(d):
+        return " / ".join(f"{d[k]:.2f}" if d[k] == d[k] else "nan" for k in ("bbox", "segm") if k in d) if d else "-"
+
+    lines = ["| paper | table | row | paper AP | ours | Δ |", "|---|---|---|---|---|---|"]
+    for c in collected:
+        delta = " / ".join(f"{c['delta'][k]:+.2f}" for k in ("bbox", "segm") if k in c["delta"]) if c["delta"] else "-"
+        lines.append(f"| {c['paper']} | {c['table']} | {c['row']} | {fmt(c['paper_ap'])} | {fmt(c['ours'])} | {delta} |")
     return "\n".join(lines)

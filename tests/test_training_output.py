@@ -104,3 +104,18 @@ def test_lazyconfig_console_is_like_train_net(tmp_path):
     assert not ANSI.search(log)
     n_setup = res.stdout.split("Starting training from iteration 0")[0].count("\n")
     assert n_setup < 150, n_setup
+
+
+def test_known_third_party_warnings_are_silenced_and_others_are_not():
+    import warnings
+
+    from d2norm.engine.log_output import quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        warnings.warn("`broadcast_buffers` is deprecated. Use `forward_sync_buffers` instead.", FutureWarning)
+        warnings.warn("torch.meshgrid: in an upcoming release, it will be required to pass the indexing argument.")
+        warnings.warn("TypedStorage is deprecated. It will be removed in the future.")
+        warnings.warn("something the user should see", UserWarning)
+    assert [str(w.message) for w in caught] == ["something the user should see"]

@@ -85,10 +85,14 @@ def quiet_known_warnings() -> None:
       one detectron2 relies on;
     * ``TypedStorage is deprecated``: raised by torch's own serialization paths used by fvcore's checkpointer;
     * ``No CUDA runtime is found`` (logger ``torch.utils.cpp_extension``, on machines without CUDA): logged when
-      detectron2's environment table imports ``CUDA_HOME``; d2norm's kernels are CPU kernels.
+      detectron2's environment table imports ``CUDA_HOME``; d2norm's kernels are CPU kernels;
+    * the ``FutureWarning`` that ``broadcast_buffers`` is deprecated (torch >= 2.13, in favour of
+      ``forward_sync_buffers``): detectron2's ``create_ddp_model`` passes ``broadcast_buffers=False``, whose
+      behaviour is unchanged.
     """
     warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
     warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r".*`?broadcast_buffers`? is deprecated", category=FutureWarning)
     import torch
 
     if not torch.cuda.is_available():
