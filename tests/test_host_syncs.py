@@ -125,3 +125,20 @@ def test_the_audit_can_fail():
         torch.tensor([1.0, 2.0], device="meta")
         t.sum() * 2  # no sync
     assert len(a.hits) == 2
+
+
+@pytest.mark.parametrize("layout", [("shared", "shared", False), ("shared", "per_domain", False),
+                                    ("per_domain", "shared", False), ("per_domain", "per_domain", True)])
+def test_domain_bn_forward_domains_does_not_sync(layout):
+    """A RetinaNet head's per-level calls (rethinking Table 5 layouts): one forward_domains over 3 levels."""
+    from d2norm.layers.domain_bn import DomainBatchNorm2d
+
+    ts, ps, aff = layout
+    layer = DomainBatchNorm2d(16, 3, train_stats=ts, pop_stats=ps, affine_per_domain=aff).to("meta")
+    xs = [torch.randn(2, 16, s, s, device="meta", requires_grad=True) for s in (8, 4, 2)]
+    with audit() as a:
+        for _ in range(2):
+            sum(y.sum() for y in layer.train().forward_domains(xs)).backward()
+        with torch.no_grad():
+            layer.eval().forward_domains(xs)
+    assert not a.hits, "\n---\n".join(a.hits[:3])

@@ -27,7 +27,6 @@ from ..stats.estimators import MomentAccumulator, batch_moments
 from .base import (
     D2NormBatchNorm2d, FrozenBNState, NotAnAffine, affine_from_stats, empty_passthrough, skip_nonfinite_stats, stat_dtype,
 )
-from .moments import pooled_moments
 from ..utils.validation import check_bool, check_choice, check_int
 from .registry import register_norm
 
@@ -391,9 +390,10 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
         n = sum(counts)
         if n < 2:
             raise ValueError(f"Expected more than 1 value per channel over all domains when training, got {n}")
-        # Statistics of the concatenation from per-domain moments (no concatenated copy of the activations).
-        c = torch.tensor(counts, dtype=sd, device=means[0].device)[:, None]
-        _, mean, var = pooled_moments(c, torch.stack(means), torch.stack(vars_))
+        # Statistics of the concatenation from per-domain moments (no concatenated copy of the activations); the
+        # counts are Python ints, used as scalar weights (no host-to-device copy of a count vector)
+        mean = sum(m * (c / n) for c, m in zip(counts, means))
+        var = sum((v + (m - mean).square()) * (c / n) for c, m, v in zip(counts, means, vars_))
         inv_std = torch.rsqrt(var + self.eps)
 
         outs = []
