@@ -108,8 +108,10 @@ class StatsAdapter:
         self.unit_estimates: Dict[int, List[Optional[PopulationEstimate]]] = {}
         #: set by the pass: ``current_batch()`` describes the batch being forwarded
         self.current_batch: Callable[[], str] = lambda: "?"
-        #: descriptions of the recorded calls whose moments were non-finite (left out of the estimate)
-        self.nonfinite_batches: List[str] = []
+        # every recorded call: (description, device flag "moments finite"); the flags are read on the host in one
+        # go when asked for (:attr:`nonfinite_batches`), never per call
+        self._calls: List[Tuple[str, torch.Tensor]] = []
+        self._flags: List[bool] = []
 
     @property
     def mode(self) -> str:
@@ -163,16 +165,34 @@ class StatsAdapter:
     def record(self, slot: int, n: int, mean: torch.Tensor, var: torch.Tensor, group: Optional[int] = None) -> None:
         """Moments of one normalization group (default: ``slot``) of the current call."""
         self._touch()
-        if self.mode == "record":
+        if self.mode == "record" and n:
             # A NaN/Inf in one call would make the whole population estimate of its channel non-finite: such
-            # a call is left out and reported; the pass decides whether that is an error.
-            if n and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-                self.nonfinite_batches.append(self.current_batch())
-                return
+            # a call is left out (weight 0 on the device: no host read per call) and reported; the pass decides
+            # whether that is an error.
+            ok = torch.isfinite(mean).all() & torch.isfinite(var).all()
+            self._calls.append((self.current_batch(), ok))
             if self.unit_accs is not None:
-                self.unit_accs[self.call_index][slot if group is None else group].add(n, mean, var)
+                self.unit_accs[self.call_index][slot if group is None else group].add(n, mean, var, ok=ok)
             else:
-                self.accs[slot].add(n, mean, var)
+                self.accs[slot].add(n, mean, var, ok=ok)
+
+    @property
+    def recorded_calls(self) -> int:
+        """Calls recorded so far (a host-side count: a mark for :meth:`nonfinite_since`)."""
+        return len(self._calls)
+
+    def nonfinite_since(self, mark: int = 0) -> List[str]:
+        """Descriptions of the recorded calls from number ``mark`` on whose moments were non-finite (left out of
+        the estimate); the flags not read yet are read on the host here, all at once."""
+        if len(self._flags) < len(self._calls):
+            pending = [ok for _, ok in self._calls[len(self._flags):]]
+            self._flags.extend(bool(f) for f in torch.stack(pending).cpu().tolist())
+        return [d for (d, _), f in zip(self._calls[mark:], self._flags[mark:]) if not f]
+
+    @property
+    def nonfinite_batches(self) -> List[str]:
+        """Every recorded call whose moments were non-finite (:meth:`nonfinite_since` 0)."""
+        return self.nonfinite_since(0)
 
     def population(self, slot: int, dtype, group: Optional[int] = None):
         """(mean, biased var, E[x²]) to normalize with: in exact layer-wise estimation those of this call's

@@ -140,23 +140,34 @@ class MomentAccumulator:
         self.sum_mean, self.sum_var_u, self.sum_sq = z(), z(), z()
 
     @torch.no_grad()
-    def add(self, n: int, mean: torch.Tensor, var_biased: torch.Tensor) -> None:
+    def add(self, n: int, mean: torch.Tensor, var_biased: torch.Tensor, ok: Optional[torch.Tensor] = None) -> None:
+        """Merge one batch of ``n`` values. ``ok``: a 0-dim bool tensor on the device; where it is False the batch
+        is left out (weight 0, its values replaced by 0) without reading the flag on the host, so a pass decides
+        what to do with non-finite batches after the forwards (no host sync per layer call)."""
         if n == 0:
             return
         mean = mean.detach().to(device=self.mean.device, dtype=_ACC).reshape(-1)
         var = var_biased.detach().to(device=self.mean.device, dtype=_ACC).reshape(-1)
         if mean.numel() != self.rows:
             raise ValueError(f"MomentAccumulator expects {self.rows} rows, got {mean.numel()}")
-        tot = self.n + n
+        if ok is None:
+            w, one = float(n), 1.0
+        else:
+            ok = ok.to(self.mean.device)
+            mean, var = torch.where(ok, mean, 0.0), torch.where(ok, var, 0.0)
+            one = ok.to(_ACC)
+            w = one * n
+        tot = self.n + w
         delta = mean - self.mean
-        self.mean += delta * (n / tot)
-        self.m2 += var * n + delta * delta * (self.n * n / tot)
+        share = w / tot.clamp(min=1) if ok is not None else w / tot
+        self.mean += delta * share
+        self.m2 += var * w + delta * delta * (self.n * share)
         self.n = tot
-        self.k += 1
+        self.k += one
         self.sum_mean += mean
         self.sum_sq += var + mean * mean
         if n > 1:
-            self.k_var += 1
+            self.k_var += one
             self.sum_var_u += var * (n / (n - 1))
 
     @torch.no_grad()

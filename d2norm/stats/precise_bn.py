@@ -273,12 +273,12 @@ def _forward_checked(net, batch, adapters, forward_fn, current) -> bool:
     """:func:`_forward` of a recorded batch; False when the forward raised after a layer had already met
     non-finite statistics in it (e.g. detectron2's RPN stops on NaN boxes: "Training has diverged"): the rest
     of that batch is left out and the non-finite report, not the model's own error, says what happened."""
-    before = sum(len(a.nonfinite_batches) for a in adapters.values())
+    marks = {id(a): a.recorded_calls for a in adapters.values()}  # host-side counts: no read of a device flag
     try:
         _forward(net, batch, adapters, forward_fn)
         return True
     except Exception as e:
-        if sum(len(a.nonfinite_batches) for a in adapters.values()) == before:
+        if not any(a.nonfinite_since(marks[id(a)]) for a in adapters.values()):
             raise
         logger.warning("PreciseBN: the forward of %s failed after non-finite batch statistics (%s: %s); the rest "
                        "of that batch is left out", current["batch"], type(e).__name__, e)
