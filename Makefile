@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_CONFIG ?= configs/cpu/faster_rcnn_R18_FPN_ghostbn.yaml
 
-.PHONY: install demo test bench reproduce
+.PHONY: install demo test bench reproduce gpu-bundle
 
 install:
 	bash scripts/install.sh
@@ -35,3 +35,9 @@ bench: install
 REPRODUCE_ARGS ?=
 reproduce: install
 	$(PY) tools/reproduce.py $(REPRODUCE_ARGS)
+
+# What a bare GPU machine (no package registry) needs for tools/gpu_selfcheck.py: .gpu_bundle/ (<= 64 MiB), see
+# scripts/make_gpu_bundle.py. GPU_BUNDLE_ARGS="--torchvision 0.26.0" adds torchvision for the machine's torch 2.11.
+GPU_BUNDLE_ARGS ?=
+gpu-bundle: install
+	$(PY) scripts/make_gpu_bundle.py $(GPU_BUNDLE_ARGS)

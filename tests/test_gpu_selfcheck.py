@@ -42,3 +42,46 @@ def test_harness_cpu_float32_equals_float64_for_every_layer():
     a = torch.ones(4)
     gpu_selfcheck._close(a * (1 + 1e-2), a, "perturbed", failures)
     assert failures and "perturbed" in failures[0]
+
+
+#: what the lent GPU machines have besides the standard library (torch + triton + numpy / matplotlib / opencv /
+#: pytest and their dependencies); the rest must come from the bundle (pure Python) or its cp312 wheels
+GPU_MACHINE = ("torch", "torchgen", "functorch", "triton", "numpy", "numpy.libs", "matplotlib", "mpl_toolkits", "cycler",
+               "kiwisolver", "fontTools", "dateutil", "pyparsing", "packaging", "contourpy", "six.py", "PIL",
+               "pillow.libs", "cv2", "opencv_python.libs", "typing_extensions.py", "sympy", "mpmath", "networkx",
+               "filelock", "jinja2", "markupsafe", "fsspec", "nvidia", "cuda", "pytest", "_pytest", "pluggy",
+               "iniconfig", "setuptools", "_distutils_hack")
+#: stand-ins for the bundle's site-cp312 (downloaded wheels of the machine's Python, not loadable here)
+CP312 = ("pycocotools", "torchvision", "torchvision.libs")
+
+
+@pytest.mark.slow
+def test_dry_run_from_the_bundle_alone(tmp_path):
+    """`make gpu-bundle` + the GPU machine's packages are enough: the dry run (every layer, 2 training iterations
+    + COCO evaluation through tools/train_net.py) runs with no site-packages but those, and writes its JSON."""
+    import json
+    import site as _site
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_gpu_bundle
+
+    bundle = tmp_path / "bundle"
+    make_gpu_bundle.build(str(bundle), download=False)
+    machine = tmp_path / "machine-site"
+    machine.mkdir()
+    venv_site = next(p for p in _site.getsitepackages() if p.endswith("site-packages"))
+    for name in GPU_MACHINE + CP312:
+        src = os.path.join(venv_site, name)
+        if os.path.exists(src):
+            os.symlink(src, machine / name)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(bundle / "site"), str(machine), ROOT]), D2NORM_NATIVE="0",
+               CUDA_VISIBLE_DEVICES="")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-S", os.path.join(ROOT, "tools", "gpu_selfcheck.py"), "--dry-run",
+                          "--out", str(out)], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((out / "gpu_selfcheck.json").read_text())
+    assert doc["environment"]["dry_run"] and [c["ok"] for c in doc["checks"]] == [True, True], doc
+    # the machine has no tensorboard: the training above ran on the Trainer's writers without it
+    probe = subprocess.run([sys.executable, "-S", "-c", "import tensorboard"], env=env, capture_output=True)
+    assert probe.returncode != 0

@@ -4,6 +4,12 @@
 
     python tools/gpu_selfcheck.py                 # all checks that the machine allows
     python tools/gpu_selfcheck.py --skip-train    # layers (+ 2-GPU) only, about a minute
+    python tools/gpu_selfcheck.py --dry-run --out DIR   # the same checks on the CPU at toy size (the test suite)
+
+On a lent GPU machine without a package registry: ``make gpu-bundle`` here (scripts/make_gpu_bundle.py: the
+pure-Python dependencies and cp312 wheels in ``.gpu_bundle/``), carry it, and run
+``PYTHONPATH=.gpu_bundle/site:.gpu_bundle/site-cp312:. D2NORM_NATIVE=0 python tools/gpu_selfcheck.py --out $OUT``;
+``gpu_selfcheck.json`` is written after every check.
     pytest -m cuda                                # the layer check as a test (skipped without CUDA)
 
 Checks:
@@ -25,6 +31,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 import d2norm
@@ -87,10 +94,14 @@ def _close(a, b, what, failures):
         failures.append(f"{what}: max abs difference {err}")
 
 
-def check_layers(device="cuda"):
+SHAPES = ((8, 64, 28, 28), (256, 64, 7, 7))
+DRY_SHAPES = ((4, 32, 6, 6), (24, 32, 3, 3))  # --dry-run: the same checks at toy size on the CPU
+
+
+def check_layers(device="cuda", shapes=SHAPES):
     """Failures (strings) of check 1; empty = every layer agrees."""
     failures = []
-    for shape in ((8, 64, 28, 28), (256, 64, 7, 7)):
+    for shape in shapes:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1
         x = x + torch.randn(shape[0], shape[1], 1, 1, generator=g, dtype=torch.float64)
@@ -190,12 +201,14 @@ def check_two_process():
 
 # ---- training -------------------------------------------------------------------------------------------------
 
-def check_training(iters=20):
+def check_training(iters=20, device="cuda", extra=()):
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file",
-               os.path.join(ROOT, "configs", "cpu", "faster_rcnn_R18_FPN_ghostbn.yaml"), "MODEL.DEVICE", "cuda",
+        # -S propagated: a check run without site-packages (only PYTHONPATH, e.g. the bundle) trains the same way
+        cmd = [sys.executable, *(["-S"] if sys.flags.no_site else []), os.path.join(ROOT, "tools", "train_net.py"),
+               "--config-file",
+               os.path.join(ROOT, "configs", "cpu", "faster_rcnn_R18_FPN_ghostbn.yaml"), "MODEL.DEVICE", device,
                "SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", "5", "OUTPUT_DIR", os.path.join(tmp, "out"),
-               "D2NORM.DATA.SYNTHETIC_ROOT", os.path.join(tmp, "data")]
+               "D2NORM.DATA.SYNTHETIC_ROOT", os.path.join(tmp, "data"), *extra]
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
         log = res.stdout + res.stderr
         failures = []
@@ -212,28 +225,65 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip-train", action="store_true", help="skip the short training run (check 3)")
     p.add_argument("--train-iters", type=int, default=20)
+    p.add_argument("--dry-run", action="store_true", help="every check on the CPU at toy size (layers float32 vs "
+                   "float64, 2 training iterations at 64 px): what the test suite runs to keep this tool working")
+    p.add_argument("--out", metavar="DIR", default=os.environ.get("OUT"),
+                   help="write gpu_selfcheck.json (environment, every check's failures and wall time) into DIR "
+                        "(default: $OUT, the device machine's output folder)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    env = {"torch": torch.__version__, "python": sys.version.split()[0], "cuda": torch.cuda.is_available(),
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "gpus": torch.cuda.device_count(), "dry_run": bool(args.dry_run),
+           "native": os.environ.get("D2NORM_NATIVE", "1")}
+    if not args.dry_run and not torch.cuda.is_available():
         print("gpu_selfcheck: CUDA is not available on this machine: skipped (nothing was checked)")
+        _write(args.out, {"environment": env, "checks": [], "skipped": "no CUDA"})
         return 0
-    print(f"gpu_selfcheck on {torch.cuda.get_device_name(0)} ({torch.cuda.device_count()} GPU(s)), torch "
-          f"{torch.__version__}")
-    checks = [("layers CUDA vs CPU float64", check_layers)]
-    if torch.cuda.device_count() >= 2:
-        checks.append(("AnySyncBN + shuffled head on 2 NCCL processes vs 2 gloo processes", check_two_process))
+    print(f"gpu_selfcheck on {env['device']} ({env['gpus']} GPU(s)), torch {env['torch']}"
+          + (" -- dry run on the CPU" if args.dry_run else ""))
+    if args.dry_run:
+        checks = [("layers CPU float32 vs CPU float64 (toy size)", lambda: check_layers("cpu", DRY_SHAPES))]
+        if not args.skip_train:
+            checks.append(("main job: 2 training iterations + COCO eval on the CPU at 64 px",
+                           lambda: check_training(2, "cpu", DRY_TRAINING)))
     else:
-        print("  (1 GPU: the 2-process NCCL check needs 2 GPUs; not run)")
-    if not args.skip_train:
-        checks.append((f"main job: {args.train_iters} training iterations + COCO eval on CUDA",
-                       lambda: check_training(args.train_iters)))
-    failed = 0
+        checks = [("layers CUDA vs CPU float64", check_layers)]
+        if torch.cuda.device_count() >= 2:
+            checks.append(("AnySyncBN + shuffled head on 2 NCCL processes vs 2 gloo processes", check_two_process))
+        else:
+            print("  (1 GPU: the 2-process NCCL check needs 2 GPUs; not run)")
+        if not args.skip_train:
+            checks.append((f"main job: {args.train_iters} training iterations + COCO eval on CUDA",
+                           lambda: check_training(args.train_iters)))
+    failed, record = 0, []
     for title, fn in checks:
+        start = time.perf_counter()
         failures = fn()
+        record.append({"check": title, "ok": not failures, "failures": failures[:50],
+                       "wall_s": round(time.perf_counter() - start, 1)})
         print(f"[{'ok' if not failures else 'FAIL'}] {title}")
         for f in failures[:50]:
             print("    " + f.replace("\n", "\n    "))
         failed += bool(failures)
+        _write(args.out, {"environment": env, "checks": record})  # after every check: a timeout keeps the rest
     return 1 if failed else 0
+
+
+#: --dry-run's training: the main job at 64 px on 4 images
+DRY_TRAINING = ("INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "INPUT.MIN_SIZE_TEST", "64",
+                "INPUT.MAX_SIZE_TEST", "64", "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", "64",
+                "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", "4", "D2NORM.DATA.SYNTHETIC_NUM_VAL", "2", "SOLVER.WARMUP_ITERS",
+                "0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+
+
+def _write(out, doc) -> None:
+    if not out:
+        return
+    import json
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_selfcheck.json"), "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 if __name__ == "__main__":

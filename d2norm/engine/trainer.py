@@ -68,6 +68,19 @@ class Trainer(DefaultTrainer):
             dataset_name, output_dir=output_folder, use_fast_impl=compat.HAS_COMPILED_OPS
         )
 
+    def build_writers(self):
+        """detectron2's writers; without the ``tensorboard`` package (e.g. a bare GPU machine) its
+        ``TensorboardXWriter`` cannot be built: the console printer and ``metrics.json`` only, said once."""
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+
+            logger.warning("tensorboard is not installed: no TensorBoard event file (metrics.json and the console "
+                           "still get every scalar)")
+            return [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+        return super().build_writers()
+
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         from .cli import empty_dataset_is_a_tool_error  # --eval-only on an empty set: one error line, exit 2
