@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PURE = ("detectron2", "fvcore", "iopath", "yacs", "omegaconf", "antlr4", "termcolor", "portalocker", "tabulate",
         "tqdm", "cloudpickle", "yaml")
 #: the GPU machine's Python
-TARGET = {"python_version": "3.12", "platform": "manylinux2014_x86_64", "abi": "cp312"}
+TARGET = {"python_version": "3.12", "platforms": ("manylinux2014_x86_64", "manylinux_2_28_x86_64"), "abi": "cp312"}
 
 
 def _source(name: str) -> str:
@@ -60,8 +60,8 @@ def _size_mib(folder: str) -> float:
 
 def _download(specs, folder: str) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", folder,
-           "--python-version", TARGET["python_version"], "--platform", TARGET["platform"], "--abi", TARGET["abi"],
-           *specs]
+           "--python-version", TARGET["python_version"], "--abi", TARGET["abi"],
+           *[a for p in TARGET["platforms"] for a in ("--platform", p)], *specs]
     subprocess.run(cmd, check=True)
 
 
