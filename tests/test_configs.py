@@ -14,7 +14,9 @@ from d2norm.layers import build_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-ALL = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+# every detectron2 config (configs/paper_rows.yaml is the catalogue of paper rows, not a config)
+ALL = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+             if os.path.basename(p) != "paper_rows.yaml")
 CPU = [p for p in ALL if os.sep + "cpu" + os.sep in p and not os.path.basename(p).startswith("Base-")]
 REL = lambda p: os.path.relpath(p, ROOT)  # noqa: E731
 
