@@ -517,8 +517,15 @@ def _load_cfg(path):
 
 
 def test_table2_configs_express_the_rows():
-    files = sorted(glob.glob(os.path.join(REPO, "configs", "evalnorm", "faster_rcnn_R50_C4_table2*_bs*.yaml")))
+    everything = sorted(glob.glob(os.path.join(REPO, "configs", "evalnorm", "faster_rcnn_R50_C4_table2*_bs*.yaml")))
+    files = [f for f in everything if not f.endswith("_ema.yaml")]
     assert len(files) == 12  # rows (a)-(d) x 8, 4, 2 images per GPU
+    for f in everything:  # each EN row has its EMA entry: the same training with BN
+        if f.endswith("_ema.yaml"):
+            ema, en = _load_cfg(f), _load_cfg(f.replace("_ema.yaml", ".yaml"))
+            assert ema.MODEL.RESNETS.NORM == "BN" and f.replace("_ema.yaml", ".yaml") in files
+            assert ema.SOLVER.MAX_ITER == en.SOLVER.MAX_ITER and ema.SOLVER.IMS_PER_BATCH == en.SOLVER.IMS_PER_BATCH
+    assert len(everything) == 24
     for f in files:
         stem = os.path.basename(f)[: -len(".yaml")]
         row, n = stem.split("table2")[1].split("_bs")
