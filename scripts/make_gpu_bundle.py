@@ -67,6 +67,13 @@ def _download(specs, folder: str) -> None:
 
 def build(out: str, torchvision: str = "", download: bool = True, max_mib: float = 64.0) -> dict:
     """Write the bundle into ``out`` (replaced); returns ``{"site": [...], "wheels": [...], "mib": size}``."""
+    from d2norm import compat
+
+    if compat.HAS_COMPILED_OPS:
+        # a compiled detectron2 (e.g. CI's upstream leg) is bound to this machine's Python, torch and CUDA: the
+        # bundle carries the registry's v0.6 Python package with its _C stand-in, as `make install` installs it
+        raise SystemExit("error: this environment's detectron2 has compiled ops; build the bundle from the "
+                         "environment `make install` creates (the registry's detectron2 v0.6 Python package)")
     if os.path.isdir(out):
         shutil.rmtree(out)
     site = os.path.join(out, "site")
