@@ -22,6 +22,9 @@ def build_parser():
 
 
 def run(args):
+    if args.weights:
+        raise tc.ToolError("--weights: the measured diagnosis of a trained model is not built yet; the static check "
+                           "of the config runs without it")
     cfg = tc.read_cfg(args.config_file, args.opts)
     world = args.num_gpus * args.num_machines
     findings = diagnose_cfg(cfg, world_size=world)
