@@ -18,9 +18,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# Speed (README "Speed"): layer ratios vs BatchNorm2d at a ResNet and an RoI-head shape, detector ratios per backbone
+# Speed (docs/speed.md): layer ratios vs BatchNorm2d at a ResNet and an RoI-head shape, detector ratios per backbone
 # norm (and folded) at the CPU configs' 128 px and the main job's training ratios at 384 px, PreciseBN cost; JSON + PNG
-# into $(BENCH_DIR), README's speed tables regenerated from them.
+# into $(BENCH_DIR), docs/speed.md regenerated from them.
 # One thread by default: on a shared machine it is the stable measurement (BENCH_THREADS=2 for both cores).
 BENCH_DIR ?= results/bench
 BENCH_THREADS ?= 1
@@ -29,7 +29,7 @@ bench: install
 	OMP_NUM_THREADS=$(BENCH_THREADS) $(PY) tools/benchmark_norms.py --threads $(BENCH_THREADS) --json $(BENCH_DIR)/norms.json
 	OMP_NUM_THREADS=$(BENCH_THREADS) $(PY) tools/benchmark_models.py --threads $(BENCH_THREADS) --fold --json $(BENCH_DIR)/models.json
 	OMP_NUM_THREADS=$(BENCH_THREADS) $(PY) tools/benchmark_models.py --threads $(BENCH_THREADS) --models faster_rcnn_R18_FPN --image-size 384 --rounds 5 --json $(BENCH_DIR)/models_384.json
-	$(PY) tools/bench_report.py $(BENCH_DIR)/norms.json $(BENCH_DIR)/models.json $(BENCH_DIR)/models_384.json --png $(BENCH_DIR)/norms.png --readme README.md
+	$(PY) tools/bench_report.py $(BENCH_DIR)/norms.json $(BENCH_DIR)/models.json $(BENCH_DIR)/models_384.json --png $(BENCH_DIR)/norms.png --readme docs/speed.md
 
 # Paper effects at CPU scale (README): every experiment of d2norm/experiments, JSON + PNG into results/paper_effects.
 REPRODUCE_ARGS ?=

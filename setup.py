@@ -11,6 +11,7 @@ setup(
     version="0.1.0",
     description="Batch-normalization research (PreciseBN, GhostBN, EvalNorm, MABN, XBNBlock, ...) for detectron2",
     packages=find_packages(include=["d2norm", "d2norm.*"]),
+    package_data={"d2norm": ["layers/csrc/*.cpp"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.0",

@@ -11,6 +11,8 @@ from .config import add_d2norm_config, config_path
 from . import layers
 from .layers import NORM_REGISTRY, get_norm, norm_layer, norm_options
 from . import modeling  # noqa: F401  (registers heads/backbones/meta-archs)
+from . import data  # noqa: F401  (declares D2NORM.DATA)
+from .engine import hooks  # noqa: F401  (declares the hooks' cfg nodes)
 
 # The one detectron2 patch outside compat: get_norm / build_model resolve d2norm names (idempotent).
 layers.install()

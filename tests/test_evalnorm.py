@@ -576,10 +576,10 @@ def test_registry_builds_with_cfg_options():
 @pytest.mark.parametrize(
     "key,value,match",
     [
-        ("MODE", "learned", r"MODE must be one of \('online', 'rule', 'offline'\), got 'learned'"),
-        ("RULE_BATCH_SIZE", -1, "RULE_BATCH_SIZE must be an integer >= 0.*got -1"),
-        ("INIT_ALPHA", 1.0, r"INIT_ALPHA must be a number in \(0, 1\), got 1.0"),
-        ("INIT_BETA", 0.0, "INIT_BETA must be .*got 0.0"),
+        ("MODE", "learned", r"MODE\) must be one of \('online', 'rule', 'offline'\), got 'learned'"),
+        ("RULE_BATCH_SIZE", -1, r"RULE_BATCH_SIZE\) must be an integer >= 0.*got -1"),
+        ("INIT_ALPHA", 1.0, r"INIT_ALPHA\) must be a number in \(0, 1\), got 1.0"),
+        ("INIT_BETA", 0.0, r"INIT_BETA\) must be .*got 0.0"),
     ],
 )
 def test_bad_options_raise(key, value, match):

@@ -126,7 +126,7 @@ def test_loads_batchnorm_and_frozenbn_state():
     layer = GhostBatchNorm2d(3, ghost_size=2)
     layer.load_state_dict(frozen.state_dict())  # strict: the counter FrozenBN lacks keeps its value (warned)
     assert torch.equal(layer.running_mean, frozen.running_mean) and int(layer.num_batches_tracked) == 0
-    with pytest.raises(ValueError, match="momentum must be a number in"):
+    with pytest.raises(ValueError, match=r"momentum \(D2NORM.BN.MOMENTUM\) must be a number in"):
         GhostBatchNorm2d(3, momentum=2.0)
 
 

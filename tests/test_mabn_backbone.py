@@ -13,7 +13,7 @@ from torch import nn
 import d2norm.modeling.backbone.mabn_resnet  # noqa: F401  (registers backbones and heads)
 from d2norm import add_d2norm_config
 from d2norm.layers.mabn import CenteredConv2d, MABN2d
-from d2norm.layers.registry import build_model, norm_options
+from d2norm.layers import build_model, norm_options
 from d2norm.modeling.roi_heads.mabn_heads import MABNConvFCHead, MABNMaskRCNNConvUpsampleHead
 
 from helpers import tiny_instance_batch

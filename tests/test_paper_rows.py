@@ -1,6 +1,6 @@
 """The paper-row catalogue (configs/paper_rows.yaml): every row's config exists, its built cfg and model carry what
 the paper states (norm of every part read from the built model; images per iteration, iterations, LR, training
-sizes, norm options), deviations are listed with a reason; README's table is the generated one; the check fails
+sizes, norm options), deviations are listed with a reason; docs/paper_rows.md's table is the generated one; the check fails
 on a row that does not conform."""
 import copy
 import importlib.util
@@ -70,8 +70,9 @@ def test_readme_table_is_generated_from_the_catalogue():
     spec = importlib.util.spec_from_file_location("_paper_rows_tool", os.path.join(ROOT, "tools", "paper_rows.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    text = open(os.path.join(ROOT, "README.md")).read()
-    assert tool.replace_block(text, markdown_table(ROWS)) == text, "run: python tools/paper_rows.py --readme README.md"
+    text = open(os.path.join(ROOT, "docs", "paper_rows.md")).read()
+    assert tool.replace_block(text, markdown_table(ROWS)) == text, \
+        "run: python tools/paper_rows.py --readme docs/paper_rows.md"
     assert tool.main(["--paper", "nope"]) == 2
 
 

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _readme_snippet():
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = open(os.path.join(ROOT, "docs", "training.md")).read()
     block = text.split("In Python:", 1)[1]
     return re.search(r"```python\n(.*?)```", block, re.S).group(1)
 

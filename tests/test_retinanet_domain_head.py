@@ -21,7 +21,7 @@ import d2norm  # noqa: F401
 import d2norm.modeling.meta_arch.retinanet_domain  # noqa: F401  (registers "DomainBNRetinaNet")
 from d2norm import add_d2norm_config
 from d2norm.layers.domain_bn import DomainBatchNorm2d
-from d2norm.layers.registry import build_model
+from d2norm.layers import build_model
 from d2norm.layers.sync_domain_bn import SyncDomainBatchNorm2d
 from d2norm.modeling.meta_arch.retinanet_domain import (
     DomainBNRetinaNet,

@@ -425,7 +425,7 @@ def tiny_rcnn_step(cfg_file, rank):
 
     from detectron2.structures import BitMasks, Boxes, Instances
 
-    from d2norm.layers.registry import build_model
+    from d2norm.layers import build_model
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = d2norm.add_d2norm_config(get_cfg())

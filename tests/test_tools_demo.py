@@ -258,12 +258,12 @@ def test_visualize_draws_boxes_where_the_predictions_are(demo, capsys, monkeypat
 
 
 def test_readme_predictor_snippet_draws_an_image(demo, tmp_path):
-    """The README's DefaultPredictor + Visualizer snippet, on the demo checkpoint (cfg sized like the fixture)."""
+    """docs/training.md's DefaultPredictor + Visualizer snippet, on the demo checkpoint (cfg sized like the fixture)."""
     import re
     import subprocess
     import sys
 
-    text = open(os.path.join(ROOT, "README.md")).read().split("### Looking at predictions", 1)[1]
+    text = open(os.path.join(ROOT, "docs", "training.md")).read().split("## Looking at predictions", 1)[1]
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     weights = demo["args"][-1]
     image = os.path.join(str(demo["tmp"]), "data")

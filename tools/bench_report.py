@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Speed tables (markdown) and a bar plot (PNG) from the JSON of benchmark_norms.py and benchmark_models.py.
 
-With ``--readme README.md`` the block between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` is replaced
+With ``--readme docs/speed.md`` the block between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` is replaced
 by the regenerated tables (shape, threads, date, command and load come from the JSON files).
 
     python tools/bench_report.py bench/norms.json bench/models.json [bench/models_384.json ...] --png bench/norms.png \
-        --readme README.md
+        --readme docs/speed.md
 """
 import argparse
 import json

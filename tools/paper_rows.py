@@ -4,7 +4,7 @@
     python tools/paper_rows.py                       # the table (markdown)
     python tools/paper_rows.py --paper mabn --table 5
     python tools/paper_rows.py --check               # every row's built cfg and model against what the paper states
-    python tools/paper_rows.py --readme README.md    # regenerate README's table (between its paper-rows markers)
+    python tools/paper_rows.py --readme docs/paper_rows.md    # regenerate docs/paper_rows.md's table (between its paper-rows markers)
 
     # a table's training commands for the GPUs you have (rows needing more workers span several machines)
     python tools/paper_rows.py --paper mabn --table 5 --commands --gpus-per-machine 8 --output-root output/mabn_t5

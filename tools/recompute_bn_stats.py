@@ -27,7 +27,8 @@ import sys
 
 import d2norm  # noqa: F401  (compat + registrations)
 from d2norm.engine import cli as tc
-from d2norm.stats import ESTIMATORS, NONFINITE_POLICIES, population_stat_layers, recompute_population_stats
+from d2norm.engine.hooks import PreciseBNSpec
+from d2norm.stats import ESTIMATORS, NONFINITE_POLICIES, population_stat_layers
 
 
 def build_parser():
@@ -55,14 +56,11 @@ def build_parser():
 @tc.distributed_tool
 def run(args):
     cfg = tc.load_cfg(args.config_file, args.opts)
-    c = cfg.D2NORM.PRECISE_BN
     dataset = tc.prepare_dataset(cfg, args.dataset or tc.first(cfg.DATASETS.TRAIN))
     eval_ds = tc.eval_dataset(args, cfg)
-    num_samples = args.num_samples if args.num_samples is not None else c.NUM_SAMPLES
-    batch_size = args.batch_size if args.batch_size is not None else c.BATCH_SIZE
-    estimator = args.estimator or c.ESTIMATOR
-    exact = args.exact_layerwise or c.EXACT_LAYERWISE
-    nonfinite = args.nonfinite or c.NONFINITE
+    spec = PreciseBNSpec.from_cfg(cfg, num_samples=args.num_samples, batch_size=args.batch_size,
+                                  estimator=args.estimator, exact_layerwise=args.exact_layerwise or None,
+                                  nonfinite=args.nonfinite)
     out_dir = tc.output_dir(args, cfg, "recompute_bn_stats")
     name = args.output_name or f"{tc.source_stem(args.weights or cfg.MODEL.WEIGHTS)}_precise_bn_{dataset}"
     tc.claim_outputs([os.path.join(out_dir, f"{name}{ext}") for ext in (".pth", ".json")], args.overwrite)
@@ -76,19 +74,13 @@ def run(args):
     for a in layers.values():
         kinds[type(a.module).__name__] = kinds.get(type(a.module).__name__, 0) + 1
     print(f"PreciseBN on {dataset!r}: {len(layers)} layers ({', '.join(f'{k} x{v}' for k, v in kinds.items())}), "
-          f"N={num_samples}, B={batch_size}, estimator={estimator}{', exact layer-wise' if exact else ''}, "
-          f"forward={args.forward}", flush=True)
+          f"{spec.describe()}, forward={args.forward}", flush=True)
 
     if args.forward == "train":
-        loader = tc.train_style_loader(cfg, dataset, batch_size, seed=args.seed)
-        results = recompute_population_stats(model, loader, num_samples, batch_size=batch_size, estimator=estimator,
-                                             exact_layerwise=exact, progress=True, nonfinite=nonfinite)
+        results = spec.run(model, tc.train_style_loader(cfg, dataset, spec.batch_size, seed=args.seed), progress=True)
     else:
-        loader = tc.test_loader(cfg, dataset)
         with tc.norm_layers_training(model):
-            results = recompute_population_stats(model, loader, num_samples, batch_size=batch_size,
-                                                 estimator=estimator, exact_layerwise=exact, progress=True,
-                                                 nonfinite=nonfinite)
+            results = spec.run(model, tc.test_loader(cfg, dataset), progress=True)
     unseen = [n for n, ests in results.items() if all(e is None for e in ests)]
     if unseen:
         print(f"warning: {len(unseen)} layer(s) saw no data and keep their statistics: {unseen[:5]}", flush=True)
@@ -96,8 +88,9 @@ def run(args):
         print(f"WARNING: non-finite batch statistics were left out of {len(results.nonfinite)} layer(s) "
               f"(--nonfinite skip): {dict(list(results.nonfinite.items())[:3])}", flush=True)
 
-    info = {"dataset": dataset, "num_samples": num_samples, "batch_size": batch_size, "estimator": estimator,
-            "exact_layerwise": exact, "forward": args.forward, "source": args.weights or cfg.MODEL.WEIGHTS}
+    info = {"dataset": dataset, "num_samples": spec.num_samples, "batch_size": spec.batch_size,
+            "estimator": spec.estimator, "exact_layerwise": spec.exact_layerwise, "forward": args.forward,
+            "source": args.weights or cfg.MODEL.WEIGHTS}
     path = tc.save_checkpoint(model, out_dir, name, source=source, precise_bn=info)
     after = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "after")
     report = {**info, "checkpoint": path, "layers": len(results), "nonfinite_skipped": results.nonfinite,

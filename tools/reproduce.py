@@ -23,7 +23,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="list the experiments and their expectations, run nothing")
     p.add_argument("--table", action="store_true",
-                   help="print the README table from the JSON records in --output-dir, run nothing")
+                   help="print the docs/paper_effects.md table from the JSON records in --output-dir, run nothing")
     p.add_argument("--only", help="comma-separated experiment names (default: all)")
     p.add_argument("--seeds", type=int, help="training seeds 0..K-1 (default: each experiment's default, 2)")
     p.add_argument("--first-seed", type=int, default=0, help="first training seed (default 0)")

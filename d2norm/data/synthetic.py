@@ -21,6 +21,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..options import Int, Option, declare_node
+
 __all__ = [
     "SyntheticSpec",
     "CLASSES",
@@ -241,6 +243,18 @@ def register_synthetic_dataset(root: str, spec: SyntheticSpec) -> Dict[str, str]
         register_coco_instances(name, {}, json_file, image_root)
         MetadataCatalog.get(name).set(thing_classes=list(CLASSES), evaluator_type="coco")
     return {TRAIN_NAME: directory, VAL_NAME: directory}
+
+
+NODE = "DATA"
+OPTIONS = declare_node(NODE, (
+    Option("SYNTHETIC_ROOT", "", "Root of the bundled synthetic COCO-format set (generated on first use); '' = "
+           "$DETECTRON2_DATASETS/d2norm_synthetic ($DETECTRON2_DATASETS defaults to ./datasets, as detectron2's "
+           "builtin datasets)."),
+    Option("SYNTHETIC_IMAGE_SIZE", 128, "Image side in pixels.", check=Int(32)),
+    Option("SYNTHETIC_NUM_TRAIN", 400, "Training images.", check=Int(1)),
+    Option("SYNTHETIC_NUM_VAL", 100, "Validation images.", check=Int(1)),
+    Option("SYNTHETIC_SEED", 0, "Seed of the generator (another seed = another data set).", check=Int(0)),
+), doc="The bundled synthetic COCO-format set (d2norm_synthetic_train / _val)")
 
 
 def synthetic_root(cfg) -> str:

@@ -1,8 +1,9 @@
 """d2norm's checkpointer, for training and for inference: detectron2's ``DetectionCheckpointer`` that, before it
 loads a checkpoint's model state, converts the model the way the training run had converted it when the checkpoint
 was written. The one such conversion is the FrozenBN switch (rethinking §4.3): a checkpoint written after it holds
-FrozenBN layers, recorded in the switch hook's state (``checkpoint["trainer"]["hooks"]``, where detectron2 keys each
-hook's state by its class's ``__qualname__``; :meth:`FrozenBNSwitchHook.state_in` reads it)."""
+FrozenBN layers, recorded in the switch hook's state (``checkpoint["trainer"]["hooks"]``) as a conversion
+(``"conversion": "frozen_bn"``, the layers, γ/β trainable or not) that the checkpointer replays through the
+layers (:func:`d2norm.layers.frozen.freeze_bn_layers`) without importing the hook."""
 import logging
 import os
 import re
@@ -72,22 +73,17 @@ class D2NormCheckpointer(DetectionCheckpointer):
         self._switch_hook, self._switch_trainer = hook, trainer
 
     def frozen_bn_switch_state(self, checkpoint) -> Optional[dict]:
-        """The switch hook's state in ``checkpoint`` if it was written after the switch, else ``None``: the
-        attached hook's class's; without one (inference), that of :class:`FrozenBNSwitchHook` or of any subclass
-        of it defined in this process."""
-        from .hooks.frozen_bn_switch import FrozenBNSwitchHook
-
-        if self._switch_hook is not None:
-            classes = [type(self._switch_hook)]
-        else:
-            classes, todo = [], [FrozenBNSwitchHook]
-            while todo:
-                c = todo.pop(0)
-                classes.append(c)
-                todo.extend(c.__subclasses__())
-        for cls in classes:
-            state = cls.state_in(checkpoint)
-            if state:
+        """The FrozenBN switch recorded in ``checkpoint`` if it was written after the switch, else ``None``: the
+        trainer-hook state whose ``"conversion"`` is ``"frozen_bn"`` (the layers converted and whether γ/β stayed
+        trainable; checkpoints written before that key existed: the state with ``switched`` and
+        ``trainable_affine``). No hook class is needed to read it."""
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("trainer"), dict):
+            return None
+        for state in checkpoint["trainer"].get("hooks", {}).values():
+            if not isinstance(state, dict):
+                continue
+            if state.get("conversion") == "frozen_bn" or ("conversion" not in state and "switched" in state
+                                                            and "trainable_affine" in state):
                 return state if state.get("switched") else None
         return None
 

@@ -17,6 +17,7 @@ from detectron2.utils.logger import setup_logger
 
 from .. import compat
 from ..config import add_d2norm_config, resolve_config_file
+from ..options import check_cfg
 from ..data import prepare_datasets
 from ..layers import build_model
 from ..layers.cfg_checks import check_norm_cfg
@@ -83,7 +84,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        from .cli import empty_dataset_is_a_tool_error  # --eval-only on an empty set: one error line, exit 2
+        from .errors import empty_dataset_is_a_tool_error  # --eval-only on an empty set: one error line, exit 2
 
         with empty_dataset_is_a_tool_error(dataset_name):
             return super().build_test_loader(cfg, dataset_name)
@@ -92,7 +93,7 @@ class Trainer(DefaultTrainer):
         """detectron2's, where ``--resume`` into a folder whose checkpoint was written by another model (its
         optimizer's parameter groups do not match) is a :class:`~d2norm.engine.cli.ToolError` naming the folder
         instead of torch's "loaded state dict contains a parameter group that doesn't match"."""
-        from .cli import ToolError
+        from .errors import ToolError
 
         try:
             return super().resume_or_load(resume=resume)
@@ -115,50 +116,13 @@ class Trainer(DefaultTrainer):
                        "resuming with a fresh optimizer state.")
 
     def build_d2norm_hooks(self) -> List:
-        """d2norm hooks enabled in ``cfg.D2NORM`` (run after IterationTimer/LRScheduler, before checkpointing
-        and evaluation, so checkpoints and evaluations see their effect), in this order:
+        """The d2norm hooks enabled in ``cfg.D2NORM``, in the order of :data:`d2norm.engine.hooks.HOOKS` (which
+        says why), built from a cfg checked once (:func:`validate_launch` marks it; a Trainer made without it
+        checks here)."""
+        from .hooks import build_hooks, check_hooks_cfg
 
-        * ``D2NORM.BN_MONITOR``: :class:`~d2norm.engine.hooks.BNMonitorHook` (rethinking Fig. 2; estimation-shift
-          Def. 2), first so it measures the training EMA before PreciseBN replaces it;
-        * ``D2NORM.FROZEN_BN_SWITCH``: :class:`~d2norm.engine.hooks.FrozenBNSwitchHook` (rethinking §4.3); it is
-          attached to :attr:`checkpointer` so a checkpoint written after the switch loads into a converted model;
-        * ``D2NORM.PRECISE_BN``: :class:`~d2norm.engine.hooks.PreciseBNHook` (rethinking §3.2, A.3) with a
-          training-style loader of ``BATCH_SIZE`` images per rank built by :meth:`build_train_loader`;
-        * ``D2NORM.EVALNORM_FIT``: :class:`~d2norm.engine.hooks.EvalNormFitHook` (evalnorm §3.4), after PreciseBN
-          so α̂, β̂ are fitted against the final population statistics;
-        * always: :class:`~d2norm.engine.hooks.NonFiniteStatsHook`, which reports (event storage
-          ``nonfinite_stats/skipped``, warnings naming the layers) the moving-statistics updates the layers
-          skipped because a training batch's statistics were non-finite.
-        """
-        from .hooks import (
-            NonFiniteStatsHook,
-            build_bn_monitor_hook,
-            build_evalnorm_fit_hook,
-            build_frozen_bn_switch_hook,
-            build_precise_bn_hook,
-            check_bn_monitor_cfg,
-            check_evalnorm_fit_cfg,
-            check_frozen_bn_switch_cfg,
-            check_precise_bn_cfg,
-        )
-
-        cfg = self.cfg
-        check_precise_bn_cfg(cfg)
-        check_frozen_bn_switch_cfg(cfg)
-        check_evalnorm_fit_cfg(cfg)
-        check_bn_monitor_cfg(cfg)
-        loader = self.build_train_loader
-        ret = []
-        if cfg.D2NORM.BN_MONITOR.ENABLED:
-            ret.append(build_bn_monitor_hook(cfg, build_train_loader=loader, model=self.model))
-        if cfg.D2NORM.FROZEN_BN_SWITCH.ENABLED:
-            ret.append(build_frozen_bn_switch_hook(cfg, self))
-        if cfg.D2NORM.PRECISE_BN.ENABLED:
-            ret.append(build_precise_bn_hook(cfg, self.model, build_train_loader=loader))
-        if cfg.D2NORM.EVALNORM_FIT.ENABLED:
-            ret.append(build_evalnorm_fit_hook(cfg, build_train_loader=loader))
-        ret.append(NonFiniteStatsHook(self.model))
-        return ret
+        check_hooks_cfg(self.cfg)
+        return build_hooks(self.cfg, self)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ builds a DetectionCheckpointer just before calling build_hooks, whose
@@ -203,14 +167,14 @@ def validate_launch(cfg, args, world_size: Optional[int] = None) -> None:
     aux-loss rule; the run folder (:func:`~d2norm.engine.run_folder.check_fresh_start`: no training from
     scratch over an earlier run's checkpoints without ``--overwrite``). ``world_size``: the launch's number of
     processes (default: the current process group's)."""
-    from .hooks import check_bn_monitor_cfg, check_evalnorm_fit_cfg, check_frozen_bn_switch_cfg, check_precise_bn_cfg
+    from .hooks import check_hooks_cfg
 
     eval_only = bool(getattr(args, "eval_only", False))
     check_norm_cfg(cfg, world_size)
+    check_cfg(cfg)  # every declared D2NORM option, used or not
     if not eval_only:
-        for check in (check_precise_bn_cfg, check_frozen_bn_switch_cfg, check_evalnorm_fit_cfg,
-                      check_bn_monitor_cfg, check_evalnorm_training_cfg):
-            check(cfg)
+        check_hooks_cfg(cfg)
+        check_evalnorm_training_cfg(cfg)
     check_fresh_start(cfg.OUTPUT_DIR, resume=bool(getattr(args, "resume", False)), eval_only=eval_only,
                       overwrite=bool(getattr(args, "overwrite", False)))
 

@@ -109,7 +109,7 @@ def _paper_numbers(values: Dict) -> str:
 
 
 def markdown_table(experiments: Sequence[Experiment], output_dir: str, notes: Optional[Dict[str, str]] = None) -> str:
-    """The README table from the JSON records in ``output_dir``: one row per experiment; an experiment without
+    """The docs/paper_effects.md table from the JSON records in ``output_dir``: one row per experiment; an experiment without
     a record is listed as not run; ``notes`` ({name: text}) go after a verdict, and the COCO-scale config after
     every verdict but "yes"."""
     notes = {k: f" {v}" for k, v in (notes or {}).items()}

@@ -1,15 +1,6 @@
 """d2norm normalization layers. Importing this package registers every layer in ``NORM_REGISTRY``."""
-from .registry import (
-    NORM_REGISTRY,
-    NormLayer,
-    build_model,
-    get_norm,
-    install,
-    norm_layer,
-    norm_options,
-    register_norm,
-    valid_norm_names,
-)
+from .registry import NORM_REGISTRY, NormLayer, get_norm, norm_layer, norm_options, register_norm, valid_norm_names
+from .install import build_model, install
 from .base import D2NormBatchNorm2d, D2NormModule, FrozenBNState, NotAnAffine
 from .ghost_bn import GhostBatchNorm2d
 from .batch_group_norm import BatchGroupNorm

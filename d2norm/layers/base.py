@@ -8,7 +8,9 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..utils.validation import check_int, check_number
+from ..moments import empty_passthrough, stat_dtype
+from ..options import Number, Option, bind_options, class_options, declare_node, options_from_config
+from ..utils.validation import check_int
 
 __all__ = [
     "D2NormModule",
@@ -24,7 +26,8 @@ __all__ = [
     "NotAnAffine",
     "affine_from_stats",
     "bn_inference_affine",
-    "check_bn_options",
+    "BN_EPS",
+    "BN_MOMENTUM",
     "fill_missing_num_batches_tracked",
     "skip_nonfinite_stats",
     "undo_nonfinite_update_",
@@ -34,6 +37,15 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+#: BN's options shared by every BN-derived layer (same meaning as torch's BatchNorm2d arguments)
+BN_EPS = Option("EPS", 1e-5, "eps added to the variance (torch's BatchNorm2d eps).", arg="eps",
+                check=Number(0, low_open=True), node="BN")
+BN_MOMENTUM = Option(
+    "MOMENTUM", 0.1, "EMA momentum in torch's convention (running = (1 - m) * running + m * batch; None = "
+    "cumulative average); detectron2's BN uses 0.1.", arg="momentum",
+    check=Number(0, 1, allow_none=True, note=" (torch convention; None = cumulative average)"), node="BN")
 
 
 class D2NormModule:
@@ -61,10 +73,38 @@ class D2NormModule:
     #: carries over (a per-channel tensor is repeated over a leading per-domain dimension); the rest is reported
     bn_state_keys: Tuple[str, ...] = ("weight", "bias")
 
+    #: the layer's cfg node ``cfg.D2NORM.<CFG_NODE>`` (its options without a ``node`` of their own live there)
+    CFG_NODE: Optional[str] = None
+    #: the layer's options (:class:`d2norm.options.Option`), declared once: the cfg node and its defaults,
+    #: :meth:`from_config`, the constructor defaults and the constructor checks all come from here. Inherited
+    #: (``D2NormBatchNorm2d`` declares BN's ``eps``/``momentum``); a subclass re-declaring an argument wins.
+    OPTIONS: Tuple[Option, ...] = ()
+    #: one line on the node for the generated option reference (the layer's name and paper sections)
+    CFG_DOC: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("OPTIONS", ())
+        by_node: Dict[str, list] = {}
+        for o in own:
+            node = o.node or cls.__dict__.get("CFG_NODE")
+            if node is None:
+                raise TypeError(f"{cls.__qualname__}: option {o.key} has no node (set CFG_NODE or Option.node)")
+            by_node.setdefault(node, []).append(o)
+        if "CFG_NODE" in cls.__dict__ and cls.CFG_NODE not in by_node:
+            by_node[cls.CFG_NODE] = []
+        for node, opts in by_node.items():
+            declare_node(node, opts, doc=cls.__dict__.get("CFG_DOC", "") if node == cls.__dict__.get("CFG_NODE") else "",
+                         owner=cls.__name__)
+        bind_options(cls)
+
     @classmethod
     def from_config(cls, cfg, channels: int) -> dict:
-        """Constructor keyword arguments (the channel count included) read from ``cfg.D2NORM``."""
-        raise NotImplementedError(f"{cls.__qualname__} has no cfg options (not a registered norm)")
+        """Constructor keyword arguments (the channel count included) read from ``cfg.D2NORM``: one per declared
+        option with a constructor argument (:attr:`OPTIONS`)."""
+        if not any(o.arg for _, o in class_options(cls).values()):
+            raise NotImplementedError(f"{cls.__qualname__} has no cfg options (not a registered norm)")
+        return options_from_config(cls, cfg, channels)
 
     def stats_adapter(self):
         """The :class:`~d2norm.stats.adapters.StatsAdapter` that recomputes this layer's population statistics
@@ -189,25 +229,28 @@ class D2NormBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     EvalNorm, DomainBN, AnySyncBN): what they share with BN lives here once.
 
     * Options: torch's (``eps``, ``momentum``, ``affine``, ``track_running_stats``, ``device``, ``dtype``),
-      validated by :func:`check_bn_options` (ValueError naming the bad value).
+      ``eps``/``momentum`` declared once as ``D2NORM.BN.{EPS, MOMENTUM}`` (:data:`BN_EPS`, :data:`BN_MOMENTUM`).
     * Checkpoints: BN's state dict; a detectron2 ``FrozenBatchNorm2d`` state (no ``num_batches_tracked``) loads
       strictly (:func:`fill_missing_num_batches_tracked`).
     * Inference: population statistics ``running_mean``/``running_var`` (subclasses whose eval differs
       override :meth:`inference_affine`).
     """
 
+    CFG_NODE = "BN"
+    CFG_DOC = "Shared by every BN-derived layer (same meaning as torch's BatchNorm2d eps / momentum)"
+    OPTIONS = (BN_EPS, BN_MOMENTUM)
+
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        eps: float,
+        momentum: Optional[float],
         affine: bool = True,
         track_running_stats: bool = True,
         device=None,
         dtype=None,
     ):
         check_int(f"{type(self).__name__}: num_features", num_features, minimum=1)
-        check_bn_options(eps, momentum)
         super().__init__(
             num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track_running_stats,
             device=device, dtype=dtype,
@@ -251,12 +294,6 @@ class D2NormBatchNorm2d(nn.BatchNorm2d, D2NormModule):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype normalization statistics are computed in for inputs of ``dtype``: float32 for fp16/bf16 (their
-    sums of squares overflow or lose precision), the input's own dtype otherwise (float32, float64)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def autocast_off(device: torch.device):
     """A context with autocast disabled for ``device``'s type, for statistics computed in :func:`stat_dtype`
     under AMP (autocast would run some reductions, e.g. ``torch.linalg.vecdot``, in half precision); a no-op for
@@ -271,24 +308,6 @@ def check_input_channels(layer: str, x: torch.Tensor, channels: int) -> None:
     """ValueError unless ``x`` is ``(N, channels, *)``."""
     if x.dim() < 2 or x.shape[1] != channels:
         raise ValueError(f"{layer} expects input (N, {channels}, *), got shape {tuple(x.shape)}")
-
-
-def empty_passthrough(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """What every layer returns for a zero-size input (rethinking A.10, empty inputs): a zero-size output of the
-    input's shape and dtype, with no statistics computed and no buffer touched, still connected to the per-channel
-    γ/β (so autograd and DDP see them used on every rank)."""
-    if weight is None:
-        return x.clone()
-    view = [1, -1] + [1] * (x.dim() - 2)
-    return x * weight.to(x.dtype).view(view) + bias.to(x.dtype).view(view)
-
-
-def check_bn_options(eps, momentum) -> None:
-    """Validate torch-convention BN options; ValueError naming the bad value and what is allowed."""
-    check_number("BN eps", eps, low=0, low_open=True, note=" (D2NORM.BN.EPS)")
-    check_number("BN momentum", momentum, 0, 1, allow_none=True,
-                 note=" (torch convention, D2NORM.BN.MOMENTUM; None = cumulative average)")
 
 
 def fill_missing_num_batches_tracked(module: nn.Module, state_dict: dict, prefix: str) -> None:

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..stats.adapters import StatsAdapter
 from ..stats.estimators import batch_moments
-from ..utils.validation import check_int, check_number
+from ..options import Int, Number, Option
+from ..utils.validation import check_int
 from .base import D2NormModule, NotAnAffine, affine_from_stats, check_input_channels, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .ghost_bn import ghost_batch_sizes
 from .kernels import channel_affine, example_group_norm, group_moments
@@ -91,45 +92,41 @@ class BatchGroupNorm(nn.Module, D2NormModule):
     Zero-size input returns a zero-size output and updates nothing.
     """
 
-    @classmethod
-    def from_config(cls, cfg, channels: int) -> dict:
-        """Constructor kwargs of ``NORM: "BGN"`` from
-        ``D2NORM.BGN.{NUM_CHANNEL_GROUPS, EXAMPLE_GROUP_SIZE, ALPHA, EPS, MOMENTUM}``."""
-        c = cfg.D2NORM.BGN
-        return dict(
-            num_channels=channels,
-            num_groups=c.NUM_CHANNEL_GROUPS,
-            example_group_size=c.EXAMPLE_GROUP_SIZE,
-            alpha=c.ALPHA,
-            eps=c.EPS,
-            momentum=c.MOMENTUM,
-        )
+    CFG_NODE = "BGN"
+    CFG_DOC = 'BGN, Batch-Group Norm: four-things §3.4 (with §3.1 eq 3 at inference)'
+    OPTIONS = (
+        Option("NUM_CHANNEL_GROUPS", 32, "Channel groups, as GroupNorm's num_groups (§3.4 keeps GN's "
+               "hyper-parameter); must divide every C it is used with.", arg="num_groups", check=Int(1)),
+        Option("EXAMPLE_GROUP_SIZE", 2, "Examples per example group in training (§3.4 targets B=2); 1 = GroupNorm "
+               "exactly. A batch not divisible by it is split into ceil(N / size) contiguous groups of near-equal "
+               "size (GhostBN's 'balanced' rule).", arg="example_group_size", check=Int(1)),
+        Option("ALPHA", 0.5, "Inference example weight alpha (§3.4 with §3.1 eq 3): 1 = the example's own GroupNorm "
+               "statistics, 0 = moving statistics only; tune on a validation set.", arg="alpha", check=Number(0, 1)),
+        Option("EPS", 1e-5, "GroupNorm's eps.", arg="eps", check=Number(0, low_open=True)),
+        Option("MOMENTUM", 0.1, "EMA momentum (torch convention) of the per-channel-group moving E[x], E[x^2] "
+               "(m_x, m_x2 of eq 3); None = cumulative average.", arg="momentum",
+               check=Number(0, 1, low_open=True, allow_none=True, note=" (None = cumulative average)")),
+    )
 
     def __init__(
         self,
         num_channels: int,
-        num_groups: int = 32,
-        example_group_size: int = 2,
-        alpha: float = 0.5,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        num_groups: int,
+        example_group_size: int,
+        alpha: float,
+        eps: float,
+        momentum: Optional[float],
         affine: bool = True,
         device=None,
         dtype=None,
     ):
         super().__init__()
         check_int("BGN: num_channels", num_channels, minimum=1)
-        check_int("BGN: num_groups (D2NORM.BGN.NUM_CHANNEL_GROUPS)", num_groups, minimum=1)
         if num_channels % num_groups:
             raise ValueError(
                 f"BGN: number of channel groups {num_groups} (D2NORM.BGN.NUM_CHANNEL_GROUPS) must divide the "
                 f"number of channels C={num_channels}; allowed: a divisor of {num_channels}"
             )
-        check_int("BGN: example_group_size (D2NORM.BGN.EXAMPLE_GROUP_SIZE)", example_group_size, minimum=1)
-        check_number("BGN: alpha (D2NORM.BGN.ALPHA)", alpha, 0, 1)
-        check_number("BGN: eps (D2NORM.BGN.EPS)", eps, low=0, low_open=True)
-        check_number("BGN: momentum (D2NORM.BGN.MOMENTUM)", momentum, 0, 1, low_open=True, allow_none=True,
-                     note=" (None = cumulative average)")
         self.num_channels = int(num_channels)
         self.num_groups = int(num_groups)
         self.example_group_size = int(example_group_size)

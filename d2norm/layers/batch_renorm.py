@@ -22,9 +22,9 @@ from typing import Tuple
 
 import torch
 
-from ..utils.validation import check_int, check_number
 from .base import D2NormBatchNorm2d, autocast_off, empty_passthrough, skip_nonfinite_stats, stat_dtype
 from .registry import register_norm
+from ..options import Int, Number, Option
 
 __all__ = ["BatchRenorm2d", "brn_limits"]
 
@@ -49,21 +49,25 @@ class BatchRenorm2d(D2NormBatchNorm2d):
     """Batch Renormalization (module docstring). Options: ``r_max`` ≥ 1, ``d_max`` ≥ 0, ``warmup_iters``,
     ``r_max_iters``, ``d_max_iters`` (steps of this layer, ``num_batches_tracked``), ``momentum``, ``eps``."""
 
-    @classmethod
-    def from_config(cls, cfg, channels: int) -> dict:
-        """``D2NORM.BRN.{R_MAX, D_MAX, WARMUP_ITERS, R_MAX_ITERS, D_MAX_ITERS, MOMENTUM}``, eps ``D2NORM.BN.EPS``."""
-        c = cfg.D2NORM.BRN
-        return dict(num_features=channels, r_max=c.R_MAX, d_max=c.D_MAX, warmup_iters=c.WARMUP_ITERS,
-                    r_max_iters=c.R_MAX_ITERS, d_max_iters=c.D_MAX_ITERS, momentum=c.MOMENTUM, eps=cfg.D2NORM.BN.EPS)
+    CFG_NODE = "BRN"
+    CFG_DOC = 'BRN, Batch Renormalization (Ioffe 2017, §4): the small-batch baseline of mabn Tables 3, 5; eps from D2NORM.BN'
+    OPTIONS = (
+        Option("R_MAX", 3.0, "r = clip(sigma_B / sigma, 1/R_MAX, R_MAX) once relaxed (Ioffe §4: 3).", arg="r_max",
+               check=Number(1.0, float("inf"))),
+        Option("D_MAX", 5.0, "d = clip((mu_B - mu) / sigma, -D_MAX, D_MAX) once relaxed (Ioffe §4: 5).",
+               arg="d_max", check=Number(0.0, float("inf"))),
+        Option("WARMUP_ITERS", 5000, "Layer steps with r = 1, d = 0 (BN) before the relaxation (Ioffe §4: 5k).",
+               arg="warmup_iters", check=Int(0)),
+        Option("R_MAX_ITERS", 40000, "Layer step at which r_max reaches R_MAX (linear from WARMUP_ITERS; Ioffe: "
+               "40k).", arg="r_max_iters", check=Int(0)),
+        Option("D_MAX_ITERS", 25000, "Layer step at which d_max reaches D_MAX (Ioffe: 25k).", arg="d_max_iters",
+               check=Int(0)),
+        Option("MOMENTUM", 0.02, "EMA momentum in torch's convention (new value's weight): mabn's 'momentum 0.98' "
+               "of BRN (Tables 3, 5) = 0.02.", arg="momentum", check=Number(0.0, 1.0, low_open=True)),
+    )
 
-    def __init__(self, num_features: int, r_max: float = 3.0, d_max: float = 5.0, warmup_iters: int = 5000,
-                 r_max_iters: int = 40000, d_max_iters: int = 25000, momentum: float = 0.02, eps: float = 1e-5,
-                 **kwargs):
-        check_number("BRN r_max (D2NORM.BRN.R_MAX)", r_max, 1.0, float("inf"))
-        check_number("BRN d_max (D2NORM.BRN.D_MAX)", d_max, 0.0, float("inf"))
-        for key, v in (("WARMUP_ITERS", warmup_iters), ("R_MAX_ITERS", r_max_iters), ("D_MAX_ITERS", d_max_iters)):
-            check_int(f"BRN {key.lower()} (D2NORM.BRN.{key})", v, minimum=0)
-        check_number("BRN momentum (D2NORM.BRN.MOMENTUM)", momentum, 0.0, 1.0, low_open=True)
+    def __init__(self, num_features: int, r_max: float, d_max: float, warmup_iters: int, r_max_iters: int,
+                 d_max_iters: int, momentum: float, eps: float, **kwargs):
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
         if not self.track_running_stats:
             raise ValueError("BRN: track_running_stats must be True (r and d need the moving statistics)")

@@ -32,17 +32,11 @@ class BatchStatsBatchNorm2d(D2NormBatchNorm2d):
     State dict is identical to ``BatchNorm2d``'s.
     """
 
-    @classmethod
-    def from_config(cls, cfg, channels: int) -> dict:
-        """Constructor kwargs of ``NORM: "BatchStatsBN"`` from
-        ``D2NORM.BN.{MOMENTUM, EPS}`` (D2NORM.BATCH_STATS_BN has no keys)."""
-        return dict(
-            num_features=channels,
-            eps=cfg.D2NORM.BN.EPS,
-            momentum=cfg.D2NORM.BN.MOMENTUM,
-        )
+    #: no options of its own: eps / momentum are D2NORM.BN's (rethinking §4.2, Table 3)
+    CFG_NODE = "BATCH_STATS_BN"
+    CFG_DOC = "BatchStatsBN (trains as BN, eval with the input's own batch statistics): rethinking §4.2, Table 3; eps / momentum from D2NORM.BN"
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum=0.1, **kwargs):
+    def __init__(self, num_features: int, eps: float, momentum, **kwargs):
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
 
     @skip_nonfinite_stats

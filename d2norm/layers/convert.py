@@ -8,7 +8,8 @@ and logged, never silently defaulted.
 """
 import contextlib
 import logging
-from typing import Optional
+import os
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
@@ -18,9 +19,11 @@ from .base import D2NormModule
 from .registry import NORM_REGISTRY, get_norm, norm_options, valid_norm_names
 from .report import ConversionReport
 
-__all__ = ["convert_norm", "SOURCE_TYPES"]
+__all__ = ["convert_norm", "SOURCE_TYPES", "BN_NORM_NAMES", "registered_norm_names", "cfg_with_norm", "conversion_plan",
+           "convert_bn_layers"]
 
 logger = logging.getLogger(__name__)
+
 
 #: module types that are converted (detectron2's BatchNorm2d / NaiveSyncBatchNorm subclass nn.BatchNorm2d)
 SOURCE_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d)
@@ -132,3 +135,91 @@ def convert_norm(model: nn.Module, to: str, cfg=None, names=None) -> "tuple[nn.M
     else:
         logger.info("convert_norm -> %s", report.summary())
     return model, report
+
+
+# ---- conversion policy of the tools (fit_evalnorm, tune_example_weight): which layers, which cfg keys ------------
+#: detectron2's trainable BN names (FrozenBN is frozen by design: never converted by the tools)
+BN_NORM_NAMES = ("BN", "SyncBN", "naiveSyncBN", "nnSyncBN")
+
+
+def registered_norm_names(model: nn.Module, names: Sequence[str]) -> List[str]:
+    """The ``NORM`` names (registry keys) of the d2norm layers ``names`` of ``model`` (e.g. ``["GhostBN"]``)."""
+    by_class = {cls: n for n, cls in NORM_REGISTRY}
+    wanted = set(names)
+    return sorted({by_class[type(m)] for n, m in model.named_modules() if n in wanted and type(m) in by_class})
+
+
+def cfg_with_norm(cfg, to: str, weights: str, sources: Sequence[str] = (), **overrides):
+    """A copy of ``cfg`` whose BN norm keys (:data:`BN_NORM_NAMES`, and keys naming one of ``sources``, the
+    converted d2norm norms) name ``to``, whose MODEL.WEIGHTS is ``weights`` and whose OUTPUT_DIR is the folder of
+    ``weights`` (a config written next to a converted checkpoint evaluates into its own folder, never over the
+    training run's ``config.yaml`` and ``inference/``); extra ``{"D2NORM.X.Y": value}`` overrides are applied
+    too. Returns ``(cfg, keys left unchanged)``: ``MODEL.RETINANET.NORM`` "BN"/"SyncBN"
+    (detectron2's per-level head BN) cannot be named by a registered norm without changing the layout."""
+    from .cfg_checks import norm_keys
+
+    c = cfg.clone()
+    c.defrost()
+    opts, kept = [], []
+    for key, value in list(norm_keys(c)):  # every NORM leaf, a custom head's too (as the setup checks walk them)
+        if value in tuple(BN_NORM_NAMES) + tuple(sources):
+            if key == "MODEL.RETINANET.NORM":
+                # detectron2 builds "BN"/"SyncBN" heads as per-level CycleBatchNormList; a registered name
+                # would build one shared layer with other state-dict keys, so the name stays
+                kept.append(key)
+                continue
+            opts += [key, to]
+    opts += ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", os.path.dirname(os.path.abspath(weights))]
+    for k, v in overrides.items():
+        opts += [k, v]
+    c.merge_from_list(opts)
+    return c, kept
+
+
+def conversion_plan(model: nn.Module, to: str, bn_inference_only: bool = False):
+    """Which norm layers of ``model`` the tools convert to ``to`` (``"EvalNorm"`` / ``"ExampleWeightedBN"``),
+    decided before any work: ``(convert, keep)``, module names to convert and ``{name: reason}`` of the norm
+    layers left as they are.
+
+    * converted: torch's / detectron2's trainable BN (BN, SyncBN, NaiveSyncBN) and every d2norm layer whose
+      :meth:`~d2norm.layers.base.D2NormModule.sample_stats_inference_unsupported` is ``None`` (BN-derived: GhostBN,
+      AnySyncBN, BatchStatsBN, ExampleWeightedBN / EvalNorm (into the other), DomainBN with one set);
+    * kept: layers already of type ``to`` (used as they are); detectron2's ``FrozenBatchNorm2d`` (frozen in
+      training: no batch statistics, so no train/test discrepancy to correct); MABN, BGN, per-domain DomainBN
+      (the reason each gives);
+    * with ``bn_inference_only`` (``tune_example_weight``, whose α = 0 must reproduce the model's own
+      inference) also layers whose current inference is not BN's fixed affine map (EvalNorm's eqs 5-6,
+      BatchStatsBN's batch statistics, ExampleWeightedBN with α > 0).
+    """
+    from .base import NotAnAffine
+
+    target = NORM_REGISTRY.get(to)
+    convert, keep = [], {}
+    for name, m in model.named_modules():
+        if isinstance(m, target):
+            keep[name] = f"already {to}"
+        elif isinstance(m, FrozenBatchNorm2d):
+            keep[name] = "FrozenBN: frozen in training, no batch statistics (no train/test discrepancy to correct)"
+        elif isinstance(m, D2NormModule):
+            reason = m.sample_stats_inference_unsupported()
+            if reason is None and bn_inference_only:
+                try:
+                    m.inference_affine()
+                except NotAnAffine as e:
+                    reason = f"its inference is not BN's ({e}); alpha = 0 would change it"
+            if reason is None:
+                convert.append(name)
+            else:
+                keep[name] = reason
+        elif isinstance(m, SOURCE_TYPES):
+            convert.append(name)
+    return convert, keep
+
+
+def convert_bn_layers(model: nn.Module, to: str, cfg, names: Optional[Sequence[str]] = None) -> List[str]:
+    """:func:`d2norm.layers.convert.convert_norm` on the layers :func:`conversion_plan` selects (or ``names``).
+    Returns the converted module names."""
+    if names is None:
+        names, _ = conversion_plan(model, to)
+    model, report = convert_norm(model, to, cfg, names=set(names))
+    return list(report.converted)

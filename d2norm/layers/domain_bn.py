@@ -27,7 +27,7 @@ from ..stats.estimators import MomentAccumulator, batch_moments
 from .base import (
     D2NormBatchNorm2d, FrozenBNState, NotAnAffine, affine_from_stats, empty_passthrough, skip_nonfinite_stats, stat_dtype,
 )
-from ..utils.validation import check_bool, check_choice, check_int
+from ..options import Bool, Choice, Int, Option
 from .registry import register_norm
 
 __all__ = ["DomainBatchNorm2d", "DomainBNAdapter", "domain_scope", "current_domain", "domain_bn_modules"]
@@ -141,37 +141,32 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
     do not understand per-domain state.
     """
 
-    @classmethod
-    def from_config(cls, cfg, channels: int) -> dict:
-        """Constructor kwargs of ``NORM: "DomainBN"`` from
-        ``D2NORM.DOMAIN_BN.{NUM_DOMAINS, TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN}`` and ``D2NORM.BN.{MOMENTUM, EPS}``."""
-        c = cfg.D2NORM.DOMAIN_BN
-        return dict(
-            num_features=channels,
-            num_domains=c.NUM_DOMAINS,
-            train_stats=c.TRAIN_STATS,
-            pop_stats=c.POP_STATS,
-            affine_per_domain=c.AFFINE_PER_DOMAIN,
-            eps=cfg.D2NORM.BN.EPS,
-            momentum=cfg.D2NORM.BN.MOMENTUM,
-        )
+    CFG_NODE = "DOMAIN_BN"
+    CFG_DOC = 'DomainBN, per-domain statistics: rethinking §5.2, Table 5 (rows as (TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN): 1 (shared, shared, False), 2 (shared, per_domain, False), 3 (per_domain, shared, False), 4 (per_domain, per_domain, False), 5 (per_domain, shared, True), 6 (per_domain, per_domain, True); default row 4)'
+    OPTIONS = (
+        Option("NUM_DOMAINS", 5, "K, e.g. the FPN levels P3-P7 of a RetinaNet head (rethinking §5.2).",
+               arg="num_domains", check=Int(1)),
+        Option("TRAIN_STATS", "per_domain", "Table 5 'SGD Training' (Fig. 7): 'per_domain' = each domain "
+               "normalized by its own mini-batch statistics; 'shared' = by statistics of all domains concatenated "
+               "(needs forward_domains).", arg="train_stats", check=Choice(*_STATS_CHOICES)),
+        Option("POP_STATS", "per_domain", "Table 5 'Population Stats': 'per_domain' = one EMA set per domain; "
+               "'shared' = one EMA set updated from all domains.", arg="pop_stats", check=Choice(*_STATS_CHOICES)),
+        Option("AFFINE_PER_DOMAIN", False, "Table 5 'Affine Parameters': True = one (gamma, beta) per domain.",
+               arg="affine_per_domain", check=Bool()),
+    )
 
     def __init__(
         self,
         num_features: int,
-        num_domains: int = 5,
-        train_stats: str = "per_domain",
-        pop_stats: str = "per_domain",
-        affine_per_domain: bool = False,
-        eps: float = 1e-5,
-        momentum=0.1,
+        num_domains: int,
+        train_stats: str,
+        pop_stats: str,
+        affine_per_domain: bool,
+        eps: float,
+        momentum,
         device=None,
         dtype=None,
     ):
-        check_int("DomainBN: D2NORM.DOMAIN_BN.NUM_DOMAINS", num_domains, minimum=1)
-        check_choice("DomainBN: D2NORM.DOMAIN_BN.TRAIN_STATS", train_stats, _STATS_CHOICES)
-        check_choice("DomainBN: D2NORM.DOMAIN_BN.POP_STATS", pop_stats, _STATS_CHOICES)
-        check_bool("DomainBN: D2NORM.DOMAIN_BN.AFFINE_PER_DOMAIN", affine_per_domain)
         super().__init__(
             num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True, device=device, dtype=dtype
         )

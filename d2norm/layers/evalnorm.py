@@ -30,7 +30,7 @@ from .base import (OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, autocast_off,
                    stat_dtype)
 from .kernels import channel_affine, group_moments
 from .native import mix_normalize, row_affine_l1
-from ..utils.validation import check_choice, check_int, check_number
+from ..options import Choice, Int, Number, Option
 from .registry import register_norm
 
 __all__ = [
@@ -45,14 +45,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EVALNORM_MODES = ("online", "rule", "offline")
-
-
-def _validate_options(mode, rule_batch_size, init_alpha, init_beta) -> None:
-    check_choice("EvalNorm: D2NORM.EVALNORM.MODE", mode, EVALNORM_MODES)
-    check_int("EvalNorm: D2NORM.EVALNORM.RULE_BATCH_SIZE", rule_batch_size, minimum=0,
-              note=" (0 = use the recorded batch size)")
-    for key, v in (("INIT_ALPHA", init_alpha), ("INIT_BETA", init_beta)):
-        check_number(f"EvalNorm: D2NORM.EVALNORM.{key}", v, 0, 1, low_open=True, high_open=True)
 
 
 #: elements per chunk of the torch route of :func:`_affine_l1_sums` (float32: 512 KiB): the chunk's temporaries
@@ -186,36 +178,43 @@ class EvalNorm2d(D2NormBatchNorm2d):
     #: is dropped (with a warning), so a model that never collects them does not hold its activations forever
     max_pending_aux = 32
 
-    @classmethod
-    def from_config(cls, cfg, channels: int) -> dict:
-        """Constructor kwargs of ``NORM: "EvalNorm"`` from
-        ``D2NORM.EVALNORM.{MODE, RULE_BATCH_SIZE, INIT_ALPHA, INIT_BETA}``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
-        c = cfg.D2NORM.EVALNORM
-        return dict(
-            num_features=channels,
-            mode=c.MODE,
-            rule_batch_size=c.RULE_BATCH_SIZE,
-            init_alpha=c.INIT_ALPHA,
-            init_beta=c.INIT_BETA,
-            eps=cfg.D2NORM.BN.EPS,
-            momentum=cfg.D2NORM.BN.MOMENTUM,
-        )
+    CFG_NODE = "EVALNORM"
+    CFG_DOC = 'EvalNorm: evalnorm §3.3-3.4, eqs 5-9'
+    OPTIONS = (
+        Option("MODE", "online", "'online' (alpha/beta learned in training by the stop-gradient aux loss, eq 9), "
+               "'rule' (alpha = beta = 1/B^2, §4.1 rule of thumb), 'offline' (fitted after training, §3.4).",
+               arg="mode", check=Choice(*EVALNORM_MODES)),
+        Option("RULE_BATCH_SIZE", 0, "B of the 'rule' mode; 0 = the normalization batch size the layer recorded "
+               "in training (buffer seen_batch_size).", arg="rule_batch_size",
+               check=Int(0, note=" (0 = use the recorded batch size)")),
+        Option("INIT_ALPHA", 0.1, "Initial alpha-hat (eq 5), strictly inside (0, 1) (stored as a logit; §3.4 gives "
+               "no value); also the value kept when a BN checkpoint without alpha is loaded.", arg="init_alpha",
+               check=Number(0, 1, low_open=True, high_open=True)),
+        Option("INIT_BETA", 0.1, "Initial beta-hat (eq 6), as INIT_ALPHA.", arg="init_beta",
+               check=Number(0, 1, low_open=True, high_open=True)),
+        Option("AUX_LOSS_WEIGHT", 1.0, "Weight of the aux loss term loss_evalnorm added by the EvalNorm-aware "
+               "meta-architectures (the layers never apply it: evalnorm_aux_loss(model) is the unweighted sum).",
+               check=Number(0)),
+        Option("OFFLINE_ITERS", 200, "Offline estimation (§3.4): Adam iterations of the hooks/tools that fit "
+               "alpha/beta on a frozen model.", check=Int(1)),
+        Option("OFFLINE_LR", 0.05, "Offline estimation: Adam learning rate on the logits.",
+               check=Number(0, low_open=True)),
+    )
 
     def __init__(
         self,
         num_features: int,
-        mode: str = "online",
-        rule_batch_size: int = 0,
-        init_alpha: float = 0.1,
-        init_beta: float = 0.1,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        mode: str,
+        rule_batch_size: int,
+        init_alpha: float,
+        init_beta: float,
+        eps: float,
+        momentum: Optional[float],
         affine: bool = True,
         track_running_stats: bool = True,
         device=None,
         dtype=None,
     ):
-        _validate_options(mode, rule_batch_size, init_alpha, init_beta)
         if not track_running_stats:
             raise ValueError("EvalNorm: track_running_stats must be True (eqs 5-6 need the EMA μ_E, σ_E²)")
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, device=device, dtype=dtype)
@@ -249,7 +248,7 @@ class EvalNorm2d(D2NormBatchNorm2d):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        _validate_options(value, self.rule_batch_size, 0.5, 0.5)
+        self.OPTIONS[0].validate(value, "EVALNORM", "EvalNorm")
         self._mode = value
         self.alpha_logit.requires_grad_(value == "online")
         self.beta_logit.requires_grad_(value == "online")

@@ -16,7 +16,7 @@ import torch
 from .base import OWN_STATS_NOTE, D2NormBatchNorm2d, NotAnAffine, skip_nonfinite_stats, stat_dtype
 from .kernels import channel_affine, group_moments
 from .native import mix_normalize
-from ..utils.validation import check_number
+from ..options import Number, Option
 from .registry import register_norm
 
 __all__ = ["ExampleWeightedBatchNorm2d"]
@@ -52,25 +52,23 @@ class ExampleWeightedBatchNorm2d(D2NormBatchNorm2d):
     written in eval. State dict is identical to ``BatchNorm2d``'s.
     """
 
-    @classmethod
-    def from_config(cls, cfg, channels: int) -> dict:
-        """Constructor kwargs of ``NORM: "ExampleWeightedBN"`` from
-        ``D2NORM.EXAMPLE_WEIGHING.ALPHA``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
-        return dict(
-            num_features=channels,
-            alpha=cfg.D2NORM.EXAMPLE_WEIGHING.ALPHA,
-            eps=cfg.D2NORM.BN.EPS,
-            momentum=cfg.D2NORM.BN.MOMENTUM,
-        )
+    CFG_NODE = "EXAMPLE_WEIGHING"
+    CFG_DOC = 'ExampleWeightedBN, inference example weighing: four-things §3.1, eq 3'
+    OPTIONS = (
+        Option("ALPHA", 0.1, "alpha in [0, 1] of four-things eq 3: weight of the example's own statistics at "
+               "inference (0 = plain BN inference, 1 = instance statistics). Tuned on validation data (§3.1, "
+               "Fig. 1); it only changes inference, so it can be swept on a trained model.", arg="alpha",
+               check=Number(0, 1)),
+    )
 
     @staticmethod
     def check_alpha(alpha) -> float:
         """``alpha`` as a float if it is a number in [0, 1] (four-things §3.1: 0 = BN, 1 = instance statistics),
         else a ValueError naming it."""
-        return check_number("inference example weight alpha (D2NORM.EXAMPLE_WEIGHING.ALPHA)", alpha, 0, 1)
+        return ExampleWeightedBatchNorm2d.OPTIONS[0].validate(alpha, owner="inference example weight")
 
-    def __init__(self, num_features: int, alpha: float = 0.1, eps: float = 1e-5, momentum=0.1, **kwargs):
-        alpha_ = self.check_alpha(alpha)
+    def __init__(self, num_features: int, alpha: float, eps: float, momentum, **kwargs):
+        alpha_ = float(alpha)
         if not kwargs.get("track_running_stats", True):
             raise ValueError(
                 "ExampleWeightedBatchNorm2d needs running statistics (m_x, m_x2 of four-things eq 3): "

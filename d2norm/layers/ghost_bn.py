@@ -12,6 +12,7 @@ from .base import D2NormBatchNorm2d, empty_passthrough, skip_nonfinite_stats, st
 from ..utils.validation import check_choice, check_int
 from .kernels import example_group_moments, example_group_norm
 from .registry import register_norm
+from ..options import Choice, Int, Option
 
 __all__ = ["GhostBatchNorm2d", "ghost_batch_sizes"]
 
@@ -65,23 +66,18 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
     State dict is identical to ``BatchNorm2d``'s, so BN checkpoints load unchanged.
     """
 
-    @classmethod
-    def from_config(cls, cfg, channels: int) -> dict:
-        """Constructor kwargs of ``NORM: "GhostBN"`` from
-        ``D2NORM.GHOST_BN.{SIZE, REMAINDER}``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
-        return dict(
-            num_features=channels,
-            ghost_size=cfg.D2NORM.GHOST_BN.SIZE,
-            remainder=cfg.D2NORM.GHOST_BN.REMAINDER,
-            eps=cfg.D2NORM.BN.EPS,
-            momentum=cfg.D2NORM.BN.MOMENTUM,
-        )
+    CFG_NODE = "GHOST_BN"
+    CFG_DOC = 'GhostBN: rethinking A.5; four-things §3.2, eq 4'
+    OPTIONS = (
+        Option("SIZE", 16, "Examples (dim 0: images in a backbone, RoIs in a box head) per normalization "
+               "sub-batch (four-things eq 4).", arg="ghost_size", check=Int(1)),
+        Option("REMAINDER", "balanced", "A batch that is not a multiple of SIZE: 'balanced' = ceil(N / SIZE) "
+               "contiguous sub-batches whose sizes differ by at most one (no example dropped); 'error' = a "
+               "ValueError naming N and SIZE.", arg="remainder", check=Choice(*_REMAINDER_RULES)),
+    )
 
-    def __init__(
-        self, num_features: int, ghost_size: int = 16, remainder: str = "balanced", eps=1e-5, momentum=0.1, **kwargs
-    ):
+    def __init__(self, num_features: int, ghost_size: int, remainder: str, eps: float, momentum, **kwargs):
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
-        ghost_batch_sizes(0, ghost_size, remainder)  # validates the options
         self.ghost_size = int(ghost_size)
         self.remainder = remainder
 

@@ -29,7 +29,8 @@ from ..stats.estimators import batch_moments
 from .base import (
     D2NormModule, FrozenBNState, check_input_channels, skip_nonfinite_stats, stat_dtype, undo_nonfinite_update_,
 )
-from ..utils.validation import check_choice, check_int, check_number
+from ..options import Choice, Int, Number, Option
+from ..utils.validation import check_int
 from .kernels import channel_affine
 from .native import native_for, row_center
 from .registry import register_norm
@@ -179,15 +180,6 @@ class MABNFunction(torch.autograd.Function):
 SCHEDULES = ("paper", "released")
 
 
-def _check_options(num_features, buffer_size, momentum, clip, warmup_iters, eps) -> None:
-    check_int("MABN num_features", num_features, minimum=1)
-    check_int("MABN buffer size m (D2NORM.MABN.BUFFER_SIZE)", buffer_size, minimum=1)
-    check_number("MABN momentum alpha (D2NORM.MABN.MOMENTUM)", momentum, 0, 1, high_open=True)
-    check_number("MABN clip lambda (D2NORM.MABN.CLIP)", clip, low=1)
-    check_int("MABN warm-up iterations (D2NORM.MABN.WARMUP_ITERS)", warmup_iters, minimum=0)
-    check_number("MABN eps (D2NORM.MABN.EPS)", eps, low=0)
-
-
 @register_norm("MABN")
 class MABN2d(nn.Module, D2NormModule):
     """Moving Average Batch Normalization (mabn §4.2, eqs 15, 19, 20) over inputs of shape (N, C, *).
@@ -220,26 +212,31 @@ class MABN2d(nn.Module, D2NormModule):
       paper's text (r = χ̄/χ̂_t); both use it for inference.
     """
 
-    @classmethod
-    def from_config(cls, cfg, channels: int) -> dict:
-        """Constructor kwargs of ``NORM: "MABN"`` from
-        ``D2NORM.MABN.{BUFFER_SIZE, MOMENTUM, CLIP, WARMUP_ITERS, EPS, SCHEDULE}``."""
-        c = cfg.D2NORM.MABN
-        return dict(
-            num_features=channels,
-            buffer_size=c.BUFFER_SIZE,
-            momentum=c.MOMENTUM,
-            clip=c.CLIP,
-            warmup_iters=c.WARMUP_ITERS,
-            eps=c.EPS,
-            schedule=c.SCHEDULE,
-        )
+    CFG_NODE = "MABN"
+    CFG_DOC = 'MABN: mabn §4, eqs 12-20; Appendix B'
+    OPTIONS = (
+        Option("BUFFER_SIZE", 16, "m: recent batches in the simple moving averages chi_bar^2 and Psi_bar (eqs 13, "
+               "19-20); 16 in Tables 2-4 and 8, 32 in Tables 5-6.", arg="buffer_size", check=Int(1)),
+        Option("MOMENTUM", 0.98, "alpha in [0, 1), the paper's convention (weight of the OLD value, opposite to "
+               "torch's): chi_hat_t = alpha chi_hat_{t-1} + (1 - alpha) chi_B_t (§4.2 below eq 20); 0.98 in "
+               "Appendix B.2-B.4.", arg="momentum", check=Number(0, 1, high_open=True)),
+        Option("CLIP", 5.0, "lambda >= 1 in r = clip(chi_bar / chi_hat, 1/lambda, lambda) (eq 19); the paper "
+               "gives none, 5 is the authors' released code's.", arg="clip", check=Number(1)),
+        Option("WARMUP_ITERS", 100, "Training steps of the layer using batch statistics chi_B, Psi_B and r = 1 "
+               "(Appendix B.3: 'batch statistics ... during first 10,000 iterations'); buffers fill meanwhile.",
+               arg="warmup_iters", check=Int(0)),
+        Option("EPS", 1e-5, "eps >= 0 added to E[x^2] (eq 15 has none; it guards all-zero channels).", arg="eps",
+               check=Number(0)),
+        Option("SCHEDULE", "paper", "'paper' (eq 19 after WARMUP_ITERS) or 'released' (the authors' code: batch "
+               "statistics while step <= BUFFER_SIZE or < WARMUP_ITERS, r = 1 until step max(1000, WARMUP_ITERS)).",
+               arg="schedule", check=Choice(*SCHEDULES)),
+    )
 
-    def __init__(self, num_features: int, buffer_size: int = 16, momentum: float = 0.98, clip: float = 5.0,
-                 warmup_iters: int = 100, eps: float = 1e-5, schedule: str = "paper", device=None, dtype=None):
+    def __init__(self, num_features: int, buffer_size: int, momentum: float, clip: float, warmup_iters: int,
+                 eps: float, schedule: str, device=None, dtype=None):
         super().__init__()
-        _check_options(num_features, buffer_size, momentum, clip, warmup_iters, eps)
-        self.schedule = check_choice("MABN schedule (D2NORM.MABN.SCHEDULE)", schedule, SCHEDULES)
+        check_int("MABN num_features", num_features, minimum=1)
+        self.schedule = schedule
         self.num_features = int(num_features)
         self.buffer_size = int(buffer_size)
         self.momentum = float(momentum)

@@ -11,18 +11,13 @@ How it works:
 * :func:`get_norm` resolves d2norm names through the registry and everything else through detectron2's own
   ``get_norm``, so detectron2's names ("BN", "SyncBN", "FrozenBN", "GN", ...) keep their meaning. Unknown names
   raise a ``ValueError`` listing every valid name.
-* :func:`install` rebinds ``get_norm`` in every detectron2 module that imported it (detectron2's ``get_norm`` is
-  a closed dict bound by name in ``layers/blocks.py``, ``backbone/fpn.py``, ``roi_heads/box_head.py``, ...), and
-  wraps detectron2's ``build_model`` with :func:`norm_options`, so stock builders, ``DefaultTrainer`` and
-  ``DefaultPredictor`` all build our layers with the right cfg. It is, besides :mod:`d2norm.compat`, the only
-  place that patches detectron2; ``import d2norm`` calls it once (it is idempotent).
+* :mod:`d2norm.layers.install` hooks :func:`get_norm` and the cfg-bound ``build_model`` into detectron2.
 """
 import contextlib
 import contextvars
 import functools
 import inspect
 import logging
-import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import yaml
@@ -37,10 +32,9 @@ __all__ = [
     "register_norm",
     "get_norm",
     "norm_options",
-    "build_model",
     "valid_norm_names",
     "active_cfg",
-    "install",
+    "bind_detectron2_get_norm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +106,7 @@ def register_norm(name: str) -> Callable:
 
     def deco(cls):
         NORM_REGISTRY.add(name, cls)
+        cls.norm_name = name  # the NORM name, used in option errors ("GhostBN: ghost_size (D2NORM.GHOST_BN.SIZE)")
         return cls
 
     return deco
@@ -296,47 +291,11 @@ def get_norm(norm, out_channels: int) -> Optional[nn.Module]:
     return original(norm, out_channels)
 
 
-def build_model(cfg):
-    """detectron2's ``build_model`` with ``cfg.D2NORM`` bound for every norm layer it creates, after the
-    setup-time norm checks of :func:`d2norm.layers.cfg_checks.check_norm_cfg`."""
-    from .cfg_checks import check_norm_cfg
-
-    check_norm_cfg(cfg)
-    original = _state["d2_build_model"]
-    if original is None:
-        from detectron2.modeling import build_model as original
-    with norm_options(cfg):
-        return original(cfg)
-
-
-def _rebind(attr: str, old, new) -> int:
-    count = 0
-    for name, mod in list(sys.modules.items()):
-        if (name == "detectron2" or name.startswith("detectron2.")) and mod is not None:
-            if mod.__dict__.get(attr) is old:
-                setattr(mod, attr, new)
-                count += 1
-    return count
-
-
-def install() -> None:
-    """Hook :func:`get_norm` and :func:`build_model` into detectron2 (idempotent)."""
+def bind_detectron2_get_norm(original) -> bool:
+    """Record detectron2's own ``get_norm`` (before :func:`d2norm.layers.install.install` rebinds it to
+    :func:`get_norm`), which resolves detectron2's names; False when one is recorded already (idempotent)."""
     if _state["d2_get_norm"] is not None:
-        return
-    # Import every detectron2 module that binds get_norm / build_model by name, so the rebinding sees them.
-    import detectron2.engine.defaults  # noqa: F401
-    import detectron2.layers.aspp  # noqa: F401
-    import detectron2.modeling  # noqa: F401  (imports fpn, resnet, heads, retinanet, semantic_seg)
-    from detectron2.layers import batch_norm
-    from detectron2.modeling.meta_arch import build as meta_build
-
-    _state["d2_get_norm"] = batch_norm.get_norm
-    _state["d2_build_model"] = meta_build.build_model
+        return False
+    _state["d2_get_norm"] = original
     _d2_names()
-    _rebind("get_norm", batch_norm.get_norm, get_norm)
-
-    @functools.wraps(meta_build.build_model)
-    def _build_model(cfg):
-        return build_model(cfg)
-
-    _rebind("build_model", meta_build.build_model, _build_model)
+    return True

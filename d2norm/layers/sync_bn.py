@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from .base import D2NormBatchNorm2d, skip_nonfinite_stats, stat_dtype
 from ..utils.comm import all_gather_rows_detached, all_reduce_sum_detached, group_world_size, sync_subgroup
-from .moments import pooled_moments
-from ..utils.validation import check_int
+from ..moments import pooled_moments
+from ..options import Int, Option
 from .registry import register_norm
 
 __all__ = ["AnySyncBatchNorm2d", "SyncBatchNormFunction"]
@@ -32,7 +32,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     computes its element count c_r = N_r·H_r·W_r, mean m_r and biased variance v_r (one fused Welford pass),
     the (m_r, v_r, c_r) of all ranks are exchanged with **one** all-gather (W·(2C + 1) numbers, float32 for
     fp16/bf16 input; torch's ``nn.SyncBatchNorm`` gathers per-rank statistics the same way) and merged exactly
-    (:func:`d2norm.layers.moments.pooled_moments`):
+    (:func:`d2norm.moments.pooled_moments`):
 
         M = Σ c_r,  μ = Σ (c_r/M)·m_r,  σ² = Σ (c_r/M)·(v_r + (m_r − μ)²),  y = γ·(x − μ)/√(σ² + ε) + β
 
@@ -140,22 +140,17 @@ class AnySyncBatchNorm2d(D2NormBatchNorm2d):
     backward through its output (also when empty), as for any synchronized BN.
     """
 
-    @classmethod
-    def from_config(cls, cfg, channels: int) -> dict:
-        """Constructor kwargs of ``NORM: "AnySyncBN"`` from
-        ``D2NORM.SYNC_BN.GROUP_SIZE``, ``D2NORM.BN.{MOMENTUM, EPS}``."""
-        return dict(
-            num_features=channels,
-            sync_group_size=cfg.D2NORM.SYNC_BN.GROUP_SIZE,
-            eps=cfg.D2NORM.BN.EPS,
-            momentum=cfg.D2NORM.BN.MOMENTUM,
-        )
+    CFG_NODE = "SYNC_BN"
+    CFG_DOC = 'AnySyncBN, sync BN for any device (CPU/gloo, CUDA/NCCL): rethinking A.5, A.6, A.10; eps / momentum from D2NORM.BN'
+    OPTIONS = (
+        Option("GROUP_SIZE", 0, "Consecutive ranks whose batches are normalized together (rethinking A.5, A.6, "
+               "A.10); 0 = all ranks (normalization batch = SGD batch); must divide the world size; 1 = plain "
+               "per-rank BN.", arg="sync_group_size", check=Int(0, note=" (0 = all ranks)")),
+    )
 
-    def __init__(self, num_features: int, sync_group_size: int = 0, eps: float = 1e-5, momentum=0.1, **kwargs):
+    def __init__(self, num_features: int, sync_group_size: int, eps: float, momentum, **kwargs):
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
-        self.sync_group_size = check_int(
-            "AnySyncBN: sync_group_size (D2NORM.SYNC_BN.GROUP_SIZE)", sync_group_size, minimum=0, note=" (0 = all ranks)"
-        )
+        self.sync_group_size = int(sync_group_size)
 
     def extra_repr(self):
         return super().extra_repr() + f", sync_group_size={self.sync_group_size}"

@@ -15,7 +15,7 @@ from ..utils.comm import all_reduce_sum, group_world_size, sync_subgroup
 from ..utils.validation import check_int
 from .base import skip_nonfinite_stats, stat_dtype
 from .domain_bn import DomainBatchNorm2d
-from .moments import pooled_moments
+from ..moments import pooled_moments
 
 __all__ = ["SyncDomainBatchNorm2d"]
 
@@ -30,7 +30,7 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
     c, mean m and biased variance v (one fused pass); the (c, m, v) of every rank and domain are exchanged
     with **one** differentiable SUM all-reduce (:func:`all_reduce_sum` of a (ranks, domains, 2C + 1) tensor
     in which each rank fills its own slot) and combined exactly, weighted by element count
-    (:func:`d2norm.layers.moments.pooled_moments`; never E[x²] − E[x]², which cancels in float32 when
+    (:func:`d2norm.moments.pooled_moments`; never E[x²] − E[x]², which cancels in float32 when
     |μ| ≫ σ, rethinking A.10):
 
         M = Σ c,   μ = Σ c·m / M,   σ² = Σ c·(v + (m − μ)²) / M

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers.base import D2NormModule, empty_passthrough, stat_dtype
+from ..moments import empty_passthrough, stat_dtype
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
 
 __all__ = ["StatsAdapter", "BatchNormAdapter", "get_stats_adapter", "reduce_dims", "MODES"]
@@ -68,7 +68,7 @@ def get_stats_adapter(module: nn.Module) -> Optional["StatsAdapter"]:
     mode, no running statistics, not a normalization layer)."""
     if not module.training:
         return None
-    if isinstance(module, D2NormModule):
+    if callable(getattr(module, "stats_adapter", None)):  # a d2norm layer (D2NormModule protocol) names its own
         return module.stats_adapter()
     if isinstance(module, _BatchNorm):
         return BatchNormAdapter(module) if BatchNormAdapter.applies(module) else None

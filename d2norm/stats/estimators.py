@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..layers.base import stat_dtype
+from ..moments import stat_dtype
 from ..utils.validation import check_choice
 
 __all__ = [

@@ -4,21 +4,29 @@ from typing import Dict, Iterable, Optional, Sequence
 
 from detectron2.engine.train_loop import HookBase
 
-from ...utils.validation import check_bool, check_int
-from .common import build_d2norm_train_loader, check_patterns, per_rank_batch
+from ...options import check_once, Bool, Int, Option, check_node, declare_node
+from .common import Patterns, build_d2norm_train_loader, per_rank_batch
 
 __all__ = ["BNMonitorHook", "check_bn_monitor_cfg", "build_bn_monitor_hook"]
 
 
+NODE = "BN_MONITOR"
+OPTIONS = declare_node(NODE, (
+    Option("ENABLED", False, "Write bn_monitor/<layer>/{mean_gap, std_gap, batch_mean_gap, batch_std_gap, "
+           "batch_mean_spread, batch_std_spread} (d2norm/stats/monitor.py) to the event storage.", check=Bool()),
+    Option("PERIOD", 100, "Every PERIOD iterations.", check=Int(1)),
+    Option("NUM_BATCHES", 4, "Training batches forwarded per measurement (Fig. 2 uses 100; it costs NUM_BATCHES "
+           "forwards).", check=Int(1)),
+    Option("BATCH_SIZE", 0, "Images per rank per batch; 0 = the training batch per rank (the batch the EMA is "
+           "updated with, Fig. 2).", check=Int(0, note=" (0 = the training batch per rank)")),
+    Option("LAYERS", [], "Regular expressions (re.search) on layer names; [] = every layer with population "
+           "statistics.", check=Patterns),
+), doc="BN-statistics monitor: rethinking §3.1 Fig. 2; estimation-shift Def. 2 (BNMonitorHook)")
+
+
 def check_bn_monitor_cfg(cfg) -> None:
     """ValueError naming the bad ``D2NORM.BN_MONITOR`` value and what is allowed."""
-    c = cfg.D2NORM.BN_MONITOR
-    p = "D2NORM.BN_MONITOR."
-    check_bool(p + "ENABLED", c.ENABLED)
-    check_int(p + "PERIOD", c.PERIOD, minimum=1)
-    check_int(p + "NUM_BATCHES", c.NUM_BATCHES, minimum=1)
-    check_int(p + "BATCH_SIZE", c.BATCH_SIZE, minimum=0, note=" (0 = the training batch per rank)")
-    check_patterns(p + "LAYERS", c.LAYERS)
+    check_node(cfg, NODE)
 
 
 class BNMonitorHook(HookBase):
@@ -76,7 +84,7 @@ def check_bn_monitor_layers(patterns: Sequence[str], model) -> None:
 def build_bn_monitor_hook(cfg, data_loader=None, build_train_loader=None, model=None) -> BNMonitorHook:
     """:class:`BNMonitorHook` from ``cfg.D2NORM.BN_MONITOR`` (validated; with ``model``, every LAYERS pattern
     must match one of its layers)."""
-    check_bn_monitor_cfg(cfg)
+    check_once(cfg, NODE, check_bn_monitor_cfg)
     c = cfg.D2NORM.BN_MONITOR
     if model is not None:
         check_bn_monitor_layers(c.LAYERS, model)

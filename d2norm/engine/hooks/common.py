@@ -4,10 +4,11 @@ import re
 
 from detectron2.utils import comm
 
-__all__ = ["check_patterns", "build_d2norm_train_loader", "per_rank_batch"]
+__all__ = ["Patterns", "build_d2norm_train_loader", "per_rank_batch"]
 
 
-def check_patterns(path: str, v) -> None:
+def Patterns(path: str, v) -> list:
+    """Option check: a list of valid regular expressions (layer-name filters of the hooks)."""
     if not isinstance(v, (list, tuple)) or not all(isinstance(p, str) for p in v):
         raise ValueError(f"{path} must be a list of regular expressions (strings), got {v!r}")
     for p in v:
@@ -15,6 +16,7 @@ def check_patterns(path: str, v) -> None:
             re.compile(p)
         except re.error as e:
             raise ValueError(f"{path}: {p!r} is not a valid regular expression ({e})") from None
+    return list(v)
 
 
 def build_d2norm_train_loader(cfg, images_per_rank: int, build_train_loader=None):

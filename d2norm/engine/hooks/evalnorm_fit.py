@@ -6,7 +6,8 @@ from typing import Iterable, Optional
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
-from ...utils.validation import check_bool, check_int, check_number
+from ...options import check_once, Bool, Int, Option, check_node, declare_node
+from ...utils.validation import check_int
 from .common import build_d2norm_train_loader, per_rank_batch
 
 __all__ = ["EvalNormFitHook", "check_evalnorm_fit_cfg", "build_evalnorm_fit_hook"]
@@ -14,18 +15,32 @@ __all__ = ["EvalNormFitHook", "check_evalnorm_fit_cfg", "build_evalnorm_fit_hook
 logger = logging.getLogger(__name__)
 
 
+NODE = "EVALNORM_FIT"
+
+
+def _fit_iter(label, v):
+    if isinstance(v, bool) or v != -1:
+        check_int(label, v, minimum=1, note=", or -1 (after the last iteration)")
+    return v
+
+
+OPTIONS = declare_node(NODE, (
+    Option("ENABLED", False, "Fit alpha-hat/beta-hat with D2NORM.EVALNORM.OFFLINE_ITERS Adam steps at OFFLINE_LR on "
+           "training batches (evalnorm §3.4 'Offline estimation'); nothing else in the model changes.", check=Bool()),
+    Option("ITER", -1, "-1 = after the last iteration (before the final checkpoint / evaluation); k >= 1 = after "
+           "iteration k.", check=_fit_iter),
+    Option("BATCH_SIZE", 0, "Images per rank per fitting step (N = OFFLINE_ITERS x BATCH_SIZE x ranks); 0 = the "
+           "training batch per rank.", check=Int(0, note=" (0 = the training batch per rank)")),
+    Option("SET_OFFLINE_MODE", True, "After the final fit, set every EvalNorm layer's mode to 'offline' so "
+           "evaluation uses the fitted values.", check=Bool()),
+), doc="EvalNorm offline fitting hook: evalnorm §3.4 'Offline estimation' (EvalNormFitHook)")
+
+
 def check_evalnorm_fit_cfg(cfg) -> None:
-    """ValueError naming the bad ``D2NORM.EVALNORM_FIT`` value and what is allowed."""
-    c = cfg.D2NORM.EVALNORM_FIT
-    p = "D2NORM.EVALNORM_FIT."
-    check_bool(p + "ENABLED", c.ENABLED)
-    check_bool(p + "SET_OFFLINE_MODE", c.SET_OFFLINE_MODE)
-    if isinstance(c.ITER, bool) or c.ITER != -1:
-        check_int(p + "ITER", c.ITER, minimum=1, note=", or -1 (after the last iteration)")
-    check_int(p + "BATCH_SIZE", c.BATCH_SIZE, minimum=0, note=" (0 = the training batch per rank)")
-    e = cfg.D2NORM.EVALNORM
-    check_int("D2NORM.EVALNORM.OFFLINE_ITERS", e.OFFLINE_ITERS, minimum=1)
-    check_number("D2NORM.EVALNORM.OFFLINE_LR", e.OFFLINE_LR, low=0, low_open=True)
+    """ValueError naming the bad ``D2NORM.EVALNORM_FIT`` (or ``D2NORM.EVALNORM.OFFLINE_*``) value and what is
+    allowed."""
+    check_node(cfg, NODE)
+    check_node(cfg, "EVALNORM")
 
 
 class EvalNormFitHook(HookBase):
@@ -88,7 +103,7 @@ class EvalNormFitHook(HookBase):
 
 def build_evalnorm_fit_hook(cfg, data_loader=None, build_train_loader=None) -> EvalNormFitHook:
     """:class:`EvalNormFitHook` from ``cfg.D2NORM.EVALNORM_FIT`` and ``D2NORM.EVALNORM.OFFLINE_{ITERS,LR}``."""
-    check_evalnorm_fit_cfg(cfg)
+    check_once(cfg, NODE, check_evalnorm_fit_cfg)
     c = cfg.D2NORM.EVALNORM_FIT
     if data_loader is None:
         data_loader = build_d2norm_train_loader(cfg, per_rank_batch(cfg, c.BATCH_SIZE), build_train_loader)

@@ -18,10 +18,9 @@ from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 from torch import nn
 
-from ...stats import recompute_population_stats
-from ...utils.validation import check_bool, check_int, check_number
-from .common import check_patterns
-from .precise_bn import build_precise_bn_loader, check_precise_bn_cfg
+from ...options import check_once, Bool, Int, Number, Option, check_node, declare_node
+from .common import Patterns
+from .precise_bn import PreciseBNSpec, check_precise_bn_cfg
 
 __all__ = [
     "FrozenBNSwitchHook", "check_frozen_bn_switch_cfg", "build_frozen_bn_switch_hook", "switch_to_frozen_bn",
@@ -70,16 +69,35 @@ def _ddp_comm_hooks(ddp) -> list:
 
 
 # ---- the switch ----------------------------------------------------------------------------------------------
+NODE = "FROZEN_BN_SWITCH"
+#: the model conversion this hook records in its checkpoint state (replayed by the checkpointer on load)
+CONVERSION = "frozen_bn"
+OPTIONS = declare_node(NODE, (
+    Option("ENABLED", False, "At iteration ITER every BN-family layer becomes a constant affine map "
+           "(d2norm/layers/frozen.py: BN, GhostBN, AnySyncBN, EvalNorm/BatchStatsBN/ExampleWeightedBN with their "
+           "EMA, MABN exactly; BGN and per-domain DomainBN unchanged). Fig. 6: the last 20 of 100 epochs.",
+           check=Bool()),
+    Option("ITER", 0, "The first iteration trained with FrozenBN (>= SOLVER.MAX_ITER: no switch in this run, "
+           "warned).", check=Int(0, note=" (the first iteration trained with FrozenBN)")),
+    Option("PRECISE_BN", True, "Recompute population statistics right before the switch (PreciseBN, §3.2) with "
+           "D2NORM.PRECISE_BN's NUM_SAMPLES / BATCH_SIZE / ESTIMATOR / EXACT_LAYERWISE; False freezes the EMA.",
+           check=Bool()),
+    Option("TRAINABLE_AFFINE", True, "§4.3 keeps gamma/beta trainable after the switch (True); False freezes them "
+           "too (detectron2's FrozenBatchNorm2d, the fine-tuning variant of §4.4 / footnote 4).", check=Bool()),
+    Option("WARMUP_ITERS", 0, "LR re-warm-up after the switch (Fig. 6: 'a linear warmup of one epoch'): iterations, "
+           "factor from WARMUP_FACTOR to 1 on top of the schedule; 0 = none.",
+           check=Int(0, note=" (0 = no LR re-warm-up)")),
+    Option("WARMUP_FACTOR", 0.001, "Start factor of the re-warm-up (detectron2's linear warm-up rule).",
+           check=Number(0, 1, low_open=True)),
+    Option("LAYERS", [], "Regular expressions (re.search) on module names; only matching layers are switched; "
+           "[] = all.", check=Patterns),
+), doc="FrozenBN switch: rethinking §4.3, Fig. 6 (FrozenBNSwitchHook)")
+
+
 def check_frozen_bn_switch_cfg(cfg) -> None:
     """ValueError naming the bad ``D2NORM.FROZEN_BN_SWITCH`` value and what is allowed."""
+    check_node(cfg, NODE)
     c = cfg.D2NORM.FROZEN_BN_SWITCH
-    p = "D2NORM.FROZEN_BN_SWITCH."
-    for key in ("ENABLED", "PRECISE_BN", "TRAINABLE_AFFINE"):
-        check_bool(p + key, c[key])
-    check_int(p + "ITER", c.ITER, minimum=0, note=" (the first iteration trained with FrozenBN)")
-    check_int(p + "WARMUP_ITERS", c.WARMUP_ITERS, minimum=0, note=" (0 = no LR re-warm-up)")
-    check_number(p + "WARMUP_FACTOR", c.WARMUP_FACTOR, 0, 1, low_open=True)
-    check_patterns(p + "LAYERS", c.LAYERS)
     if c.ENABLED and c.PRECISE_BN:
         check_precise_bn_cfg(cfg)
 
@@ -275,8 +293,10 @@ class FrozenBNSwitchHook(HookBase):
 
     # ---- checkpoints ----
     def state_dict(self):
-        return {"switched": self.switched, "switched_at": self.switched_at, "layers": list(self.converted),
-                "trainable_affine": self.trainable_affine}
+        # "conversion" records what the switch did to the model, so a checkpointer replays it through the layers
+        # (d2norm.layers.frozen.freeze_bn_layers) without knowing this hook (D2NormCheckpointer.conversion_state)
+        return {"conversion": CONVERSION, "switched": self.switched, "switched_at": self.switched_at,
+                "layers": list(self.converted), "trainable_affine": self.trainable_affine}
 
     def load_state_dict(self, state):
         if state.get("switched") and not self.switched:
@@ -296,21 +316,11 @@ class FrozenBNSwitchHook(HookBase):
         logger.info("FrozenBN switch: model converted (%d layers) to load a checkpoint written after the switch",
                     len(self.converted))
 
-    @classmethod
-    def state_in(cls, checkpoint) -> Optional[dict]:
-        """This hook class's state in a detectron2 checkpoint (``checkpoint["trainer"]["hooks"]``, keyed by the
-        class's ``__qualname__`` as detectron2's ``TrainerBase.state_dict`` writes it), or ``None``."""
-        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("trainer"), dict):
-            return None
-        return checkpoint["trainer"].get("hooks", {}).get(cls.__qualname__)
-
     def attach_checkpointer(self, trainer, checkpointer) -> None:
         """Make ``checkpointer`` (a :class:`~d2norm.engine.checkpoint.D2NormCheckpointer`, as d2norm's Trainer
         builds) convert ``trainer`` before loading a checkpoint that this hook's state marks as written after the
         switch (resume, or ``MODEL.WEIGHTS`` of such a checkpoint)."""
-        from ..checkpoint import D2NormCheckpointer
-
-        if not isinstance(checkpointer, D2NormCheckpointer):
+        if not callable(getattr(checkpointer, "attach_frozen_bn_switch", None)):
             raise TypeError(
                 f"FrozenBNSwitchHook.attach_checkpointer needs a d2norm.engine.checkpoint.D2NormCheckpointer (it "
                 f"converts the model before a post-switch checkpoint loads), got {type(checkpointer).__name__}; "
@@ -323,18 +333,14 @@ def build_frozen_bn_switch_hook(cfg, trainer) -> FrozenBNSwitchHook:
     """:class:`FrozenBNSwitchHook` from ``cfg.D2NORM.FROZEN_BN_SWITCH`` (validated); PreciseBN before the switch
     uses ``D2NORM.PRECISE_BN``'s NUM_SAMPLES / BATCH_SIZE / ESTIMATOR / EXACT_LAYERWISE, with a loader built at
     switch time. Attaches the hook to ``trainer.checkpointer``."""
-    check_frozen_bn_switch_cfg(cfg)
+    check_once(cfg, NODE, check_frozen_bn_switch_cfg)
     c = cfg.D2NORM.FROZEN_BN_SWITCH
     precise: Optional[Callable] = None
     if c.PRECISE_BN:
-        p = cfg.D2NORM.PRECISE_BN
+        spec = PreciseBNSpec.from_cfg(cfg)
 
         def _precise():
-            loader = build_precise_bn_loader(cfg, trainer.build_train_loader)
-            return recompute_population_stats(
-                trainer.model, iter(loader), p.NUM_SAMPLES, batch_size=p.BATCH_SIZE, estimator=p.ESTIMATOR,
-                exact_layerwise=p.EXACT_LAYERWISE, nonfinite=p.NONFINITE,
-            )
+            return spec.run(trainer.model, iter(spec.loader(cfg, trainer.build_train_loader)))
 
         precise = _precise
     if c.ITER >= cfg.SOLVER.MAX_ITER:

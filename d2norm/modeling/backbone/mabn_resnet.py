@@ -32,6 +32,7 @@ from torch import nn
 from .fpn import fpn_from_cfg, rcnn_top_block, retinanet_top_block
 from ...layers.mabn import centralize_mabn_convs, check_mabn_wiring, set_mabn_warmup
 from ...layers.registry import norm_options
+from ...options import Option, check_values, declare_node
 from ...utils.validation import check_int
 
 __all__ = [
@@ -44,12 +45,30 @@ __all__ = [
 ]
 
 
+def _warmup(label, v):
+    if isinstance(v, bool) or v != -1:
+        check_int(label, v, minimum=0, note=", or -1 for D2NORM.MABN.WARMUP_ITERS")
+    return v
+
+
+NODE = "MABN_MODEL"
+OPTIONS = declare_node(NODE, (
+    Option("BACKBONE_WARMUP_ITERS", -1, "Warm-up iterations (batch statistics; D2NORM.MABN.WARMUP_ITERS semantics) of "
+           "the MABN layers in the backbone (ResNet and FPN) of build_mabn_*_backbone; -1 = D2NORM.MABN.WARMUP_ITERS.",
+           check=_warmup),
+    Option("HEAD_WARMUP_ITERS", 10000, "The same for the MABN box/mask heads (MABNConvFCHead, "
+           "MABNMaskRCNNConvUpsampleHead) and MABNRetinaNet's head; Appendix B.3: 'batch statistics in normalization "
+           "layers on head during first 10,000 iterations'. -1 = D2NORM.MABN.WARMUP_ITERS.", check=_warmup),
+), doc="MABN backbones and heads (weight-centralized convs before every MABN): mabn §4.2 eq 18, §5.2, Appendix B.3")
+
+
 def mabn_warmup_from_cfg(cfg, part: str) -> int:
     """``D2NORM.MABN_MODEL.<part>_WARMUP_ITERS`` for part "BACKBONE" or "HEAD"; -1 = ``D2NORM.MABN.WARMUP_ITERS``."""
     key = f"{part}_WARMUP_ITERS"
     value = cfg.D2NORM.MABN_MODEL[key]
-    if isinstance(value, bool) or value != -1:
-        return check_int(f"D2NORM.MABN_MODEL.{key}", value, minimum=0, note=", or -1 for D2NORM.MABN.WARMUP_ITERS")
+    check_values(NODE, **{key: value})
+    if value != -1:
+        return int(value)
     return int(cfg.D2NORM.MABN.WARMUP_ITERS)
 
 

@@ -44,7 +44,7 @@ from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
 from torch import nn
 
 from .fpn import fpn_from_cfg, rcnn_top_block, retinanet_top_block
-from ...utils.validation import check_choice, check_int, check_number
+from ...options import Choice, Int, Number, Option, check_values, declare_node
 from ...layers.registry import norm_options
 from ...layers.report import ConversionReport
 
@@ -121,20 +121,32 @@ def _report_dropped(module: nn.Module, incompatible_keys) -> None:
         )
 
 
+NODE = "XBNBLOCK"
+OPTIONS = declare_node(NODE, (
+    Option("POSITION", 2, "Which norm of an XBNBlock's residual branch becomes batch-free (§5.2.1, Table 1): 1/2/3 = "
+           "after conv1/conv2/conv3 (P1/P2/P3); 2 = Fig. 6b, the paper's default. BasicBlocks (R18/R34): 1-2.",
+           check=Int(1, 3, note=" (P1/P2/P3: which norm of the block becomes batch-free)")),
+    Option("DENSITY", 1, "Every DENSITY-th residual block is an XBNBlock (§5.2.1, Fig. 7): blocks 1..N in forward "
+           "order across res2-res5, block k iff k % DENSITY == 0; 1 = all, 2/4/8 = XBNBlock-D2/D4/D8.",
+           check=Int(1, note=" (every D-th block is an XBNBlock; the paper uses 1, 2, 4, 8)")),
+    Option("NORM_TYPE", "GN", "The batch-free norm (§5.1): 'GN' (GroupNorm, NUM_GROUPS groups) or 'IN' "
+           "(InstanceNorm = GroupNorm with one channel per group).", check=Choice(*_NORM_TYPES)),
+    Option("NUM_GROUPS", 64, "GN group count g (§5.2.1: 64); must divide the channels of every replaced norm. "
+           "Ignored for 'IN'.", check=Int(1)),
+    Option("EPS", 1e-5, "eps of the batch-free norm (GroupNorm's default).", check=Number(0, low_open=True)),
+    Option("STEM_NORM", "BFN", "The stem's norm: 'BFN' = the batch-free norm above, as the official code (so the "
+           "authors' checkpoints load completely); 'RESNETS' = MODEL.RESNETS.NORM like the other BN slots.",
+           check=Choice(*_STEM_NORMS, note=" (the batch-free norm, or MODEL.RESNETS.NORM)")),
+), doc="XBNBlock ResNet backbones (build_xbn_*_backbone): estimation-shift §5.1-5.3")
+
+
 class XBNOptions:
     """Validated ``cfg.D2NORM.XBNBLOCK`` values (see the module docstring for their meaning)."""
 
     def __init__(self, position: int = 2, density: int = 1, norm_type: str = "GN", num_groups: int = 64,
                  eps: float = 1e-5, stem_norm: str = "BFN"):
-        check_int("D2NORM.XBNBLOCK.POSITION", position, minimum=1, maximum=3,
-                  note=" (P1/P2/P3: which norm of the block becomes batch-free)")
-        check_int("D2NORM.XBNBLOCK.DENSITY", density, minimum=1,
-                  note=" (every D-th block is an XBNBlock; the paper uses 1, 2, 4, 8)")
-        check_choice("D2NORM.XBNBLOCK.NORM_TYPE", norm_type, _NORM_TYPES)
-        check_int("D2NORM.XBNBLOCK.NUM_GROUPS", num_groups, minimum=1)
-        check_number("D2NORM.XBNBLOCK.EPS", eps, low=0, low_open=True)
-        check_choice("D2NORM.XBNBLOCK.STEM_NORM", stem_norm, _STEM_NORMS,
-                     note=" (the batch-free norm, or MODEL.RESNETS.NORM)")
+        check_values(NODE, POSITION=position, DENSITY=density, NORM_TYPE=norm_type, NUM_GROUPS=num_groups, EPS=eps,
+                     STEM_NORM=stem_norm)
         self.stem_norm = stem_norm
         self.position, self.density, self.norm_type = int(position), int(density), norm_type
         self.num_groups, self.eps = int(num_groups), float(eps)

@@ -72,7 +72,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...utils.validation import check_bool, check_choice, check_int, check_number
+from ...options import Bool, Choice, Int, Option, check_values, declare_node
 from ...layers.base import D2NormModule
 from ...layers.evalnorm import EvalNorm2d, evalnorm_aux_loss, evalnorm_modules
 from ...layers.report import ConversionReport
@@ -97,6 +97,26 @@ LOSS_KEY = "loss_evalnorm"
 _INIT_CHOICES = ("loaded", "fresh")
 
 
+NODE = "EVALNORM_MODEL"
+OPTIONS = declare_node(NODE, (
+    Option("BASE_META_ARCHITECTURE", "GeneralizedRCNN", "'EvalNormMetaArch' only: the registered meta-architecture "
+           "made EvalNorm-aware (parameter names unchanged)."),
+    Option("STATS_INIT", "loaded", "Table 2 'BN EMA Stats / Init': 'loaded' = as loaded from MODEL.WEIGHTS (rows a, "
+           "c, d); 'fresh' = reset to mean 0, var 1 at the start of training (row b). Every BN-derived layer.",
+           check=Choice(*_INIT_CHOICES)),
+    Option("AFFINE_INIT", "loaded", "§4.3 row (b) 'initial values of BN parameters from [11]': 'fresh' also resets "
+           "gamma = 1, beta = 0 then; 'loaded' keeps them (rows c, d).", check=Choice(*_INIT_CHOICES)),
+    Option("FREEZE_STATS", False, "Table 2 'BN EMA Stats / Train?': True (row c) = the EMA is never updated in "
+           "training (momentum 0); the training forward still uses batch statistics and alpha/beta still learn.",
+           check=Bool()),
+    Option("LOG_PERIOD", 20, "Write alpha-hat / beta-hat to the event storage every LOG_PERIOD iterations "
+           "(evalnorm/{alpha,beta}_{mean,min,max}); 0 = never.", check=Int(0, note=" (0 = never)")),
+    Option("LOG_PER_LAYER", True, "Also evalnorm/alpha/<layer>, evalnorm/beta/<layer> (evalnorm Fig. 3).",
+           check=Bool()),
+), doc="EvalNorm-aware models (EvalNormGeneralizedRCNN / EvalNormRetinaNet / EvalNormMetaArch add ONE loss term "
+       "loss_evalnorm = D2NORM.EVALNORM.AUX_LOSS_WEIGHT x the layers' eq-9 aux loss): evalnorm §3.4, §4.3 Table 2")
+
+
 @dataclass(frozen=True)
 class EvalNormModelOptions:
     """Options of :class:`EvalNormModelMixin` (``D2NORM.EVALNORM.AUX_LOSS_WEIGHT``, ``D2NORM.EVALNORM_MODEL.*``)."""
@@ -109,12 +129,9 @@ class EvalNormModelOptions:
     log_per_layer: bool = True
 
     def __post_init__(self):
-        check_number("D2NORM.EVALNORM.AUX_LOSS_WEIGHT", self.aux_loss_weight, low=0)
-        for key, v in (("STATS_INIT", self.stats_init), ("AFFINE_INIT", self.affine_init)):
-            check_choice(f"D2NORM.EVALNORM_MODEL.{key}", v, _INIT_CHOICES)
-        for key, v in (("FREEZE_STATS", self.freeze_stats), ("LOG_PER_LAYER", self.log_per_layer)):
-            check_bool(f"D2NORM.EVALNORM_MODEL.{key}", v)
-        check_int("D2NORM.EVALNORM_MODEL.LOG_PERIOD", self.log_period, minimum=0, note=" (0 = never)")
+        check_values("EVALNORM", AUX_LOSS_WEIGHT=self.aux_loss_weight)
+        check_values(NODE, STATS_INIT=self.stats_init, AFFINE_INIT=self.affine_init, FREEZE_STATS=self.freeze_stats,
+                     LOG_PER_LAYER=self.log_per_layer, LOG_PERIOD=self.log_period)
 
 
 def evalnorm_model_options(cfg) -> EvalNormModelOptions:

@@ -28,7 +28,7 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
-from ...utils.validation import check_bool, check_int
+from ...options import Bool, Int, Option, check_node, declare_node
 from ...utils.comm import all_gather_variable, group_world_size, is_local_only, shared_permutation
 
 __all__ = [
@@ -101,6 +101,17 @@ def shuffled_apply(
     return y_perm[inverse[offset : offset + sizes[rank]]]
 
 
+NODE = "SHUFFLE_HEAD"
+OPTIONS = declare_node(NODE, (
+    Option("ENABLED", True, "True: shuffle RoIs across workers in training (Table 6 'per-GPU BN w/ shuffle'); "
+           "False: the stock per-GPU head (rows 1-2), same parameters and checkpoint keys.", check=Bool()),
+    Option("SEED", -1, "Permutation source (drawn on rank 0 and broadcast): -1 = torch's global RNG of rank 0 "
+           "(seeded by detectron2's SEED); >= 0 = a dedicated generator per head (box: SEED, mask: SEED + 1).",
+           check=Int(-1, note=" (>= 0: a dedicated generator; -1: the global torch RNG of rank 0)")),
+), doc="Shuffled-RoI BN heads (ShuffledConvFCHead, ShuffledMaskRCNNConvUpsampleHead): rethinking §6.1, Fig. 9, "
+       "Table 6")
+
+
 def shuffle_head_options(cfg, seed_offset: int) -> dict:
     """Validated ``cfg.D2NORM.SHUFFLE_HEAD`` options for a head: ``{"shuffle": bool, "seed": int}``.
 
@@ -108,9 +119,7 @@ def shuffle_head_options(cfg, seed_offset: int) -> dict:
     """
     opts = cfg.D2NORM.SHUFFLE_HEAD
     enabled, seed = opts.ENABLED, opts.SEED
-    check_bool("D2NORM.SHUFFLE_HEAD.ENABLED", enabled)
-    check_int("D2NORM.SHUFFLE_HEAD.SEED", seed, minimum=-1,
-              note=" (>= 0: a dedicated generator; -1: the global torch RNG of rank 0)")
+    check_node(cfg, NODE)
     return {"shuffle": enabled, "seed": seed if seed < 0 else seed + seed_offset}
 
 
