@@ -26,9 +26,9 @@ from typing import Tuple
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers.base import NotAnAffine, affine_from_stats, bn_inference_affine
+from .layers.base import NotAnAffine
+from .layers.protocol import is_norm_layer, norm_protocol
 from .layers.report import ConversionReport
 
 __all__ = ["fold_norms", "norm_inference_affine"]
@@ -38,27 +38,11 @@ logger = logging.getLogger(__name__)
 
 def norm_inference_affine(m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(scale, shift)`` of ``m``'s inference if it is a fixed per-channel affine map, else
-    :class:`NotAnAffine`. d2norm layers answer themselves (``inference_affine()``); torch's ``_BatchNorm``
-    family and detectron2's ``FrozenBatchNorm2d`` do not have the method, so their BN formula is applied here."""
-    from detectron2.layers import FrozenBatchNorm2d
-
-    fn = getattr(m, "inference_affine", None)
-    if callable(fn):
-        return fn()
-    if isinstance(m, _BatchNorm):
-        return bn_inference_affine(m)
-    if isinstance(m, FrozenBatchNorm2d):
-        return affine_from_stats(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
-    raise NotAnAffine(f"{type(m).__name__}: not a normalization layer with a fixed inference affine map")
-
-
-def _is_norm(m: nn.Module) -> bool:
-    from detectron2.layers import FrozenBatchNorm2d
-
-    from .layers.base import D2NormModule
-
-    return isinstance(m, (_BatchNorm, FrozenBatchNorm2d, D2NormModule, nn.GroupNorm, nn.LayerNorm,
-                          nn.InstanceNorm2d))
+    :class:`NotAnAffine` (the layer's own answer, :func:`d2norm.layers.protocol.norm_protocol`)."""
+    view = norm_protocol(m)
+    if view is None:
+        raise NotAnAffine(f"{type(m).__name__}: not a normalization layer with a fixed inference affine map")
+    return view.inference_affine()
 
 
 @torch.no_grad()
@@ -142,7 +126,7 @@ def fold_norms(model: nn.Module) -> ConversionReport:
                         "CycleBatchNormList: a different BN per FPN level after one shared convolution"
                     )
                     continue
-                if not (isinstance(conv, nn.Conv2d) and _is_norm(norm)):
+                if not (isinstance(conv, nn.Conv2d) and is_norm_layer(norm)):
                     continue
                 if getattr(conv, "norm", None) is not None or getattr(conv, "activation", None) is not None:
                     continue
@@ -158,7 +142,7 @@ def fold_norms(model: nn.Module) -> ConversionReport:
                     setattr(mod, cname, _plain_conv(conv))
                 report.converted[full] = f"{name}.{cname}" if name else cname
     for name, mod in model.named_modules():
-        if _is_norm(mod) and id(mod) not in handled and name not in report.skipped:
+        if is_norm_layer(mod) and id(mod) not in handled and name not in report.skipped:
             report.skipped[name] = "no convolution directly before it in a foldable pattern"
     logger.info(report.summary())
     return report

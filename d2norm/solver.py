@@ -15,27 +15,13 @@ from typing import Any, Dict, List, Optional, Set
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 
-from .layers.base import D2NormModule
+from .layers.protocol import is_norm_layer
 
-__all__ = ["NORM_MODULE_TYPES", "is_norm_module", "get_optimizer_params", "build_optimizer"]
-
-NORM_MODULE_TYPES = (
-    torch.nn.BatchNorm1d,
-    torch.nn.BatchNorm2d,
-    torch.nn.BatchNorm3d,
-    torch.nn.SyncBatchNorm,
-    torch.nn.GroupNorm,
-    torch.nn.InstanceNorm1d,
-    torch.nn.InstanceNorm2d,
-    torch.nn.InstanceNorm3d,
-    torch.nn.LayerNorm,
-    torch.nn.LocalResponseNorm,
-    D2NormModule,
-)
-
+__all__ = ["is_norm_module", "get_optimizer_params", "build_optimizer"]
 
 def is_norm_module(module: torch.nn.Module) -> bool:
-    return isinstance(module, NORM_MODULE_TYPES)
+    """:func:`d2norm.layers.protocol.is_norm_layer` (d2norm's layers and torch's / detectron2's norms)."""
+    return is_norm_layer(module)
 
 
 def get_optimizer_params(

@@ -55,7 +55,7 @@ def run(args):
 
     import torch
 
-    from d2norm.layers.base import D2NormModule
+    from d2norm.layers.protocol import norm_protocol
     from d2norm.layers.evalnorm import evalnorm_alpha_beta, evalnorm_modules
     from d2norm.stats.evalnorm_fit import fit_evalnorm_offline
 
@@ -80,8 +80,8 @@ def run(args):
                            + ("; ".join(f"{n}: {r}" for n, r in kept.items()) or "none"))
     tc.report_kept(kept, "EvalNorm")
     # the training normalization batch B of each converted layer that fixes it (GhostBN: its ghost size)
-    ghost = {n: m.training_normalization_batch() for n, m in model.named_modules()
-             if n in to_convert and isinstance(m, D2NormModule) and m.training_normalization_batch() is not None}
+    fixed = {n: norm_protocol(m).training_normalization_batch() for n, m in model.named_modules() if n in to_convert}
+    ghost = {n: b for n, b in fixed.items() if b is not None}
     sources = tc.registered_norm_names(model, to_convert)
     batch_size = args.batch_size or (min(ghost.values()) if ghost else cfg.SOLVER.IMS_PER_BATCH)
     before = tc.maybe_evaluate(args.eval, cfg, model, eval_ds, out_dir, "before")

@@ -47,11 +47,10 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..utils.validation import check_int, check_number
 from .base import (
-    D2NormModule, FrozenBNState, NotAnAffine, affine_from_stats, bn_frozen_state, check_input_channels, empty_passthrough,
+    D2NormModule, FrozenBNState, NotAnAffine, affine_from_stats, check_input_channels, empty_passthrough,
 )
 from .report import ConversionReport
 
@@ -117,17 +116,18 @@ class FrozenBatchNorm(nn.Module, D2NormModule):
 
 # ---- mapping -----------------------------------------------------------------------------------------------
 def frozen_bn_source(m: nn.Module) -> Tuple[Optional[FrozenBNState], str]:
-    """``(state, reason)``: the FrozenBN that replaces ``m`` (:meth:`D2NormModule.frozen_bn_state` of a d2norm
-    layer; torch's BN family: its population statistics), or ``(None, reason)`` when ``m`` is not converted
+    """``(state, reason)``: the FrozenBN that replaces ``m`` (its protocol's ``frozen_bn_state``: a d2norm layer's
+    own answer; torch's BN family: its population statistics), or ``(None, reason)`` when ``m`` is not converted
     (reason ``""`` for modules that are not normalization layers or are constant maps already)."""
+    from .protocol import norm_protocol
+
+    view = norm_protocol(m)
+    if view is None:
+        return None, ""
     try:
-        if isinstance(m, D2NormModule):
-            return m.frozen_bn_state(), ""
-        if isinstance(m, _BatchNorm):
-            return bn_frozen_state(m), ""
+        return view.frozen_bn_state(), ""
     except NotAnAffine as e:
         return None, str(e)
-    return None, ""  # detectron2's FrozenBatchNorm2d, GN, LN, ...: nothing to freeze
 
 
 def _make_frozen(m: nn.Module, mapping: FrozenBNState, trainable_affine: bool) -> nn.Module:

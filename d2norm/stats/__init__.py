@@ -22,7 +22,8 @@ from .estimators import (
     mean_of_batch_var_estimate,
     population_estimate,
 )
-from .adapters import StatsAdapter, get_stats_adapter
+from ..layers.protocol import get_stats_adapter
+from .adapters import StatsAdapter
 from .state import capture_state, restore_state
 from .precise_bn import (
     NONFINITE_POLICIES,

@@ -29,9 +29,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers.base import D2NormModule, bn_estimated_stats
+from ..layers.protocol import norm_protocol
 from ..utils.comm import local_only
 from ..utils.validation import check_int
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
@@ -50,19 +49,10 @@ __all__ = [
 ]
 
 
-def _frozen_bn_cls():
-    from detectron2.layers import FrozenBatchNorm2d
-
-    return FrozenBatchNorm2d
-
-
 def _estimated(m: nn.Module) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
     """(μ̂, σ̂²) per slot of a layer, or None (protocol dispatch: d2norm layers answer themselves)."""
-    if isinstance(m, D2NormModule):
-        return m.estimated_stats()
-    if isinstance(m, (_BatchNorm, _frozen_bn_cls())):
-        return bn_estimated_stats(m)
-    return None
+    view = norm_protocol(m)
+    return None if view is None else view.estimated_stats()
 
 
 def probed_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -83,14 +73,14 @@ def estimated_stats(m: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _slot(m: nn.Module, *args, **kwargs) -> int:
-    return m.stats_slot(*args, **kwargs) if isinstance(m, D2NormModule) else 0
+    return norm_protocol(m).stats_slot(*args, **kwargs)
 
 
 # ---- call interception ------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _intercept(layers: Dict[str, nn.Module], on_input: Callable[[str, int, torch.Tensor], None]):
-    """Call ``on_input(name, slot, x)`` for every input of every layer (``forward`` and DomainBN's
-    ``forward_domains``), then run the layer unchanged. A layer's calls nested in its own call (e.g. a
+    """Call ``on_input(name, slot, x)`` for every input of every layer (the calls its protocol declares,
+    ``routed_calls``: ``forward``, DomainBN's ``forward_domains``), then run the layer unchanged. A layer's calls nested in its own call (e.g. a
     ``forward_domains`` implemented through ``forward``) are not counted twice."""
     active = set()
 
@@ -121,10 +111,11 @@ def _intercept(layers: Dict[str, nn.Module], on_input: Callable[[str, int, torch
 
         return forward_domains
 
+    wraps = {"input": wrap_forward, "inputs_by_domain": wrap_domains}
     patches = [
-        (m, attr, wrap(name, m, getattr(m, attr)))
+        (m, attr, wraps[convention](name, m, getattr(m, attr)))
         for name, m in layers.items()
-        for attr, wrap in (("forward", wrap_forward), ("forward_domains", wrap_domains))
+        for attr, convention in norm_protocol(m).routed_calls
         if hasattr(m, attr)
     ]
     with patched_instance_attrs(patches):
