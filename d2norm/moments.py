@@ -1,6 +1,7 @@
 """Statistics numerics every layer and estimator shares, the bottom of d2norm (imports only torch): the
-dtype rule (:func:`stat_dtype`), the zero-size passthrough (:func:`empty_passthrough`) and the exact pooling
-of per-part moments (:func:`pooled_moments`).
+dtype rule (:func:`stat_dtype`), the zero-size passthrough (:func:`empty_passthrough`), one batch's moments
+(:func:`batch_moments`) and the exact pooling of per-part moments (:func:`pooled_moments`, Chan's merge: the
+estimators' accumulators merge through it too).
 
 Exact pooling of per-part moments (count, mean, biased variance) into the moments of the union.
 
@@ -14,11 +15,11 @@ float32 when |μ| ≫ σ, rethinking A.10 "numerical precision") every term is n
 result is as accurate as the per-part moments. Differentiable (autograd flows into every part's moments);
 parts with c_p = 0 contribute nothing (their mean/variance may be anything finite).
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["stat_dtype", "empty_passthrough", "pooled_moments"]
+__all__ = ["stat_dtype", "empty_passthrough", "batch_moments", "pooled_moments"]
 
 
 def pooled_moments(counts: torch.Tensor, means: torch.Tensor, vars_: torch.Tensor, dim: int = 0
@@ -50,3 +51,13 @@ def empty_passthrough(x: torch.Tensor, weight: Optional[torch.Tensor] = None,
         return x.clone()
     view = [1, -1] + [1] * (x.dim() - 2)
     return x * weight.to(x.dtype).view(view) + bias.to(x.dtype).view(view)
+
+
+def batch_moments(x: torch.Tensor, dims: Sequence[int]):
+    """``(n, mean, biased var)`` of ``x`` reduced over ``dims``; statistics in float32 for fp16/bf16 input."""
+    sd = stat_dtype(x.dtype)
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    var, mean = torch.var_mean(x.to(sd), dim=tuple(dims), correction=0)
+    return n, mean, var

@@ -53,26 +53,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..moments import empty_passthrough, stat_dtype
 from .estimators import MomentAccumulator, PopulationEstimate, batch_moments
 
-__all__ = ["StatsAdapter", "BatchNormAdapter", "get_stats_adapter", "reduce_dims", "MODES"]
+__all__ = ["StatsAdapter", "PassState", "BatchNormAdapter", "reduce_dims", "MODES"]
 
 MODES = ("record", "batch", "population")
-
-
-def get_stats_adapter(module: nn.Module) -> Optional["StatsAdapter"]:
-    """The adapter for ``module``, or ``None`` when it has no population statistics to recompute (frozen / eval
-    mode, no running statistics, not a normalization layer)."""
-    if not module.training:
-        return None
-    if callable(getattr(module, "stats_adapter", None)):  # a d2norm layer (D2NormModule protocol) names its own
-        return module.stats_adapter()
-    if isinstance(module, _BatchNorm):
-        return BatchNormAdapter(module) if BatchNormAdapter.applies(module) else None
-    return None
 
 
 def reduce_dims(x: torch.Tensor) -> List[int]:
@@ -84,24 +71,28 @@ def reduce_dims(x: torch.Tensor) -> List[int]:
 MonitorStats = Tuple[Optional[torch.Tensor], torch.Tensor]
 
 
-class StatsAdapter:
-    """Base class. Subclasses define ``rows``, ``num_slots``, :meth:`forward` and :meth:`write`."""
+class PassState:
+    """One statistics pass's bookkeeping for one adapted layer: created by :meth:`StatsAdapter.begin_pass`, owned
+    and driven by the pass (PreciseBN, the BN monitor), released by :meth:`StatsAdapter.end_pass`, so nothing of
+    one pass survives into the next. The adapter (the per-layer strategy: how a call is recorded, normalized and
+    written) only reads ``mode`` and calls :meth:`record` / :meth:`population`.
+    """
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, owner: str, rows: int, num_slots: int, num_groups: int, device=None):
+        self.owner, self.rows, self.num_groups = owner, rows, num_groups
         self.mode = "record"
-        self.accs: List[MomentAccumulator] = []
-        self.estimates: List[Optional[PopulationEstimate]] = []
+        self.accs: List[MomentAccumulator] = [MomentAccumulator(rows, device) for _ in range(num_slots)]
+        self.estimates: List[Optional[PopulationEstimate]] = [None] * num_slots
         self.calls = 0
         #: exact layer-wise estimation (rethinking A.3) keeps moments per *call* of a forward: ``call_index`` is
-        #: the index of the current call within the forward (set by the pass), and ``unit_modes`` /
+        #: the index of the current call within the forward (set by :meth:`counted`), and ``unit_modes`` /
         #: ``unit_accs`` / ``unit_estimates`` map a call index to that call's mode and to one accumulator /
-        #: estimate per normalization group (:attr:`num_groups`). ``None``: one mode for every call (``mode``)
-        #: and moments straight into the write slots (``accs``).
+        #: estimate per normalization group. ``None``: one mode for every call (``mode``) and moments straight
+        #: into the write slots (``accs``).
         self.call_index = 0
         #: calls of the layer in the current forward (set to 0 by the pass before each forward)
         self.forward_calls = 0
-        #: when a list, every call appends ``(adapter, call_index)`` (call order for layer-wise estimation)
+        #: when a list, every call appends ``(state, call_index)`` (call order for layer-wise estimation)
         self.call_seq: Optional[list] = None
         self.unit_modes: Optional[Dict[int, str]] = None
         self.unit_accs: Optional[Dict[int, List[MomentAccumulator]]] = None
@@ -124,47 +115,20 @@ class StatsAdapter:
         self._mode = value
         self.unit_modes = None
 
-    @classmethod
-    def applies(cls, module: nn.Module) -> bool:
-        return True
-
-    num_slots = 1
-
-    @property
-    def num_groups(self) -> int:
-        """Parts of one call normalized with statistics of their own (DomainBN: the domains); 1 for BN."""
-        return 1
-
-    def group_slot(self, group: int) -> int:
-        """The write slot a normalization group's moments belong to."""
-        return group
-
-    @property
-    def rows(self) -> int:
-        raise NotImplementedError
-
-    def reset(self, device) -> None:
-        self.accs = [MomentAccumulator(self.rows, device) for _ in range(self.num_slots)]
-        self.estimates = [None] * self.num_slots
-
-    def _touch(self) -> None:
+    def touch(self) -> None:
+        """Count one call of the layer in this pass."""
         self.calls += 1
 
-    def counted(self, fn: Callable) -> Callable:
-        """``fn`` (this adapter's ``forward`` / ``forward_domains``) numbering the layer's calls per forward."""
-
-        def call(*args, **kwargs):
-            self.call_index = self.forward_calls
-            self.forward_calls += 1
-            if self.call_seq is not None:
-                self.call_seq.append((self, self.call_index))
-            return fn(*args, **kwargs)
-
-        return call
+    def count_call(self) -> None:
+        """Number a new call of the layer within the current forward (``call_index``)."""
+        self.call_index = self.forward_calls
+        self.forward_calls += 1
+        if self.call_seq is not None:
+            self.call_seq.append((self, self.call_index))
 
     def record(self, slot: int, n: int, mean: torch.Tensor, var: torch.Tensor, group: Optional[int] = None) -> None:
         """Moments of one normalization group (default: ``slot``) of the current call."""
-        self._touch()
+        self.touch()
         if self.mode == "record" and n:
             # A NaN/Inf in one call would make the whole population estimate of its channel non-finite: such
             # a call is left out (weight 0 on the device: no host read per call) and reported; the pass decides
@@ -203,10 +167,72 @@ class StatsAdapter:
             est = self.estimates[slot]
         if est is None:
             raise RuntimeError(
-                f"{type(self.module).__name__}: population statistics requested before they were estimated "
+                f"{self.owner}: population statistics requested before they were estimated "
                 "(layer-wise PreciseBN order violated: a layer fed by a later-estimated layer)"
             )
         return est.mean.to(dtype), est.var_biased.to(dtype), est.sq_mean.to(dtype)
+
+
+class StatsAdapter:
+    """Base class of the per-layer strategy of a statistics pass: how a call of the layer is recorded or
+    normalized (:meth:`forward`), how estimates are written (:meth:`write`) and read for the monitor. Subclasses
+    define ``rows``, ``num_slots``, :meth:`forward` and :meth:`write`. A pass's bookkeeping is a
+    :class:`PassState` (:attr:`state`, between :meth:`begin_pass` and :meth:`end_pass`)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.state: Optional[PassState] = None
+
+    def begin_pass(self, device=None) -> PassState:
+        """A fresh :class:`PassState` for a pass over this layer (mode ``"record"``, empty accumulators)."""
+        self.state = PassState(type(self.module).__name__, self.rows, self.num_slots, self.num_groups, device)
+        return self.state
+
+    def end_pass(self) -> None:
+        self.state = None
+
+    @classmethod
+    def applies(cls, module: nn.Module) -> bool:
+        return True
+
+    num_slots = 1
+
+    @property
+    def num_groups(self) -> int:
+        """Parts of one call normalized with statistics of their own (DomainBN: the domains); 1 for BN."""
+        return 1
+
+    def group_slot(self, group: int) -> int:
+        """The write slot a normalization group's moments belong to."""
+        return group
+
+    @property
+    def rows(self) -> int:
+        raise NotImplementedError
+
+    def counted(self, fn: Callable) -> Callable:
+        """``fn`` (this adapter's ``forward`` / ``forward_domains``) numbering the layer's calls per forward in
+        the pass state current at call time."""
+
+        def call(*args, **kwargs):
+            self.state.count_call()
+            return fn(*args, **kwargs)
+
+        return call
+
+    # ---- what a subclass's forward uses: the current pass's mode, recording and population statistics ----------
+    @property
+    def mode(self) -> str:
+        return self.state.mode
+
+    def _touch(self) -> None:
+        self.state.touch()
+
+    def record(self, slot: int, n: int, mean: torch.Tensor, var: torch.Tensor, group: Optional[int] = None) -> None:
+        self.state.record(slot, n, mean, var, group)
+
+    def population(self, slot: int, dtype, group: Optional[int] = None):
+        return self.state.population(slot, dtype, group)
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError

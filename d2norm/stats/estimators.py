@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..moments import stat_dtype
+from ..moments import batch_moments, pooled_moments  # noqa: F401  (batch_moments: re-exported)
 from ..utils.validation import check_choice
 
 __all__ = [
@@ -68,16 +68,6 @@ class PopulationEstimate:
     num_batches: int
 
 
-def batch_moments(x: torch.Tensor, dims: Sequence[int]):
-    """``(n, mean, biased var)`` of ``x`` reduced over ``dims``; statistics in float32 for fp16/bf16 input."""
-    sd = stat_dtype(x.dtype)
-    n = 1
-    for d in dims:
-        n *= x.shape[d]
-    var, mean = torch.var_mean(x.to(sd), dim=tuple(dims), correction=0)
-    return n, mean, var
-
-
 def _rows(t) -> torch.Tensor:
     if isinstance(t, (list, tuple)):
         return torch.stack([torch.as_tensor(e, dtype=_ACC).reshape(-1) for e in t])
@@ -88,11 +78,17 @@ def population_estimate(counts, means, vars_biased) -> PopulationEstimate:
     """Eq 2 over batches with sizes ``counts`` (k,), means and biased variances (k, R): a float64 reference
     form of what :class:`MomentAccumulator` computes incrementally."""
     n = torch.as_tensor(counts, dtype=_ACC).reshape(-1, 1)
-    m, v = _rows(means), _rows(vars_biased)
-    N = float(n.sum())
-    mean = (n * m).sum(0) / N
-    m2 = (n * (v + (m - mean) ** 2)).sum(0)  # same value as N·(E[μ²+σ²] − μ_pop²), cancellation-free
-    return _finish_population(N, mean, m2, int(n.numel()))
+    total, mean, var = pooled_moments(n, _rows(means), _rows(vars_biased))  # Chan's merge, cancellation-free
+    return _finish_population(float(total), mean, var * total, int(n.numel()))
+
+
+def _merge_m2(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """``(n, mean, M2)`` of two parts given as (count, mean, M2 = count·biased variance): Chan's merge, through
+    :func:`d2norm.moments.pooled_moments` (its one home); a part with count 0 contributes nothing."""
+    counts = torch.stack([n_a, n_b]).reshape(2, 1)
+    var = torch.stack([m2_a / n_a.clamp(min=1), m2_b / n_b.clamp(min=1)])
+    total, mean, var = pooled_moments(counts, torch.stack([mean_a, mean_b]), var)
+    return total.reshape(()), mean, var * total
 
 
 def mean_of_batch_var_estimate(counts, means, vars_biased) -> PopulationEstimate:
@@ -157,12 +153,8 @@ class MomentAccumulator:
             mean, var = torch.where(ok, mean, 0.0), torch.where(ok, var, 0.0)
             one = ok.to(_ACC)
             w = one * n
-        tot = self.n + w
-        delta = mean - self.mean
-        share = w / tot.clamp(min=1) if ok is not None else w / tot
-        self.mean += delta * share
-        self.m2 += var * w + delta * delta * (self.n * share)
-        self.n = tot
+        w = torch.as_tensor(w, dtype=_ACC, device=self.mean.device)
+        self.n, self.mean, self.m2 = _merge_m2(self.n, self.mean, self.m2, w, mean, var * w)
         self.k += one
         self.sum_mean += mean
         self.sum_sq += var + mean * mean
@@ -173,12 +165,8 @@ class MomentAccumulator:
     @torch.no_grad()
     def merge_(self, other: "MomentAccumulator") -> "MomentAccumulator":
         """Add ``other``'s batches to this accumulator (Chan's merge for eq 2, sums for eq 3), in place."""
-        tot = self.n + other.n
-        if float(tot) > 0:
-            delta = other.mean - self.mean
-            self.mean = self.mean + delta * (other.n / tot)
-            self.m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / tot)
-        self.n = tot
+        self.n, self.mean, self.m2 = _merge_m2(self.n, self.mean, self.m2, other.n, other.mean.to(self.mean.device),
+                                               other.m2.to(self.mean.device))
         self.k = self.k + other.k
         self.k_var = self.k_var + other.k_var
         self.sum_mean = self.sum_mean + other.sum_mean

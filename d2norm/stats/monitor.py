@@ -100,12 +100,11 @@ def bn_statistics_gaps(
                 except StopIteration:
                     break
                 for a in adapters.values():
-                    a.mode = "record"
-                    a.reset(device)
+                    a.begin_pass(device)  # one pass per batch: its own statistics
                 forward_fn(net, batch)
                 for n, a in adapters.items():
                     per_slot = []
-                    for slot, acc in enumerate(a.accs):
+                    for slot, acc in enumerate(a.state.accs):
                         est = acc.estimate("population")
                         per_slot.append(None if est is None else a.comparable_stats(est))
                         if est is not None:  # merge the whole forward as one batch (exact, Chan)
@@ -114,7 +113,7 @@ def bn_statistics_gaps(
     finally:
         restore_state(net, snap)
         for a in adapters.values():
-            a.accs, a.estimates = [], []
+            a.end_pass()
 
     all_reduce_accumulators_([acc for n in adapters for acc in pops[n]], group)
     out = {}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..utils.comm import local_only
+from ..layers.protocol import norm_protocol
 from .adapters import StatsAdapter
 from .state import patched_instance_attrs
 
@@ -132,12 +133,13 @@ def discarded_event_storage():
 
 @contextlib.contextmanager
 def routed_to_adapters(adapters: Dict[str, StatsAdapter]):
-    """Route every adapted layer's forward (and DomainBN's ``forward_domains``) to its adapter; cross-rank
-    activation exchange (shuffled heads) is off meanwhile (``local_only``)."""
+    """Route every call of an adapted layer that its protocol declares (``routed_calls``: ``forward``, and
+    DomainBN's ``forward_domains``) to its adapter; cross-rank activation exchange (shuffled heads) is off
+    meanwhile (``local_only``)."""
     patches = [
         (a.module, attr, a.counted(getattr(a, attr)))
         for a in adapters.values()
-        for attr in ("forward", "forward_domains")
+        for attr, _ in norm_protocol(a.module).routed_calls
         if hasattr(a.module, attr) and hasattr(a, attr)
     ]
     with local_only(), patched_instance_attrs(patches):

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from ..utils.validation import check_bool, check_choice, check_int
-from .adapters import StatsAdapter, get_stats_adapter
+from ..layers.protocol import get_stats_adapter
+from .adapters import StatsAdapter
 from .estimators import PopulationEstimate, all_reduce_accumulators_, check_estimator
 from .passes import (
     batch_length,
@@ -168,8 +169,7 @@ def recompute_population_stats(
     device = next(itertools.chain(net.parameters(), net.buffers())).device
     current = {"batch": "?"}
     for a in adapters.values():
-        a.reset(device)
-        a.current_batch = lambda: current["batch"]
+        a.begin_pass(device).current_batch = lambda: current["batch"]
     show = progress and comm.is_main_process()
     start = time.perf_counter()
 
@@ -179,7 +179,7 @@ def recompute_population_stats(
         with torch.no_grad(), isolated_rng(), discarded_event_storage(), routed_to_adapters(adapters):
             if not exact_layerwise:
                 for a in adapters.values():
-                    a.mode = "record"
+                    a.state.mode = "record"
                 nb = -(-share // batch_size) if batch_size else None
                 batches = _described(rebatch(data, share, batch_size), rank, current)
                 for batch in _progress(batches, nb, "PreciseBN", show):
@@ -193,14 +193,18 @@ def recompute_population_stats(
         restore_state(net, snap)
 
     results = PreciseBNResults()
-    results.nonfinite = _check_nonfinite(adapters, nonfinite, group)
-    for name, a in adapters.items():
-        for slot, est in enumerate(a.estimates):
-            if est is not None:
-                a.write(slot, est)
-        if all(e is None for e in a.estimates):
-            logger.warning("PreciseBN: layer %s saw no data; its statistics are unchanged", name)
-        results[name] = list(a.estimates)
+    try:
+        results.nonfinite = _check_nonfinite(adapters, nonfinite, group)
+        for name, a in adapters.items():
+            for slot, est in enumerate(a.state.estimates):
+                if est is not None:
+                    a.write(slot, est)
+            if all(e is None for e in a.state.estimates):
+                logger.warning("PreciseBN: layer %s saw no data; its statistics are unchanged", name)
+            results[name] = list(a.state.estimates)
+    finally:
+        for a in adapters.values():
+            a.end_pass()
     logger.info(
         "PreciseBN: population statistics (%s%s) of %d layers from %d samples (B=%s per rank, %d ranks) in %.2fs",
         estimator, ", exact layer-wise" if exact_layerwise else "", len(adapters), num_samples,
@@ -236,7 +240,7 @@ def _check_nonfinite(adapters: Dict[str, StatsAdapter], policy: str, group) -> D
 
     from ..utils.comm import group_world_size
 
-    local = {n: list(dict.fromkeys(a.nonfinite_batches)) for n, a in adapters.items() if a.nonfinite_batches}
+    local = {n: list(dict.fromkeys(a.state.nonfinite_batches)) for n, a in adapters.items() if a.state.nonfinite_batches}
     merged: Dict[str, List[str]] = {}
     for part in (comm.all_gather(local, group=group) if group_world_size(group) > 1 else [local]):
         for n, batches in part.items():
@@ -258,14 +262,14 @@ def _check_nonfinite(adapters: Dict[str, StatsAdapter], policy: str, group) -> D
 
 
 def _reduce_and_estimate(adapters: List[StatsAdapter], estimator: str, group) -> None:
-    all_reduce_accumulators_([acc for a in adapters for acc in a.accs], group)
+    all_reduce_accumulators_([acc for a in adapters for acc in a.state.accs], group)
     for a in adapters:
-        a.estimates = [acc.estimate(estimator) for acc in a.accs]
+        a.state.estimates = [acc.estimate(estimator) for acc in a.state.accs]
 
 
 def _forward(net, batch, adapters, forward_fn) -> None:
     for a in adapters.values():
-        a.forward_calls = 0
+        a.state.forward_calls = 0
     forward_fn(net, batch)
 
 
@@ -273,12 +277,12 @@ def _forward_checked(net, batch, adapters, forward_fn, current) -> bool:
     """:func:`_forward` of a recorded batch; False when the forward raised after a layer had already met
     non-finite statistics in it (e.g. detectron2's RPN stops on NaN boxes: "Training has diverged"): the rest
     of that batch is left out and the non-finite report, not the model's own error, says what happened."""
-    marks = {id(a): a.recorded_calls for a in adapters.values()}  # host-side counts: no read of a device flag
+    marks = {id(a): a.state.recorded_calls for a in adapters.values()}  # host-side counts: no read of a device flag
     try:
         _forward(net, batch, adapters, forward_fn)
         return True
     except Exception as e:
-        if not any(a.nonfinite_since(marks[id(a)]) for a in adapters.values()):
+        if not any(a.state.nonfinite_since(marks[id(a)]) for a in adapters.values()):
             raise
         logger.warning("PreciseBN: the forward of %s failed after non-finite batch statistics (%s: %s); the rest "
                        "of that batch is left out", current["batch"], type(e).__name__, e)
@@ -309,16 +313,16 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
     # match across ranks.
     seq: List[Any] = []
     for a in adapters.values():
-        a.mode, a.call_seq = "batch", seq
+        a.state.mode, a.state.call_seq = "batch", seq
     try:
         if batches:
             set_torch_rng_state(rng)
             _forward(net, batches[0], adapters, forward_fn)
     finally:
         for a in adapters.values():
-            a.call_seq = None
-    name_of = {id(a): n for n, a in adapters.items()}
-    units = [(name_of[id(a)], j) for a, j in seq]
+            a.state.call_seq = None
+    name_of = {id(a.state): n for n, a in adapters.items()}
+    units = [(name_of[id(st)], j) for st, j in seq]
     units = comm.all_gather(units, group=group)[0] if group_world_size(group) > 1 else units
     calls = {n: 0 for n in adapters}
     passes: List[Any] = []
@@ -332,14 +336,14 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
 
     device = next(itertools.chain(net.parameters(), net.buffers())).device
     for n, a in adapters.items():
-        a.unit_accs = {j: [MomentAccumulator(a.rows, device) for _ in range(a.num_groups)] for j in range(calls[n])}
-        a.unit_estimates = {}
-        a.unit_modes = {j: "batch" for j in range(calls[n])}
+        a.state.unit_accs = {j: [MomentAccumulator(a.rows, device) for _ in range(a.num_groups)] for j in range(calls[n])}
+        a.state.unit_estimates = {}
+        a.state.unit_modes = {j: "batch" for j in range(calls[n])}
     try:
         for n, js in _progress(passes, len(passes), "PreciseBN layer-wise", show):
             a = adapters[n]
             for j in js:
-                a.unit_modes[j] = "record"
+                a.state.unit_modes[j] = "record"
             mismatch = None
             for b in described(batches):
                 set_torch_rng_state(rng)  # same random choices (e.g. RoI sampling) in every pass
@@ -353,31 +357,31 @@ def _exact_layerwise(net, adapters, data, share, batch_size, estimator, group, f
                 mismatch = next((m for m in comm.all_gather(mismatch, group=group) if m), None)
             if mismatch:
                 raise ValueError(mismatch)
-            all_reduce_accumulators_([acc for j in js for acc in a.unit_accs[j]], group)
+            all_reduce_accumulators_([acc for j in js for acc in a.state.unit_accs[j]], group)
             for j in js:
                 # later calls normalize call j with its population statistics (mean, biased variance), i.e.
                 # exactly what a forward of the whole population as one batch normalizes it with
-                a.unit_estimates[j] = [acc.estimate(estimator) for acc in a.unit_accs[j]]
-                a.unit_modes[j] = "population"
+                a.state.unit_estimates[j] = [acc.estimate(estimator) for acc in a.state.unit_accs[j]]
+                a.state.unit_modes[j] = "population"
         for a in adapters.values():  # written statistics: every slot pools its groups over all calls
-            for accs in a.unit_accs.values():
+            for accs in a.state.unit_accs.values():
                 for g, acc in enumerate(accs):
-                    a.accs[a.group_slot(g)].merge_(acc)
-            a.estimates = [acc.estimate(estimator) for acc in a.accs]
+                    a.state.accs[a.group_slot(g)].merge_(acc)
+            a.state.estimates = [acc.estimate(estimator) for acc in a.state.accs]
     finally:
         for a in adapters.values():
-            a.unit_modes = a.unit_accs = None
-            a.unit_estimates = {}
+            a.state.unit_modes = a.state.unit_accs = None
+            a.state.unit_estimates = {}
 
 
 def _call_mismatch(adapters, calls) -> Optional[str]:
     """The error message for the first layer called a different number of times than in the first batch's
     forward, or None."""
     for n, a in adapters.items():
-        if a.forward_calls != calls[n]:
+        if a.state.forward_calls != calls[n]:
             return (
                 f"PreciseBN exact layer-wise (D2NORM.PRECISE_BN.EXACT_LAYERWISE): layer {n!r} was called "
-                f"{a.forward_calls} time(s) in the forward of {a.current_batch()} but {calls[n]} time(s) in the "
+                f"{a.state.forward_calls} time(s) in the forward of {a.state.current_batch()} but {calls[n]} time(s) in the "
                 f"first batch's forward; exact estimation pairs the j-th call of every forward (rethinking A.3) "
                 f"and needs the same calls in every forward. Use the non-exact pass (EXACT_LAYERWISE False)."
             )
