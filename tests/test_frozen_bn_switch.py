@@ -268,7 +268,7 @@ def test_trainer_switch(tmp_path, trainable):
         def emit(self, record):
             seen.setdefault("log", []).append(record.getMessage())
 
-    keep, lg = _Keep(), logging.getLogger("d2norm.engine.hooks.frozen_bn_switch")
+    keep, lg = _Keep(), logging.getLogger("d2norm.engine")  # the hook and the trainer surgery it runs
     level = lg.level
     lg.addHandler(keep)
     lg.setLevel(logging.INFO)

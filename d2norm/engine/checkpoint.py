@@ -74,12 +74,16 @@ class D2NormCheckpointer(DetectionCheckpointer):
 
     def frozen_bn_switch_state(self, checkpoint) -> Optional[dict]:
         """The FrozenBN switch recorded in ``checkpoint`` if it was written after the switch, else ``None``: the
-        trainer-hook state whose ``"conversion"`` is ``"frozen_bn"`` (the layers converted and whether γ/β stayed
+        attached switch hook's state, or (inference) the trainer-hook state whose ``"conversion"`` is ``"frozen_bn"`` (the layers converted and whether γ/β stayed
         trainable; checkpoints written before that key existed: the state with ``switched`` and
         ``trainable_affine``). No hook class is needed to read it."""
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("trainer"), dict):
             return None
-        for state in checkpoint["trainer"].get("hooks", {}).values():
+        hooks = checkpoint["trainer"].get("hooks", {})
+        # the attached hook's own entry (detectron2 keys a hook's state by its class's __qualname__); without one
+        # (inference) any hook state recording the conversion
+        states = [hooks.get(type(self._switch_hook).__qualname__)] if self._switch_hook is not None else hooks.values()
+        for state in states:
             if not isinstance(state, dict):
                 continue
             if state.get("conversion") == "frozen_bn" or ("conversion" not in state and "switched" in state

@@ -1,12 +1,8 @@
 """COCO evaluation for the tools: evaluate a model on a dataset, compare and summarize results, the
 ``--eval`` before/after pattern of the population-statistics tools."""
 import argparse
-import contextlib
-import json
-import logging
 import os
-import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Optional
 
 from torch import nn
 

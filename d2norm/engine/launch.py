@@ -2,16 +2,13 @@
 ``main(argv) -> exit code`` wrapper that turns expected failures into one ``error: ...`` line, detectron2's
 ``launch`` for several processes, and the console logging of a tool."""
 import argparse
-import contextlib
-import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
-
-from torch import nn
+from typing import Any, Callable, Optional, Sequence
 
 from .errors import ToolError
+from .log_output import setup_tool_logging
 from .tool_io import is_main_process, read_cfg
 
 __all__ = ["positive_int", "NumbersThenOverrides", "parse_tool_args", "is_main_process", "distributed_tool",
@@ -86,7 +83,7 @@ def distributed_tool(fn: Callable) -> Callable:
 def _distributed_entry(fn, args) -> None:
     from detectron2.utils import comm
 
-    _setup_logging()
+    setup_tool_logging()
     if not comm.is_main_process():
         sys.stdout = open(os.devnull, "w")  # one copy of the progress/report, from rank 0
     try:
@@ -164,7 +161,7 @@ def run_tool(fn: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentP
     on CPU); :class:`ToolError` (and the ValueError / KeyError / FileNotFoundError of bad options) become one
     line on stderr and exit code 2."""
     args = parse_tool_args(parser, argv)
-    _setup_logging()
+    setup_tool_logging()
     world = getattr(args, "num_gpus", 1) * getattr(args, "num_machines", 1)
     if world > 1:
         if not getattr(fn, "distributed_ok", False):
@@ -187,32 +184,6 @@ def run_tool(fn: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentP
         _report(e)
         return 2
     return 0
-
-
-class _CurrentStdout(logging.StreamHandler):
-    """Writes to whatever ``sys.stdout`` is at emit time (tools run in-process, e.g. under pytest's capture)."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def _setup_logging() -> None:
-    """INFO logs of detectron2 / d2norm on stdout (progress), unless the process already configured them."""
-    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
-    for name in ("detectron2", "d2norm"):
-        lg = logging.getLogger(name)
-        if lg.handlers:
-            continue
-        h = _CurrentStdout()
-        h.setFormatter(fmt)
-        lg.addHandler(h)
-        lg.setLevel(logging.INFO)
-        lg.propagate = False
 
 
 def base_parser(description: str, multi_weights: bool = False) -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""What training prints where: the console gets progress, ``OUTPUT_DIR/log.txt`` gets everything, without colour.
+"""What training and the tools print where: the console gets progress, ``OUTPUT_DIR/log.txt`` gets everything, without colour.
 
 detectron2's ``default_setup`` logs the environment table, the config file and the full config dump (several hundred lines) and
 the trainer logs the full model print; with a log file these go to the file only and the console says where
@@ -13,7 +13,8 @@ import warnings
 
 from detectron2.utils.logger import setup_logger
 
-__all__ = ["FILE_ONLY", "setup_training_loggers", "route_log_handlers", "has_log_file", "quiet_known_warnings"]
+__all__ = ["FILE_ONLY", "setup_training_loggers", "route_log_handlers", "has_log_file", "quiet_known_warnings",
+           "setup_tool_logging"]
 
 #: ``logger.info(..., extra=FILE_ONLY)`` writes a record to the log file only (when there is one)
 FILE_ONLY = {"d2norm_file_only": True}
@@ -97,3 +98,30 @@ def quiet_known_warnings() -> None:
 
     if not torch.cuda.is_available():
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at emit time (tools run in-process, e.g. under pytest's capture)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_tool_logging() -> None:
+    """A tool's console: INFO logs of detectron2 / d2norm on stdout (progress), unless the process already
+    configured them (a training configures them with :func:`setup_training_loggers`)."""
+    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    for name in ("detectron2", "d2norm"):
+        lg = logging.getLogger(name)
+        if lg.handlers:
+            continue
+        h = _CurrentStdout()
+        h.setFormatter(fmt)
+        lg.addHandler(h)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False

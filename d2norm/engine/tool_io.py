@@ -1,12 +1,10 @@
 """A tool's inputs and outputs: cfg and checkpoint loading with clear errors, datasets and loaders, output
 folders that never overwrite a run's files, checkpoint / JSON / table writing."""
-import argparse
 import contextlib
 import json
 import logging
 import os
-import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from torch import nn
 

@@ -21,7 +21,7 @@ from ..options import check_cfg
 from ..data import prepare_datasets
 from ..layers import build_model
 from ..layers.cfg_checks import check_norm_cfg
-from ..modeling.meta_arch.evalnorm_arch import LOSS_KEY as EVALNORM_LOSS_KEY
+from ..layers.protocol import aux_loss_keys
 from ..modeling.meta_arch.evalnorm_arch import check_aux_loss_collected, check_evalnorm_training_cfg
 from ..solver import build_optimizer
 from .checkpoint import D2NormCheckpointer
@@ -44,7 +44,8 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         super().__init__(cfg)
         check_aux_loss_collected(self.model)  # online EvalNorm whose aux loss nobody adds: fail, not train
-        self._trainer._write_metrics = functools.partial(_write_metrics, self._trainer._write_metrics)
+        self._trainer._write_metrics = functools.partial(_write_metrics, self._trainer._write_metrics,
+                                                         aux_loss_keys(self.model))
 
     @classmethod
     def build_model(cls, cfg):
@@ -138,16 +139,12 @@ class Trainer(DefaultTrainer):
         return ret[:2] + extra + ret[2:]
 
 
-#: loss terms that train only a norm layer's own estimator parameters, not the detector: EvalNorm's eq-9 aux
-#: loss moves only α̂, β̂ (evalnorm §3.4, stop-gradient). They are back-propagated with the rest but logged
-#: apart from ``total_loss``, which stays the detection loss a user compares across runs.
-AUX_LOSS_KEYS = (EVALNORM_LOSS_KEY,)
-
-
-def _write_metrics(write, loss_dict, data_time, prefix=""):
-    """detectron2's ``SimpleTrainer._write_metrics`` with :data:`AUX_LOSS_KEYS` left out of ``total_loss`` and
-    written as their own scalars (averaged over ranks; a non-finite one stops training as detectron2 does)."""
-    aux = {k: v for k, v in loss_dict.items() if k in AUX_LOSS_KEYS}
+def _write_metrics(write, aux_keys, loss_dict, data_time, prefix=""):
+    """detectron2's ``SimpleTrainer._write_metrics`` with the norm layers' auxiliary losses (``aux_keys``:
+    :func:`~d2norm.layers.protocol.aux_loss_keys`, e.g. EvalNorm's eq-9 term, which trains only α̂, β̂) left out
+    of ``total_loss`` (the detection loss a user compares across runs) and written as their own scalars
+    (averaged over ranks; a non-finite one stops training as detectron2 does)."""
+    aux = {k: v for k, v in loss_dict.items() if k in aux_keys}
     write({k: v for k, v in loss_dict.items() if k not in aux}, data_time, prefix)
     if not aux:
         return

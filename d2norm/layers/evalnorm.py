@@ -179,6 +179,9 @@ class EvalNorm2d(D2NormBatchNorm2d):
     max_pending_aux = 32
 
     CFG_NODE = "EVALNORM"
+    #: the eq-9 aux loss moves only α̂, β̂ (evalnorm §3.4, stop-gradient): the EvalNorm-aware meta-architectures
+    #: add it under this key, and the trainer logs it apart from total_loss
+    aux_loss_key = "loss_evalnorm"
     CFG_DOC = 'EvalNorm: evalnorm §3.3-3.4, eqs 5-9'
     OPTIONS = (
         Option("MODE", "online", "'online' (alpha/beta learned in training by the stop-gradient aux loss, eq 9), "

@@ -113,6 +113,13 @@ class PreciseBNHook(HookBase):
         if n == 0:
             logger.warning("PreciseBN: the model has no layer with population statistics in training mode")
 
+    # the spec's settings, as attributes of the hook (rethinking §3.2: N, B, eq 2 / eq 3, A.3)
+    num_samples = property(lambda self: self.spec.num_samples)
+    batch_size = property(lambda self: self.spec.batch_size)
+    estimator = property(lambda self: self.spec.estimator)
+    exact_layerwise = property(lambda self: self.spec.exact_layerwise)
+    nonfinite = property(lambda self: self.spec.nonfinite)
+
     def after_step(self):
         next_iter = self.trainer.iter + 1
         if next_iter == self.trainer.max_iter or (self.period > 0 and next_iter % self.period == 0):

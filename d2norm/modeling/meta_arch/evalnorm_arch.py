@@ -72,7 +72,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...options import Bool, Choice, Int, Option, check_values, declare_node
+from ...options import Bool, Choice, Int, Option, check_values, declare_node, default
 from ...layers.base import D2NormModule
 from ...layers.evalnorm import EvalNorm2d, evalnorm_aux_loss, evalnorm_modules
 from ...layers.report import ConversionReport
@@ -93,7 +93,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LOSS_KEY = "loss_evalnorm"
+LOSS_KEY = EvalNorm2d.aux_loss_key
 _INIT_CHOICES = ("loaded", "fresh")
 
 
@@ -121,12 +121,12 @@ OPTIONS = declare_node(NODE, (
 class EvalNormModelOptions:
     """Options of :class:`EvalNormModelMixin` (``D2NORM.EVALNORM.AUX_LOSS_WEIGHT``, ``D2NORM.EVALNORM_MODEL.*``)."""
 
-    aux_loss_weight: float = 1.0
-    stats_init: str = "loaded"
-    affine_init: str = "loaded"
-    freeze_stats: bool = False
-    log_period: int = 20
-    log_per_layer: bool = True
+    aux_loss_weight: float = default("EVALNORM", "AUX_LOSS_WEIGHT")
+    stats_init: str = default(NODE, "STATS_INIT")
+    affine_init: str = default(NODE, "AFFINE_INIT")
+    freeze_stats: bool = default(NODE, "FREEZE_STATS")
+    log_period: int = default(NODE, "LOG_PERIOD")
+    log_per_layer: bool = default(NODE, "LOG_PER_LAYER")
 
     def __post_init__(self):
         check_values("EVALNORM", AUX_LOSS_WEIGHT=self.aux_loss_weight)
