@@ -12,6 +12,7 @@ The pattern is detectron2's ``add_*_config`` per project and mmcv's options trav
 default written once instead of in the cfg function and again in the constructor (timm's ``create_norm`` keeps
 one dict of layer types; here the registry is that dict and the options travel with each entry).
 """
+import copy
 import functools
 import inspect
 import weakref
@@ -22,7 +23,8 @@ from .utils.validation import check_bool, check_choice, check_int, check_number
 
 __all__ = [
     "Option", "Int", "Number", "Choice", "Bool", "Strings", "declare_node", "declared_nodes", "bind_options",
-    "class_options", "options_from_config", "check_node", "check_cfg", "check_once",
+    "class_options", "options_from_config", "check_node", "check_cfg", "check_once", "check_values", "default",
+    "markdown_reference",
 ]
 
 #: a check: ``check(label, value)`` raises a ValueError naming ``label`` (which holds the cfg key) and what is
@@ -252,3 +254,12 @@ def markdown_reference() -> str:
             out.append(f"| `{o.key}` | `{o.default!r}` | {f'`{o.arg}`' if o.arg else ''} | {doc} |")
         out.append("")
     return "\n".join(out)
+
+
+def default(name: str, key: str):
+    """The declared default of ``D2NORM.<name>.<key>``, for a model class whose constructor takes the node's
+    options as arguments (its signature then states no second default)."""
+    for o in _NODES[name].options:
+        if o.key == key:
+            return copy.deepcopy(o.default)
+    raise KeyError(f"D2NORM.{name}.{key} is not declared")

@@ -72,6 +72,14 @@ class D2NormModule:
     #: state-dict keys of a torch BN / detectron2 FrozenBN that mean the same in this layer: what ``convert_norm``
     #: carries over (a per-channel tensor is repeated over a leading per-domain dimension); the rest is reported
     bn_state_keys: Tuple[str, ...] = ("weight", "bias")
+    #: the loss key under which a model adds this layer's auxiliary loss (a loss that trains only the layer's own
+    #: estimator parameters, e.g. EvalNorm's eq 9), or ``None``; the trainer logs such terms apart from
+    #: ``total_loss`` (:func:`d2norm.layers.protocol.aux_loss_keys`)
+    aux_loss_key: Optional[str] = None
+    #: the methods through which a model feeds this layer, with their calling convention: ``"input"`` =
+    #: ``f(x, *args, **kwargs)``, ``"inputs_by_domain"`` = ``f(xs, domains=None)`` (DomainBN's
+    #: ``forward_domains``). Statistics passes (PreciseBN, probes, the BN monitor) intercept exactly these.
+    routed_calls: Tuple[Tuple[str, str], ...] = (("forward", "input"),)
 
     #: the layer's cfg node ``cfg.D2NORM.<CFG_NODE>`` (its options without a ``node`` of their own live there)
     CFG_NODE: Optional[str] = None
@@ -105,6 +113,13 @@ class D2NormModule:
         if not any(o.arg for _, o in class_options(cls).values()):
             raise NotImplementedError(f"{cls.__qualname__} has no cfg options (not a registered norm)")
         return options_from_config(cls, cfg, channels)
+
+    @classmethod
+    def check_cfg_use(cls, cfg, keys: List[str], world: int) -> None:
+        """This layer's setup rule, run by :func:`d2norm.layers.cfg_checks.check_norm_cfg` before anything is built
+        when the layer's name is in the ``NORM`` keys ``keys`` of ``cfg`` (a training of ``world`` processes):
+        a ValueError naming the keys for a use that cannot work, :func:`~d2norm.layers.cfg_checks.warn_once` for
+        one that silently does not do what the name says. Default: nothing to check."""
 
     def stats_adapter(self):
         """The :class:`~d2norm.stats.adapters.StatsAdapter` that recomputes this layer's population statistics

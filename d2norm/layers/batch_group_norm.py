@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..stats.adapters import StatsAdapter
-from ..stats.estimators import batch_moments
+from ..moments import batch_moments
 from ..options import Int, Number, Option
 from ..utils.validation import check_int
 from .base import D2NormModule, NotAnAffine, affine_from_stats, check_input_channels, empty_passthrough, skip_nonfinite_stats, stat_dtype

@@ -9,7 +9,7 @@ and logged, never silently defaulted.
 import contextlib
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from detectron2.layers import FrozenBatchNorm2d
@@ -192,27 +192,27 @@ def conversion_plan(model: nn.Module, to: str, bn_inference_only: bool = False):
       BatchStatsBN's batch statistics, ExampleWeightedBN with α > 0).
     """
     from .base import NotAnAffine
+    from .protocol import norm_protocol
 
     target = NORM_REGISTRY.get(to)
     convert, keep = [], {}
     for name, m in model.named_modules():
+        view = norm_protocol(m)
+        if view is None:
+            continue
         if isinstance(m, target):
             keep[name] = f"already {to}"
-        elif isinstance(m, FrozenBatchNorm2d):
-            keep[name] = "FrozenBN: frozen in training, no batch statistics (no train/test discrepancy to correct)"
-        elif isinstance(m, D2NormModule):
-            reason = m.sample_stats_inference_unsupported()
-            if reason is None and bn_inference_only:
-                try:
-                    m.inference_affine()
-                except NotAnAffine as e:
-                    reason = f"its inference is not BN's ({e}); alpha = 0 would change it"
-            if reason is None:
-                convert.append(name)
-            else:
-                keep[name] = reason
-        elif isinstance(m, SOURCE_TYPES):
+            continue
+        reason = view.sample_stats_inference_unsupported()
+        if reason is None and bn_inference_only:
+            try:
+                view.inference_affine()
+            except NotAnAffine as e:
+                reason = f"its inference is not BN's ({e}); alpha = 0 would change it"
+        if reason is None:
             convert.append(name)
+        else:
+            keep[name] = reason
     return convert, keep
 
 

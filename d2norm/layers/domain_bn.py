@@ -23,7 +23,8 @@ from torch import nn
 
 
 from ..stats.adapters import BatchNormAdapter, reduce_dims
-from ..stats.estimators import MomentAccumulator, batch_moments
+from ..moments import batch_moments
+from ..stats.estimators import MomentAccumulator
 from .base import (
     D2NormBatchNorm2d, FrozenBNState, NotAnAffine, affine_from_stats, empty_passthrough, skip_nonfinite_stats, stat_dtype,
 )
@@ -142,6 +143,7 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
     """
 
     CFG_NODE = "DOMAIN_BN"
+    routed_calls = (("forward", "input"), ("forward_domains", "inputs_by_domain"))
     CFG_DOC = 'DomainBN, per-domain statistics: rethinking §5.2, Table 5 (rows as (TRAIN_STATS, POP_STATS, AFFINE_PER_DOMAIN): 1 (shared, shared, False), 2 (shared, per_domain, False), 3 (per_domain, shared, False), 4 (per_domain, per_domain, False), 5 (per_domain, shared, True), 6 (per_domain, per_domain, True); default row 4)'
     OPTIONS = (
         Option("NUM_DOMAINS", 5, "K, e.g. the FPN levels P3-P7 of a RetinaNet head (rethinking §5.2).",
@@ -154,6 +156,27 @@ class DomainBatchNorm2d(D2NormBatchNorm2d):
         Option("AFFINE_PER_DOMAIN", False, "Table 5 'Affine Parameters': True = one (gamma, beta) per domain.",
                arg="affine_per_domain", check=Bool()),
     )
+
+    @classmethod
+    def check_cfg_use(cls, cfg, keys, world: int) -> None:
+        """A ValueError for DomainBN with several domains in a stock meta-architecture: stock detectron2 modules
+        call their norm without a domain, so the first forward would fail (rethinking §5.2: the domain is, e.g.,
+        the FPN level of a shared head)."""
+        from .cfg_checks import STOCK_META_ARCHS
+
+        arch = cfg.MODEL.META_ARCHITECTURE
+        if arch not in STOCK_META_ARCHS or not cls(**cls.from_config(cfg, 8)).needs_domain:
+            return
+        d = cfg.D2NORM.DOMAIN_BN
+        raise ValueError(
+            f"{', '.join(keys)} 'DomainBN' with D2NORM.DOMAIN_BN.NUM_DOMAINS {d.NUM_DOMAINS} (TRAIN_STATS "
+            f"{d.TRAIN_STATS!r}, POP_STATS {d.POP_STATS!r}, AFFINE_PER_DOMAIN {d.AFFINE_PER_DOMAIN}) in "
+            f"MODEL.META_ARCHITECTURE {arch!r}: stock detectron2 modules call their norm without a domain, so the "
+            f"first forward would fail. DomainBN needs a model that passes the domain (rethinking §5.2): for "
+            f"RetinaNet's per-level head use MODEL.META_ARCHITECTURE 'DomainBNRetinaNet' (options "
+            f"D2NORM.RETINANET_HEAD.*, MODEL.RETINANET.NORM \"\"), or call the layer with domain=k / "
+            f"domain_scope(k) in your own module; otherwise use another norm."
+        )
 
     def __init__(
         self,

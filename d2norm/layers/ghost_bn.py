@@ -81,6 +81,31 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
         self.ghost_size = int(ghost_size)
         self.remainder = remainder
 
+    @classmethod
+    def check_cfg_use(cls, cfg, keys, world: int) -> None:
+        """Warns when D2NORM.GHOST_BN.SIZE is at least the examples the layer normalizes (images per process in
+        a backbone / RetinaNet head, sampled RoIs in a box / mask head): one ghost batch = plain BN (four-things
+        §3.2, eq 4)."""
+        from .cfg_checks import images_per_process, warn_once
+
+        size = cfg.D2NORM.GHOST_BN.SIZE
+        images = images_per_process(cfg, world)
+        per = f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} over {world} process(es)"
+        for key in keys:
+            if key in ("MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM"):
+                n = int(cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE) * images
+                what = (f"at most {n} RoIs per process (MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE "
+                        f"{cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE} x {images} images, {per})")
+            else:
+                n = images
+                what = f"{n} images per process ({per})"
+            if size >= n:
+                warn_once(
+                    f"{key} 'GhostBN' with D2NORM.GHOST_BN.SIZE {size}: the layer normalizes {what}, so every batch "
+                    f"is a single ghost batch and GhostBN is plain BN (four-things §3.2). Set D2NORM.GHOST_BN.SIZE "
+                    f"below {n} (e.g. {max(1, n // 2)}) for ghost batches, or use NORM 'BN'."
+                )
+
     def training_normalization_batch(self) -> int:
         return self.ghost_size
 

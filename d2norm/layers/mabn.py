@@ -25,7 +25,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..stats.adapters import StatsAdapter, reduce_dims
-from ..stats.estimators import batch_moments
+from ..moments import batch_moments
 from .base import (
     D2NormModule, FrozenBNState, check_input_channels, skip_nonfinite_stats, stat_dtype, undo_nonfinite_update_,
 )
@@ -251,6 +251,44 @@ class MABN2d(nn.Module, D2NormModule):
         self.register_buffer("psi_buffer", torch.zeros(buffer_size, num_features, **f))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.register_buffer("psi_count", torch.tensor(0, dtype=torch.long, device=device))
+
+    #: stock backbone builder -> d2norm's weight-centralized MABN twin (mabn §4.2 eq 18)
+    MABN_BACKBONES = {
+        "build_resnet_backbone": "build_mabn_resnet_backbone",
+        "build_resnet_fpn_backbone": "build_mabn_resnet_fpn_backbone",
+        "build_retinanet_resnet_fpn_backbone": "build_mabn_retinanet_resnet_fpn_backbone",
+    }
+
+    @classmethod
+    def check_cfg_use(cls, cfg, keys, world: int) -> None:
+        """Warns for MABN in a stock (not weight-centralized) backbone, FPN, box / mask head or RetinaNet head:
+        mabn §4.2 eq 18 centralizes the weights of the conv before each MABN, which d2norm's MABN builders do."""
+        from .cfg_checks import warn_once
+
+        used = set(keys)
+        backbone = cfg.MODEL.BACKBONE.NAME
+        arch = cfg.MODEL.META_ARCHITECTURE
+        twin = cls.MABN_BACKBONES.get(backbone)
+        eq18 = "its convs are not weight-centralized, which MABN needs (mabn §4.2 eq 18)"
+        if "MODEL.RESNETS.NORM" in used and twin:
+            warn_once(f"MODEL.RESNETS.NORM 'MABN' with the stock backbone MODEL.BACKBONE.NAME {backbone!r}: {eq18}. "
+                      f"Use MODEL.BACKBONE.NAME {twin!r}.")
+        if "MODEL.FPN.NORM" in used and twin and "fpn" in backbone:
+            warn_once(f"MODEL.FPN.NORM 'MABN' with the stock backbone MODEL.BACKBONE.NAME {backbone!r}: {eq18}. "
+                      f"Use MODEL.BACKBONE.NAME {twin!r}.")
+        rcnn = "RCNN" in arch or arch == "PanopticFPN"
+        head = cfg.MODEL.ROI_BOX_HEAD
+        if rcnn and "MODEL.ROI_BOX_HEAD.NORM" in used and head.NAME != "MABNConvFCHead" and head.NUM_CONV:
+            warn_once(f"MODEL.ROI_BOX_HEAD.NORM 'MABN' with MODEL.ROI_BOX_HEAD.NAME {head.NAME!r}: {eq18}. "
+                      f"Use MODEL.ROI_BOX_HEAD.NAME 'MABNConvFCHead'.")
+        mask = cfg.MODEL.ROI_MASK_HEAD
+        if (rcnn and cfg.MODEL.MASK_ON and "MODEL.ROI_MASK_HEAD.NORM" in used
+                and mask.NAME != "MABNMaskRCNNConvUpsampleHead"):
+            warn_once(f"MODEL.ROI_MASK_HEAD.NORM 'MABN' with MODEL.ROI_MASK_HEAD.NAME {mask.NAME!r}: {eq18}. "
+                      f"Use MODEL.ROI_MASK_HEAD.NAME 'MABNMaskRCNNConvUpsampleHead'.")
+        if "RetinaNet" in arch and arch != "MABNRetinaNet" and "MODEL.RETINANET.NORM" in used:
+            warn_once(f"MODEL.RETINANET.NORM 'MABN' with MODEL.META_ARCHITECTURE {arch!r}: {eq18}. "
+                      f"Use MODEL.META_ARCHITECTURE 'MABNRetinaNet'.")
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, buffer_size={self.buffer_size}, momentum={self.momentum}, "

@@ -152,6 +152,14 @@ class AnySyncBatchNorm2d(D2NormBatchNorm2d):
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
         self.sync_group_size = int(sync_group_size)
 
+    @classmethod
+    def check_cfg_use(cls, cfg, keys, world: int) -> None:
+        """D2NORM.SYNC_BN.GROUP_SIZE must divide the number of processes (rethinking A.5: groups of consecutive
+        ranks)."""
+        from .cfg_checks import check_group_size
+
+        check_group_size("D2NORM.SYNC_BN.GROUP_SIZE", cfg.D2NORM.SYNC_BN.GROUP_SIZE, world)
+
     def extra_repr(self):
         return super().extra_repr() + f", sync_group_size={self.sync_group_size}"
 

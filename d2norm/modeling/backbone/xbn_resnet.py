@@ -44,7 +44,7 @@ from detectron2.modeling.backbone.resnet import ResNet, build_resnet_backbone
 from torch import nn
 
 from .fpn import fpn_from_cfg, rcnn_top_block, retinanet_top_block
-from ...options import Choice, Int, Number, Option, check_values, declare_node
+from ...options import Choice, Int, Number, Option, check_values, declare_node, default
 from ...layers.registry import norm_options
 from ...layers.report import ConversionReport
 
@@ -143,8 +143,9 @@ OPTIONS = declare_node(NODE, (
 class XBNOptions:
     """Validated ``cfg.D2NORM.XBNBLOCK`` values (see the module docstring for their meaning)."""
 
-    def __init__(self, position: int = 2, density: int = 1, norm_type: str = "GN", num_groups: int = 64,
-                 eps: float = 1e-5, stem_norm: str = "BFN"):
+    def __init__(self, position: int = default(NODE, "POSITION"), density: int = default(NODE, "DENSITY"),
+                 norm_type: str = default(NODE, "NORM_TYPE"), num_groups: int = default(NODE, "NUM_GROUPS"),
+                 eps: float = default(NODE, "EPS"), stem_norm: str = default(NODE, "STEM_NORM")):
         check_values(NODE, POSITION=position, DENSITY=density, NORM_TYPE=norm_type, NUM_GROUPS=num_groups, EPS=eps,
                      STEM_NORM=stem_norm)
         self.stem_norm = stem_norm
@@ -223,8 +224,10 @@ def convert_resnet_to_xbn(resnet: ResNet, options: XBNOptions) -> Dict[str, Batc
     return new
 
 
-def xbn_resnet(resnet: ResNet, position: int = 2, density: int = 1, norm_type: str = "GN", num_groups: int = 64,
-               eps: float = 1e-5, freeze_at: int = 0, stem_norm: str = "BFN") -> ResNet:
+def xbn_resnet(resnet: ResNet, position: int = default(NODE, "POSITION"), density: int = default(NODE, "DENSITY"),
+               norm_type: str = default(NODE, "NORM_TYPE"), num_groups: int = default(NODE, "NUM_GROUPS"),
+               eps: float = default(NODE, "EPS"), freeze_at: int = 0,
+               stem_norm: str = default(NODE, "STEM_NORM")) -> ResNet:
     """Plain-argument XBNBlock ResNet (LazyConfig, code): ``resnet`` (a detectron2 ``ResNet`` built with
     ``freeze_at=0``) with XBNBlocks (:func:`convert_resnet_to_xbn`, options as :class:`XBNOptions`), then frozen up
     to stage ``freeze_at`` so frozen stages include the batch-free norms.

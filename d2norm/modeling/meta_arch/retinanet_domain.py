@@ -74,7 +74,7 @@ from detectron2.modeling.meta_arch.build import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from torch import Tensor, nn
 
-from ...options import Bool, Choice, Int, Option, check_node, check_values, declare_node
+from ...options import Bool, Choice, Int, Option, check_node, check_values, declare_node, default
 from ...layers.domain_bn import DomainBatchNorm2d, domain_bn_modules
 from ...layers.sync_domain_bn import SyncDomainBatchNorm2d
 
@@ -154,11 +154,11 @@ class DomainBNRetinaNetHead(nn.Module):
         num_anchors: int,
         conv_dims: List[int],
         levels: Sequence[str],
-        train_stats: str = "per_level",
-        pop_stats: str = "per_level",
-        affine: str = "shared",
-        sync: bool = True,
-        sync_group_size: int = 0,
+        train_stats: str = default(NODE, "TRAIN_STATS"),
+        pop_stats: str = default(NODE, "POP_STATS"),
+        affine: str = default(NODE, "AFFINE"),
+        sync: bool = default(NODE, "SYNC"),
+        sync_group_size: int = default(NODE, "SYNC_GROUP_SIZE"),
         bn_eps: float = 1e-5,
         bn_momentum: Optional[float] = 0.1,
         prior_prob: float = 0.01,

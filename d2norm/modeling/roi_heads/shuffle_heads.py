@@ -28,7 +28,7 @@ from detectron2.config import configurable
 from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY, FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
-from ...options import Bool, Int, Option, check_node, declare_node
+from ...options import Bool, Int, Option, check_node, declare_node, default
 from ...utils.comm import all_gather_variable, group_world_size, is_local_only, shared_permutation
 
 __all__ = [
@@ -155,7 +155,8 @@ class ShuffledConvFCHead(_ShuffleMixin, FastRCNNConvFCHead):
     """
 
     @configurable
-    def __init__(self, input_shape, *, conv_dims, fc_dims, conv_norm="", shuffle: bool = True, seed: int = -1):
+    def __init__(self, input_shape, *, conv_dims, fc_dims, conv_norm="", shuffle: bool = default(NODE, "ENABLED"),
+                 seed: int = default(NODE, "SEED")):
         """Arguments of :class:`FastRCNNConvFCHead`, plus ``shuffle`` (shuffle in training) and ``seed``
         (``>= 0``: a dedicated generator; ``-1``: the global torch RNG of rank 0)."""
         super().__init__(input_shape, conv_dims=conv_dims, fc_dims=fc_dims, conv_norm=conv_norm)
@@ -180,8 +181,8 @@ class ShuffledMaskRCNNConvUpsampleHead(_ShuffleMixin, MaskRCNNConvUpsampleHead):
     """
 
     @configurable
-    def __init__(self, input_shape, *, num_classes, conv_dims, conv_norm="", shuffle: bool = True,
-                 seed: int = -1, **kwargs):
+    def __init__(self, input_shape, *, num_classes, conv_dims, conv_norm="", shuffle: bool = default(NODE, "ENABLED"),
+                 seed: int = default(NODE, "SEED"), **kwargs):
         super().__init__(input_shape, num_classes=num_classes, conv_dims=conv_dims, conv_norm=conv_norm, **kwargs)
         self._init_shuffle(shuffle, seed, conv_norm)
 
