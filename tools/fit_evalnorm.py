@@ -51,13 +51,9 @@ def build_parser():
 
 @tc.distributed_tool
 def run(args):
-    import math
-
-    import torch
-
     from d2norm.layers.protocol import norm_protocol
     from d2norm.layers.evalnorm import evalnorm_alpha_beta, evalnorm_modules
-    from d2norm.stats.evalnorm_fit import fit_evalnorm_offline
+    from d2norm.stats.evalnorm_fit import fit_evalnorm_offline, set_evalnorm_rule
 
     cfg = tc.load_cfg(args.config_file, args.opts)
     ec = cfg.D2NORM.EVALNORM
@@ -95,18 +91,11 @@ def run(args):
 
     if args.rule is not None:
         info = {"method": "rule", "rule_batch_size": "recorded" if args.rule == RECORDED else args.rule}
-        with torch.no_grad():
-            for lname, m in layers.items():
-                m.rule_batch_size = ghost.get(lname, 0) if args.rule == RECORDED else args.rule
-                m.mode = "rule"
-                try:
-                    a, _ = m.eval_alpha_beta()
-                except RuntimeError as e:
-                    raise tc.ToolError(f"{lname}: {e} (pass --rule B)") from None
-                a = min(max(float(a), 1e-12), 1 - 1e-7)  # B = 1 gives 1/B² = 1: the logit parametrization's edge
-                logit = math.log(a / (1 - a))
-                m.alpha_logit.fill_(logit)  # the checkpoint carries α̂ = β̂ = 1/B² (evaluated in "offline" mode)
-                m.beta_logit.fill_(logit)
+        sizes = {n: (ghost.get(n, 0) if args.rule == RECORDED else args.rule) for n in layers}
+        try:
+            set_evalnorm_rule(layers, sizes)  # the checkpoint carries α̂ = β̂ = 1/B² (evaluated in "offline" mode)
+        except RuntimeError as e:
+            raise tc.ToolError(f"{e} (pass --rule B)") from None
     else:
         loader = tc.train_style_loader(cfg, dataset, batch_size, seed=args.seed)
         print(f"fitting alpha/beta of {len(layers)} EvalNorm layers: {iters} iterations of {batch_size} images "

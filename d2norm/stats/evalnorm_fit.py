@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layers.evalnorm import evalnorm_aux_loss, evalnorm_alpha_beta, evalnorm_modules, evalnorm_parameters
 
-__all__ = ["fit_evalnorm_offline"]
+__all__ = ["fit_evalnorm_offline", "set_evalnorm_rule"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,3 +149,24 @@ def fit_evalnorm_offline(
             for k, v in saved_tensors.items():
                 current[k].copy_(v)
     return {"losses": losses, "alpha_beta": evalnorm_alpha_beta(model)}
+
+
+@torch.no_grad()
+def set_evalnorm_rule(layers: Dict[str, nn.Module], batch_sizes: Dict[str, int]) -> None:
+    """evalnorm §4.1's rule of thumb α̂ = β̂ = 1/B² written into each layer's parameters (B from ``batch_sizes``,
+    0 = the layer's recorded ``seen_batch_size``), then mode ``"offline"``: the values travel in a checkpoint
+    whatever the layers' B. RuntimeError naming the layer when B is unknown (0 and nothing recorded)."""
+    import math
+
+    for name, m in layers.items():
+        m.rule_batch_size = int(batch_sizes.get(name, 0))
+        m.mode = "rule"
+        try:
+            a, _ = m.eval_alpha_beta()
+        except RuntimeError as e:
+            raise RuntimeError(f"{name}: {e}") from None
+        a = min(max(float(a), 1e-12), 1 - 1e-7)  # B = 1 gives 1/B² = 1: the logit parametrization's edge
+        logit = math.log(a / (1 - a))
+        m.alpha_logit.fill_(logit)
+        m.beta_logit.fill_(logit)
+        m.mode = "offline"
