@@ -164,22 +164,62 @@ def diagnose_cfg(cfg, world_size: int = 1) -> List[Finding]:
     return out
 
 
-def report_markdown(findings: List[Finding], title: str) -> str:
+#: the measured quantities shown per layer in the report (d2norm.doctor_measured)
+MEASURED_COLUMNS = ("rel_mean_gap", "rel_std_gap", "rel_batch_mean_spread", "rel_batch_std_spread", "calls",
+                    "level_divergence", "roi_within_image", "second_moment_max")
+
+
+def report_markdown(findings: List[Finding], title: str, measured: Optional[Dict[str, Dict]] = None) -> str:
     lines = [f"# BN doctor: {title}", ""]
     if not findings:
-        return "\n".join(lines + ["No batch-statistics pitfall found."])
-    lines += ["| severity | finding | paper | what | fix |", "|---|---|---|---|---|"]
-    for f in sorted(findings, key=lambda f: SEVERITIES.index(f.severity)):
-        lines.append(f"| {f.severity} | {f.code} | {f.paper} | {f.message} | {f.fix} |")
+        lines.append("No batch-statistics pitfall found.")
+    else:
+        lines += ["| severity | finding | paper | what | fix |", "|---|---|---|---|---|"]
+        for f in sorted(findings, key=lambda f: SEVERITIES.index(f.severity)):
+            lines.append(f"| {f.severity} | {f.code} | {f.paper} | {f.message} | {f.fix} |")
+    if measured:
+        lines += ["", "## Measured, per layer in module order (d2norm.doctor_measured; rel_* in units of the "
+                  "layer's population ||sigma||)", "", "| layer | " + " | ".join(MEASURED_COLUMNS) + " |",
+                  "|---|" + "---|" * len(MEASURED_COLUMNS)]
+        for name, r in measured.items():
+            cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in MEASURED_COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(findings: List[Finding], out_dir: str, title: str) -> Dict[str, str]:
-    """``report.md`` and ``report.json`` in ``out_dir``."""
+def write_report(findings: List[Finding], out_dir: str, title: str,
+                 measured: Optional[Dict[str, Dict]] = None) -> Dict[str, str]:
+    """``report.md`` and ``report.json`` in ``out_dir`` (with ``measured``: also ``measured.png``, the estimation
+    shift and the train/test spread of every layer by depth)."""
     os.makedirs(out_dir, exist_ok=True)
     md, js = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.json")
     with open(md, "w") as f:
-        f.write(report_markdown(findings, title) + "\n")
+        f.write(report_markdown(findings, title, measured) + "\n")
     with open(js, "w") as f:
-        json.dump({"title": title, "findings": [x.as_dict() for x in findings]}, f, indent=1)
-    return {"markdown": md, "json": js}
+        json.dump({"title": title, "findings": [x.as_dict() for x in findings], "measured": measured or {}}, f,
+                  indent=1)
+    out = {"markdown": md, "json": js}
+    if measured:
+        out["png"] = _plot_measured(measured, os.path.join(out_dir, "measured.png"))
+    return out
+
+
+def _plot_measured(measured: Dict[str, Dict], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in measured.items() if "rel_std_gap" in r]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.12 * len(names) + 2), 3.4))
+    for key, label in (("rel_mean_gap", "EMA vs population mean (Def. 2)"),
+                       ("rel_std_gap", "EMA vs population sigma"),
+                       ("rel_batch_std_spread", "batch vs population sigma (train/test, §4)")):
+        ax.plot(range(len(names)), [measured[n].get(key, float("nan")) for n in names], marker=".", label=label)
+    ax.set_xlabel("layer (module order = depth)")
+    ax.set_ylabel("/ ||sigma_pop||")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -7,18 +7,14 @@ import json
 import os
 
 import pytest
-import torch
+
+from helpers import trained_demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "cpu", "faster_rcnn_R18_FPN_ghostbn.yaml")
-TINY = ["INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64,
-        "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64, "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", 10, "D2NORM.DATA.SYNTHETIC_NUM_VAL", 3,
-        "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_ITER", 6, "SOLVER.WARMUP_ITERS", 0, "TEST.EVAL_PERIOD", 0,
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "SOLVER.CHECKPOINT_PERIOD", 100]
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("_tool_calibrate_bn", os.path.join(ROOT, "tools", "calibrate_bn.py"))
+def _tool(name="calibrate_bn"):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -26,24 +22,7 @@ def _tool():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from detectron2.config import get_cfg
-
-    from d2norm import add_d2norm_config
-    from d2norm.data import prepare_datasets
-    from d2norm.engine import Trainer
-
-    tmp = tmp_path_factory.mktemp("calibrate")
-    opts = [*TINY, "OUTPUT_DIR", str(tmp / "out"), "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp / "data")]
-    cfg = add_d2norm_config(get_cfg())
-    cfg.merge_from_file(DEMO)
-    cfg.merge_from_list(opts)
-    prepare_datasets(cfg)
-    torch.manual_seed(0)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    args = ["--config-file", DEMO, "--weights", str(tmp / "out" / "model_final.pth")]
-    return {"tmp": tmp, "args": args, "opts": [str(v) if not isinstance(v, str) else v for v in opts]}
+    return trained_demo(tmp_path_factory.mktemp("calibrate"))
 
 
 def _run(demo, *extra, out):
@@ -140,3 +119,26 @@ def test_choose_is_the_best_ap_and_the_earlier_on_ties():
 def test_a_split_as_large_as_the_training_set_is_an_error(demo, capsys):
     rc = _tool().main([*demo["args"], "--calib-size", "10", "--output-dir", str(demo["tmp"] / "cal3"), *demo["opts"]])
     assert rc == 2 and "calibration split size 10 must be in [1, 9]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bn_doctor_measures_the_trained_model_and_names_calibrate_candidates(demo, capsys):
+    """bn_doctor --weights on the same model: the measured table covers every layer with population statistics
+    (GhostBN backbone), the estimation shift by depth is plotted, and the report is written; the model file is
+    left as it was."""
+    import hashlib
+
+    weights = demo["args"][-1]
+    digest = hashlib.sha256(open(weights, "rb").read()).hexdigest()
+    out = demo["tmp"] / "doctor"
+    rc = _tool("bn_doctor").main([*demo["args"], "--num-batches", "2", "--output-dir", str(out), *demo["opts"]])
+    text = capsys.readouterr().out
+    assert rc in (0, 1), text[-3000:]
+    rep = json.load(open(out / "report.json"))
+    ghost = [n for n, r in rep["measured"].items() if "rel_std_gap" in r]
+    assert len(ghost) >= 20 and all(r["calls"] >= 1 for r in rep["measured"].values() if "calls" in r)
+    assert os.path.isfile(out / "measured.png") and "## Measured, per layer" in open(out / "report.md").read()
+    for f in rep["findings"]:
+        if f["code"] in ("train_test_inconsistency", "ema_outside_batches"):
+            assert "calibrate_bn candidates" in f["fix"]
+    assert hashlib.sha256(open(weights, "rb").read()).hexdigest() == digest

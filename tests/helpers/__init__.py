@@ -10,6 +10,7 @@ from .configs import (
     tiny_retinanet_cfg,
     tiny_retinanet_training_cfg,
     tiny_training_opts,
+    trained_demo,
 )
 from .references import TABLE5_ROWS, batch_moments, bn_affine, bn_normalize, bn_train, ema, numeric_grad
 from .state import buffers
@@ -17,7 +18,7 @@ from .state import buffers
 __all__ = [
     "assert_matches_reference", "assert_trains_as_batchnorm",
     "d2norm_cfg", "tiny_r18_fpn_rcnn_cfg", "tiny_retinanet_cfg", "tiny_training_opts", "tiny_retinanet_training_cfg",
-    "tiny_instance_batch",
+    "tiny_instance_batch", "trained_demo",
     "TABLE5_ROWS", "batch_moments", "bn_affine", "bn_normalize", "bn_train", "ema", "numeric_grad",
     "buffers",
 ]

@@ -104,3 +104,36 @@ def tiny_instance_batch(seed: int = 0, size: int = 64):
         img = torch.rand(3, size, size, generator=g) * 255 * (0.5 + i)
         out.append({"image": img, "instances": inst, "height": size, "width": size})
     return out
+
+
+#: the main job's config (GhostBN backbone) at 64 px on a tiny synthetic set
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                           "cpu", "faster_rcnn_R18_FPN_ghostbn.yaml")
+
+
+def trained_demo(tmp, max_iter: int = 6, num_train: int = 10, num_val: int = 3) -> dict:
+    """The main job's model trained ``max_iter`` iterations at 64 px into ``tmp/out``: ``{"args": [--config-file,
+    --weights], "opts": [KEY VALUE ...] to pass to a tool, "tmp": tmp}``."""
+    import torch
+    from detectron2.config import get_cfg
+
+    from d2norm import add_d2norm_config
+    from d2norm.data import prepare_datasets
+    from d2norm.engine import Trainer
+
+    opts = ["INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 64,
+            "INPUT.MAX_SIZE_TEST", 64, "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64,
+            "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", num_train, "D2NORM.DATA.SYNTHETIC_NUM_VAL", num_val,
+            "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_ITER", max_iter, "SOLVER.WARMUP_ITERS", 0,
+            "TEST.EVAL_PERIOD", 0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "SOLVER.CHECKPOINT_PERIOD", 100000,
+            "OUTPUT_DIR", str(tmp / "out"), "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp / "data")]
+    cfg = add_d2norm_config(get_cfg())
+    cfg.merge_from_file(DEMO_CONFIG)
+    cfg.merge_from_list(opts)
+    prepare_datasets(cfg)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return {"tmp": tmp, "args": ["--config-file", DEMO_CONFIG, "--weights", str(tmp / "out" / "model_final.pth")],
+            "opts": [v if isinstance(v, str) else str(v) for v in opts]}
