@@ -225,7 +225,7 @@ def test_definition_measures_exactly_its_conditions_with_valid_commands(exp, tmp
 
 def test_definitions_cover_the_issue_list_and_names_are_unique():
     names = [e.name for e in EXPERIMENTS]
-    assert len(set(names)) == len(names) == 11
+    assert len(set(names)) == len(names) == 12
     assert get_experiments(["example_weighing"])[0].name == "example_weighing"
     with pytest.raises(ValueError, match="unknown experiment.*valid"):
         get_experiments(["nope"])

@@ -43,6 +43,9 @@ def build_parser():
     p.add_argument("--candidates", nargs="+", help="only these candidate kinds (default: all the model can take)")
     p.add_argument("--test-dataset", help="test set for the chosen candidate (default: the cfg's first DATASETS.TEST)")
     p.add_argument("--no-test", action="store_true", help="do not evaluate the choice on the test set")
+    p.add_argument("--oracle", action="store_true",
+                   help="after the choice, also evaluate every candidate on the test set (reported as 'oracle', for "
+                        "studying the calibration itself; never used for the choice)")
     p.add_argument("--output-name", help="output name without extension (default <source>_calibrated)")
     return p
 
@@ -124,7 +127,12 @@ def run(args):
         test = tc.prepare_dataset(cfg, test)
         test_res = tc.evaluate(cfg, chosen, test, os.path.join(out_dir, "inference", f"test_{best_name}"))
         print(f"chosen {best_name}: test AP ({test}) = {tc.main_metric(test_res):.4f}", flush=True)
-    report = {"split": split, "candidates": order, "not_candidates": skipped, "chosen": best_name,
+    oracle = None
+    if test and args.oracle:  # after the choice is fixed and written: for studying calibrate_bn, not for choosing
+        oracle = {c.name: (test_res if c.name == best_name else
+                           tc.evaluate(cfg, models[c.name], test, os.path.join(out_dir, "inference", f"oracle_{c.name}")))
+                  for c in cands}
+    report = {"oracle": oracle, "split": split, "candidates": order, "not_candidates": skipped, "chosen": best_name,
               "calibration": results, "calibration_ap": {k: tc.main_metric(v) for k, v in results.items()},
               "converted": info["converted"], "checkpoint": path, "config": yaml_path,
               "test_dataset": test, "test": test_res, "train_batch": train_batch}

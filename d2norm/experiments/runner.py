@@ -339,6 +339,22 @@ class Context:
                              config=os.path.join(out, "evalnorm.yaml"))
 
     @_measurement
+    def calibrate_bn(self, run: Run, trained: Dict, name: str, args: Sequence[str]) -> Dict:
+        """``tools/calibrate_bn.py ARGS`` on the final checkpoint; its JSON report."""
+        out = self._mdir(trained, name)
+        report = os.path.join(out, "calibrated.json")
+        rep = self._cached(report)
+        if rep is None:
+            argv = [self.python, self._tool("calibrate_bn.py"), "--config-file", run.config,
+                    "--weights", trained["final"], "--output-dir", out, "--output-name", "calibrated",
+                    "--overwrite", *args, *run.opts, *self.data_opts()]
+            self._call(argv, os.path.join(out, "stdout.log"))
+            if self.dry_run:
+                return {"test": {}, "oracle": {}, "chosen": "?"}
+            rep = self._cached(report)
+        return rep
+
+    @_measurement
     def analyze_bn(self, run: Run, trained: Dict, name: str, args: Sequence[str] = ()) -> Dict:
         """``tools/analyze_bn.py`` on the final checkpoint; its JSON report."""
         out = self._mdir(trained, name)
