@@ -2,51 +2,27 @@
 backbone), trained briefly here: ``tools/fit_evalnorm.py`` and ``tools/tune_example_weight.py`` convert GhostBN
 (BN at inference) and say up front, before any evaluation, what they cannot convert; their bad options are
 usage errors (exit code 2)."""
-import importlib.util
 import math
 import os
 
 import pytest
 import torch
 
+from helpers import DEMO_CONFIG as DEMO, load_tool, trained_demo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "cpu", "faster_rcnn_R18_FPN_ghostbn.yaml")
-TINY = ["INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64,
-        "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64, "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", 8, "D2NORM.DATA.SYNTHETIC_NUM_VAL", 3,
-        "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_ITER", 3, "SOLVER.WARMUP_ITERS", 0, "TEST.EVAL_PERIOD", 0,
-        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "SOLVER.CHECKPOINT_PERIOD", 2]
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool(name)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """A demo-model checkpoint after 3 training iterations (the demo config at 64 px)."""
-    from detectron2.config import get_cfg
-
-    from d2norm import add_d2norm_config
-    from d2norm.data import prepare_datasets
-    from d2norm.engine import Trainer
-
-    tmp = tmp_path_factory.mktemp("demo_tools")
-    opts = [*TINY, "OUTPUT_DIR", str(tmp / "out"), "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp / "data")]
-    cfg = add_d2norm_config(get_cfg())
-    cfg.merge_from_file(DEMO)
-    cfg.merge_from_list(opts)
-    prepare_datasets(cfg)
-    torch.manual_seed(0)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    ghost = [n for n, m in trainer.model.named_modules() if type(m).__name__ == "GhostBatchNorm2d"]
-    assert ghost
-    args = ["--config-file", DEMO, "--weights", str(tmp / "out" / "model_final.pth")]
-    return {"tmp": tmp, "args": args, "opts": [str(v) if not isinstance(v, str) else v for v in opts], "ghost": ghost}
+    d = trained_demo(tmp_path_factory.mktemp("demo_tools"), max_iter=3, num_train=8, checkpoint_period=2)
+    assert d["ghost"]
+    return d
 
 
 def _run(name, demo, *extra, out=None):

@@ -111,9 +111,10 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
                            "cpu", "faster_rcnn_R18_FPN_ghostbn.yaml")
 
 
-def trained_demo(tmp, max_iter: int = 6, num_train: int = 10, num_val: int = 3) -> dict:
+def trained_demo(tmp, max_iter: int = 6, num_train: int = 10, num_val: int = 3,
+                 checkpoint_period: int = 100000) -> dict:
     """The main job's model trained ``max_iter`` iterations at 64 px into ``tmp/out``: ``{"args": [--config-file,
-    --weights], "opts": [KEY VALUE ...] to pass to a tool, "tmp": tmp}``."""
+    --weights], "opts": [KEY VALUE ...] to pass to a tool, "tmp": tmp, "ghost": its GhostBN layer names}``."""
     import torch
     from detectron2.config import get_cfg
 
@@ -125,7 +126,7 @@ def trained_demo(tmp, max_iter: int = 6, num_train: int = 10, num_val: int = 3) 
             "INPUT.MAX_SIZE_TEST", 64, "D2NORM.DATA.SYNTHETIC_IMAGE_SIZE", 64,
             "D2NORM.DATA.SYNTHETIC_NUM_TRAIN", num_train, "D2NORM.DATA.SYNTHETIC_NUM_VAL", num_val,
             "DATALOADER.NUM_WORKERS", 0, "SOLVER.MAX_ITER", max_iter, "SOLVER.WARMUP_ITERS", 0,
-            "TEST.EVAL_PERIOD", 0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "SOLVER.CHECKPOINT_PERIOD", 100000,
+            "TEST.EVAL_PERIOD", 0, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "SOLVER.CHECKPOINT_PERIOD", checkpoint_period,
             "OUTPUT_DIR", str(tmp / "out"), "D2NORM.DATA.SYNTHETIC_ROOT", str(tmp / "data")]
     cfg = add_d2norm_config(get_cfg())
     cfg.merge_from_file(DEMO_CONFIG)
@@ -135,5 +136,17 @@ def trained_demo(tmp, max_iter: int = 6, num_train: int = 10, num_val: int = 3) 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
+    ghost = [n for n, m in trainer.model.named_modules() if type(m).__name__ == "GhostBatchNorm2d"]
     return {"tmp": tmp, "args": ["--config-file", DEMO_CONFIG, "--weights", str(tmp / "out" / "model_final.pth")],
-            "opts": [v if isinstance(v, str) else str(v) for v in opts]}
+            "opts": [v if isinstance(v, str) else str(v) for v in opts], "ghost": ghost}
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (its ``main(argv)`` runs the tool in this process)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(root, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
