@@ -13,7 +13,8 @@ nothing in it changed; :func:`d2norm.stats.monitor.bn_statistics_gaps`):
   normalization batches (rethinking §4, Fig. 5);
 * ``rel_*``: the same divided by ||σ_pop||₂ (scale-free; thresholds apply to these).
 
-Per layer called several times per forward (a head shared over FPN levels; rethinking §5.2), per call j:
+Per layer called several times per forward (a head shared over FPN levels; rethinking §5.2), per call j (for a
+DomainBN fed through ``forward_domains``, per domain):
 ``level_divergence`` = max_j ||μ_j − μ||₂ / ||σ||₂ with μ, σ the layer's statistics pooled over all calls (float64,
 over every batch): per-level statistics matter when the levels' statistics are far apart (Table 5 row 2: 2.1 AP).
 
@@ -49,7 +50,8 @@ THRESHOLDS = {
 def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn.Module],
                       forward_fn: Callable, roi_images: Callable[[Any], int]) -> Dict[str, dict]:
     """Float64 (count, Σx, Σx²) per channel for each call index of each layer over ``batches``, and the RoI
-    within-image ratio of the R-CNN head norms; forward pre-hooks only, the model restored afterwards."""
+    within-image ratio of the R-CNN head norms; the calls each layer's protocol routes (``routed_calls``) are
+    observed, the model restored afterwards."""
     from .stats.passes import discarded_event_storage, isolated_rng
     from .stats.state import capture_state, restore_state
 
@@ -58,41 +60,61 @@ def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn
     roi: Dict[str, list] = {n: [] for n in layers if n.startswith("roi_heads.")}
     current = {"images": 0}
 
-    def hook(name):
-        def pre(module, args):
-            x = args[0]
-            if not torch.is_tensor(x) or x.dim() < 2 or x.numel() == 0:
-                return
-            j = calls[name] = calls.get(name, -1) + 1
-            xd = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
-            s = sums[name].setdefault(j, [0.0, torch.zeros(x.shape[1], dtype=torch.float64),
-                                          torch.zeros(x.shape[1], dtype=torch.float64)])
-            s[0] += xd.shape[1]
-            s[1] += xd.sum(1).cpu()
-            s[2] += (xd * xd).sum(1).cpu()
-            k = current["images"]
-            if name in roi and k > 1 and x.shape[0] % k == 0 and x.shape[0] // k > 1:
-                per = x.detach().double().reshape(k, x.shape[0] // k, x.shape[1], -1)
-                total = per.transpose(1, 2).reshape(k, x.shape[1], -1)
-                img_mean = total.mean(2)                                 # (k, C)
-                var_total = total.transpose(0, 1).reshape(x.shape[1], -1).var(1, unbiased=False)
-                var_between = img_mean.var(0, unbiased=False)
-                ok = var_total > 0
-                if ok.any():
-                    roi[name].append(float((var_between[ok] / var_total[ok]).mean()))
-        return pre
+    active = set()  # a layer inside one of its own routed calls (forward_domains calling forward): count once
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    def record(name, x, j=None):
+        if not torch.is_tensor(x) or x.dim() < 2 or x.numel() == 0:
+            return
+        if j is None:
+            j = calls[name] = calls.get(name, -1) + 1
+        xd = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+        s = sums[name].setdefault(j, [0.0, torch.zeros(x.shape[1], dtype=torch.float64),
+                                      torch.zeros(x.shape[1], dtype=torch.float64)])
+        s[0] += xd.shape[1]
+        s[1] += xd.sum(1).cpu()
+        s[2] += (xd * xd).sum(1).cpu()
+        k = current["images"]
+        if name in roi and k > 1 and x.shape[0] % k == 0 and x.shape[0] // k > 1:
+            per = x.detach().double().reshape(k, x.shape[0] // k, x.shape[1], -1)
+            total = per.transpose(1, 2).reshape(k, x.shape[1], -1)
+            img_mean = total.mean(2)                                 # (k, C)
+            var_total = total.transpose(0, 1).reshape(x.shape[1], -1).var(1, unbiased=False)
+            var_between = img_mean.var(0, unbiased=False)
+            ok = var_total > 0
+            if ok.any():
+                roi[name].append(float((var_between[ok] / var_total[ok]).mean()))
+
+    def wrap(name, module, fn, convention):
+        def call(*args, **kwargs):
+            if id(module) not in active:
+                if convention == "inputs_by_domain":  # forward_domains(xs, domains): call j = the domain
+                    xs = list(args[0])
+                    domains = args[1] if len(args) > 1 else kwargs.get("domains")
+                    for x, k in zip(xs, domains if domains is not None else range(len(xs))):
+                        record(name, x, int(k))
+                else:
+                    record(name, args[0])
+            active.add(id(module))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                active.discard(id(module))
+
+        return call
+
+    from .layers.protocol import norm_protocol
+    from .stats.state import patched_instance_attrs
+
+    patches = [(m, attr, wrap(n, m, getattr(m, attr), conv)) for n, m in layers.items()
+               for attr, conv in norm_protocol(m).routed_calls if hasattr(m, attr)]
     snap = capture_state(model)
     try:
-        with isolated_rng(), discarded_event_storage():
+        with isolated_rng(), discarded_event_storage(), patched_instance_attrs(patches):
             for b in batches:
                 calls.clear()
                 current["images"] = roi_images(b)
                 forward_fn(model, b)
     finally:
-        for h in handles:
-            h.remove()
         restore_state(model, snap)
     out = {}
     for n in layers:

@@ -121,3 +121,31 @@ def test_no_finding_on_a_well_estimated_layer():
     res = measure(model, batches, 4)
     codes = {f.code for f in diagnose_measured(res)}
     assert not codes & {"ema_outside_batches", "level_divergence", "nonfinite_buffers", "fp16_overflow"}, codes
+
+
+class DomainHead(nn.Module):
+    """A DomainBN fed every level at once through ``forward_domains`` (rethinking §5.2, DomainBNRetinaNet's way)."""
+
+    def __init__(self):
+        super().__init__()
+        from d2norm.layers import DomainBatchNorm2d
+
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = DomainBatchNorm2d(4, num_domains=3)
+
+    def forward(self, x):
+        return sum(y.sum() for y in self.bn.forward_domains([self.conv(x * s + t) for s, t in LEVELS]))
+
+
+def test_level_divergence_of_a_domain_bn_fed_through_forward_domains():
+    torch.manual_seed(0)
+    model = DomainHead().train()
+    batches = _batches()
+    res = measure(model, batches, num_batches=3)["bn"]
+    w, b = model.conv.weight.detach().double(), model.conv.bias.detach().double()
+    flat = [torch.cat([torch.nn.functional.conv2d(x.double() * s + t, w, b).transpose(0, 1).reshape(4, -1)
+                       for x in batches], 1) for s, t in LEVELS]
+    pooled = torch.cat(flat, 1)
+    mu, sigma = pooled.mean(1), pooled.var(1, unbiased=False).sqrt()
+    expected = max(float((f.mean(1) - mu).norm()) for f in flat) / float(sigma.norm())
+    assert res["calls"] == 3 and res["level_divergence"] == pytest.approx(expected, rel=1e-6)
