@@ -15,6 +15,7 @@ MABN has no BN statistics to mix, FrozenBN has no batch statistics).
 """
 import copy
 import dataclasses
+import os
 import random
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -190,8 +191,6 @@ def candidate_cfg(cfg, cand: Candidate, weights: str, info: dict):
     """The config that evaluates the calibrated checkpoint ``weights``: the source cfg with the NORM keys of the
     converted layers naming their new type and the candidate's options, MODEL.WEIGHTS and OUTPUT_DIR set (never
     the training run's folder). Returns ``(cfg, keys kept)``."""
-    import os
-
     from .layers.cfg_checks import norm_keys
     from .layers.convert import BN_NORM_NAMES, cfg_with_norm
 

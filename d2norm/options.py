@@ -185,7 +185,14 @@ def bind_options(cls) -> None:
 
 def check_node(cfg, name: str) -> None:
     """Run the declared check of every option of ``cfg.D2NORM.<name>`` (ValueError naming the cfg key, the value
-    and what is allowed). A node or key the cfg lacks is skipped (its default is used, which is valid)."""
+    and what is allowed). A node or key the cfg lacks is skipped (its default is used, which is valid). Once per
+    frozen cfg (:func:`check_once`): the launch's check of every node and a hook's own check share the result."""
+    values = cfg.get("D2NORM", {}).get(name)
+    # keyed by the values too: a cfg defrosted, changed and frozen again is checked again
+    check_once(cfg, f"node:{name}:{values!r}", lambda c: _check_node(c, name))
+
+
+def _check_node(cfg, name: str) -> None:
     node = _NODES.get(name)
     values = cfg.get("D2NORM", {}).get(name)
     if node is None or values is None:

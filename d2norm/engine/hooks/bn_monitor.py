@@ -4,7 +4,7 @@ from typing import Dict, Iterable, Optional, Sequence
 
 from detectron2.engine.train_loop import HookBase
 
-from ...options import check_once, Bool, Int, Option, check_node, declare_node
+from ...options import Bool, Int, Option, check_node, check_once, declare_node
 from .common import Patterns, build_d2norm_train_loader, per_rank_batch
 
 __all__ = ["BNMonitorHook", "check_bn_monitor_cfg", "build_bn_monitor_hook"]

@@ -6,7 +6,7 @@ from typing import Iterable, Optional
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
-from ...options import check_once, Bool, Int, Option, check_node, declare_node
+from ...options import Bool, Int, Option, check_node, check_once, declare_node
 from ...utils.validation import check_int
 from .common import build_d2norm_train_loader, per_rank_batch
 

@@ -11,9 +11,9 @@ from typing import Callable, List, Optional, Sequence
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
-from ...options import check_once, Bool, Int, Number, Option, check_node, declare_node
-from .common import Patterns
+from ...options import Bool, Int, Number, Option, check_node, check_once, declare_node
 from ..trainer_surgery import rebuild_optimizer_param_groups, switch_to_frozen_bn
+from .common import Patterns
 from .precise_bn import PreciseBNSpec, check_precise_bn_cfg
 
 __all__ = [

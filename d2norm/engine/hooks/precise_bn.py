@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 from detectron2.engine.train_loop import HookBase
 from detectron2.utils import comm
 
-from ...options import check_once, Bool, Choice, Int, Option, check_node, declare_node
+from ...options import Bool, Choice, Int, Option, check_node, check_once, declare_node
 from ...stats import ESTIMATORS, NONFINITE_POLICIES, population_stat_layers, recompute_population_stats
 from .common import build_d2norm_train_loader
 
