@@ -26,7 +26,28 @@ def _data(seed=0):
     return xs, gs, v, h
 
 
-def _collectives_worker(rank, world_size, xs, gs, v, h):
+# case: (per rank the rows it sends to rank 0 and rank 1, rows per rank)
+A2A_CASES = {"uneven": ([[1, 2], [3, 1]], (3, 4)), "empty": ([[0, 0], [2, 0]], (0, 2))}
+
+
+def _a2a_data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs, gs = {}, {}
+    for case, (sends, n) in A2A_CASES.items():
+        xs[case] = [torch.randn(k, 2, 3, generator=g, dtype=torch.float64) for k in n]
+        recv = [sum(sends[s][r] for s in range(2)) for r in range(2)]
+        gs[case] = [torch.randn(k, 2, 3, generator=g, dtype=torch.float64) for k in recv]
+    return xs, gs
+
+
+def _a2a_reference(xs, sends):
+    """Rank r's received rows: from each rank s in rank order, s's block of rows addressed to r (rows are
+    addressed in order: rank s's first sends[s][0] rows go to rank 0, the next sends[s][1] to rank 1)."""
+    blocks = [[xs[s][sum(sends[s][:r]) : sum(sends[s][: r + 1])] for r in range(2)] for s in range(2)]
+    return [torch.cat([blocks[s][r] for s in range(2)]) for r in range(2)], blocks
+
+
+def _collectives_worker(rank, world_size, xs, gs, v, h, a2a, a2a_grads):
     out = {}
     # all_gather_variable: forward and backward with uneven and empty ranks
     for sizes in GATHER_CASES:
@@ -43,11 +64,24 @@ def _collectives_worker(rank, world_size, xs, gs, v, h):
     vr.grad = None
     D.all_reduce_sum(vr).sum().backward()  # grad_output is an expanded view of a scalar
     out["reduce"] = (y.detach(), grad_h, vr.grad.clone(), torch.equal(vr.detach(), before))
-    # shared_permutation: different seeds / generators on each rank, yet one permutation
-    out["perm_seed"] = D.shared_permutation(11, 100 + rank)
-    out["perm_gen"] = D.shared_permutation(7, torch.Generator().manual_seed(5 + rank), device="cpu")
-    out["perm_none"] = D.shared_permutation(6)
-    out["perm_empty"] = D.shared_permutation(0, 3)
+    # exchange_rows_and_seed: every rank's row count and rank 0's seed, although the generators differ
+    out["seed_gen"] = D.exchange_rows_and_seed(torch.zeros(2 + rank, 3), torch.Generator().manual_seed(5 + rank))
+    out["seed_none"] = D.exchange_rows_and_seed(torch.zeros(0, 3, dtype=torch.float64))
+    # all_to_all_rows: uneven counts, a rank that sends nothing, a rank that receives nothing; backward
+    for case, (sends, n) in A2A_CASES.items():
+        x = a2a[case][rank].clone().requires_grad_()
+        recv = [sends[s][rank] for s in range(world_size)]
+        y = D.all_to_all_rows(x, sends[rank], recv)
+        (y * a2a_grads[case][rank]).sum().backward()
+        out[("a2a", case)] = (y.detach(), x.grad.clone())
+    half = a2a["uneven"][rank].to(torch.bfloat16)  # moved as bytes: a dtype gloo cannot all-to-all directly
+    out["a2a_bf16"] = D.all_to_all_rows(half, A2A_CASES["uneven"][0][rank],
+                                        [A2A_CASES["uneven"][0][s][rank] for s in range(world_size)])
+    try:
+        D.all_to_all_rows(torch.zeros(2, 3), [1, 0], [1, 1])
+        out["a2a_bad"] = None
+    except ValueError as e:
+        out["a2a_bad"] = str(e)
     # a trailing-dim mismatch is a ValueError on every rank, not a hang
     try:
         D.all_gather_variable(torch.zeros(2, 3 + rank))
@@ -68,7 +102,8 @@ def _collectives_worker(rank, world_size, xs, gs, v, h):
 
 def test_collectives_two_gloo_ranks():
     xs, gs, v, h = _data()
-    res = run_distributed(_collectives_worker, world_size=2, args=(xs, gs, v, h))
+    a2a, a2a_grads = _a2a_data()
+    res = run_distributed(_collectives_worker, world_size=2, args=(xs, gs, v, h, a2a, a2a_grads))
     for sizes in GATHER_CASES:
         expect = torch.cat(xs[sizes])
         gsum = gs[sizes][0] + gs[sizes][1]
@@ -87,14 +122,23 @@ def test_collectives_two_gloo_ranks():
         torch.testing.assert_close(grad_h, h[0] + h[1], rtol=0, atol=1e-12)
         assert torch.equal(grad_ones, torch.full((4,), 2.0, dtype=torch.float64))
         assert untouched
-    # identical on both ranks, and it is rank 0's permutation
-    assert torch.equal(res[0]["perm_seed"], res[1]["perm_seed"])
-    assert torch.equal(res[0]["perm_seed"], torch.randperm(11, generator=torch.Generator().manual_seed(100)))
-    assert torch.equal(res[0]["perm_gen"], res[1]["perm_gen"])
-    assert torch.equal(res[0]["perm_gen"], torch.randperm(7, generator=torch.Generator().manual_seed(5)))
-    assert torch.equal(res[0]["perm_none"], res[1]["perm_none"])
-    assert sorted(res[0]["perm_none"].tolist()) == list(range(6))
-    assert res[0]["perm_empty"].numel() == 0 and res[1]["perm_empty"].numel() == 0
+    # identical on both ranks, and it is rank 0's draw
+    rank0_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5)))
+    assert res[0]["seed_gen"] == res[1]["seed_gen"] == ([2, 3], rank0_seed)
+    assert res[0]["seed_none"] == res[1]["seed_none"] and res[0]["seed_none"][0] == [0, 0]
+    for case, (sends, n) in A2A_CASES.items():
+        want, _ = _a2a_reference(a2a[case], sends)
+        # gradient: each rank's upstream gradient rows go back to the rank (and row) they came from
+        _, grad_blocks = _a2a_reference(a2a_grads[case], [[sends[s][r] for s in range(2)] for r in range(2)])
+        for r in range(2):
+            y, gx = res[r][("a2a", case)]
+            assert torch.equal(y, want[r])
+            assert torch.equal(gx, torch.cat([grad_blocks[s][r] for s in range(2)]))
+    want, _ = _a2a_reference(a2a["uneven"], A2A_CASES["uneven"][0])
+    for r in range(2):
+        assert res[r]["a2a_bf16"].dtype == torch.bfloat16
+        assert torch.equal(res[r]["a2a_bf16"], want[r].to(torch.bfloat16))
+        assert "[1, 0]" in res[r]["a2a_bad"] and "2 rows" in res[r]["a2a_bad"]
     for r in range(2):
         assert res[r]["mismatch"] is not None and "(2, 3)" in res[r]["mismatch"] and "(2, 4)" in res[r]["mismatch"]
         size1, reduced = res[r]["sub1"]
@@ -109,15 +153,17 @@ def test_single_process_fallbacks():
     out, sizes = D.all_gather_variable(x, return_sizes=True)
     assert out is x and sizes == [3]
     assert D.all_reduce_sum(x) is x
-    p = D.shared_permutation(9, 4)
-    assert torch.equal(p, torch.randperm(9, generator=torch.Generator().manual_seed(4)))
+    assert torch.equal(D.permutation(9, 4), torch.randperm(9, generator=torch.Generator().manual_seed(4)))
+    assert D.exchange_rows_and_seed(x, torch.Generator().manual_seed(3)) == (
+        [3], D.draw_seed(torch.Generator().manual_seed(3)))
+    assert D.all_to_all_rows(x, [3], [3]) is x
     assert D.sync_subgroup(0) is None and D.sync_subgroup(1) is None
     with pytest.raises(ValueError, match="-1"):
         D.sync_subgroup(-1)
     with pytest.raises(ValueError, match="-2"):
-        D.shared_permutation(-2, 0)
+        D.permutation(-2, 0)
     with pytest.raises(ValueError, match="str"):
-        D.shared_permutation(3, "seed")
+        D.draw_seed("seed")
 
 
 def test_all_reduce_gradcheck_single_process():

@@ -15,7 +15,7 @@ from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead, bu
 
 import d2norm
 import d2norm.modeling.roi_heads  # noqa: F401  (registers the heads)
-from d2norm.utils.comm import shared_permutation
+from d2norm.utils.comm import exchange_rows_and_seed
 from d2norm.layers.registry import norm_options
 from d2norm.modeling.roi_heads.shuffle_heads import (
     ShuffledConvFCHead,
@@ -152,6 +152,16 @@ def ref_grouped(state, kind, xs, dys, groups):
     gx = [x.grad if x.grad is not None else torch.zeros_like(x) for x in xs]
     gp = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in params.items()}
     return dict(ys=[y.detach() for y in ys], gx=gx, gp=gp, ema=group_ema)
+
+
+def seed_drawn_from(gen):
+    """The documented seed rule: an int64 in [0, 2**62) drawn from rank 0's generator."""
+    return int(torch.randint(0, 2**62, (1,), generator=gen))
+
+
+def permutation_of_seed(n, seed):
+    """The documented permutation rule: torch.randperm(n) of a CPU generator seeded with the shared seed."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def shuffle_groups(perm, world):
@@ -293,7 +303,8 @@ SEED = 100
 
 def _worker_shuffle(rank, world, kind, state, cases):
     torch.manual_seed(1000 + rank)  # ranks' global RNGs differ (as in detectron2), irrelevant with a SEED
-    out = {"perm": [shared_permutation(10, torch.Generator().manual_seed(rank)) for _ in range(2)]}
+    gen = torch.Generator().manual_seed(rank)
+    out = {"perm": [exchange_rows_and_seed(torch.zeros(rank, 2), gen) for _ in range(2)]}
     res = []
     for ci, (sizes, needs_grad) in enumerate(cases):
         xs, dys = make_inputs(sizes, kind, ci)
@@ -333,17 +344,17 @@ def test_two_ranks_match_shuffled_reference(kind):
     state = {k: v.double() if v.is_floating_point() else v
              for k, v in randomized(build(make_cfg(), kind), 3).state_dict().items()}
     results = run_distributed(_worker_shuffle, world_size=2, args=(kind, state, CASES))
-    # the permutation is identical on all ranks although their generators differ (rank 0's is used)
+    # the seed is identical on all ranks although their generators differ (rank 0's is used)
     for i in range(2):
-        assert torch.equal(results[0]["perm"][i], results[1]["perm"][i])
-    assert torch.equal(results[0]["perm"][0], torch.randperm(10, generator=torch.Generator().manual_seed(0)))
+        assert results[0]["perm"][i] == results[1]["perm"][i]
+    assert results[0]["perm"][0] == ([0, 1], seed_drawn_from(torch.Generator().manual_seed(0)))
 
     param_keys = [k for k, v in state.items() if v.is_floating_point() and "running" not in k]
     for ci, (sizes, _) in enumerate(CASES):
         xs, dys = make_inputs(sizes, kind, ci)
         gen = torch.Generator().manual_seed(SEED + (0 if kind == "box" else 1))  # rank 0's generator
         for step in range(2):
-            perm = torch.randperm(sum(sizes), generator=gen)
+            perm = permutation_of_seed(sum(sizes), seed_drawn_from(gen))  # drawn even when no rank has rows
             groups = shuffle_groups(perm, 2)
             ref = ref_grouped(state, kind, xs, dys, groups)
             for r in range(2):
@@ -375,6 +386,49 @@ def test_two_ranks_match_shuffled_reference(kind):
         torch.testing.assert_close(results[r]["off"], plain["ys"][r], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(results[r]["eval"], ref_head(p, kind, xs[r], "pop")[0], rtol=1e-9, atol=1e-9)
         assert results[r]["eval_buffers_same"]
+
+
+def _worker_bytes(rank, world, state, sizes):
+    """Bytes each collective delivers to this rank in one shuffled training step of the box head."""
+    import torch.distributed as dist
+
+    seen = []
+
+    def counting(name, fn, out_arg):
+        def wrapped(*args, **kwargs):
+            res = fn(*args, **kwargs)
+            outs = args[out_arg] if out_arg is not None else args[0]
+            outs = outs if isinstance(outs, (list, tuple)) else [outs]
+            seen.append((name, sum(t.numel() * t.element_size() for t in outs)))
+            return res
+        return wrapped
+
+    for name in ("all_to_all_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast"):
+        setattr(dist, name, counting(name, getattr(dist, name), 0))
+    head = build(make_cfg(seed=SEED), "box").double().train()
+    head.load_state_dict(state)
+    xs, dys = make_inputs(sizes, "box", 0)
+    x = xs[rank].clone().requires_grad_()
+    (head(x) * dys[rank]).sum().backward()
+    return seen
+
+
+def test_shuffle_moves_each_row_only_to_the_rank_that_normalizes_it():
+    """The rows cross the network once each way (all-to-all), not to every rank (an all-gather: world x the bytes,
+    which is what this test fails on); the only other message is the fixed-size header of row counts + seed."""
+    sizes = (7, 2)
+    state = {k: v.double() if v.is_floating_point() else v
+             for k, v in randomized(build(make_cfg(), "box"), 3).state_dict().items()}
+    results = run_distributed(_worker_bytes, world_size=2, args=(state, sizes))
+    shares = balanced_shares(sum(sizes), 2)
+    row_in, row_out = C_IN * RES * RES * 8, FC_DIM * 8  # float64 rows of the pooled features and the head output
+    for r in range(2):
+        a2a = [b for name, b in results[r] if name == "all_to_all_single"]
+        # forward: my share of input rows, then my own rows' outputs; backward: the share's output gradients,
+        # then my own rows' input gradients
+        assert a2a == [shares[r] * row_in, sizes[r] * row_out, shares[r] * row_out, sizes[r] * row_in]
+        others = [(name, b) for name, b in results[r] if name != "all_to_all_single"]
+        assert len(others) == 1 and others[0][0] == "all_gather_into_tensor" and others[0][1] <= 2 * 16 * 8
 
 
 # ---- configs (rethinking Table 3 / Table 6 rows) ---------------------------------------------------------

@@ -80,6 +80,19 @@ def distributed_tool(fn: Callable) -> Callable:
     return fn
 
 
+def _close_process_groups() -> None:
+    """End a spawned rank that finished its work: wait for every rank (a barrier), then destroy the process groups
+    (the world and detectron2's local group). detectron2's ``launch`` returns from ``main`` with the groups alive,
+    so a rank that finishes first (rank 1 skips the COCO evaluation rank 0 still runs) exits with gloo's threads
+    running and can die in their destructors ("terminate called without an active exception", SIGABRT), failing
+    a run whose work was done. Only on success: after an error the other ranks may never reach the barrier."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # one process: launch made none
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _distributed_entry(fn, args) -> None:
     from detectron2.utils import comm
 
@@ -92,6 +105,7 @@ def _distributed_entry(fn, args) -> None:
         if comm.is_main_process():
             _report(e)
         raise SystemExit(2)
+    _close_process_groups()
 
 
 def training_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
@@ -149,11 +163,13 @@ def _training_entry(main: Callable[[argparse.Namespace], Any], args: argparse.Na
     checkpoint, an empty dataset, a checkpoint of another model to resume from) is one ``error:`` line (from
     the main process) and exit code 2. Other exceptions keep their traceback: they are bugs to report."""
     try:
-        return main(args)
+        result = main(args)
     except ToolError as e:
         if is_main_process():
             _report(e)
         raise SystemExit(2)
+    _close_process_groups()
+    return result
 
 
 def run_tool(fn: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv=None) -> int:

@@ -14,7 +14,7 @@ What we reuse and what we add:
   device the backend needs (gloo: CPU, NCCL: CUDA).
 * Added here: :func:`all_reduce_sum` (differentiable SUM all-reduce), :func:`all_gather_variable`
   (differentiable all-gather of tensors whose dim 0 differs per rank, including 0 rows),
-  :func:`shared_permutation` (the same random permutation on every rank) and :func:`sync_subgroup`
+  :func:`exchange_rows_and_seed` (every rank's row count and one shared seed, for the same random permutation on every rank), :func:`all_to_all_rows` (differentiable exchange of rows, each row sent only where it is needed) and :func:`sync_subgroup`
   (cached process groups of ``k`` consecutive ranks, to choose the SyncBN normalization batch size, A.5).
 
 Contract (as for every collective): every rank of the group calls the same functions in the same order, and,
@@ -36,7 +36,10 @@ __all__ = [
     "all_reduce_sum_detached",
     "all_gather_rows_detached",
     "all_gather_variable",
-    "shared_permutation",
+    "all_to_all_rows",
+    "draw_seed",
+    "permutation",
+    "exchange_rows_and_seed",
     "sync_subgroup",
 ]
 
@@ -114,24 +117,27 @@ _DTYPES = (
 )
 
 
-def _exchange_shapes(x: torch.Tensor, group) -> List[Tuple[int, ...]]:
+def _exchange_header(x: torch.Tensor, group, extra: int = 0) -> Tuple[List[Tuple[int, ...]], List[int]]:
+    """One all-gather of a fixed-size int64 header (ndim, dtype, ``extra``, shape) from every rank of ``group``:
+    every rank's shape of ``x`` and its ``extra`` integer. Read on the host: the one host sync of a call that
+    moves rows whose counts differ per rank (the receivers must know the counts before the data moves)."""
     if x.dim() < 1 or x.dim() > _MAX_DIMS:
         raise ValueError(f"all_gather_variable supports 1 to {_MAX_DIMS} dims, got shape {tuple(x.shape)}")
     dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
-    header = [x.dim(), dtype_code] + list(x.shape) + [0] * (_MAX_DIMS - x.dim())
+    header = [x.dim(), dtype_code, int(extra)] + list(x.shape) + [0] * (_MAX_DIMS - x.dim())
     dev = _comm_device(x.device, group)
     local = torch.tensor(header, dtype=torch.int64, device=dev)
-    gathered = [torch.empty_like(local) for _ in range(group_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    rows = [g.tolist() for g in gathered]
-    shapes = [tuple(r[2 : 2 + r[0]]) for r in rows]
+    gathered = torch.empty(group_world_size(group) * local.numel(), dtype=torch.int64, device=dev)
+    dist.all_gather_into_tensor(gathered, local, group=group)
+    rows = gathered.view(-1, local.numel()).tolist()
+    shapes = [tuple(r[3 : 3 + r[0]]) for r in rows]
     dtypes = {r[1] for r in rows}
     if len({s[1:] for s in shapes}) != 1 or len({len(s) for s in shapes}) != 1 or len(dtypes) != 1:
         raise ValueError(
             "all_gather_variable: tensors must agree on every dim but the first, and on dtype; got shapes "
             f"{shapes} and dtype codes {sorted(dtypes)} (index into {[str(d) for d in _DTYPES]})"
         )
-    return shapes
+    return shapes, [r[2] for r in rows]
 
 
 class _AllGatherVariable(torch.autograd.Function):
@@ -175,50 +181,82 @@ def all_gather_variable(
     """
     if group_world_size(group) == 1:
         return (x, [x.shape[0]]) if return_sizes else x
-    sizes = [s[0] for s in _exchange_shapes(x, group)]
+    sizes = [s[0] for s in _exchange_header(x, group)[0]]
     out = _AllGatherVariable.apply(x, group, sizes)
     return (out, sizes) if return_sizes else out
 
 
-def shared_permutation(
-    n: int,
-    generator_seed_or_generator: Union[None, int, torch.Generator] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    group=None,
-) -> torch.Tensor:
-    """``torch.randperm(n)`` that is identical on every rank of ``group``.
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """A random int64 seed from ``generator`` (a CPU ``torch.Generator``) or, with ``None``, torch's global CPU
+    RNG. Drawn on the host: no device value is read."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"draw_seed: generator must be None or a torch.Generator, got {type(generator).__name__}")
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
 
-    How: the permutation is generated on the group's first rank and **broadcast** (one collective of ``n``
-    int64). We broadcast rather than rely on a synchronized seed so that ranks cannot diverge even when their
-    seeds or RNG states differ; as a consequence only the first rank's generator is consumed (the others'
-    are left untouched). ``generator_seed_or_generator``: an int seed (a fresh CPU generator), a
-    ``torch.Generator`` (used as is, on its own device), or ``None`` (torch's global RNG). Every rank must
-    pass the same ``n``. Used by shuffled-RoI BN heads (gather RoIs of all ranks with
-    :func:`all_gather_variable`, permute, normalize the slice, un-permute).
-    """
+
+def permutation(n: int, seed: int) -> torch.Tensor:
+    """The permutation of ``range(n)`` a seed stands for: ``torch.randperm(n)`` of a CPU generator seeded with
+    ``seed`` (on the host, so a rank reads its split sizes without a device sync)."""
     n = int(n)
     if n < 0:
-        raise ValueError(f"shared_permutation: n must be >= 0, got {n}")
-    gen = generator_seed_or_generator
-    if isinstance(gen, int) and not isinstance(gen, bool):
-        gen = torch.Generator().manual_seed(gen)
-    elif gen is not None and not isinstance(gen, torch.Generator):
-        raise ValueError(
-            f"shared_permutation: generator_seed_or_generator must be None, an int or a torch.Generator, "
-            f"got {type(gen).__name__}"
-        )
-    out_device = torch.device(device) if device is not None else torch.device("cpu")
+        raise ValueError(f"permutation: n must be >= 0, got {n}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def exchange_rows_and_seed(
+    x: torch.Tensor, generator: Optional[torch.Generator] = None, group=None
+) -> Tuple[List[int], int]:
+    """Every rank's row count of ``x`` (dim 0; the other dims and the dtype must agree, else ValueError on every
+    rank) and one seed shared by the group, in **one** collective: the group's first rank draws the seed
+    (:func:`draw_seed` of its ``generator``; the other ranks' generators are not consumed), so ranks whose seeds
+    or RNG states differ still agree. Single process: ``([len(x)], draw_seed(generator))``."""
     if group_world_size(group) == 1:
-        perm = torch.randperm(n, generator=gen, device=gen.device if gen is not None else "cpu")
-        return perm.to(out_device)
-    src = 0 if group is None else dist.get_global_rank(group, 0)
-    comm_dev = _comm_device(out_device, group)
-    if dist.get_rank() == src:
-        perm = torch.randperm(n, generator=gen, device=gen.device if gen is not None else "cpu").to(comm_dev)
-    else:
-        perm = torch.empty(n, dtype=torch.int64, device=comm_dev)
-    dist.broadcast(perm, src=src, group=group)
-    return perm.to(out_device)
+        return [int(x.shape[0])], draw_seed(generator)
+    first = dist.get_rank(group) == 0
+    shapes, extras = _exchange_header(x, group, extra=draw_seed(generator) if first else 0)
+    return [s[0] for s in shapes], extras[0]
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """Rank r sends ``send[s]`` consecutive rows of ``x`` to rank s and receives ``recv[s]`` rows from rank s
+    (rank order). Backward is the same exchange reversed: the gradient of a row goes back to the rank it came
+    from."""
+
+    @staticmethod
+    def forward(ctx, x, send, recv, group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return _all_to_all_detached(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all_detached(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+def _all_to_all_detached(x: torch.Tensor, send: List[int], recv: List[int], group) -> torch.Tensor:
+    tail = tuple(x.shape[1:])
+    dev = _comm_device(x.device, group)
+    # rows as raw bytes: the exchange moves memory, so any dtype goes (gloo has no all-to-all for bf16)
+    row = 1
+    for d in tail:
+        row *= d
+    width = row * x.element_size()
+    src = x.detach().to(dev).contiguous().view(torch.uint8).reshape(x.shape[0], width)
+    out = torch.empty((sum(recv), width), dtype=torch.uint8, device=dev)
+    dist.all_to_all_single(out, src, output_split_sizes=list(recv), input_split_sizes=list(send), group=group)
+    return out.view(x.dtype).reshape((sum(recv),) + tail).to(x.device)
+
+
+def all_to_all_rows(x: torch.Tensor, send: List[int], recv: List[int], group=None) -> torch.Tensor:
+    """Differentiable all-to-all of rows: rank r's ``x`` holds, in rank order, ``send[s]`` rows for each rank s;
+    the result holds, in rank order, the ``recv[s]`` rows rank s sent here (``recv`` on rank r must equal
+    ``send[r]`` on each rank s; 0 rows allowed). Each row crosses the network once (an all-gather would send every
+    row to every rank). One collective forward, one backward. Single process: ``x``."""
+    if group_world_size(group) == 1:
+        return x
+    if len(send) != group_world_size(group) or len(recv) != len(send) or sum(send) != x.shape[0]:
+        raise ValueError(f"all_to_all_rows: send {list(send)} / recv {list(recv)} must have one count per rank "
+                         f"and send must sum to the {x.shape[0]} rows of x")
+    return _AllToAllRows.apply(x, list(send), list(recv), group)
 
 
 # (world group object, group size) -> this rank's subgroup. A cache of communication resources (like

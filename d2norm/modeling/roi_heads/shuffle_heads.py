@@ -29,7 +29,7 @@ from detectron2.modeling.roi_heads.box_head import ROI_BOX_HEAD_REGISTRY, FastRC
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
 from ...options import Bool, Int, Option, check_node, declare_node, default
-from ...utils.comm import all_gather_variable, group_world_size, is_local_only, shared_permutation
+from ...utils.comm import all_to_all_rows, exchange_rows_and_seed, group_world_size, is_local_only, permutation
 
 __all__ = [
     "balanced_shares",
@@ -60,53 +60,64 @@ def shuffled_apply(
     """``fn`` applied to a random, equally sized share of all ranks' rows of ``x``; returns ``fn``'s output for
     this rank's own rows, in their original order (rethinking §6.1, Fig. 9).
 
-    ``fn`` must be per-row except for its normalization layers (an R-CNN head: per-RoI convs/fcs + BN).
+    ``fn`` must be per-row except for its normalization layers (an R-CNN head: per-RoI convs/fcs + BN), which
+    do not depend on the order of the rows they normalize.
 
-    Steps: (1) gather every rank's rows (``all_gather_variable``, rank order; per-rank counts may differ, 0
-    included); (2) one permutation of all rows, identical on every rank (``shared_permutation``: drawn from the
-    group's first rank's ``generator`` and broadcast); (3) this rank applies ``fn`` to its share
-    (:func:`balanced_shares`) of the permuted rows, so its BN layers normalize that random share; (4) the shares'
-    outputs are gathered and this rank picks the rows of its own inputs (inverse permutation).
+    Steps: (1) one exchange of every rank's row count and a seed drawn by the group's first rank from its
+    ``generator`` (:func:`exchange_rows_and_seed`; per-rank counts may differ, 0 included); (2) the permutation
+    of all rows (rank order) that seed stands for (:func:`permutation`, on the host, identical on every rank);
+    position block r of the permuted order (:func:`balanced_shares`) is rank r's share; (3) each rank sends each
+    of its rows to the rank whose share holds it (:func:`all_to_all_rows`), applies ``fn`` to the share it
+    received, so its BN layers normalize that random share, and (4) the outputs go back the same way and are put
+    in the input's row order.
 
-    Differentiable end to end: both gathers are differentiable (their backward is an all-reduce), so the
-    gradient of every rank's loss reaches each rank's own input rows. Collectives: forward 5 (2 per gather, 1
-    broadcast), backward 2, on every rank, whatever its number of rows. To keep the backward collectives on
-    every rank, ``x`` is made to require grad when autograd is recording and it does not (e.g. a rank whose
-    pooled features were created without a graph), so no rank can skip a gather's backward while another
-    runs it. Every rank must call this in the same order and run backward through the result (as for any
-    synchronized layer; detectron2's losses keep empty predictions in the graph).
+    Communication: each row crosses the network only to the rank that normalizes it and back (forward 1 header
+    + 2 all-to-all, backward 2 all-to-all); an all-gather of every rank's rows would move world_size x the bytes.
+    The header is read on the host (one sync per call, which no row exchange of unknown counts can avoid: the
+    receivers must size their buffers); the routing is computed on the host and copied to the device as index
+    tensors.
+
+    Differentiable end to end (the all-to-all's backward is the reverse all-to-all). To keep the backward
+    collectives on every rank, ``x`` is made to require grad when autograd is recording and it does not (e.g. a
+    rank whose pooled features were created without a graph), so no rank can skip a backward exchange while
+    another runs it. Every rank must call this in the same order and run backward through the result (as for
+    any synchronized layer; detectron2's losses keep empty predictions in the graph).
 
     Single process (or a group of one): exactly ``fn(x)``.
-
-    Cost: each rank receives all ranks' rows (all-gather, as in A.6's remark that "each synchronization
-    transfers more data" than SyncBN), i.e. world_size x the local features in memory for the duration of the
-    forward.
     """
     world = group_world_size(group)
     if world == 1:
         return fn(x)
     if torch.is_grad_enabled() and not x.requires_grad:
         x = x.detach().requires_grad_()
-    x_all, sizes = all_gather_variable(x, group=group, return_sizes=True)
-    total = sum(sizes)
-    rank = dist.get_rank(group)
-    perm = shared_permutation(total, generator, device=x.device, group=group)
-    shares = balanced_shares(total, world)
-    start = sum(shares[:rank])
-    y_share = fn(x_all[perm[start : start + shares[rank]]])
-    y_perm = all_gather_variable(y_share, group=group)  # row i = output for original row perm[i]
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(total, device=perm.device)
+    sizes, seed = exchange_rows_and_seed(x, generator, group=group)
+    total, rank = sum(sizes), dist.get_rank(group)
+    if total == 0:  # every rank is empty and knows it: no exchange anywhere
+        return fn(x)
+    perm = permutation(total, seed)  # position p of the shuffled order holds global row perm[p]
+    ranks = torch.arange(world)
+    dest = torch.empty(total, dtype=torch.int64)
+    dest[perm] = ranks.repeat_interleave(torch.tensor(balanced_shares(total, world)))  # global row -> its rank
+    source = ranks.repeat_interleave(torch.tensor(sizes))  # global row -> the rank it comes from
     offset = sum(sizes[:rank])
-    return y_perm[inverse[offset : offset + sizes[rank]]]
+    mine = dest[offset : offset + sizes[rank]]
+    order = torch.argsort(mine, stable=True)  # own rows grouped by destination rank
+    send = torch.bincount(mine, minlength=world).tolist()
+    recv = torch.bincount(source[dest == rank], minlength=world).tolist()
+    order_dev = order.to(x.device, non_blocking=True)
+    y_share = fn(all_to_all_rows(x[order_dev], send, recv, group))
+    y_sent = all_to_all_rows(y_share, recv, send, group)  # row i = output for own row order[i]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return y_sent[inverse.to(x.device, non_blocking=True)]
 
 
 NODE = "SHUFFLE_HEAD"
 OPTIONS = declare_node(NODE, (
     Option("ENABLED", True, "True: shuffle RoIs across workers in training (Table 6 'per-GPU BN w/ shuffle'); "
            "False: the stock per-GPU head (rows 1-2), same parameters and checkpoint keys.", check=Bool()),
-    Option("SEED", -1, "Permutation source (drawn on rank 0 and broadcast): -1 = torch's global RNG of rank 0 "
-           "(seeded by detectron2's SEED); >= 0 = a dedicated generator per head (box: SEED, mask: SEED + 1).",
+    Option("SEED", -1, "Permutation source (a seed drawn on rank 0 and sent to every rank): -1 = torch's global "
+           "RNG of rank 0 (seeded by detectron2's SEED); >= 0 = a dedicated generator per head (box: SEED, mask: SEED + 1).",
            check=Int(-1, note=" (>= 0: a dedicated generator; -1: the global torch RNG of rank 0)")),
 ), doc="Shuffled-RoI BN heads (ShuffledConvFCHead, ShuffledMaskRCNNConvUpsampleHead): rethinking §6.1, Fig. 9, "
        "Table 6")
@@ -130,7 +141,7 @@ class _ShuffleMixin:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         # A dedicated generator so the permutations do not depend on (nor consume) the model's other random
-        # draws; only the first rank's generator is used (shared_permutation broadcasts). Not checkpointed:
+        # draws; only the first rank's generator is used (exchange_rows_and_seed sends its seed). Not checkpointed:
         # a resumed run restarts the sequence, which only changes which random shares are drawn.
         self._generator = torch.Generator().manual_seed(self.seed) if self.seed >= 0 else None
         if self.shuffle and not norm:
