@@ -8,8 +8,8 @@ import d2norm  # noqa: F401
 from d2norm.utils import comm as D
 from dist_utils import DistributedTestError, run_distributed
 
-# (rank 0 rows, rank 1 rows): uneven, one empty rank, both empty
-GATHER_CASES = [(3, 5), (0, 4), (0, 0)]
+# rows per rank (the same on both ranks: all_gather_rows gathers equal shapes), 0 included
+GATHER_CASES = [(3, 3), (0, 0)]
 TRAILING = (2, 3)
 
 
@@ -18,12 +18,10 @@ def _data(seed=0):
     xs, gs = {}, {}
     for sizes in GATHER_CASES:
         xs[sizes] = [torch.randn((n,) + TRAILING, generator=g, dtype=torch.float64) * 3 + 2 for n in sizes]
-        total = sum(sizes)
         # a different upstream gradient on each rank: each rank's loss uses the whole gathered tensor
-        gs[sizes] = [torch.randn((total,) + TRAILING, generator=g, dtype=torch.float64) for _ in sizes]
+        gs[sizes] = [torch.randn((2, sizes[0]) + TRAILING, generator=g, dtype=torch.float64) for _ in sizes]
     v = [torch.randn(4, generator=g, dtype=torch.float64) * 3 + 2 for _ in range(2)]
-    h = [torch.randn(4, generator=g, dtype=torch.float64) for _ in range(2)]
-    return xs, gs, v, h
+    return xs, gs, v
 
 
 # case: (per rank the rows it sends to rank 0 and rank 1, rows per rank)
@@ -47,23 +45,21 @@ def _a2a_reference(xs, sends):
     return [torch.cat([blocks[s][r] for s in range(2)]) for r in range(2)], blocks
 
 
-def _collectives_worker(rank, world_size, xs, gs, v, h, a2a, a2a_grads):
+def _collectives_worker(rank, world_size, xs, gs, v, a2a, a2a_grads):
     out = {}
-    # all_gather_variable: forward and backward with uneven and empty ranks
+    # all_gather_rows: forward and backward (each rank's loss uses every rank's row)
     for sizes in GATHER_CASES:
         x = xs[sizes][rank].clone().requires_grad_()
-        gathered, got_sizes = D.all_gather_variable(x, return_sizes=True)
+        gathered = D.all_gather_rows(x)
         (gathered * gs[sizes][rank]).sum().backward()
-        out[("gather", sizes)] = (gathered.detach(), got_sizes, x.grad.clone(), gathered.requires_grad)
-    # all_reduce_sum: values, gradients (incl. a stride-0 expanded upstream grad), input untouched
+        out[("gather", sizes)] = (gathered.detach(), x.grad.clone())
     vr = v[rank].clone().requires_grad_()
+    D.all_gather_rows(vr).sum().backward()  # grad_output is an expanded view of a scalar: never reduced in place
+    grad_ones = vr.grad.clone()
+    # all_reduce_sum_detached: values, input untouched
     before = vr.detach().clone()
-    y = D.all_reduce_sum(vr)
-    (y * h[rank]).sum().backward()
-    grad_h = vr.grad.clone()
-    vr.grad = None
-    D.all_reduce_sum(vr).sum().backward()  # grad_output is an expanded view of a scalar
-    out["reduce"] = (y.detach(), grad_h, vr.grad.clone(), torch.equal(vr.detach(), before))
+    y = D.all_reduce_sum_detached(vr)
+    out["reduce"] = (y, grad_ones, torch.equal(vr.detach(), before), y.requires_grad)
     # exchange_rows_and_seed: every rank's row count and rank 0's seed, although the generators differ
     out["seed_gen"] = D.exchange_rows_and_seed(torch.zeros(2 + rank, 3), torch.Generator().manual_seed(5 + rank))
     out["seed_none"] = D.exchange_rows_and_seed(torch.zeros(0, 3, dtype=torch.float64))
@@ -84,13 +80,13 @@ def _collectives_worker(rank, world_size, xs, gs, v, h, a2a, a2a_grads):
         out["a2a_bad"] = str(e)
     # a trailing-dim mismatch is a ValueError on every rank, not a hang
     try:
-        D.all_gather_variable(torch.zeros(2, 3 + rank))
+        D.exchange_rows_and_seed(torch.zeros(2, 3 + rank))
         out["mismatch"] = None
     except ValueError as e:
         out["mismatch"] = str(e)
     # subgroups
     g1 = D.sync_subgroup(1)
-    out["sub1"] = (D.group_world_size(g1), D.all_reduce_sum(torch.tensor([float(rank + 1)]), g1))
+    out["sub1"] = (D.group_world_size(g1), D.all_reduce_sum_detached(torch.tensor([float(rank + 1)]), g1))
     out["sub2"] = D.sync_subgroup(2) is None and D.sync_subgroup(0) is None
     try:
         D.sync_subgroup(3)
@@ -101,27 +97,21 @@ def _collectives_worker(rank, world_size, xs, gs, v, h, a2a, a2a_grads):
 
 
 def test_collectives_two_gloo_ranks():
-    xs, gs, v, h = _data()
+    xs, gs, v = _data()
     a2a, a2a_grads = _a2a_data()
-    res = run_distributed(_collectives_worker, world_size=2, args=(xs, gs, v, h, a2a, a2a_grads))
+    res = run_distributed(_collectives_worker, world_size=2, args=(xs, gs, v, a2a, a2a_grads))
     for sizes in GATHER_CASES:
-        expect = torch.cat(xs[sizes])
-        gsum = gs[sizes][0] + gs[sizes][1]
-        starts = [0, sizes[0]]
+        expect = torch.stack(xs[sizes])
+        gsum = gs[sizes][0] + gs[sizes][1]  # each rank's loss uses both rows: the gradients add up
         for r in range(2):
-            gathered, got_sizes, grad, req = res[r][("gather", sizes)]
-            assert got_sizes == list(sizes)
-            assert gathered.shape == (sum(sizes),) + TRAILING
+            gathered, grad = res[r][("gather", sizes)]
             assert torch.equal(gathered, expect)
-            assert grad.shape == (sizes[r],) + TRAILING
-            torch.testing.assert_close(grad, gsum[starts[r] : starts[r] + sizes[r]], rtol=0, atol=1e-12)
-            assert req  # the gathered tensor stays in the graph, also when empty
+            torch.testing.assert_close(grad, gsum[r], rtol=0, atol=1e-12)
     for r in range(2):
-        y, grad_h, grad_ones, untouched = res[r]["reduce"]
+        y, grad_ones, untouched, y_grad = res[r]["reduce"]
         torch.testing.assert_close(y, v[0] + v[1], rtol=0, atol=1e-12)
-        torch.testing.assert_close(grad_h, h[0] + h[1], rtol=0, atol=1e-12)
         assert torch.equal(grad_ones, torch.full((4,), 2.0, dtype=torch.float64))
-        assert untouched
+        assert untouched and not y_grad
     # identical on both ranks, and it is rank 0's draw
     rank0_seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(5)))
     assert res[0]["seed_gen"] == res[1]["seed_gen"] == ([2, 3], rank0_seed)
@@ -149,10 +139,7 @@ def test_collectives_two_gloo_ranks():
 
 def test_single_process_fallbacks():
     x = torch.randn(3, 2) * 3 + 2
-    assert D.all_gather_variable(x) is x
-    out, sizes = D.all_gather_variable(x, return_sizes=True)
-    assert out is x and sizes == [3]
-    assert D.all_reduce_sum(x) is x
+    assert torch.equal(D.all_gather_rows(x), x[None])
     assert torch.equal(D.permutation(9, 4), torch.randperm(9, generator=torch.Generator().manual_seed(4)))
     assert D.exchange_rows_and_seed(x, torch.Generator().manual_seed(3)) == (
         [3], D.draw_seed(torch.Generator().manual_seed(3)))
@@ -166,11 +153,10 @@ def test_single_process_fallbacks():
         D.draw_seed("seed")
 
 
-def test_all_reduce_gradcheck_single_process():
-    # Single process: the functions are identities, so gradcheck checks the wrappers keep the graph intact.
+def test_all_gather_gradcheck_single_process():
+    # Single process: t[None], so gradcheck checks the wrapper keeps the graph intact.
     x = (torch.randn(4, dtype=torch.float64) * 3 + 2).requires_grad_()
-    assert torch.autograd.gradcheck(D.all_reduce_sum, (x,))
-    assert torch.autograd.gradcheck(D.all_gather_variable, (x.view(2, 2),))
+    assert torch.autograd.gradcheck(D.all_gather_rows, (x.view(2, 2),))
 
 
 # ---- the helper itself ---------------------------------------------------------------------------------

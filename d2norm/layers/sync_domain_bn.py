@@ -2,7 +2,7 @@
 
 :class:`SyncDomainBatchNorm2d` is :class:`~d2norm.layers.domain_bn.DomainBatchNorm2d` (per-domain / shared
 training and population statistics, rethinking §5.2, Alg. 1) whose training statistics are those of every
-rank's batch together (CPU/gloo and CUDA/NCCL), built on :func:`d2norm.utils.comm.all_reduce_sum`; same state
+rank's batch together (CPU/gloo and CUDA/NCCL), built on :func:`d2norm.utils.comm.all_gather_rows`; same state
 dict as DomainBatchNorm2d.
 """
 from typing import List, Optional, Sequence
@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..utils.comm import all_reduce_sum, group_world_size, sync_subgroup
+from ..utils.comm import all_gather_rows, group_world_size, sync_subgroup
 from ..utils.validation import check_int
 from .base import skip_nonfinite_stats, stat_dtype
 from .domain_bn import DomainBatchNorm2d
@@ -28,8 +28,8 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
 
     Training with more than one rank in the group: each rank computes, per domain input, its element count
     c, mean m and biased variance v (one fused pass); the (c, m, v) of every rank and domain are exchanged
-    with **one** differentiable SUM all-reduce (:func:`all_reduce_sum` of a (ranks, domains, 2C + 1) tensor
-    in which each rank fills its own slot) and combined exactly, weighted by element count
+    with **one** differentiable all-gather (:func:`all_gather_rows` of each rank's (domains, 2C + 1) tensor; each
+    rank sends only its own row) and combined exactly, weighted by element count
     (:func:`d2norm.moments.pooled_moments`; never E[x²] − E[x]², which cancels in float32 when
     |μ| ≫ σ, rethinking A.10):
 
@@ -37,12 +37,12 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
 
     over (ranks) for ``train_stats="per_domain"`` (per domain k) or over (ranks, domains) for ``"shared"``.
     Every input is normalized as y = x·s + t with s = γ/√(σ² + ε), t = β − μ·s, so forward and backward
-    (autograd through the all-reduce: its backward all-reduces the gradients) equal the non-synchronized
+    (autograd through the all-gather: its backward sums every rank's gradient of each row) equal the non-synchronized
     layer on the concatenation of every rank's batch. The EMA rules are DomainBatchNorm2d's, with the global
     statistics (unbiased σ²·M/(M − 1)); a domain whose global count M is < 2 updates no EMA (and is not counted
     in ``num_batches_tracked``). The masks are computed on the device: no host synchronization.
 
-    A rank whose input is empty contributes c = 0 and still joins the all-reduce, forward and backward.
+    A rank whose input is empty contributes c = 0 and still joins the all-gather, forward and backward.
     Contract (as any SyncBN): every rank of the group calls the layer the same number of times, in the same
     order, with the same domains, and runs backward through its outputs.
 
@@ -72,7 +72,7 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
             return super().forward(x, domain)  # plain layer, or the documented ValueError
         self._check_input(x)
         k = self._resolve_domain(domain)
-        return self._train_sync([x], [0 if k is None else k], group, world)[0]
+        return self._train_sync([x], [0 if k is None else k], group)[0]
 
     @skip_nonfinite_stats
     def forward_domains(self, xs: Sequence[Tensor], domains: Optional[Sequence[int]] = None) -> List[Tensor]:
@@ -82,9 +82,9 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
         if world == 1:
             return super().forward_domains(xs, domains)
         xs, ks = self._domain_inputs(xs, domains)
-        return self._train_sync(xs, ks, group, world)
+        return self._train_sync(xs, ks, group)
 
-    def _train_sync(self, xs: List[Tensor], ks: List[int], group, world: int) -> List[Tensor]:
+    def _train_sync(self, xs: List[Tensor], ks: List[int], group) -> List[Tensor]:
         C, D = self.num_features, len(xs)
         sd = stat_dtype(xs[0].dtype)
         rows = []
@@ -95,12 +95,7 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
             else:  # zeros that stay in the graph, so this rank's backward joins the collective too
                 mean = var = x.to(sd).sum(dim=_DIMS)
             rows.append(torch.cat([mean, var, mean.new_full((1,), float(n))]))
-        mine = torch.stack(rows)[None]  # (1, D, 2C + 1)
-        rank = dist.get_rank(group)
-        slots = torch.cat(
-            [mine.new_zeros((rank, D, 2 * C + 1)), mine, mine.new_zeros((world - rank - 1, D, 2 * C + 1))]
-        )
-        allstats = all_reduce_sum(slots, group)  # (world, D, 2C + 1): every rank's (m, v, c) per domain
+        allstats = all_gather_rows(torch.stack(rows), group)  # (world, D, 2C + 1): every rank's (m, v, c)
         m_rd, v_rd, c_rd = allstats[..., :C], allstats[..., C : 2 * C], allstats[..., 2 * C :]
         # per domain input over ranks, then (shared) over domains: exact two-level pooling
         c_d, m_d, v_d = pooled_moments(c_rd, m_rd, v_rd)  # (D, 1), (D, C), (D, C)

@@ -10,11 +10,12 @@ What we reuse and what we add:
   ``fvcore.nn.distributed`` gives ``differentiable_all_reduce`` / ``differentiable_all_gather``. We reuse comm
   for ranks. We do not reuse fvcore's two functions because (a) its all-reduce backward reduces
   ``grad_output`` *in place*, which can be a stride-0 expanded view or a buffer autograd shares with another
-  branch, (b) its all-gather requires the same shape on every rank, and (c) neither moves tensors to the
-  device the backend needs (gloo: CPU, NCCL: CUDA).
-* Added here: :func:`all_reduce_sum` (differentiable SUM all-reduce), :func:`all_gather_variable`
-  (differentiable all-gather of tensors whose dim 0 differs per rank, including 0 rows),
-  :func:`exchange_rows_and_seed` (every rank's row count and one shared seed, for the same random permutation on every rank), :func:`all_to_all_rows` (differentiable exchange of rows, each row sent only where it is needed) and :func:`sync_subgroup`
+  branch, (b) an all-gather sends every row to every rank, where the shuffled heads need each row on one rank,
+  and (c) neither moves tensors to the device the backend needs (gloo: CPU, NCCL: CUDA).
+* Added here: :func:`all_reduce_sum_detached` (SUM all-reduce on a copy), :func:`all_gather_rows` (differentiable
+  all-gather of equal-shape tensors), :func:`exchange_rows_and_seed` (every rank's row count and one shared
+  seed, in one collective), :func:`permutation` (the permutation a seed stands for), :func:`all_to_all_rows`
+  (differentiable exchange of rows, each row sent only to the rank that needs it) and :func:`sync_subgroup`
   (cached process groups of ``k`` consecutive ranks, to choose the SyncBN normalization batch size, A.5).
 
 Contract (as for every collective): every rank of the group calls the same functions in the same order, and,
@@ -24,7 +25,7 @@ collective.
 """
 import contextlib
 import contextvars
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -32,10 +33,9 @@ from detectron2.utils import comm
 
 __all__ = [
     "group_world_size",
-    "all_reduce_sum",
     "all_reduce_sum_detached",
     "all_gather_rows_detached",
-    "all_gather_variable",
+    "all_gather_rows",
     "all_to_all_rows",
     "draw_seed",
     "permutation",
@@ -84,30 +84,6 @@ def all_gather_rows_detached(t: torch.Tensor, group=None) -> torch.Tensor:
     return out.view((world,) + tuple(buf.shape)).to(t.device)
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """y = Σ_r x_r on every rank. The backward of a SUM all-reduce is a SUM all-reduce of the gradients:
-    ∂L/∂x_r = Σ_s ∂L_s/∂y (every rank's loss depends on every x_r)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_reduce_sum_detached(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce_sum_detached(grad, ctx.group), None
-
-
-def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Differentiable SUM all-reduce (e.g. of per-channel sums); identity in a single process.
-
-    Never modifies ``x`` or the incoming gradient in place.
-    """
-    if group_world_size(group) == 1:
-        return x
-    return _AllReduceSum.apply(x, group)
-
-
 # Fixed-length shape header so that ranks whose tensors differ even in ndim still exchange equal-size messages
 # (a mismatch is then reported as a ValueError on every rank instead of a hang / corrupt collective).
 _MAX_DIMS = 8
@@ -122,7 +98,7 @@ def _exchange_header(x: torch.Tensor, group, extra: int = 0) -> Tuple[List[Tuple
     every rank's shape of ``x`` and its ``extra`` integer. Read on the host: the one host sync of a call that
     moves rows whose counts differ per rank (the receivers must know the counts before the data moves)."""
     if x.dim() < 1 or x.dim() > _MAX_DIMS:
-        raise ValueError(f"all_gather_variable supports 1 to {_MAX_DIMS} dims, got shape {tuple(x.shape)}")
+        raise ValueError(f"rows exchanged across ranks: 1 to {_MAX_DIMS} dims supported, got shape {tuple(x.shape)}")
     dtype_code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
     header = [x.dim(), dtype_code, int(extra)] + list(x.shape) + [0] * (_MAX_DIMS - x.dim())
     dev = _comm_device(x.device, group)
@@ -134,56 +110,33 @@ def _exchange_header(x: torch.Tensor, group, extra: int = 0) -> Tuple[List[Tuple
     dtypes = {r[1] for r in rows}
     if len({s[1:] for s in shapes}) != 1 or len({len(s) for s in shapes}) != 1 or len(dtypes) != 1:
         raise ValueError(
-            "all_gather_variable: tensors must agree on every dim but the first, and on dtype; got shapes "
+            "rows exchanged across ranks must agree on every dim but the first, and on dtype; got shapes "
             f"{shapes} and dtype codes {sorted(dtypes)} (index into {[str(d) for d in _DTYPES]})"
         )
     return shapes, [r[2] for r in rows]
 
 
-class _AllGatherVariable(torch.autograd.Function):
+class _AllGatherRows(torch.autograd.Function):
+    """(world, *t.shape), row r = rank r's ``t``. Every rank's loss may depend on every row, so rank r's gradient
+    is the sum over ranks of the gradient of row r (gloo has no reduce-scatter: an all-reduce, then row r)."""
+
     @staticmethod
-    def forward(ctx, x, group, sizes):
-        rank = dist.get_rank(group)
-        ctx.group, ctx.sizes, ctx.rank = group, sizes, rank
-        max_n = max(sizes)
-        if max_n == 0:  # every rank is empty: every rank skips the collective, forward and backward
-            return x.new_empty((0,) + tuple(x.shape[1:]))
-        dev = _comm_device(x.device, group)
-        # torch's all_gather needs one shape on every rank: pad to the largest, gather, unpad.
-        padded = x.detach().new_zeros((max_n,) + tuple(x.shape[1:]), device=dev)
-        padded[: x.shape[0]] = x.detach()
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded, group=group)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0).to(x.device)
+    def forward(ctx, t, group):
+        ctx.group = group
+        return all_gather_rows_detached(t, group)
 
     @staticmethod
     def backward(ctx, grad):
-        # Every rank's loss may depend on every rank's rows: rank r's gradient is the sum over ranks of the
-        # gradient w.r.t. its own slice. (gloo has no reduce_scatter, hence all-reduce + slice.)
-        if sum(ctx.sizes) == 0:
-            return grad.new_zeros((0,) + tuple(grad.shape[1:])), None, None
-        total = all_reduce_sum_detached(grad, ctx.group)
-        start = sum(ctx.sizes[: ctx.rank])
-        return total[start : start + ctx.sizes[ctx.rank]], None, None
+        return all_reduce_sum_detached(grad, ctx.group)[dist.get_rank(ctx.group)], None
 
 
-def all_gather_variable(
-    x: torch.Tensor, group=None, return_sizes: bool = False
-) -> Union[torch.Tensor, Tuple[torch.Tensor, List[int]]]:
-    """Differentiable all-gather of tensors whose dim 0 differs across ranks (0 rows allowed).
-
-    Returns the concatenation along dim 0 in rank order (identical on every rank), and, with
-    ``return_sizes=True``, also the list of per-rank row counts (rank ``r``'s rows start at
-    ``sum(sizes[:r])``). Backward returns each rank the slice of the *summed* (over ranks) gradient that
-    corresponds to its own rows. All dims but the first, and the dtype, must agree across ranks (else
-    ValueError on every rank). Two collectives forward (shapes, data), one backward. Single process: returns
-    ``x`` itself.
-    """
+def all_gather_rows(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Differentiable all-gather of an equal-shape tensor from every rank: ``(world, *t.shape)``, row r = rank r's
+    ``t`` (one all-gather forward: each rank sends its own bytes once, where a SUM all-reduce of a zero-padded
+    ``(world, ...)`` tensor would move world x them). Single process: ``t[None]``."""
     if group_world_size(group) == 1:
-        return (x, [x.shape[0]]) if return_sizes else x
-    sizes = [s[0] for s in _exchange_header(x, group)[0]]
-    out = _AllGatherVariable.apply(x, group, sizes)
-    return (out, sizes) if return_sizes else out
+        return t[None]
+    return _AllGatherRows.apply(t, group)
 
 
 def draw_seed(generator: Optional[torch.Generator] = None) -> int:
