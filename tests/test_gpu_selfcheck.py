@@ -20,9 +20,21 @@ def test_every_layer_on_cuda_equals_cpu_float64():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_nccl_processes_equal_two_gloo_processes():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_two_cuda_processes_equal_two_gloo_processes():
     assert gpu_selfcheck.check_two_process() == []
+
+
+def test_two_process_harness_on_cpu():
+    """The 2-process check at float32 on gloo/CPU agrees with float64, and its comparison walks the nested
+    records (SyncDomainBN's per-level lists, the head's parameter dict): one wrong entry deep inside is reported."""
+    assert gpu_selfcheck.check_two_process("cpu32") == []
+    a = torch.ones(3)
+    ref = {"sync_domain_bn": {"y": [a, a], "buffers": {"running_mean": a}}}
+    got = {"sync_domain_bn": {"y": [a, a * 1.01], "buffers": {"running_mean": a}}}
+    failures = []
+    gpu_selfcheck._compare(got, ref, "rank 0", failures)
+    assert len(failures) == 1 and "sync_domain_bn y [1]" in failures[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
@@ -78,10 +90,15 @@ def test_dry_run_from_the_bundle_alone(tmp_path):
     machine = tmp_path / "machine-site"
     machine.mkdir()
     venv_site = next(p for p in _site.getsitepackages() if p.endswith("site-packages"))
+    import glob
+
     for name in GPU_MACHINE + CP312:
         src = os.path.join(venv_site, name)
         if os.path.exists(src):
             os.symlink(src, machine / name)
+        # installed packages come with their metadata (torch registers its c10d backends through it)
+        for info in glob.glob(os.path.join(venv_site, f"{name}-*.dist-info")):
+            os.symlink(info, machine / os.path.basename(info))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(bundle / "site"), str(machine), ROOT]), D2NORM_NATIVE="0",
                CUDA_VISIBLE_DEVICES="")
     out = tmp_path / "out"
@@ -89,7 +106,7 @@ def test_dry_run_from_the_bundle_alone(tmp_path):
                           "--out", str(out)], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     doc = json.loads((out / "gpu_selfcheck.json").read_text())
-    assert doc["environment"]["dry_run"] and [c["ok"] for c in doc["checks"]] == [True, True], doc
+    assert doc["environment"]["dry_run"] and [c["ok"] for c in doc["checks"]] == [True, True, True], doc
     # the machine has no tensorboard: the training above ran on the Trainer's writers without it
     probe = subprocess.run([sys.executable, "-S", "-c", "import tensorboard"], env=env, capture_output=True)
     assert probe.returncode != 0

@@ -142,7 +142,52 @@ class _CountingAllReduce:
             setattr(self.dist, n, fn)
 
 
-def _sync_bn_worker(rank, world_size, data):
+# ---- reference implementations of torch's CUDA SyncBN kernels (CUDA-only ops), for the layer's CUDA route ------
+# Written from what the kernels compute (ATen Normalization.cuh: Welford statistics with invstd = 1/sqrt(var + eps),
+# 0 when var and eps are both 0; backward_reduce's sums; backward_elemt's BN input gradient with 1/Σcount). They
+# let the CPU suite run the route's plumbing (argument order, eps, counts, dtypes, empty ranks);
+# tools/gpu_selfcheck.py runs the real kernels.
+
+
+def _ref_batch_norm_stats(x, eps):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
+    invstd = torch.where((var == 0) & (eps == 0), torch.zeros_like(var), (var + eps).rsqrt())
+    return mean, invstd
+
+
+def _ref_batch_norm_backward_reduce(dy, x, mean, invstd, weight, input_g, weight_g, bias_g):
+    acc, shape = mean.dtype, (1, -1, 1, 1)
+    sum_dy = dy.to(acc).sum((0, 2, 3))
+    sum_dy_xmu = (dy.to(acc) * (x.to(acc) - mean.view(shape))).sum((0, 2, 3))
+    return (sum_dy if input_g else None, sum_dy_xmu if input_g else None,
+            (sum_dy_xmu * invstd).to(weight.dtype) if weight_g else None,
+            sum_dy.to(weight.dtype) if bias_g else None)
+
+
+def _ref_batch_norm_backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    assert count.dtype == torch.int32
+    acc, shape = mean.dtype, (1, -1, 1, 1)
+    norm = 1.0 / count.sum().to(acc)
+    scale = invstd * (weight.to(acc) if weight is not None else 1.0)
+    gx = (dy.to(acc) - (sum_dy * norm).view(shape)
+          - (x.to(acc) - mean.view(shape)) * (invstd * invstd * sum_dy_xmu * norm).view(shape)) * scale.view(shape)
+    return gx.to(x.dtype)
+
+
+def _use_kernel_route():
+    """In a worker process: AnySyncBN's CUDA route on CPU tensors, with the reference kernels above."""
+    import d2norm.layers.sync_bn as sync_bn
+
+    sync_bn.torch_kernels_enabled = lambda x: x.numel() > 0
+    torch.batch_norm_stats = _ref_batch_norm_stats
+    torch.batch_norm_backward_reduce = _ref_batch_norm_backward_reduce
+    torch.batch_norm_backward_elemt = _ref_batch_norm_backward_elemt
+
+
+def _sync_bn_worker(rank, world_size, data, route="torch"):
+    if route == "kernels":
+        _use_kernel_route()
     out = {}
     for name, (shapes, dtype, kw) in DIST_CASES.items():
         xs, dys, (w, b, rm0, rv0) = data[name]
@@ -183,9 +228,12 @@ def _sync_bn_worker(rank, world_size, data):
     return out
 
 
-def test_sync_bn_two_gloo_ranks_equals_bn_on_concatenation():
+@pytest.mark.parametrize("route", ["torch", "kernels"])
+def test_sync_bn_two_gloo_ranks_equals_bn_on_concatenation(route):
+    """Both routes of the layer: the torch ops every device runs, and the CUDA route (torch's SyncBN kernels,
+    here their reference implementations)."""
     data = _dist_data()
-    res = run_distributed(_sync_bn_worker, world_size=2, args=(data,))
+    res = run_distributed(_sync_bn_worker, world_size=2, args=(data, route))
     for name, (shapes, dtype, kw) in DIST_CASES.items():
         xs, dys, (w, b, rm0, rv0) = data[name]
         momentum = kw["momentum"]

@@ -20,8 +20,10 @@ Checks:
    layer's (whose paths the test suite checks against the papers' equations) to float32 accuracy. EvalNorm's
    eq-9 aux loss is part of the loss. This covers the CUDA branches of the fast kernels
    (``d2norm/layers/kernels.py``).
-2. **2 NCCL processes** (when 2 GPUs exist) — AnySyncBN with uneven and empty ranks and the shuffled-RoI box
-   head, forward + backward + EMA, on NCCL/CUDA vs the same two-rank run on gloo/CPU in float64.
+2. **2 processes** — AnySyncBN with uneven and empty ranks (on CUDA both of its routes: torch ops, and torch's
+   SyncBN kernels behind ``D2NORM_SYNCBN_CUDA_KERNELS=1``), SyncDomainBN over two levels and the shuffled-RoI box
+   head, forward + backward + EMA, on CUDA (NCCL with 2+ GPUs; with one GPU both ranks share it and exchange over
+   gloo) vs the same two-rank run on gloo/CPU in float64.
 3. **Training** — ``tools/train_net.py`` on the main-job config with ``MODEL.DEVICE cuda`` for a few
    iterations and a COCO evaluation; the losses must be finite and the AP table printed.
 """
@@ -89,7 +91,8 @@ def _run_layer(m, x, dy, training, steps=2):
 
 def _close(a, b, what, failures):
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if a.shape != b.shape or not torch.allclose(a, b, rtol=RTOL, atol=ATOL * max(1.0, float(b.abs().max()))):
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0  # an empty rank's outputs are empty
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=RTOL, atol=ATOL * scale):
         err = float((a - b).abs().max()) if a.shape == b.shape else f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
         failures.append(f"{what}: max abs difference {err}")
 
@@ -134,32 +137,61 @@ def check_layers(device="cuda", shapes=SHAPES):
 
 # ---- 2 processes ----------------------------------------------------------------------------------------------
 
-def _dist_worker(rank, world, backend, device, tmpdir):
+#: the two-process runs: (backend, device, dtype); "ref" is what every other run is compared with
+TWO_PROCESS_RUNS = {
+    "ref": ("gloo", "cpu", torch.float64),
+    "cpu32": ("gloo", "cpu", torch.float32),  # --dry-run: the same check without a GPU
+    "cuda_gloo": ("gloo", "cuda", torch.float32),  # one GPU: both ranks on cuda:0, statistics exchanged over gloo
+    "cuda_nccl": ("nccl", "cuda", torch.float32),  # two GPUs or more: a rank per GPU
+}
+
+
+def _dist_worker(rank, world, run, tmpdir):
     import torch.distributed as dist
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.roi_heads import build_box_head
     from detectron2.utils import comm
 
     from d2norm.layers import AnySyncBatchNorm2d, norm_options
+    from d2norm.layers.sync_domain_bn import SyncDomainBatchNorm2d
 
-    dist.init_process_group(backend, init_method="file://" + os.path.join(tmpdir, f"rdv_{backend}"),
+    backend, device, dtype = TWO_PROCESS_RUNS[run]
+    dist.init_process_group(backend, init_method="file://" + os.path.join(tmpdir, f"rdv_{run}"),
                             rank=rank, world_size=world)
+    index = rank if backend == "nccl" else 0
     if device == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(index)
     comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world)))
-    dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
-    dtype = torch.float32 if device == "cuda" else torch.float64
+    dev = torch.device(device, index) if device == "cuda" else torch.device("cpu")
     out = {}
-    for case, sizes in enumerate(((5, 3), (0, 6))):  # uneven, and an empty rank
-        g = torch.Generator().manual_seed(10 + case)
-        xs = [torch.randn(n, 8, 5, 5, generator=g, dtype=torch.float64) * 2 + 1 for n in sizes]
-        dys = [torch.randn(n, 8, 5, 5, generator=g, dtype=torch.float64) for n in sizes]
-        m = AnySyncBatchNorm2d(8).to(dev, dtype).train()
-        x = xs[rank].to(dev, dtype).requires_grad_()
-        y = m(x)
-        (y * dys[rank].to(dev, dtype)).sum().backward()
-        out[f"syncbn{case}"] = {"y": y.detach().cpu(), "gx": x.grad.cpu(), "gw": m.weight.grad.cpu(),
-                                "rm": m.running_mean.cpu(), "rv": m.running_var.cpu()}
+    # AnySyncBN on both of its routes where they differ (CUDA: torch's SyncBN kernels, D2NORM_SYNCBN_CUDA_KERNELS)
+    routes = ("0", "1") if device == "cuda" else ("0",)
+    for route in routes:
+        os.environ["D2NORM_SYNCBN_CUDA_KERNELS"] = route
+        for case, sizes in enumerate(((5, 3), (0, 6))):  # uneven, and an empty rank
+            g = torch.Generator().manual_seed(10 + case)
+            xs = [torch.randn(n, 8, 5, 5, generator=g, dtype=torch.float64) * 2 + 1 for n in sizes]
+            dys = [torch.randn(n, 8, 5, 5, generator=g, dtype=torch.float64) for n in sizes]
+            m = AnySyncBatchNorm2d(8).to(dev, dtype).train()
+            x = xs[rank].to(dev, dtype).requires_grad_()
+            y = m(x)
+            (y * dys[rank].to(dev, dtype)).sum().backward()
+            # keyed without the route: both routes are compared with the one float64 reference
+            out[f"syncbn{case} route {route}"] = {"y": y.detach().cpu(), "gx": x.grad.cpu(),
+                                                  "gw": m.weight.grad.cpu(), "rm": m.running_mean.cpu(),
+                                                  "rv": m.running_var.cpu()}
+    os.environ["D2NORM_SYNCBN_CUDA_KERNELS"] = "0"
+    # SyncDomainBN (the Table 5 RetinaNet head with SyncBN): two levels per rank, uneven sizes
+    g = torch.Generator().manual_seed(5)
+    levels = [[torch.randn(n, 8, h, h, generator=g, dtype=torch.float64) * 2 + 1 for n, h in ((2, 6), (2, 3))],
+              [torch.randn(n, 8, h, h, generator=g, dtype=torch.float64) * 2 + 1 for n, h in ((3, 6), (3, 3))]]
+    dn = SyncDomainBatchNorm2d(8, 2, train_stats="per_domain", pop_stats="per_domain", affine_per_domain=True,
+                               eps=1e-5, momentum=0.1).to(dev, dtype).train()
+    xs = [t.to(dev, dtype).requires_grad_() for t in levels[rank]]
+    ys = dn.forward_domains(xs)
+    sum((y.square() * (i + 1)).sum() for i, y in enumerate(ys)).backward()
+    out["sync_domain_bn"] = {"y": [y.detach().cpu() for y in ys], "gx": [t.grad.cpu() for t in xs],
+                             "buffers": {k: v.cpu() for k, v in dn.state_dict().items()}}
     cfg = d2norm.add_d2norm_config(get_cfg())
     b = cfg.MODEL.ROI_BOX_HEAD
     b.NAME, b.NUM_CONV, b.CONV_DIM, b.NUM_FC, b.FC_DIM, b.NORM = "ShuffledConvFCHead", 2, 8, 1, 16, "BN"
@@ -175,27 +207,39 @@ def _dist_worker(rank, world, backend, device, tmpdir):
     y.square().sum().backward()
     out["shuffle"] = {"y": y.detach().cpu(), "gx": x.grad.cpu(),
                       "gp": {k: p.grad.cpu() for k, p in head.named_parameters()}}
-    torch.save(out, os.path.join(tmpdir, f"{backend}_{rank}.pt"))
+    torch.save(out, os.path.join(tmpdir, f"{run}_{rank}.pt"))
     dist.destroy_process_group()
 
 
-def check_two_process():
+def _compare(got, ref, tag, failures):
+    if isinstance(ref, dict):
+        for k in ref:
+            _compare(got[k], ref[k], f"{tag} {k}", failures)
+    elif isinstance(ref, list):
+        for i, (a, b) in enumerate(zip(got, ref)):
+            _compare(a, b, f"{tag} [{i}]", failures)
+    else:
+        _close(got, ref, tag, failures)
+
+
+def check_two_process(run=None):
+    """AnySyncBN (both routes on CUDA), SyncDomainBN and the shuffled box head on 2 processes (``run``: a key of
+    :data:`TWO_PROCESS_RUNS`; default: NCCL with 2+ GPUs, else both ranks on the one GPU over gloo) against the
+    same two ranks on gloo/CPU in float64."""
     import torch.multiprocessing as mp
 
+    if run is None:
+        run = "cuda_nccl" if torch.cuda.device_count() >= 2 else "cuda_gloo"
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_dist_worker, args=(2, "gloo", "cpu", tmp), nprocs=2, start_method="spawn")
-        mp.start_processes(_dist_worker, args=(2, "nccl", "cuda", tmp), nprocs=2, start_method="spawn")
+        for r in ("ref", run):
+            mp.start_processes(_dist_worker, args=(2, r, tmp), nprocs=2, start_method="spawn")
         for rank in range(2):
-            ref = torch.load(os.path.join(tmp, f"gloo_{rank}.pt"))
-            got = torch.load(os.path.join(tmp, f"nccl_{rank}.pt"))
-            for key, r in ref.items():
-                for k, v in r.items():
-                    if isinstance(v, dict):
-                        for kk in v:
-                            _close(got[key][k][kk], v[kk], f"rank {rank} {key} {k} {kk}", failures)
-                    else:
-                        _close(got[key][k], v, f"rank {rank} {key} {k}", failures)
+            ref = torch.load(os.path.join(tmp, f"ref_{rank}.pt"))
+            got = torch.load(os.path.join(tmp, f"{run}_{rank}.pt"))
+            for key in got:
+                base = key.replace("route 1", "route 0")
+                _compare(got[key], ref[base], f"rank {rank} {key}", failures)
     return failures
 
 
@@ -242,16 +286,17 @@ def main(argv=None):
     print(f"gpu_selfcheck on {env['device']} ({env['gpus']} GPU(s)), torch {env['torch']}"
           + (" -- dry run on the CPU" if args.dry_run else ""))
     if args.dry_run:
-        checks = [("layers CPU float32 vs CPU float64 (toy size)", lambda: check_layers("cpu", DRY_SHAPES))]
+        checks = [("layers CPU float32 vs CPU float64 (toy size)", lambda: check_layers("cpu", DRY_SHAPES)),
+                  ("AnySyncBN + SyncDomainBN + shuffled head on 2 gloo processes, float32 vs float64",
+                   lambda: check_two_process("cpu32"))]
         if not args.skip_train:
             checks.append(("main job: 2 training iterations + COCO eval on the CPU at 64 px",
                            lambda: check_training(2, "cpu", DRY_TRAINING)))
     else:
-        checks = [("layers CUDA vs CPU float64", check_layers)]
-        if torch.cuda.device_count() >= 2:
-            checks.append(("AnySyncBN + shuffled head on 2 NCCL processes vs 2 gloo processes", check_two_process))
-        else:
-            print("  (1 GPU: the 2-process NCCL check needs 2 GPUs; not run)")
+        two = ("2 NCCL processes" if torch.cuda.device_count() >= 2 else "2 processes on the one GPU (gloo)")
+        checks = [("layers CUDA vs CPU float64", check_layers),
+                  (f"AnySyncBN (both routes) + SyncDomainBN + shuffled head on {two} vs 2 gloo/CPU float64 processes",
+                   check_two_process)]
         if not args.skip_train:
             checks.append((f"main job: {args.train_iters} training iterations + COCO eval on CUDA",
                            lambda: check_training(args.train_iters)))

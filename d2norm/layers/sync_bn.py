@@ -9,7 +9,7 @@ Differences from torch's ``nn.SyncBatchNorm``: it runs on CPU tensors (gloo), an
 by each rank's element count N·H·W, so the result equals BatchNorm over the concatenated batch of all ranks
 for any per-rank N (including 0) and any per-rank H, W.
 """
-
+import os
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     Returns ``(y, mean, biased_var, count)``; the last three are the global statistics (not differentiable).
     fp16/bf16 inputs are upcast to float32 for the reductions (forward and backward).
+
+    CUDA route (:func:`torch_kernels_enabled`, off by default): the local passes run on torch's SyncBN kernels
+    (``batch_norm_stats`` forward; ``batch_norm_backward_reduce`` + ``batch_norm_backward_elemt`` backward: two
+    passes over x and dy, reading half inputs in place instead of float32 copies and ~5 full-size temporaries);
+    the exchange and the exact merge stay the ones above (torch's ``nn.SyncBatchNorm`` drops empty ranks with a
+    boolean mask, a host sync, and skips the backward all-reduce on a rank whose input needs no gradient).
     """
 
     @staticmethod
@@ -58,7 +64,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
         sd = stat_dtype(x.dtype)
         C = x.shape[1]
         n = x.shape[0] * x.shape[2] * x.shape[3]
-        if n > 0:
+        ctx.kernels = n > 0 and torch_kernels_enabled(x)
+        if ctx.kernels:
+            x = _kernel_layout(x)
+            mean_l, invstd_l = torch.batch_norm_stats(x, eps)  # float32 for half input, one Welford pass
+            var_l = (invstd_l.reciprocal().square() - eps).clamp(min=0)  # invstd = 1/sqrt(var + eps)
+            local = torch.cat([mean_l, var_l, mean_l.new_full((1,), n)])
+        elif n > 0:
             var_l, mean_l = torch.var_mean(x.to(sd), dim=_DIMS, correction=0)
             local = torch.cat([mean_l, var_l, mean_l.new_full((1,), n)])
         else:
@@ -83,6 +95,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar, _dcount):
+        if ctx.kernels:
+            return _backward_kernels(ctx, dy)
         x, weight, mean, invstd, count = ctx.saved_tensors
         sd = mean.dtype
         C = x.shape[1]
@@ -114,6 +128,41 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if ctx.has_weight and ctx.needs_input_grad[2]:
             grad_b = sum_dy.to(weight.dtype)
         return grad_x, grad_w, grad_b, None, None
+
+
+def torch_kernels_enabled(x: torch.Tensor) -> bool:
+    """Whether :class:`SyncBatchNormFunction` takes its CUDA route for ``x``: a CUDA tensor and
+    ``D2NORM_SYNCBN_CUDA_KERNELS=1`` in the environment. Off by default: the route has not yet run on a GPU
+    against the CPU float64 layer (``tools/gpu_selfcheck.py`` runs it both ways); the CPU test suite checks its
+    plumbing with reference implementations of the four kernels."""
+    return x.is_cuda and os.environ.get("D2NORM_SYNCBN_CUDA_KERNELS", "0").strip() == "1"
+
+
+def _kernel_layout(t: torch.Tensor) -> torch.Tensor:
+    """torch's SyncBN kernels take NCHW-contiguous or channels-last tensors (as ``nn.SyncBatchNorm`` ensures)."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def _backward_kernels(ctx, dy):
+    x, weight, mean, invstd, count = ctx.saved_tensors
+    x, dy = _kernel_layout(x), _kernel_layout(dy)
+    C = x.shape[1]
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    has_w = ctx.has_weight
+    # input_g=True whatever x needs: the kernel returns no sums otherwise, and every rank must join the all-reduce
+    # (torch's nn.SyncBatchNorm skips it when the input needs no gradient, which can leave another rank waiting)
+    sum_dy, sum_dy_xmu, grad_w, grad_b = torch.batch_norm_backward_reduce(
+        dy, x, mean, invstd, weight if has_w else None, True, need_w and has_w, need_b and has_w)
+    local = torch.cat([sum_dy, sum_dy_xmu])
+    total = all_reduce_sum_detached(local, ctx.group) if group_world_size(ctx.group) > 1 else local
+    grad_x = None
+    if need_x:
+        w = weight.to(mean.dtype) if has_w else None
+        counts = count.round().to(torch.int32).reshape(1)  # the kernel divides by the sum of its counts
+        grad_x = torch.batch_norm_backward_elemt(dy, x, mean, invstd, w, total[:C], total[C:], counts)
+    return grad_x, grad_w if has_w and need_w else None, grad_b if has_w and need_b else None, None, None
 
 
 @register_norm("AnySyncBN")
