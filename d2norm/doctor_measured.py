@@ -15,8 +15,10 @@ nothing in it changed; :func:`d2norm.stats.monitor.bn_statistics_gaps`):
 
 Per layer called several times per forward (a head shared over FPN levels; rethinking §5.2), per call j (for a
 DomainBN fed through ``forward_domains``, per domain):
-``level_divergence`` = max_j ||μ_j − μ||₂ / ||σ||₂ with μ, σ the layer's statistics pooled over all calls (float64,
-over every batch): per-level statistics matter when the levels' statistics are far apart (Table 5 row 2: 2.1 AP).
+``level_divergence`` = max_j ||μ_j − μ||₂ / ||σ||₂ and ``level_std_divergence`` = max_j ||σ_j − σ||₂ / ||σ||₂ with
+μ, σ the layer's statistics pooled over all calls (float64, over every batch): per-level statistics matter when
+the levels' statistics are far apart (Table 5 row 2, per-level population statistics for a head trained with
+shared ones, normalizes level j with (μ_j, σ_j) instead of (μ, σ): 2.1 AP).
 
 Per norm of the R-CNN heads (``roi_heads.``), the within-image correlation of its input (rethinking §6, "the RoIs
 of one image are correlated"): ``roi_within_image`` = Var_images(per-image mean) / total variance, averaged over
@@ -128,6 +130,10 @@ def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn
         if len(per) > 1:
             sigma = float(var.clamp(min=0).sqrt().norm())
             res["level_divergence"] = max(float((v[1] / v[0] - mean).norm()) for v in per.values()) / max(sigma, 1e-12)
+            sd = var.clamp(min=0).sqrt()
+            res["level_std_divergence"] = max(
+                float(((v[2] / v[0] - (v[1] / v[0]) ** 2).clamp(min=0).sqrt() - sd).norm()) for v in per.values()
+            ) / max(sigma, 1e-12)
         if roi.get(n):
             res["roi_within_image"] = sum(roi[n]) / len(roi[n])
         out[n] = res

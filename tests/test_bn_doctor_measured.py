@@ -58,6 +58,8 @@ def test_level_divergence_and_gaps_equal_float64_definitions():
     mu, sigma = pooled.mean(1), pooled.var(1, unbiased=False).sqrt()
     expected = max(float((f.mean(1) - mu).norm()) for f in flat) / float(sigma.norm())
     assert res["calls"] == 3 and res["level_divergence"] == pytest.approx(expected, rel=1e-6)  # the model runs float32
+    expected_std = max(float((f.var(1, unbiased=False).sqrt() - sigma).norm()) for f in flat) / float(sigma.norm())
+    assert expected_std > 0.1 and res["level_std_divergence"] == pytest.approx(expected_std, rel=1e-5)
     # Def. 2 / Fig. 2: EMA vs population (unbiased σ, torch's running_var convention), per-batch spread
     n = pooled.shape[1]
     pop_sigma_u = (pooled.var(1, unbiased=False) * n / (n - 1)).sqrt()
@@ -149,3 +151,5 @@ def test_level_divergence_of_a_domain_bn_fed_through_forward_domains():
     mu, sigma = pooled.mean(1), pooled.var(1, unbiased=False).sqrt()
     expected = max(float((f.mean(1) - mu).norm()) for f in flat) / float(sigma.norm())
     assert res["calls"] == 3 and res["level_divergence"] == pytest.approx(expected, rel=1e-6)
+    expected_std = max(float((f.var(1, unbiased=False).sqrt() - sigma).norm()) for f in flat) / float(sigma.norm())
+    assert res["level_std_divergence"] == pytest.approx(expected_std, rel=1e-5)
