@@ -134,6 +134,15 @@ def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn
             res["level_std_divergence"] = max(
                 float(((v[2] / v[0] - (v[1] / v[0]) ** 2).clamp(min=0).sqrt() - sd).norm()) for v in per.values()
             ) / max(sigma, 1e-12)
+            # per call (level / domain) in call order: what the maxima above come from, and each call's share of
+            # the layer's elements (a far-off level that holds few elements weighs little in the loss)
+            order = sorted(per)
+            res["per_call"] = {
+                "mean_shift": [float((per[j][1] / per[j][0] - mean).norm()) / max(sigma, 1e-12) for j in order],
+                "std_shift": [float(((per[j][2] / per[j][0] - (per[j][1] / per[j][0]) ** 2).clamp(min=0).sqrt()
+                                     - sd).norm()) / max(sigma, 1e-12) for j in order],
+                "element_share": [per[j][0] / n_all for j in order],
+            }
         if roi.get(n):
             res["roi_within_image"] = sum(roi[n]) / len(roi[n])
         out[n] = res

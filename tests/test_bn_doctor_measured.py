@@ -60,6 +60,12 @@ def test_level_divergence_and_gaps_equal_float64_definitions():
     assert res["calls"] == 3 and res["level_divergence"] == pytest.approx(expected, rel=1e-6)  # the model runs float32
     expected_std = max(float((f.var(1, unbiased=False).sqrt() - sigma).norm()) for f in flat) / float(sigma.norm())
     assert expected_std > 0.1 and res["level_std_divergence"] == pytest.approx(expected_std, rel=1e-5)
+    per_call = res["per_call"]
+    assert per_call["mean_shift"] == pytest.approx(
+        [float((f.mean(1) - mu).norm()) / float(sigma.norm()) for f in flat], rel=1e-5)
+    assert per_call["std_shift"] == pytest.approx(
+        [float((f.var(1, unbiased=False).sqrt() - sigma).norm()) / float(sigma.norm()) for f in flat], rel=1e-5)
+    assert per_call["element_share"] == pytest.approx([f.shape[1] / pooled.shape[1] for f in flat])
     # Def. 2 / Fig. 2: EMA vs population (unbiased σ, torch's running_var convention), per-batch spread
     n = pooled.shape[1]
     pop_sigma_u = (pooled.var(1, unbiased=False) * n / (n - 1)).sqrt()
