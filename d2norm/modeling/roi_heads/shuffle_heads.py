@@ -104,12 +104,19 @@ def shuffled_apply(
     order = torch.argsort(mine, stable=True)  # own rows grouped by destination rank
     send = torch.bincount(mine, minlength=world).tolist()
     recv = torch.bincount(source[dest == rank], minlength=world).tolist()
-    order_dev = order.to(x.device, non_blocking=True)
-    y_share = fn(all_to_all_rows(x[order_dev], send, recv, group))
+    y_share = fn(all_to_all_rows(x[_to_device(order, x.device)], send, recv, group))
     y_sent = all_to_all_rows(y_share, recv, send, group)  # row i = output for own row order[i]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel())
-    return y_sent[inverse.to(x.device, non_blocking=True)]
+    return y_sent[_to_device(inverse, x.device)]
+
+
+def _to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host index tensor on ``device``; to CUDA through pinned memory, so the copy does not wait for the work
+    already queued on the stream (a copy from pageable memory does)."""
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
 
 
 NODE = "SHUFFLE_HEAD"
