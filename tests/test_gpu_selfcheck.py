@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import gpu_selfcheck  # noqa: E402
+from d2norm.layers import NORM_REGISTRY  # noqa: E402
 
 
 @pytest.mark.cuda
@@ -106,7 +107,31 @@ def test_dry_run_from_the_bundle_alone(tmp_path):
                           "--out", str(out)], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     doc = json.loads((out / "gpu_selfcheck.json").read_text())
-    assert doc["environment"]["dry_run"] and [c["ok"] for c in doc["checks"]] == [True, True, True], doc
+    assert doc["environment"]["dry_run"] and [c["ok"] for c in doc["checks"]] == [True] * 5, doc
+    speed = next(c for c in doc["checks"] if c["check"].startswith("speed"))
+    assert set(speed["data"][0]["layers"]) == {name for name, _ in NORM_REGISTRY}
     # the machine has no tensorboard: the training above ran on the Trainer's writers without it
     probe = subprocess.run([sys.executable, "-S", "-c", "import tensorboard"], env=env, capture_output=True)
     assert probe.returncode != 0
+
+
+def test_amp_comparison_flags_what_it_must():
+    """The AMP check's comparison: a result within the dtype's tolerance passes; one off by more, a non-finite
+    value, or a statistics buffer kept in half precision is reported."""
+    u = gpu_selfcheck.UNIT[torch.float16]
+    b = torch.linspace(-4, 4, 50, dtype=torch.float64)
+    cases = {
+        "ok": (b.half(), "output"),
+        "off": ((b + 64 * u * 4).half(), "output"),
+        "nonfinite": (torch.where(b > 3, torch.tensor(float("inf")), b).half(), "output"),
+        "grad_off": ((b * (1 + 64 * u)).half(), "grad"),
+        "half_buffer": (b.half(), "buffer"),
+    }
+    found = {}
+    for tag, (a, kind) in cases.items():
+        failures = []
+        gpu_selfcheck._close_amp(a, b, tag, failures, u, kind)
+        found[tag] = failures
+    assert found["ok"] == []
+    assert all(found[t] for t in ("off", "nonfinite", "grad_off", "half_buffer")), found
+    assert "float32" in found["half_buffer"][0] and "non-finite" in found["nonfinite"][0]

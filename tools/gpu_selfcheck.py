@@ -26,6 +26,14 @@ Checks:
    gloo) vs the same two-rank run on gloo/CPU in float64.
 3. **Training** — ``tools/train_net.py`` on the main-job config with ``MODEL.DEVICE cuda`` for a few
    iterations and a COCO evaluation; the losses must be finite and the AP table printed.
+4. **Host syncs** — every layer's training step and eval forward under ``torch.cuda.set_sync_debug_mode("error")``.
+5. **AMP** — every layer fed a float16 / bfloat16 input under ``torch.autocast``, train and eval, vs the CPU float64
+   layer within multiples of the dtype's unit roundoff; statistics buffers stay float32.
+6. **Speed** (a measurement) — ``tools/benchmark_norms.py``'s ratios to cuDNN ``nn.BatchNorm2d`` at
+   (2, 256, 200, 336), (8, 64, 56, 56), (512, 256, 7, 7), in the JSON.
+
+``--budget-s`` (default 480) starts no check after that many seconds; ``--dry-run`` runs checks 1, 2 (gloo, float32
+vs float64), 3, 5 (CPU autocast bf16) and 6 on the CPU at toy size.
 """
 import argparse
 import os
@@ -73,15 +81,19 @@ def _randomize(m, seed):
             t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) * 2 + 0.5)
 
 
-def _run_layer(m, x, dy, training, steps=2):
-    """``steps`` forward/backward passes; returns outputs, grads and the final state."""
+def _run_layer(m, x, dy, training, steps=2, amp=None):
+    """``steps`` forward/backward passes (under ``torch.autocast`` of dtype ``amp`` when given); returns outputs,
+    grads and the final state."""
+    import contextlib
+
     m.train(training)
     res = []
     for _ in range(steps):
         m.zero_grad()
         xi = x.clone().requires_grad_()
-        y = m(xi)
-        loss = (y * dy).sum() + (evalnorm_aux_loss(m) if training else 0.0)
+        with (torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()):
+            y = m(xi)
+            loss = (y.float() * dy).sum() + (evalnorm_aux_loss(m) if training else 0.0)
         loss.backward()
         res.append({"y": y.detach(), "gx": xi.grad,
                     "gp": {k: p.grad for k, p in m.named_parameters() if p.grad is not None}})
@@ -99,6 +111,105 @@ def _close(a, b, what, failures):
 
 SHAPES = ((8, 64, 28, 28), (256, 64, 7, 7))
 DRY_SHAPES = ((4, 32, 6, 6), (24, 32, 3, 3))  # --dry-run: the same checks at toy size on the CPU
+#: unit roundoff of the half dtypes (the AMP check's tolerances are multiples of it, as in tests/test_amp.py)
+UNIT = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def _close_amp(a, b, what, failures, u, kind):
+    """Half-precision result ``a`` vs the float64 reference ``b``: finite, and an output within 8u·max|b| + 8u
+    (max norm), a gradient within 16u·||b|| (2-norm), a buffer within 8u relative; buffers must stay float32."""
+    if kind == "buffer" and a.is_floating_point() and a.dtype != torch.float32:
+        failures.append(f"{what}: buffer dtype {a.dtype}, expected float32")
+        return
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if a.shape != b.shape:
+        failures.append(f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
+    elif not torch.isfinite(a).all():
+        failures.append(f"{what}: non-finite values")
+    elif b.numel():
+        if kind == "grad":
+            err, bound = float((a - b).norm()), 16 * u * float(b.norm()) + 1e-6
+        else:
+            scale = float(b.abs().max())
+            err = float((a - b).abs().max())
+            bound = (8 * u * scale + 8 * u) if kind == "output" else (8 * u * scale + 1e-6)
+        if err > bound:
+            failures.append(f"{what}: error {err:.3g} > {bound:.3g}")
+
+
+def check_layers_amp(device="cuda", shapes=SHAPES, dtypes=(torch.float16, torch.bfloat16)):
+    """Every layer fed a half-precision input under ``torch.autocast`` (what the convolution before it hands it in
+    AMP training), train (2 steps, forward + backward, EvalNorm's aux loss included) and eval, vs the CPU float64
+    layer: tolerances from the dtype's unit roundoff; statistics buffers stay float32."""
+    failures = []
+    for shape in shapes:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3 + 1
+        dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+        for name, make in _layers(shape[1]).items():
+            for dtype in dtypes:
+                u = UNIT[dtype]
+                for training in (True, False):
+                    tag = f"{name} {tuple(shape)} {str(dtype).split('.')[-1]} {'train' if training else 'eval'}"
+                    try:
+                        ref = make().double()
+                        _randomize(ref, 1)
+                        dev = make()
+                        dev.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                             for k, v in ref.state_dict().items()})
+                        dev.to(device)
+                        xr = x.to(dtype).double()  # the reference sees the same (rounded) input
+                        r_steps, r_state = _run_layer(ref, xr, dy, training)
+                        d_steps, d_state = _run_layer(dev, x.to(device, dtype), dy.float().to(device), training,
+                                                      amp=dtype)
+                        for i, (r, d) in enumerate(zip(r_steps, d_steps)):
+                            if d["y"].dtype != dtype:
+                                failures.append(f"{tag} step {i}: output dtype {d['y'].dtype}, expected {dtype}")
+                            _close_amp(d["y"], r["y"], f"{tag} step {i} output", failures, u, "output")
+                            _close_amp(d["gx"], r["gx"], f"{tag} step {i} input grad", failures, u, "grad")
+                            for k in r["gp"]:
+                                _close_amp(d["gp"][k], r["gp"][k], f"{tag} step {i} grad {k}", failures, u, "grad")
+                        for k in r_state:
+                            _close_amp(d_state[k], r_state[k], f"{tag} buffer {k}", failures, u, "buffer")
+                    except Exception:  # noqa: BLE001
+                        failures.append(f"{tag}: {traceback.format_exc(limit=3)}")
+    return failures
+
+
+def check_syncs(device="cuda", shape=(8, 64, 28, 28)):
+    """No host-device synchronization in any layer's training forward + backward (EvalNorm's aux loss included)
+    or eval forward: each runs under ``torch.cuda.set_sync_debug_mode("error")`` after a warm-up step."""
+    failures = []
+    x = torch.randn(*shape, device=device) * 2 + 1
+    for name, make in _layers(shape[1]).items():
+        m = make().to(device)
+        for training in (True, False):
+            m.train(training)
+            tag = f"{name} {'train' if training else 'eval'}"
+            try:
+                for audited in (False, True):  # warm-up: first-use paths (handles, lazy state) may sync once
+                    xi = x.clone().requires_grad_(training)
+                    torch.cuda.set_sync_debug_mode("error" if audited else 0)
+                    try:
+                        y = m(xi)
+                        if training:
+                            ((y * y).mean() + evalnorm_aux_loss(m)).backward()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"{tag}: {str(e).splitlines()[0]}")
+    return failures
+
+
+def measure_speed(device="cuda", shapes=((2, 256, 200, 336), (8, 64, 56, 56), (512, 256, 7, 7)), rounds=5,
+                  window_ms=20.0):
+    """tools/benchmark_norms.py's ratios to ``nn.BatchNorm2d`` (cuDNN on CUDA) for every layer, train fwd+bwd and
+    eval, fp32 (a measurement, never a failure)."""
+    import benchmark_norms
+
+    return benchmark_norms.run([list(s) for s in shapes], window_ms, rounds, device, torch.get_num_threads(),
+                               clock="wall")
+
 
 
 def check_layers(device="cuda", shapes=SHAPES):
@@ -271,6 +382,9 @@ def main(argv=None):
     p.add_argument("--train-iters", type=int, default=20)
     p.add_argument("--dry-run", action="store_true", help="every check on the CPU at toy size (layers float32 vs "
                    "float64, 2 training iterations at 64 px): what the test suite runs to keep this tool working")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="start no check after this many seconds (a lent machine gives one command ~9 minutes); "
+                        "the checks not started are listed as skipped")
     p.add_argument("--out", metavar="DIR", default=os.environ.get("OUT"),
                    help="write gpu_selfcheck.json (environment, every check's failures and wall time) into DIR "
                         "(default: $OUT, the device machine's output folder)")
@@ -287,25 +401,43 @@ def main(argv=None):
           + (" -- dry run on the CPU" if args.dry_run else ""))
     if args.dry_run:
         checks = [("layers CPU float32 vs CPU float64 (toy size)", lambda: check_layers("cpu", DRY_SHAPES)),
+                  ("layers under CPU autocast bf16 vs CPU float64 (toy size)",
+                   lambda: check_layers_amp("cpu", DRY_SHAPES, (torch.bfloat16,))),
                   ("AnySyncBN + SyncDomainBN + shuffled head on 2 gloo processes, float32 vs float64",
-                   lambda: check_two_process("cpu32"))]
+                   lambda: check_two_process("cpu32")),
+                  ("speed: every layer vs nn.BatchNorm2d on the CPU (toy size, 2 rounds; a measurement)",
+                   lambda: {"failures": [], "data": measure_speed("cpu", ((4, 32, 8, 8),), 2, 2.0)})]
         if not args.skip_train:
             checks.append(("main job: 2 training iterations + COCO eval on the CPU at 64 px",
                            lambda: check_training(2, "cpu", DRY_TRAINING)))
     else:
         two = ("2 NCCL processes" if torch.cuda.device_count() >= 2 else "2 processes on the one GPU (gloo)")
         checks = [("layers CUDA vs CPU float64", check_layers),
+                  ("host syncs: every layer's training step and eval forward under set_sync_debug_mode('error')",
+                   check_syncs),
+                  ("layers under CUDA autocast fp16 / bf16 (half input) vs CPU float64", check_layers_amp),
                   (f"AnySyncBN (both routes) + SyncDomainBN + shuffled head on {two} vs 2 gloo/CPU float64 processes",
-                   check_two_process)]
+                   check_two_process),
+                  ("speed: every layer vs cuDNN nn.BatchNorm2d (fp32; a measurement)",
+                   lambda: {"failures": [], "data": measure_speed()})]
         if not args.skip_train:
             checks.append((f"main job: {args.train_iters} training iterations + COCO eval on CUDA",
                            lambda: check_training(args.train_iters)))
-    failed, record = 0, []
+    failed, record, begin = 0, [], time.perf_counter()
     for title, fn in checks:
+        if time.perf_counter() - begin > args.budget_s:
+            record.append({"check": title, "ok": None, "skipped": f"over the {args.budget_s:g} s budget"})
+            print(f"[skipped: over the {args.budget_s:g} s budget] {title}")
+            _write(args.out, {"environment": env, "checks": record})
+            continue
         start = time.perf_counter()
-        failures = fn()
-        record.append({"check": title, "ok": not failures, "failures": failures[:50],
-                       "wall_s": round(time.perf_counter() - start, 1)})
+        res = fn()
+        failures, data = (res["failures"], res.get("data")) if isinstance(res, dict) else (res, None)
+        entry = {"check": title, "ok": not failures, "failures": failures[:50],
+                 "wall_s": round(time.perf_counter() - start, 1)}
+        if data is not None:
+            entry["data"] = data
+        record.append(entry)
         print(f"[{'ok' if not failures else 'FAIL'}] {title}")
         for f in failures[:50]:
             print("    " + f.replace("\n", "\n    "))
