@@ -150,17 +150,36 @@ def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn
 
 
 def _buffer_checks(model: nn.Module) -> Dict[str, dict]:
-    from .layers.protocol import norm_protocol
-
     out = {}
     for n, m in model.named_modules():
-        view = norm_protocol(m)
-        stats = view.estimated_stats() if view is not None else None
+        stats = _ema_stats(m)
         if not stats:
             continue
         nonfinite = any(not torch.isfinite(t).all() for pair in stats for t in pair)
         second = max(float((var.clamp(min=0) + mean * mean).max()) for mean, var in stats) if not nonfinite else math.inf
         out[n] = {"nonfinite": nonfinite, "second_moment_max": second}
+    return out
+
+
+def _ema_stats(module: nn.Module):
+    """The layer's inference statistics as ``[(mean, var)]`` per slot: its protocol's ``estimated_stats``, or,
+    for a layer that keeps no mean/variance pair (MABN: χ̂ = sqrt(E[x²] + ε), no centering), its stats adapter's
+    EMA with mean 0 and var = σ² (so ||σ|| is ||χ̂||, MABN's normalizer); None when it has neither."""
+    from .layers.protocol import norm_protocol
+
+    view = norm_protocol(module)
+    if view is None:
+        return None
+    stats = view.estimated_stats()
+    if stats:
+        return stats
+    adapter = view.stats_adapter()
+    if adapter is None:
+        return None
+    out = []
+    for slot in range(adapter.num_slots):
+        mean, sigma = adapter.ema_stats(slot)
+        out.append((torch.zeros_like(sigma) if mean is None else mean, sigma * sigma))
     return out
 
 
@@ -172,7 +191,7 @@ def measure(model: nn.Module, data: Iterable, num_batches: int,
     ``num_batches`` batches of ``data``; the model is left unchanged."""
     from .stats.monitor import bn_statistics_gaps
     from .stats.passes import unwrap_model
-    from .stats.probe import estimated_stats, probed_layers
+    from .stats.probe import probed_layers
 
     net = unwrap_model(model)
     forward_fn = forward_fn or (lambda m, b: m(b))
@@ -193,7 +212,7 @@ def measure(model: nn.Module, data: Iterable, num_batches: int,
             r = out.setdefault(n, {})
             r.update(g)
             pop_sigma = None
-            stats = estimated_stats(dict(net.named_modules())[n])
+            stats = _ema_stats(dict(net.named_modules())[n])
             if stats:
                 pop_sigma = float(torch.cat([v.clamp(min=0).sqrt() for _, v in stats]).norm())
             if pop_sigma:

@@ -159,3 +159,35 @@ def test_level_divergence_of_a_domain_bn_fed_through_forward_domains():
     assert res["calls"] == 3 and res["level_divergence"] == pytest.approx(expected, rel=1e-6)
     expected_std = max(float((f.var(1, unbiased=False).sqrt() - sigma).norm()) for f in flat) / float(sigma.norm())
     assert res["level_std_divergence"] == pytest.approx(expected_std, rel=1e-5)
+
+
+def test_mabn_gaps_equal_float64_definitions():
+    """MABN keeps no mean/variance pair: its gaps are measured on χ = sqrt(E[x²] + ε) (mabn eq 15) in units of
+    ||χ̂|| (running_chi), and its buffer check reads χ̂² (the doctor used to leave MABN layers blank)."""
+    from d2norm.layers.mabn import MABN2d
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.bn = MABN2d(4, buffer_size=4, momentum=0.98, clip=5.0, warmup_iters=0, eps=1e-5, schedule="paper")
+
+        def forward(self, x):
+            return self.bn(self.conv(x)).sum()
+
+    torch.manual_seed(0)
+    model = Net().train()
+    with torch.no_grad():
+        model.bn.running_chi.uniform_(0.5, 3)
+    batches = _batches()
+    res = measure(model, batches, num_batches=3)["bn"]
+    w, b = model.conv.weight.detach().double(), model.conv.bias.detach().double()
+    ys = [torch.nn.functional.conv2d(x.double(), w, b).transpose(0, 1).reshape(4, -1) for x in batches]
+    chi_pop = (torch.cat(ys, 1).square().mean(1) + 1e-5).sqrt()
+    chi_ema = model.bn.running_chi.double()
+    assert res["std_gap"] == pytest.approx(float((chi_ema - chi_pop).norm()), rel=1e-5)
+    assert res["rel_std_gap"] == pytest.approx(float((chi_ema - chi_pop).norm() / chi_ema.norm()), rel=1e-5)
+    spread = sum(float(((y.square().mean(1) + 1e-5).sqrt() - chi_pop).norm()) for y in ys) / 3
+    assert res["rel_batch_std_spread"] == pytest.approx(spread / float(chi_ema.norm()), rel=1e-5)
+    assert res["second_moment_max"] == pytest.approx(float(chi_ema.square().max()), rel=1e-6)
+    assert "rel_mean_gap" not in res  # no centering, no mean to compare
