@@ -81,6 +81,15 @@ def _randomize(m, seed):
             t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64) * 2 + 0.5)
 
 
+def _layer_pair(make, device):
+    """(float64 CPU reference, float32 copy on ``device``) of one layer, same randomized parameters and buffers."""
+    ref = make().double()
+    _randomize(ref, 1)
+    dev = make()
+    dev.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ref.state_dict().items()})
+    return ref, dev.to(device)
+
+
 def _run_layer(m, x, dy, training, steps=2, amp=None):
     """``steps`` forward/backward passes (under ``torch.autocast`` of dtype ``amp`` when given); returns outputs,
     grads and the final state."""
@@ -152,12 +161,7 @@ def check_layers_amp(device="cuda", shapes=SHAPES, dtypes=(torch.float16, torch.
                 for training in (True, False):
                     tag = f"{name} {tuple(shape)} {str(dtype).split('.')[-1]} {'train' if training else 'eval'}"
                     try:
-                        ref = make().double()
-                        _randomize(ref, 1)
-                        dev = make()
-                        dev.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                             for k, v in ref.state_dict().items()})
-                        dev.to(device)
+                        ref, dev = _layer_pair(make, device)
                         xr = x.to(dtype).double()  # the reference sees the same (rounded) input
                         r_steps, r_state = _run_layer(ref, xr, dy, training)
                         d_steps, d_state = _run_layer(dev, x.to(device, dtype), dy.float().to(device), training,
@@ -225,12 +229,7 @@ def check_layers(device="cuda", shapes=SHAPES):
                 for layout in (torch.contiguous_format, torch.channels_last):
                     tag = f"{name} {tuple(shape)} {'train' if training else 'eval'} {layout}"
                     try:
-                        ref = make().double()
-                        _randomize(ref, 1)
-                        dev = make()
-                        dev.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                             for k, v in ref.state_dict().items()})
-                        dev.to(device)
+                        ref, dev = _layer_pair(make, device)
                         r_steps, r_state = _run_layer(ref, x, dy, training)
                         xd = x.float().to(device).contiguous(memory_format=layout)
                         d_steps, d_state = _run_layer(dev, xd, dy.float().to(device), training)
