@@ -129,20 +129,19 @@ def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn
         res = {"calls": len(per)}
         if len(per) > 1:
             sigma = float(var.clamp(min=0).sqrt().norm())
-            res["level_divergence"] = max(float((v[1] / v[0] - mean).norm()) for v in per.values()) / max(sigma, 1e-12)
-            sd = var.clamp(min=0).sqrt()
-            res["level_std_divergence"] = max(
-                float(((v[2] / v[0] - (v[1] / v[0]) ** 2).clamp(min=0).sqrt() - sd).norm()) for v in per.values()
-            ) / max(sigma, 1e-12)
-            # per call (level / domain) in call order: what the maxima above come from, and each call's share of
-            # the layer's elements (a far-off level that holds few elements weighs little in the loss)
+            sd, scale = var.clamp(min=0).sqrt(), max(sigma, 1e-12)
+            # per call (level / domain) in call order, and each call's share of the layer's elements (a far-off
+            # level that holds few elements weighs little in the loss); the maxima are the reported divergences
             order = sorted(per)
+            means = [per[j][1] / per[j][0] for j in order]
+            stds = [(per[j][2] / per[j][0] - m * m).clamp(min=0).sqrt() for j, m in zip(order, means)]
             res["per_call"] = {
-                "mean_shift": [float((per[j][1] / per[j][0] - mean).norm()) / max(sigma, 1e-12) for j in order],
-                "std_shift": [float(((per[j][2] / per[j][0] - (per[j][1] / per[j][0]) ** 2).clamp(min=0).sqrt()
-                                     - sd).norm()) / max(sigma, 1e-12) for j in order],
+                "mean_shift": [float((m - mean).norm()) / scale for m in means],
+                "std_shift": [float((s - sd).norm()) / scale for s in stds],
                 "element_share": [per[j][0] / n_all for j in order],
             }
+            res["level_divergence"] = max(res["per_call"]["mean_shift"])
+            res["level_std_divergence"] = max(res["per_call"]["std_shift"])
         if roi.get(n):
             res["roi_within_image"] = sum(roi[n]) / len(roi[n])
         out[n] = res

@@ -102,7 +102,7 @@ def _run_layer(m, x, dy, training, steps=2, amp=None):
         xi = x.clone().requires_grad_()
         with (torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()):
             y = m(xi)
-            loss = (y.float() * dy).sum() + (evalnorm_aux_loss(m) if training else 0.0)
+            loss = (y.to(dy.dtype) * dy).sum() + (evalnorm_aux_loss(m) if training else 0.0)
         loss.backward()
         res.append({"y": y.detach(), "gx": xi.grad,
                     "gp": {k: p.grad for k, p in m.named_parameters() if p.grad is not None}})
