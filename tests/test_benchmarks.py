@@ -5,7 +5,10 @@ import json
 import os
 import sys
 
+import d2norm
 import pytest
+import torch
+from detectron2.config import get_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -92,3 +95,84 @@ def test_benchmark_ratio_statistics_are_the_paired_median_and_quartiles():
     assert r["best"] == pytest.approx(min(base) / min(other), rel=1e-12)
     with pytest.raises(SystemExit):
         benchmark_models.main(["--image-size", "8"])
+
+
+def test_benchmark_norms_amp_times_every_layer_on_half_input(tmp_path):
+    """--amp bf16: every layer and both baselines get a bfloat16 input under autocast (the result says so); peak
+    memory is CUDA-only and left out on the CPU, not faked."""
+    out = tmp_path / "amp.json"
+    benchmark_norms.main(["--shape", "4", "32", "4", "4", "--rounds", "2", "--window-ms", "0.01", "--threads", "1",
+                          "--amp", "bf16", "--json", str(out)])
+    r = json.loads(out.read_text())["results"][0]
+    assert r["amp"] == "bf16" and set(r["layers"]) == {k for k, _ in NORM_REGISTRY}
+    assert not any("train_peak_ratio" in v for v in r["layers"].values())
+    assert r["baseline"]["BatchNorm2d"]["peak_MiB"] == [None, None]
+
+
+def test_benchmark_norms_amp_input_is_half(monkeypatch):
+    """The --amp timing really runs the layers on a half-precision input under autocast (a float32 timing under
+    the amp label would be wrong): the input every timed call sees is bfloat16 and autocast is on."""
+    seen = []
+
+    class Probe(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
+            return super().forward(x)
+
+    monkeypatch.setattr(benchmark_norms.nn, "BatchNorm2d", Probe)
+    cfg = d2norm.add_d2norm_config(get_cfg())
+    benchmark_norms.bench_shape((4, 32, 2, 2), cfg, torch.device("cpu"), 1e-5, 1, names=["GhostBN"],
+                                amp=torch.bfloat16)
+    assert seen and set(seen) == {(torch.bfloat16, True)}
+
+
+def _gpu_doc():
+    layer = {"train_ratio": 1.2, "eval_ratio": 1.5, "train_peak_ratio": 1.0, "eval_peak_ratio": 2.0}
+    return {"environment": {"device": "NVIDIA H100", "gpus": 1, "torch": "2.11.0", "python": "3.12.3",
+                            "date": "2026-12-06 10:00 UTC", "dry_run": False},
+            "checks": [
+                {"check": "layers", "ok": True, "failures": [], "wall_s": 3.0},
+                {"check": "two", "ok": False, "failures": ["AnySyncBN rank 1: output differs\nmore"], "wall_s": 9.0},
+                {"check": "speed", "ok": True, "failures": [], "wall_s": 20.0, "data": [{
+                    "shape": [8, 64, 56, 56], "amp": "fp16",
+                    "layers": {"GhostBN": dict(layer), "EvalNorm": dict(layer, eval_per_sample=True)}}]},
+                {"check": "detectors", "ok": True, "failures": [], "wall_s": 30.0, "data": {
+                    "dtype": "float16", "image_size": 512, "norms": {
+                        "BN": {"s_per_iter": 0.1, "skipped_steps": 1, "ratio_vs_BN": 1.0, "peak_MiB": 900.0},
+                        "MABN": {"s_per_iter": 0.12, "skipped_steps": 0, "ratio_vs_BN": 1.2, "peak_MiB": 950.0}}}},
+                {"check": "compile", "ok": True, "failures": [], "wall_s": 60.0, "data": {
+                    "backend": "inductor", "layers": {"BGN": {
+                        "first_call_s": 12.5, "recompiles": 1, "graph_breaks": 0, "shapes": {
+                            "2x256x50x84": {"train_ratio": 0.7, "eval_ratio": 0.8}}}}}},
+                {"check": "training", "ok": None, "skipped": "over the 480 s budget"}]}
+
+
+def test_bench_report_gpu_section_reads_each_ratio_against_its_target(tmp_path):
+    """--gpu: every check's outcome (ok / FAIL with its first failure / skipped), each ratio marked ✗ exactly when
+    it is over its target (train 1.3, eval 1.1 affine / 2.0 per-sample, detectors 1/0.9), written into the
+    gpu block only."""
+    src = tmp_path / "gpu_selfcheck.json"
+    src.write_text(json.dumps(_gpu_doc()))
+    readme = tmp_path / "speed.md"
+    readme.write_text(f"head\n{bench_report.BEGIN}\nbench\n{bench_report.END}\n{bench_report.GPU_BEGIN}\nold\n"
+                      f"{bench_report.GPU_END}\ntail\n")
+    bench_report.main(["--gpu", str(src), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "\nbench\n" in text and "\nold\n" not in text and text.endswith("tail\n")
+    assert "NVIDIA H100" in text and "torch 2.11.0" in text and "DRY RUN" not in text
+    assert "| two | FAIL (1): AnySyncBN rank 1: output differs | 9.0 |" in text
+    assert "| training | skipped: over the 480 s budget |" in text
+    assert "| GhostBN | 1.20 | 1.50 ✗ | 1.00 | 2.00 |" in text  # affine inference: eval target 1.1
+    assert "| EvalNorm | 1.20 | 1.50 | 1.00 | 2.00 |" in text  # per-sample statistics: eval target 2.0
+    assert "| MABN | 0.1200 | 1.20 ✗ | 0 | 950 |" in text and "| BN | 0.1000 | 1.00 | 1 | 900 |" in text
+    assert "| BGN | 12.5 | 1 | 0 | 2x256x50x84: 0.70 | 2x256x50x84: 0.80 |" in text
+
+
+def test_bench_report_gpu_needs_its_block(tmp_path, capsys):
+    src = tmp_path / "gpu_selfcheck.json"
+    src.write_text(json.dumps(_gpu_doc()))
+    readme = tmp_path / "speed.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit):
+        bench_report.main(["--gpu", str(src), "--readme", str(readme)])
+    assert "<!-- gpu:begin -->" in capsys.readouterr().err and readme.read_text() == "no markers\n"

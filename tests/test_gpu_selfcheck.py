@@ -107,7 +107,7 @@ def test_dry_run_from_the_bundle_alone(tmp_path):
                           "--out", str(out)], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     doc = json.loads((out / "gpu_selfcheck.json").read_text())
-    assert doc["environment"]["dry_run"] and [c["ok"] for c in doc["checks"]] == [True] * 5, doc
+    assert doc["environment"]["dry_run"] and [c["ok"] for c in doc["checks"]] == [True] * 7, doc
     speed = next(c for c in doc["checks"] if c["check"].startswith("speed"))
     assert set(speed["data"][0]["layers"]) == {name for name, _ in NORM_REGISTRY}
     # the machine has no tensorboard: the training above ran on the Trainer's writers without it
@@ -135,3 +135,25 @@ def test_amp_comparison_flags_what_it_must():
     assert found["ok"] == []
     assert all(found[t] for t in ("off", "nonfinite", "grad_off", "half_buffer")), found
     assert "float32" in found["half_buffer"][0] and "non-finite" in found["nonfinite"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["output_inf", "aux_loss_inf"])
+def test_detector_amp_check_reports_a_broken_norm_and_goes_on(monkeypatch, fault):
+    """The AMP detector check names a norm whose training produces non-finite values as a failure — a crash
+    inside its model (GhostBN's output times inf: detectron2 stops on its boxes) or a non-finite loss (an aux
+    loss of inf) — and still measures the next norm."""
+    if fault == "output_inf":
+        GhostBN = NORM_REGISTRY.get("GhostBN")
+        forward = GhostBN.forward
+        monkeypatch.setattr(GhostBN, "forward", lambda self, x: forward(self, x) * float("inf"))
+    else:
+        aux = gpu_selfcheck.evalnorm_aux_loss
+        monkeypatch.setattr(gpu_selfcheck, "evalnorm_aux_loss",
+                            lambda m: aux(m) + (float("inf") if m.backbone.bottom_up.stem.conv1.norm.__class__
+                                                .__name__.startswith("Ghost") else 0.0))
+    res = gpu_selfcheck.measure_detectors_amp("cpu", torch.bfloat16, 64, iters=1, warmup=0, names=["GhostBN", "BN"])
+    assert len(res["failures"]) == 1 and res["failures"][0].startswith("GhostBN: "), res["failures"]
+    if fault == "aux_loss_inf":
+        assert "non-finite loss(es) ['total_with_aux'] at iteration 0" in res["failures"][0]
+    assert "BN" in res["data"]["norms"] and res["data"]["norms"]["BN"]["ratio_vs_BN"] == 1.0

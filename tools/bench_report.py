@@ -1,17 +1,25 @@
 #!/usr/bin/env python
-"""Speed tables (markdown) and a bar plot (PNG) from the JSON of benchmark_norms.py and benchmark_models.py.
+"""Speed tables (markdown) and a bar plot (PNG) from the JSON of benchmark_norms.py and benchmark_models.py, and
+the GPU section from tools/gpu_selfcheck.py's JSON.
 
 With ``--readme docs/speed.md`` the block between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` is replaced
-by the regenerated tables (shape, threads, date, command and load come from the JSON files).
+by the regenerated tables (shape, threads, date, command and load come from the JSON files); with ``--gpu`` the
+block between ``<!-- gpu:begin -->`` and ``<!-- gpu:end -->`` by the GPU check's results (every check's outcome,
+the speed and peak-memory ratios against the issue's targets, the AMP detectors, torch.compile).
 
     python tools/bench_report.py bench/norms.json bench/models.json [bench/models_384.json ...] --png bench/norms.png \
         --readme docs/speed.md
+    python tools/bench_report.py --gpu results/gpu/gpu_selfcheck.json --readme docs/speed.md
 """
 import argparse
 import json
 import sys
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+GPU_BEGIN, GPU_END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
+#: the targets a GPU run is read against: layer train fwd+bwd / cuDNN BN, eval / BN (affine inference; layers with
+#: per-sample statistics at inference get EVAL_PER_SAMPLE), detector s/iter / the BN detector's (it/s >= 0.9x)
+TRAIN_TARGET, EVAL_AFFINE_TARGET, EVAL_PER_SAMPLE_TARGET, DETECTOR_TARGET = 1.3, 1.1, 2.0, 1 / 0.9
 
 
 def _ratio(row, key, digits=2):
@@ -105,13 +113,101 @@ def plot(norms_doc, path):
     fig.savefig(path, dpi=110)
 
 
+def _mark(value, target):
+    return f"{value:.2f}" + ("" if value <= target else " ✗")
+
+
+def gpu_tables(doc):
+    """Markdown of one gpu_selfcheck.json: environment, every check's outcome, then what the measurements say
+    against the targets (✗ marks a ratio over its target)."""
+    env = doc["environment"]
+    lines = [f"GPU check on **{env['device']}** ({env['gpus']} GPU(s)), torch {env['torch']}, Python "
+             f"{env['python']}{', ' + env['date'] if env.get('date') else ''}"
+             f"{' — DRY RUN on the CPU (toy sizes: no GPU number)' if env.get('dry_run') else ''}.", "",
+             "| check | result | wall s |", "|---|---|---|"]
+    for c in doc.get("checks", []):
+        res = "skipped: " + c["skipped"] if c.get("ok") is None else ("ok" if c["ok"] else
+                                                                          f"FAIL ({len(c['failures'])}): "
+                                                                          + c["failures"][0].splitlines()[0][:160])
+        lines.append(f"| {c['check']} | {res} | {c.get('wall_s', '')} |")
+    lines.append("")
+    for c in doc.get("checks", []):
+        data = c.get("data")
+        if not data:
+            continue
+        if isinstance(data, list):  # benchmark_norms results
+            for r in data:
+                amp = r.get("amp") or "fp32"
+                lines += [f"**Layers, {tuple(r['shape'])}, {amp}** (targets: train ≤ {TRAIN_TARGET}× BN, eval ≤ "
+                          f"{EVAL_AFFINE_TARGET}× for an affine inference, ≤ {EVAL_PER_SAMPLE_TARGET}× with "
+                          "per-sample statistics; ✗ = over)", "",
+                          "| layer | train / BN | eval / BN | train peak mem / BN | eval peak mem / BN |",
+                          "|---|---|---|---|---|"]
+                for name, v in r["layers"].items():
+                    et = EVAL_PER_SAMPLE_TARGET if v.get("eval_per_sample") else EVAL_AFFINE_TARGET
+                    mem = [f"{v[k]:.2f}" if k in v else "not measured" for k in ("train_peak_ratio",
+                                                                                  "eval_peak_ratio")]
+                    lines.append(f"| {name} | {_mark(v['train_ratio'], TRAIN_TARGET)} | "
+                                 f"{_mark(v['eval_ratio'], et)} | {mem[0]} | {mem[1]} |")
+                lines.append("")
+        elif "norms" in data:  # detectors under AMP
+            lines += [f"**Detectors, AMP {data['dtype']} training at {data['image_size']} px** (target: s/iter ≤ "
+                      f"{DETECTOR_TARGET:.2f}× the BN detector's)", "",
+                      "| backbone norm | s/iter | / BN | GradScaler skipped steps | peak MiB |", "|---|---|---|---|---|"]
+            for name, v in data["norms"].items():
+                peak = f"{v['peak_MiB']:.0f}" if "peak_MiB" in v else "not measured"
+                lines.append(f"| {name} | {v['s_per_iter']:.4f} | {_mark(v.get('ratio_vs_BN', 1.0), DETECTOR_TARGET)}"
+                             f" | {v['skipped_steps']} | {peak} |")
+            lines.append("")
+        elif "layers" in data:  # torch.compile
+            lines += [f"**torch.compile ({data['backend']}) vs eager** (compiled / eager time; < 1 = compile wins)",
+                      "", "| layer | first call s | recompiles | graph breaks | train / eager per shape | "
+                      "eval / eager per shape |", "|---|---|---|---|---|---|"]
+            for name, v in data["layers"].items():
+                tr = ", ".join(f"{k}: {e['train_ratio']:.2f}" for k, e in v["shapes"].items() if "train_ratio" in e)
+                ev = ", ".join(f"{k}: {e['eval_ratio']:.2f}" for k, e in v["shapes"].items() if "eval_ratio" in e)
+                first = f"{v['first_call_s']:.1f}" if "first_call_s" in v else "—"
+                lines.append(f"| {name} | {first} | {v['recompiles']} | {v['graph_breaks']} | {tr} | {ev} |")
+            lines.append("")
+    return lines
+
+
+def replace_block(path, begin, end, text):
+    """Replace the text between the markers ``begin`` and ``end`` of file ``path``; False when it has none."""
+    with open(path) as f:
+        doc = f.read()
+    if begin not in doc or end not in doc:
+        return False
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(head + begin + "\n" + text + "\n" + end + tail)
+    return True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("norms_json")
+    p.add_argument("norms_json", nargs="?", help="benchmark_norms.py JSON (not with --gpu)")
     p.add_argument("models_json", nargs="*", help="benchmark_models.py JSON files (e.g. one per image size)")
     p.add_argument("--png", default=None)
     p.add_argument("--readme", default=None)
+    p.add_argument("--gpu", default=None, metavar="JSON", help="tools/gpu_selfcheck.py's gpu_selfcheck.json: write "
+                   f"the GPU section (into --readme's {GPU_BEGIN} ... {GPU_END} block)")
     args = p.parse_args(argv)
+    if args.gpu:
+        if args.norms_json or args.models_json or args.png:
+            p.error("--gpu takes no benchmark JSON files and no --png (one section per call)")
+        with open(args.gpu) as f:
+            text = "\n".join(gpu_tables(json.load(f)))
+        if args.readme:
+            if not replace_block(args.readme, GPU_BEGIN, GPU_END, text):
+                p.error(f"{args.readme} has no {GPU_BEGIN} ... {GPU_END} block to replace")
+            print(f"updated {args.readme}")
+        else:
+            sys.stdout.write(text + "\n")
+        return
+    if not args.norms_json:
+        p.error("give a benchmark_norms.py JSON file, or --gpu gpu_selfcheck.json")
     with open(args.norms_json) as f:
         norms = json.load(f)
     lines = [f"Measured {norms['date']} with `{norms['command']}` (torch {norms['torch']}):", ""] + norms_tables(norms)
@@ -125,14 +221,8 @@ def main(argv=None):
         lines += [f"![layer speed vs BatchNorm2d]({args.png})", ""]
     text = "\n".join(lines)
     if args.readme:
-        with open(args.readme) as f:
-            readme = f.read()
-        if BEGIN not in readme or END not in readme:
+        if not replace_block(args.readme, BEGIN, END, text):
             p.error(f"{args.readme} has no {BEGIN} ... {END} block to replace")
-        head, rest = readme.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        with open(args.readme, "w") as f:
-            f.write(head + BEGIN + "\n" + text + "\n" + END + tail)
         print(f"updated {args.readme}")
     else:
         sys.stdout.write(text + "\n")

@@ -37,21 +37,44 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _steps(layer, x):
-    """(train_step, eval_step) closures for one layer on input x."""
+#: --amp: the autocast dtype (the input is then that dtype too: what a convolution under autocast hands a norm)
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _steps(layer, x, amp=None):
+    """(train_step, eval_step) closures for one layer on input x (under ``torch.autocast`` of dtype ``amp`` when
+    given, as in an AMP training: detectron2's AMPTrainer runs the model's forward under autocast)."""
     xg = x.clone().requires_grad_()
+
+    def autocast():
+        return torch.autocast(x.device.type, dtype=amp, enabled=amp is not None)
 
     def train_step():
         layer.train()
-        # EvalNorm's aux loss (eq 9) is part of its training cost: collect it as a model would
-        (layer(xg).sum() + evalnorm_aux_loss(layer)).backward()
+        with autocast():
+            # EvalNorm's aux loss (eq 9) is part of its training cost: collect it as a model would
+            loss = layer(xg).float().sum() + evalnorm_aux_loss(layer)
+        loss.backward()
 
     def eval_step():
         layer.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             layer(x)
 
     return train_step, eval_step
+
+
+def peak_memory(fn, device):
+    """Bytes a call of ``fn`` allocates at its peak above what was allocated before it (CUDA's caching allocator
+    statistics); None on other devices (not measured)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 #: the clock of a timed sample: "process" = CPU time of this process (time.process_time): on a shared, busy
@@ -92,23 +115,26 @@ def paired_ratio(num_times, den_times):
     return {"median": med, "iqr": [q25, q75], "best": min(num_times) / min(den_times)}
 
 
-def bench_shape(shape, cfg, device, window, rounds, names=None):
+def bench_shape(shape, cfg, device, window, rounds, names=None, amp=None):
     """Seconds per call of every entry in each of ``rounds`` rounds, all entries interleaved within each round:
     ``{name: (train_times, eval_times)}``. Each timed sample is as many calls as fit in ``window`` seconds (at
-    least one): short samples are the ones a busy machine leaves undisturbed."""
+    least one): short samples are the ones a busy machine leaves undisturbed. Also ``{name: (train_peak,
+    eval_peak)}`` bytes (CUDA; None elsewhere). ``amp``: a half dtype, the input in it and the calls under
+    autocast."""
     n, c = shape[0], shape[1]
-    x = torch.randn(*shape, device=device) * 2 + 1
+    x = (torch.randn(*shape, device=device) * 2 + 1).to(amp or torch.float32)
     groups = cfg.D2NORM.BGN.NUM_CHANNEL_GROUPS
     entries = {"BatchNorm2d": nn.BatchNorm2d(c), "GroupNorm": nn.GroupNorm(groups, c)}
     for name, cls in sorted(NORM_REGISTRY):
         if names is None or name in names:
             entries[name] = cls(**cls.from_config(cfg, c))
-    steps, iters = {}, {}
+    steps, iters, peaks = {}, {}, {}
     for name, layer in entries.items():
         layer.to(device)
-        steps[name] = _steps(layer, x)
+        steps[name] = _steps(layer, x, amp)
         for fn in steps[name]:  # warm-up (allocator, first-use paths, MABN/EvalNorm state)
             fn()
+        peaks[name] = [peak_memory(fn, device) for fn in steps[name]]
         iters[name] = [max(1, int(window / _time_once(fn, 1, device))) for fn in steps[name]]
     times = {name: ([], []) for name in entries}
     for r in range(rounds):
@@ -116,7 +142,7 @@ def bench_shape(shape, cfg, device, window, rounds, names=None):
             train_step, eval_step = steps[name]
             times[name][0].append(_time_once(train_step, iters[name][0], device))
             times[name][1].append(_time_once(eval_step, iters[name][1], device))
-    return times, x.numel() * x.element_size(), iters
+    return times, x.numel() * x.element_size(), iters, peaks
 
 
 def round_order(entries, r):
@@ -129,7 +155,8 @@ def round_order(entries, r):
     return order
 
 
-def run(shapes, window_ms, rounds, device, threads, names=None, clock="wall"):
+def run(shapes, window_ms, rounds, device, threads, names=None, clock="wall", amp=None):
+    """One result per shape (see the module docstring); ``amp``: a key of AMP_DTYPES or None (float32)."""
     torch.set_num_threads(threads)
     _clock["fn"] = CLOCKS[clock]
     cfg = d2norm.add_d2norm_config(get_cfg())
@@ -137,7 +164,8 @@ def run(shapes, window_ms, rounds, device, threads, names=None, clock="wall"):
     results = []
     for shape in shapes:
         load_before = os.getloadavg()[0]
-        times, nbytes, iters = bench_shape(shape, cfg, torch.device(device), window_ms / 1e3, rounds, names)
+        times, nbytes, iters, peaks = bench_shape(shape, cfg, torch.device(device), window_ms / 1e3, rounds, names,
+                                                  AMP_DTYPES[amp] if amp else None)
         best = {name: (min(t), min(e)) for name, (t, e) in times.items()}
         bn_t, bn_e = best["BatchNorm2d"]
         gn_t, gn_e = best["GroupNorm"]
@@ -152,12 +180,17 @@ def run(shapes, window_ms, rounds, device, threads, names=None, clock="wall"):
                 row.update({kind: r["median"], kind + "_iqr": r["iqr"], kind + "_best": r["best"]})
             row.update(train_ms=best[name][0] * 1e3, eval_ms=best[name][1] * 1e3,
                        eval_GBps=2 * nbytes / best[name][1] / 1e9)
+            if peaks[name][0] is not None:  # peak memory of a call, as a ratio to BatchNorm2d's (CUDA only)
+                row["train_peak_MiB"], row["eval_peak_MiB"] = (b / 2 ** 20 for b in peaks[name])
+                row["train_peak_ratio"], row["eval_peak_ratio"] = (
+                    mine / max(base, 1) for mine, base in zip(peaks[name], peaks["BatchNorm2d"]))
             if name == "BGN":
                 row["train_ratio_vs_groupnorm"] = paired_ratio(t, times["GroupNorm"][0])["median"]
                 row["eval_ratio_vs_groupnorm"] = paired_ratio(e, times["GroupNorm"][1])["median"]
             layers[name] = row
         results.append({
             "shape": list(shape),
+            "amp": amp,
             "device": device if device != "cpu" else f"cpu ({torch.backends.cpu.get_cpu_capability()})",
             "threads": threads,
             "clock": clock,
@@ -166,7 +199,8 @@ def run(shapes, window_ms, rounds, device, threads, names=None, clock="wall"):
             "rounds": rounds,
             "loadavg_1min": [load_before, os.getloadavg()[0]],
             "baseline": {
-                "BatchNorm2d": {"train_ms": bn_t * 1e3, "eval_ms": bn_e * 1e3, "eval_GBps": 2 * nbytes / bn_e / 1e9},
+                "BatchNorm2d": {"train_ms": bn_t * 1e3, "eval_ms": bn_e * 1e3, "eval_GBps": 2 * nbytes / bn_e / 1e9,
+                                "peak_MiB": [None if b is None else b / 2 ** 20 for b in peaks["BatchNorm2d"]]},
                 "GroupNorm": {"train_ms": gn_t * 1e3, "eval_ms": gn_e * 1e3, "eval_GBps": 2 * nbytes / gn_e / 1e9,
                               "groups": cfg.D2NORM.BGN.NUM_CHANNEL_GROUPS},
             },
@@ -178,7 +212,8 @@ def run(shapes, window_ms, rounds, device, threads, names=None, clock="wall"):
 def print_results(results, out=sys.stdout):
     for r in results:
         b = r["baseline"]
-        print(f"shape={tuple(r['shape'])} device={r['device']} threads={r['threads']} clock={r['clock']} {r['rounds']} "
+        amp = f" amp={r['amp']}" if r.get("amp") else ""
+        print(f"shape={tuple(r['shape'])}{amp} device={r['device']} threads={r['threads']} clock={r['clock']} {r['rounds']} "
               f"interleaved rounds of ~{r['window_ms']:g} ms samples (ratios: median of the per-round ratios; times: "
               f"best round), load {r['loadavg_1min'][0]:.1f}->{r['loadavg_1min'][1]:.1f}"
               + (f", malloc {r['malloc']}" if "malloc" in r else ""),
@@ -235,6 +270,9 @@ def main(argv=None):
                         "(default and required on CUDA)")
     p.add_argument("--layers", nargs="*", default=None, help="registered names to time (default: all)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
+                   help="time every layer fed a half-precision input under torch.autocast of that dtype "
+                        "(default: float32)")
     p.add_argument("--malloc", choices=("pinned", "default"), default="pinned",
                    help="pinned (default): glibc's mmap/trim thresholds fixed for every layer alike "
                         "(pin_malloc_thresholds); default: glibc's dynamic thresholds")
@@ -257,7 +295,7 @@ def main(argv=None):
         p.error("--clock process measures CPU time; use --clock wall with --device cuda")
     pinned = pin_malloc_thresholds() if args.malloc == "pinned" else False
     shapes = args.shape or [list(s) for s in DEFAULT_SHAPES]
-    results = run(shapes, args.window_ms, args.rounds, args.device, args.threads, args.layers, clock)
+    results = run(shapes, args.window_ms, args.rounds, args.device, args.threads, args.layers, clock, args.amp)
     for r in results:
         r["malloc"] = "pinned" if pinned else "default"
     print_results(results)
