@@ -11,6 +11,8 @@ nothing in it changed; :func:`d2norm.stats.monitor.bn_statistics_gaps`):
 * ``batch_mean_spread`` / ``batch_std_spread``: mean over batches of ||μ_B − μ_pop||₂, ||σ_B − σ_pop||₂ — how far
   the statistics a layer trains with are from those it is evaluated with: the train/test inconsistency of small
   normalization batches (rethinking §4, Fig. 5);
+* ``moving_std_gap`` (MABN): ||χ̄ − χ_pop||₂ with χ̄ the moving average its training forward normalizes with
+  (mabn eq 19) -- the lag of its training statistics behind the current model (mabn §4.2);
 * ``rel_*``: the same divided by ||σ_pop||₂ (scale-free; thresholds apply to these).
 
 Per layer called several times per forward (a head shared over FPN levels; rethinking §5.2), per call j (for a
@@ -215,7 +217,7 @@ def measure(model: nn.Module, data: Iterable, num_batches: int,
             if stats:
                 pop_sigma = float(torch.cat([v.clamp(min=0).sqrt() for _, v in stats]).norm())
             if pop_sigma:
-                for k in ("batch_mean_spread", "batch_std_spread", "mean_gap", "std_gap"):
+                for k in ("batch_mean_spread", "batch_std_spread", "mean_gap", "std_gap", "moving_std_gap"):
                     if k in g:
                         r["rel_" + k] = g[k] / pop_sigma
     layers = probed_layers(net)

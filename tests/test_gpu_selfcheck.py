@@ -10,6 +10,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
+import gpu_measure  # noqa: E402
 import gpu_selfcheck  # noqa: E402
 from d2norm.layers import NORM_REGISTRY  # noqa: E402
 
@@ -148,11 +149,11 @@ def test_detector_amp_check_reports_a_broken_norm_and_goes_on(monkeypatch, fault
         forward = GhostBN.forward
         monkeypatch.setattr(GhostBN, "forward", lambda self, x: forward(self, x) * float("inf"))
     else:
-        aux = gpu_selfcheck.evalnorm_aux_loss
-        monkeypatch.setattr(gpu_selfcheck, "evalnorm_aux_loss",
+        aux = gpu_measure.evalnorm_aux_loss
+        monkeypatch.setattr(gpu_measure, "evalnorm_aux_loss",
                             lambda m: aux(m) + (float("inf") if m.backbone.bottom_up.stem.conv1.norm.__class__
                                                 .__name__.startswith("Ghost") else 0.0))
-    res = gpu_selfcheck.measure_detectors_amp("cpu", torch.bfloat16, 64, iters=1, warmup=0, names=["GhostBN", "BN"])
+    res = gpu_measure.measure_detectors_amp("cpu", torch.bfloat16, 64, iters=1, warmup=0, names=["GhostBN", "BN"])
     assert len(res["failures"]) == 1 and res["failures"][0].startswith("GhostBN: "), res["failures"]
     if fault == "aux_loss_inf":
         assert "non-finite loss(es) ['total_with_aux'] at iteration 0" in res["failures"][0]

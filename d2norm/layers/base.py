@@ -155,6 +155,12 @@ class D2NormModule:
         The B of EvalNorm's 1/B² rule (evalnorm §3.3) and of its offline fit batch (§3.4)."""
         return None
 
+    def training_sub_batches(self, n: int) -> Optional[List[int]]:
+        """The sizes of the contiguous sub-batches a training call on ``n`` examples normalizes separately
+        (GhostBN: its ghost batches), or ``None`` when one call is one normalization batch. The BN monitor and
+        the BN doctor take a layer's batch statistics over these (what the layer trains with)."""
+        return None
+
     def inference_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(scale, shift)``, float tensors of shape (C,), such that the eval-mode forward of this layer is
         ``x * scale[None, :, None, None] + shift[None, :, None, None]`` for every input, or raise

@@ -109,6 +109,9 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
     def training_normalization_batch(self) -> int:
         return self.ghost_size
 
+    def training_sub_batches(self, n: int) -> List[int]:
+        return ghost_batch_sizes(n, self.ghost_size, self.remainder)
+
     def extra_repr(self):
         return super().extra_repr() + f", ghost_size={self.ghost_size}, remainder={self.remainder!r}"
 

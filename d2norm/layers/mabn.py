@@ -375,6 +375,17 @@ class MABNAdapter(StatsAdapter):
     def comparable_stats(self, est):
         return None, (est.sq_mean + self.module.eps).sqrt()
 
+    def training_moving_stats(self, slot):
+        """χ̄ = sqrt(SMA of the ring's χ²_B = E[x²] + ε over its filled entries): what the next training step
+        normalizes with (eq 19; its own batch takes the place of the oldest entry) once past the phase with batch
+        statistics (``phase_iters``); ``None`` before."""
+        m = self.module
+        t = int(m.num_batches_tracked)
+        if t < m.phase_iters()[0] or t == 0:
+            return None
+        fill = min(t, m.buffer_size)
+        return None, (m.chi_sq_buffer.detach().double().sum(0) / fill).sqrt()
+
 
 class WeightCentralized:
     """Mixin of the convolutions with Weight Centralization (mabn §4.2, eq 18): the convolution uses

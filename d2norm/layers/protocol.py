@@ -80,6 +80,9 @@ class _View:
     def training_normalization_batch(self) -> Optional[int]:
         return None
 
+    def training_sub_batches(self, n: int) -> Optional[List[int]]:
+        return None
+
 
 class _BatchNormView(_View):
     def stats_adapter(self):

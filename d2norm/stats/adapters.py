@@ -103,6 +103,12 @@ class PassState:
         # go when asked for (:attr:`nonfinite_batches`), never per call
         self._calls: List[Tuple[str, torch.Tensor]] = []
         self._flags: List[bool] = []
+        #: set by the BN monitor to the layer protocol's ``training_sub_batches`` (a layer that trains on
+        #: sub-batches of a call, e.g. GhostBN's ghost batches): the adapter then also keeps the moments
+        #: ``(slot, n, mean, biased var)`` of every such sub-batch of each call in ``sub_batch_moments`` -- the
+        #: statistics the layer normalizes with in training (four-things §3.2)
+        self.sub_batches: Optional[Callable[[int], Optional[List[int]]]] = None
+        self.sub_batch_moments: List[Tuple[int, int, torch.Tensor, torch.Tensor]] = []
 
     @property
     def mode(self) -> str:
@@ -249,6 +255,12 @@ class StatsAdapter:
         """(mean or ``None``, σ) of an estimate of this layer's input, comparable with :meth:`ema_stats`."""
         raise NotImplementedError
 
+    def training_moving_stats(self, slot: int) -> Optional[MonitorStats]:
+        """(mean or ``None``, σ), float64, of the moving statistics the layer's *training* forward normalizes
+        with besides the batch's own (MABN: the simple moving average of its last m batches, mabn eq 19), in
+        the convention of :meth:`ema_stats`; ``None`` for a layer that trains on the batch's own statistics."""
+        return None
+
 
 class BatchNormAdapter(StatsAdapter):
     """torch's BN family and every d2norm layer derived from ``nn.BatchNorm2d`` (see module docstring)."""
@@ -285,6 +297,10 @@ class BatchNormAdapter(StatsAdapter):
             return self._normalize(x, mean, var, w, b)
         n, mean, var = batch_moments(x, reduce_dims(x))
         self.record(slot, n, mean, var)
+        sizes = self.state.sub_batches(x.shape[0]) if self.state.sub_batches is not None else None
+        if sizes:  # the layer's own split (GhostBN: its ghost batches); the population takes the whole call
+            for part in x.split(sizes):
+                self.state.sub_batch_moments.append((slot, *batch_moments(part, reduce_dims(part))))
         return self._normalize(x, mean, var, w, b)
 
     def forward(self, x, *args, **kwargs):

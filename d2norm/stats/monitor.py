@@ -18,11 +18,17 @@ channels; channel groups for BGN; every domain's row for a per-domain DomainBN, 
   (EMA vs the current model's mini-batch statistics, Fig. 2 red vs blue);
 * ``batch_mean_spread`` = mean_b ||μ_b − μ_pop||₂, ``batch_std_spread`` = mean_b ||σ_b − σ_pop||₂ (the spread
   of the mini-batch statistics themselves: an EMA gap far above it is the "EMA falls out of the distribution
-  of mini-batch statistics" of Fig. 2).
+  of mini-batch statistics" of Fig. 2);
+* ``moving_std_gap`` (``moving_mean_gap``), only for a layer whose training forward normalizes with moving
+  statistics (MABN, mabn eq 19: the SMA of its last m batches' χ²; the adapter's ``training_moving_stats``):
+  ||σ_moving − σ_pop||₂ -- how far the statistics it *trains* with lag the current model's population (an SMA
+  of m batches of the current model would be ~``batch_std_spread``/√m from it).
 
 μ_pop, σ²_pop: eq 2 over the monitored batches (all ranks' batches, all-reduced, when distributed), μ_b, σ²_b:
 the moments of everything one forward fed the layer (a layer called several times per forward, e.g. a shared
-head, pools its calls, count-weighted). Which σ each layer type compares, matching what its EMA estimates:
+head, pools its calls, count-weighted) -- except for a layer that trains on fixed sub-batches (the layer
+protocol's ``training_sub_batches``: GhostBN's ghost batches of G examples, four-things §3.2): there b runs over
+the sub-batches of each call, the statistics the layer trains with (``normalization_batch`` = G in its result). Which σ each layer type compares, matching what its EMA estimates:
 
 * BN family (GhostBN, EvalNorm, AnySyncBN, DomainBN, ...): σ = sqrt(unbiased variance) (torch's
   ``running_var``);
@@ -35,6 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..layers.protocol import norm_protocol
 from ..utils.validation import check_int
 from .estimators import MomentAccumulator, all_reduce_accumulators_
 from .passes import discarded_event_storage, isolated_rng, routed_to_adapters, unwrap_model
@@ -90,6 +97,7 @@ def bn_statistics_gaps(
     pops = {n: [MomentAccumulator(a.rows, device) for _ in range(a.num_slots)] for n, a in adapters.items()}
     batch_stats: Dict[str, List[List[Optional[tuple]]]] = {n: [] for n in adapters}
 
+    protocols = {n: norm_protocol(a.module) for n, a in adapters.items()}
     snap = capture_state(net)
     it = iter(data)
     try:
@@ -99,8 +107,9 @@ def bn_statistics_gaps(
                     batch = next(it)
                 except StopIteration:
                     break
-                for a in adapters.values():
+                for n, a in adapters.items():
                     a.begin_pass(device)  # one pass per batch: its own statistics
+                    a.state.sub_batches = protocols[n].training_sub_batches
                 forward_fn(net, batch)
                 for n, a in adapters.items():
                     per_slot = []
@@ -109,13 +118,18 @@ def bn_statistics_gaps(
                         per_slot.append(None if est is None else a.comparable_stats(est))
                         if est is not None:  # merge the whole forward as one batch (exact, Chan)
                             pops[n][slot].add(int(est.count), est.mean, est.var_biased)
-                    batch_stats[n].append(per_slot)
+                    if a.state.sub_batch_moments:  # each sub-batch the layer trains on is one batch b
+                        batch_stats[n].extend(_sub_batch_stats(a, device))
+                    else:
+                        batch_stats[n].append(per_slot)
     finally:
         restore_state(net, snap)
         for a in adapters.values():
             a.end_pass()
 
     all_reduce_accumulators_([acc for n in adapters for acc in pops[n]], group)
+    result_extra = {n: {"normalization_batch": p.training_normalization_batch()} for n, p in protocols.items()
+                    if p.training_normalization_batch() is not None}
     out = {}
     for n, a in adapters.items():
         slots = [s for s, acc in enumerate(pops[n]) if acc.count > 0]
@@ -141,5 +155,23 @@ def bn_statistics_gaps(
         for k, v in gaps.items():
             if v:
                 res[k] = sum(v) / len(v)
+        moving = [a.training_moving_stats(s) for s in slots]
+        if all(mv is not None for mv in moving):  # what the training forward normalizes with (MABN's SMA)
+            res["moving_std_gap"] = _norm([mv[1] for mv in moving], [p[1] for p in pop])
+            if has_mean and all(mv[0] is not None for mv in moving):
+                res["moving_mean_gap"] = _norm([mv[0] for mv in moving], [p[0] for p in pop])
+        res.update(result_extra.get(n, {}))
         out[n] = res
+    return out
+
+
+def _sub_batch_stats(adapter, device) -> List[List[Optional[tuple]]]:
+    """One ``per_slot`` entry (the monitor's comparable statistics of each slot) per recorded sub-batch."""
+    out = []
+    for slot, n, mean, var in adapter.state.sub_batch_moments:
+        acc = MomentAccumulator(adapter.rows, device)
+        acc.add(n, mean, var)
+        per_slot: List[Optional[tuple]] = [None] * adapter.num_slots
+        per_slot[slot] = adapter.comparable_stats(acc.estimate("population"))
+        out.append(per_slot)
     return out
