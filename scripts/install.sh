@@ -5,6 +5,9 @@
 #   D2NORM_VENV=.venv-upstream D2NORM_DETECTRON2=<src> bash scripts/install.sh   # upstream detectron2 from <src>
 #
 #   D2NORM_VENV        the virtual environment (default ./.venv; a relative path is taken from the repo root)
+#   D2NORM_TORCH, D2NORM_TORCHVISION
+#                      another torch / torchvision pair than constraints.txt's (docs/install.md, "Supported
+#                      versions"), e.g. D2NORM_TORCH=2.14.1 D2NORM_TORCHVISION=0.29.1 D2NORM_VENV=.venv-torch2.14
 #   D2NORM_DETECTRON2  where detectron2 comes from: unset/empty = the registry's v0.6 Python package (below);
 #                      otherwise an upstream detectron2 built with its C++ ops from a source tree (directory), an
 #                      archive (.tar.gz/.tgz/.tar/.zip of a source tree) or a git URL (git+https://..., or any URL
@@ -29,6 +32,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${D2NORM_VENV:-$ROOT/.venv}"
 case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
 D2_SOURCE="${D2NORM_DETECTRON2:-}"
+TORCH_VERSION="${D2NORM_TORCH:-$(sed -n 's/^torch==//p' "$ROOT/constraints.txt")}"
+TORCHVISION_VERSION="${D2NORM_TORCHVISION:-$(sed -n 's/^torchvision==//p' "$ROOT/constraints.txt")}"
 PYTHON="${PYTHON:-python3}"
 CONSTRAINTS="$ROOT/constraints.txt"
 D2_SDIST_SPEC="pb1-detectron2==0.6"
@@ -58,7 +63,7 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
 stamp_key="$( (cat "$CONSTRAINTS" "$ROOT/setup.py" "$ROOT/scripts/install.sh" "$ROOT/scripts/make_detectron2_v06.py" \
-  "$ROOT/d2norm/compiled_ops_stand_in.py"; echo "detectron2=$D2_SOURCE") \
+  "$ROOT/d2norm/compiled_ops_stand_in.py"; echo "detectron2=$D2_SOURCE torch=$TORCH_VERSION/$TORCHVISION_VERSION") \
   | sha256sum | cut -c1-16)"
 stamp="$VENV/.d2norm-install-$stamp_key"
 # d2norm's CPU kernels (d2norm/layers/native.py) are compiled once into torch's extension cache (~50 s the first
@@ -93,10 +98,14 @@ if [ -n "$D2_SOURCE" ]; then
   sed 's/^iopath==.*/iopath==0.1.9/' "$CONSTRAINTS" > "$work/constraints.txt"
   CONSTRAINTS="$work/constraints.txt"
 fi
+# the torch pair (constraints.txt's unless D2NORM_TORCH / D2NORM_TORCHVISION say otherwise)
+sed "s/^torch==.*/torch==$TORCH_VERSION/; s/^torchvision==.*/torchvision==$TORCHVISION_VERSION/" "$CONSTRAINTS" \
+  > "$work/constraints-torch.txt"
+CONSTRAINTS="$work/constraints-torch.txt"
 
 log "installing torch/torchvision and runtime dependencies (torch brings CUDA libraries, ~5 GB, first run only)"
 quiet_pip install -q -c "$CONSTRAINTS" "setuptools>=70" wheel
-quiet_pip install -q -c "$CONSTRAINTS" torch==2.15.0 torchvision==0.29.2
+quiet_pip install -q -c "$CONSTRAINTS" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 # detectron2 v0.6 runtime dependencies, declared here instead of its install_requires
 # (which pins black==21.4b2, iopath<0.1.10, ...).
 quiet_pip install -q -c "$CONSTRAINTS" \

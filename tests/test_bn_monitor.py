@@ -215,3 +215,33 @@ def test_mabn_moving_statistics_gap():
     pop = chi_sq(torch.cat([x.transpose(0, 1).reshape(4, -1) for x in seen], 1).T.reshape(-1, 4, 1, 1)).sqrt()
     assert res["moving_std_gap"] == pytest.approx(float(torch.linalg.vector_norm(moving - pop)), rel=1e-7)
     assert res["moving_std_gap"] > res["batch_std_spread"]  # the weights moved since the ring was filled
+
+
+def test_ghost_bn_pass_replays_the_training_forward():
+    """Two GhostBN layers in a row: the monitor's statistics of the second are those of its inputs in the
+    model's real training forward (the first one normalizing each ghost batch by its own statistics), its
+    population that of those inputs -- computed here from the layers' own training forward on a copy."""
+    import copy
+
+    from d2norm.layers import NORM_REGISTRY
+
+    make = lambda: NORM_REGISTRY.get("GhostBN")(4, ghost_size=2, remainder="balanced", eps=1e-5,  # noqa: E731
+                                                momentum=0.1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), make(), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        make()).double().train()
+    for x in _batches(2, seed=1):
+        net(x).sum().backward()
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(n, 3, 5, 4, generator=g, dtype=torch.float64) * 3 + 2 for n in (4, 5)]
+    twin, seen = copy.deepcopy(net), []
+    twin[4].register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().clone()))
+    with torch.no_grad():
+        for b in batches:
+            twin(b)  # the real training forward
+    res = bn_statistics_gaps(net, batches, num_batches=2)["4"]
+    split = {4: [2, 2], 5: [2, 2, 1]}
+    ref = _ref([[p] for x in seen for p in x.split(split[x.shape[0]])], net[4].running_mean.double(),
+               net[4].running_var.double().sqrt(), "bn")
+    for k, v in ref.items():
+        assert res[k] == pytest.approx(v, rel=1e-7, abs=1e-9), k

@@ -104,9 +104,11 @@ class PassState:
         self._calls: List[Tuple[str, torch.Tensor]] = []
         self._flags: List[bool] = []
         #: set by the BN monitor to the layer protocol's ``training_sub_batches`` (a layer that trains on
-        #: sub-batches of a call, e.g. GhostBN's ghost batches): the adapter then also keeps the moments
-        #: ``(slot, n, mean, biased var)`` of every such sub-batch of each call in ``sub_batch_moments`` -- the
-        #: statistics the layer normalizes with in training (four-things §3.2)
+        #: sub-batches of a call, e.g. GhostBN's ghost batches, four-things §3.2): the adapter then replays the
+        #: layer's training forward -- each sub-batch normalized with its own moments, so the layers after it see
+        #: what they see in training -- and keeps those moments ``(slot, n, mean, biased var)`` in
+        #: ``sub_batch_moments``. PreciseBN leaves it unset: its target is the population forwarded as one
+        #: batch (rethinking A.3), which the whole call's statistics approach, not the ghost batches'.
         self.sub_batches: Optional[Callable[[int], Optional[List[int]]]] = None
         self.sub_batch_moments: List[Tuple[int, int, torch.Tensor, torch.Tensor]] = []
 
@@ -298,10 +300,16 @@ class BatchNormAdapter(StatsAdapter):
         n, mean, var = batch_moments(x, reduce_dims(x))
         self.record(slot, n, mean, var)
         sizes = self.state.sub_batches(x.shape[0]) if self.state.sub_batches is not None else None
-        if sizes:  # the layer's own split (GhostBN: its ghost batches); the population takes the whole call
-            for part in x.split(sizes):
-                self.state.sub_batch_moments.append((slot, *batch_moments(part, reduce_dims(part))))
-        return self._normalize(x, mean, var, w, b)
+        if not sizes or len(sizes) == 1:
+            return self._normalize(x, mean, var, w, b)
+        # the layer's training forward (GhostBN: each ghost batch by its own statistics); the population
+        # takes the whole call (recorded above)
+        out = []
+        for part in x.split(sizes):
+            pn, pmean, pvar = batch_moments(part, reduce_dims(part))
+            self.state.sub_batch_moments.append((slot, pn, pmean, pvar))
+            out.append(self._normalize(part, pmean, pvar, w, b))
+        return torch.cat(out)
 
     def forward(self, x, *args, **kwargs):
         return self._one(x, 0)

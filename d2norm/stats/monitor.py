@@ -27,8 +27,10 @@ channels; channel groups for BGN; every domain's row for a per-domain DomainBN, 
 μ_pop, σ²_pop: eq 2 over the monitored batches (all ranks' batches, all-reduced, when distributed), μ_b, σ²_b:
 the moments of everything one forward fed the layer (a layer called several times per forward, e.g. a shared
 head, pools its calls, count-weighted) -- except for a layer that trains on fixed sub-batches (the layer
-protocol's ``training_sub_batches``: GhostBN's ghost batches of G examples, four-things §3.2): there b runs over
-the sub-batches of each call, the statistics the layer trains with (``normalization_batch`` = G in its result). Which σ each layer type compares, matching what its EMA estimates:
+protocol's ``training_sub_batches``: GhostBN's ghost batches of G examples, four-things §3.2): the pass replays
+its training forward (each sub-batch normalized by its own statistics, so later layers see what they see in
+training, and μ_pop is the population of the training forward, which the layer's EMA estimates) and b runs over
+the sub-batches of each call (``normalization_batch`` = G in its result). Which σ each layer type compares, matching what its EMA estimates:
 
 * BN family (GhostBN, EvalNorm, AnySyncBN, DomainBN, ...): σ = sqrt(unbiased variance) (torch's
   ``running_var``);
