@@ -143,7 +143,8 @@ def _gpu_doc():
                 {"check": "compile", "ok": True, "failures": [], "wall_s": 60.0, "data": {
                     "backend": "inductor", "layers": {"BGN": {
                         "first_call_s": 12.5, "recompiles": 1, "graph_breaks": 0, "shapes": {
-                            "2x256x50x84": {"train_ratio": 0.7, "eval_ratio": 0.8}}}}}},
+                            "2x256x50x84": {"train_ratio": 0.7, "eval_ratio": 0.8}}},
+                        "EvalNorm": {"skipped": "over the time budget"}}}},
                 {"check": "training", "ok": None, "skipped": "over the 480 s budget"}]}
 
 
@@ -166,6 +167,7 @@ def test_bench_report_gpu_section_reads_each_ratio_against_its_target(tmp_path):
     assert "| EvalNorm | 1.20 | 1.50 | 1.00 | 2.00 |" in text  # per-sample statistics: eval target 2.0
     assert "| MABN | 0.1200 | 1.20 ✗ | 0 | 950 |" in text and "| BN | 0.1000 | 1.00 | 1 | 900 |" in text
     assert "| BGN | 12.5 | 1 | 0 | 2x256x50x84: 0.70 | 2x256x50x84: 0.80 |" in text
+    assert "| EvalNorm | skipped: over the time budget |" in text
 
 
 def test_bench_report_gpu_needs_its_block(tmp_path, capsys):

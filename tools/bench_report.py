@@ -164,6 +164,9 @@ def gpu_tables(doc):
                       "", "| layer | first call s | recompiles | graph breaks | train / eager per shape | "
                       "eval / eager per shape |", "|---|---|---|---|---|---|"]
             for name, v in data["layers"].items():
+                if "skipped" in v:
+                    lines.append(f"| {name} | skipped: {v['skipped']} | | | | |")
+                    continue
                 tr = ", ".join(f"{k}: {e['train_ratio']:.2f}" for k, e in v["shapes"].items() if "train_ratio" in e)
                 ev = ", ".join(f"{k}: {e['eval_ratio']:.2f}" for k, e in v["shapes"].items() if "eval_ratio" in e)
                 first = f"{v['first_call_s']:.1f}" if "first_call_s" in v else "—"

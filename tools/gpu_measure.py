@@ -135,12 +135,14 @@ COMPILE_LAYERS = ("GhostBN", "BGN", "EvalNorm", "ExampleWeightedBN")
 COMPILE_SHAPES = ((2, 256, 200, 336), (2, 256, 100, 168), (2, 256, 50, 84), (512, 256, 7, 7))
 
 
-def measure_compile(device="cuda", shapes=COMPILE_SHAPES, names=COMPILE_LAYERS, backend="inductor", rounds=5):
+def measure_compile(device="cuda", shapes=COMPILE_SHAPES, names=COMPILE_LAYERS, backend="inductor", rounds=5,
+                    deadline=None):
     """``torch.compile`` of each layer vs eager (a measurement): the first call's time (compilation included),
     recompiles and graph breaks over the shapes (dynamo's counters), then per shape the steady-state time of a
     training forward + backward and of an eval forward, compiled / eager (median of ``rounds``), and the largest
     difference of the compiled output from the eager one. Failures: a compiled output that differs from eager by
-    more than float32 accuracy, or an error."""
+    more than float32 accuracy, or an error. No layer is started after ``deadline`` (``time.perf_counter()``
+    seconds; inductor compiles take tens of seconds per layer): those are listed as skipped."""
     import logging
 
     import torch._dynamo
@@ -152,6 +154,9 @@ def measure_compile(device="cuda", shapes=COMPILE_SHAPES, names=COMPILE_LAYERS, 
     cfg.D2NORM.DOMAIN_BN.NUM_DOMAINS = 1
     failures, data = [], {"backend": backend, "layers": {}}
     for name in names:
+        if deadline is not None and time.perf_counter() > deadline:
+            data["layers"][name] = {"skipped": "over the time budget"}
+            continue
         cls = NORM_REGISTRY.get(name)
         torch._dynamo.reset()
         counters.clear()
