@@ -132,7 +132,10 @@ def _gpu_doc():
                             "date": "2026-12-06 10:00 UTC", "dry_run": False},
             "checks": [
                 {"check": "layers", "ok": True, "failures": [], "wall_s": 3.0},
-                {"check": "two", "ok": False, "failures": ["AnySyncBN rank 1: output differs\nmore"], "wall_s": 9.0},
+                {"check": "two", "ok": False, "failures": ["AnySyncBN rank 1: output differs\nmore"], "wall_s": 9.0,
+                 "data": {"sync_bn_timing": {"shape": [8, 64, 56, 56], "backend": "nccl", "s_per_step": {
+                     "AnySyncBN route 0": 0.0012, "AnySyncBN route 1": 0.001, "nn.SyncBatchNorm": 0.001},
+                     "ratio_vs_torch_syncbn": {"AnySyncBN route 0": 1.2, "AnySyncBN route 1": 1.0}}}},
                 {"check": "speed", "ok": True, "failures": [], "wall_s": 20.0, "data": [{
                     "shape": [8, 64, 56, 56], "amp": "fp16",
                     "layers": {"GhostBN": dict(layer), "EvalNorm": dict(layer, eval_per_sample=True)}}]},
@@ -168,6 +171,8 @@ def test_bench_report_gpu_section_reads_each_ratio_against_its_target(tmp_path):
     assert "| MABN | 0.1200 | 1.20 ✗ | 0 | 950 |" in text and "| BN | 0.1000 | 1.00 | 1 | 900 |" in text
     assert "| BGN | 12.5 | 1 | 0 | 2x256x50x84: 0.70 | 2x256x50x84: 0.80 |" in text
     assert "| EvalNorm | skipped: over the time budget |" in text
+    assert "| AnySyncBN route 0 | 0.00120 | 1.20 ✗ |" in text and "| AnySyncBN route 1 | 0.00100 | 1.00 |" in text
+    assert "| nn.SyncBatchNorm | 0.00100 | — |" in text
 
 
 def test_bench_report_gpu_needs_its_block(tmp_path, capsys):

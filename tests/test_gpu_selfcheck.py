@@ -24,13 +24,18 @@ def test_every_layer_on_cuda_equals_cpu_float64():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_two_cuda_processes_equal_two_gloo_processes():
-    assert gpu_selfcheck.check_two_process() == []
+    assert gpu_selfcheck.check_two_process()["failures"] == []
 
 
 def test_two_process_harness_on_cpu():
     """The 2-process check at float32 on gloo/CPU agrees with float64, and its comparison walks the nested
-    records (SyncDomainBN's per-level lists, the head's parameter dict): one wrong entry deep inside is reported."""
-    assert gpu_selfcheck.check_two_process("cpu32") == []
+    records (SyncDomainBN's per-level lists, the head's parameter dict): one wrong entry deep inside is reported.
+    Beside it, AnySyncBN's step time is measured; torch's SyncBatchNorm, CUDA-only, is said to be unavailable."""
+    res = gpu_selfcheck.check_two_process("cpu32")
+    assert res["failures"] == []
+    t = res["data"]["sync_bn_timing"]
+    assert t["backend"] == "gloo" and t["s_per_step"]["AnySyncBN route 0"] > 0
+    assert t["s_per_step"]["nn.SyncBatchNorm"].startswith("unavailable") and "ratio_vs_torch_syncbn" not in t
     a = torch.ones(3)
     ref = {"sync_domain_bn": {"y": [a, a], "buffers": {"running_mean": a}}}
     got = {"sync_domain_bn": {"y": [a, a * 1.01], "buffers": {"running_mean": a}}}

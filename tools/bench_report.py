@@ -20,6 +20,7 @@ GPU_BEGIN, GPU_END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
 #: the targets a GPU run is read against: layer train fwd+bwd / cuDNN BN, eval / BN (affine inference; layers with
 #: per-sample statistics at inference get EVAL_PER_SAMPLE), detector s/iter / the BN detector's (it/s >= 0.9x)
 TRAIN_TARGET, EVAL_AFFINE_TARGET, EVAL_PER_SAMPLE_TARGET, DETECTOR_TARGET = 1.3, 1.1, 2.0, 1 / 0.9
+SYNCBN_TARGET = 1.1  # AnySyncBN's training step / torch SyncBatchNorm's
 
 
 def _ratio(row, key, digits=2):
@@ -150,6 +151,17 @@ def gpu_tables(doc):
                     lines.append(f"| {name} | {_mark(v['train_ratio'], TRAIN_TARGET)} | "
                                  f"{_mark(v['eval_ratio'], et)} | {mem[0]} | {mem[1]} |")
                 lines.append("")
+        elif "sync_bn_timing" in data:  # 2 processes: AnySyncBN vs torch's SyncBatchNorm
+            t = data["sync_bn_timing"]
+            ratios = t.get("ratio_vs_torch_syncbn", {})
+            lines += [f"**AnySyncBN vs torch SyncBatchNorm, 2 processes ({t.get('backend')}), {tuple(t['shape'])} per "
+                      f"rank** (target: ≤ {SYNCBN_TARGET}× torch's)", "", "| layer | s/step | / nn.SyncBatchNorm |",
+                      "|---|---|---|"]
+            for name, v in t["s_per_step"].items():
+                cell = f"{v:.5f}" if isinstance(v, float) else v
+                r = _mark(ratios[name], SYNCBN_TARGET) if name in ratios else "—"
+                lines.append(f"| {name} | {cell} | {r} |")
+            lines.append("")
         elif "norms" in data:  # detectors under AMP
             lines += [f"**Detectors, AMP {data['dtype']} training at {data['image_size']} px** (target: s/iter ≤ "
                       f"{DETECTOR_TARGET:.2f}× the BN detector's)", "",

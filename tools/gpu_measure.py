@@ -219,3 +219,44 @@ def _timed(fn, device):
     fn()
     _sync(device)
     return time.perf_counter() - start
+
+
+def time_sync_bns(device, shape, iters, warmup=3):
+    """Inside a 2-process group: seconds per training step (forward + backward) of AnySyncBN (torch-ops route,
+    and on CUDA the SyncBN-kernel route, D2NORM_SYNCBN_CUDA_KERNELS=1) and of torch's ``nn.SyncBatchNorm`` on
+    this rank's ``shape`` input, and AnySyncBN's ratio to it (the target: <= 1.1). torch's SyncBatchNorm runs on
+    accelerators only: on the CPU its entry says so. Every rank must call it (collectives inside)."""
+    import os
+
+    import torch.distributed as dist
+
+    from d2norm.layers import AnySyncBatchNorm2d
+
+    def time_module(make):
+        m = make().to(device).train()
+        x = (torch.randn(*shape, device=device) * 2 + 1).requires_grad_()
+        for _ in range(warmup):
+            m(x).sum().backward()
+        dist.barrier()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            m(x).sum().backward()
+        _sync(device)
+        return (time.perf_counter() - start) / iters
+
+    c = shape[1]
+    out = {"shape": list(shape), "s_per_step": {}}
+    routes = ("0", "1") if torch.device(device).type == "cuda" else ("0",)
+    for route in routes:
+        os.environ["D2NORM_SYNCBN_CUDA_KERNELS"] = route
+        out["s_per_step"][f"AnySyncBN route {route}"] = time_module(lambda: AnySyncBatchNorm2d(c))
+    os.environ["D2NORM_SYNCBN_CUDA_KERNELS"] = "0"
+    try:
+        ref = time_module(lambda: torch.nn.SyncBatchNorm(c))
+    except ValueError as e:  # "SyncBatchNorm expected input tensor to be on GPU ..."
+        out["s_per_step"]["nn.SyncBatchNorm"] = f"unavailable: {e}"
+        return out
+    out["s_per_step"]["nn.SyncBatchNorm"] = ref
+    out["ratio_vs_torch_syncbn"] = {k: v / ref for k, v in out["s_per_step"].items() if k.startswith("AnySyncBN")}
+    return out

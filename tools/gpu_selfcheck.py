@@ -23,7 +23,8 @@ Checks:
 2. **2 processes** — AnySyncBN with uneven and empty ranks (on CUDA both of its routes: torch ops, and torch's
    SyncBN kernels behind ``D2NORM_SYNCBN_CUDA_KERNELS=1``), SyncDomainBN over two levels and the shuffled-RoI box
    head, forward + backward + EMA, on CUDA (NCCL with 2+ GPUs; with one GPU both ranks share it and exchange over
-   gloo) vs the same two-rank run on gloo/CPU in float64.
+   gloo) vs the same two-rank run on gloo/CPU in float64; beside it, AnySyncBN's training step (both routes) vs
+   torch's ``nn.SyncBatchNorm`` at (8, 64, 56, 56) per rank (a measurement; meaningful with NCCL on 2+ GPUs).
 3. **Training** — ``tools/train_net.py`` on the main-job config with ``MODEL.DEVICE cuda`` and
    ``SOLVER.AMP.ENABLED True`` (detectron2's AMPTrainer) for a few iterations and a COCO evaluation; the losses
    must be finite and the AP table printed.
@@ -314,6 +315,11 @@ def _dist_worker(rank, world, run, tmpdir):
     y.square().sum().backward()
     out["shuffle"] = {"y": y.detach().cpu(), "gx": x.grad.cpu(),
                       "gp": {k: p.grad.cpu() for k, p in head.named_parameters()}}
+    if run != "ref":  # a measurement beside the check (not compared): AnySyncBN vs torch's SyncBatchNorm
+        from gpu_measure import time_sync_bns
+
+        out["timing"] = time_sync_bns(dev, (8, 64, 56, 56) if device == "cuda" else (4, 32, 8, 8),
+                                      20 if device == "cuda" else 2)
     torch.save(out, os.path.join(tmpdir, f"{run}_{rank}.pt"))
     dist.destroy_process_group()
 
@@ -337,17 +343,19 @@ def check_two_process(run=None):
 
     if run is None:
         run = "cuda_nccl" if torch.cuda.device_count() >= 2 else "cuda_gloo"
-    failures = []
+    failures, timing = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for r in ("ref", run):
             mp.start_processes(_dist_worker, args=(2, r, tmp), nprocs=2, start_method="spawn")
         for rank in range(2):
             ref = torch.load(os.path.join(tmp, f"ref_{rank}.pt"))
             got = torch.load(os.path.join(tmp, f"{run}_{rank}.pt"))
+            rank_timing = got.pop("timing")
+            timing = timing or dict(rank_timing, backend=TWO_PROCESS_RUNS[run][0])  # rank 0's
             for key in got:
                 base = key.replace("route 1", "route 0")
                 _compare(got[key], ref[base], f"rank {rank} {key}", failures)
-    return failures
+    return {"failures": failures, "data": {"sync_bn_timing": timing}}
 
 
 # ---- training -------------------------------------------------------------------------------------------------
