@@ -19,10 +19,10 @@ channels; channel groups for BGN; every domain's row for a per-domain DomainBN, 
 * ``batch_mean_spread`` = mean_b ||μ_b − μ_pop||₂, ``batch_std_spread`` = mean_b ||σ_b − σ_pop||₂ (the spread
   of the mini-batch statistics themselves: an EMA gap far above it is the "EMA falls out of the distribution
   of mini-batch statistics" of Fig. 2);
-* ``moving_std_gap`` (``moving_mean_gap``), only for a layer whose training forward normalizes with moving
-  statistics (MABN, mabn eq 19: the SMA of its last m batches' χ²; the adapter's ``training_moving_stats``):
-  ||σ_moving − σ_pop||₂ -- how far the statistics it *trains* with lag the current model's population (an SMA
-  of m batches of the current model would be ~``batch_std_spread``/√m from it).
+* ``moving_std_gap``, only for a layer whose training forward normalizes with moving statistics (MABN, mabn
+  eq 19: the SMA of its last m batches' χ²; the adapter's ``training_moving_stats``): ||σ_moving − σ_pop||₂ --
+  how far the statistics it *trains* with lag the current model's population (an SMA of m batches of the
+  current model would be ~``batch_std_spread``/√m from it).
 
 μ_pop, σ²_pop: eq 2 over the monitored batches (all ranks' batches, all-reduced, when distributed), μ_b, σ²_b:
 the moments of everything one forward fed the layer (a layer called several times per forward, e.g. a shared
@@ -30,7 +30,9 @@ head, pools its calls, count-weighted) -- except for a layer that trains on fixe
 protocol's ``training_sub_batches``: GhostBN's ghost batches of G examples, four-things §3.2): the pass replays
 its training forward (each sub-batch normalized by its own statistics, so later layers see what they see in
 training, and μ_pop is the population of the training forward, which the layer's EMA estimates) and b runs over
-the sub-batches of each call (``normalization_batch`` = G in its result). Which σ each layer type compares, matching what its EMA estimates:
+the sub-batches of each call (``normalization_batch`` = G in its result).
+
+Which σ each layer type compares, matching what its EMA estimates:
 
 * BN family (GhostBN, EvalNorm, AnySyncBN, DomainBN, ...): σ = sqrt(unbiased variance) (torch's
   ``running_var``);
@@ -160,8 +162,6 @@ def bn_statistics_gaps(
         moving = [a.training_moving_stats(s) for s in slots]
         if all(mv is not None for mv in moving):  # what the training forward normalizes with (MABN's SMA)
             res["moving_std_gap"] = _norm([mv[1] for mv in moving], [p[1] for p in pop])
-            if has_mean and all(mv[0] is not None for mv in moving):
-                res["moving_mean_gap"] = _norm([mv[0] for mv in moving], [p[0] for p in pop])
         res.update(result_extra.get(n, {}))
         out[n] = res
     return out
