@@ -15,6 +15,7 @@ from d2norm.layers.evalnorm import evalnorm_aux_loss
 #: float32 accuracy: the layer check's tolerance (CUDA float32 vs CPU float64) and compiled vs eager
 RTOL, ATOL = 2e-4, 2e-4
 
+
 def measure_speed(device="cuda", shapes=((2, 256, 200, 336), (8, 64, 56, 56), (512, 256, 7, 7)), rounds=5,
                   window_ms=20.0, amp=None):
     """tools/benchmark_norms.py's ratios to ``nn.BatchNorm2d`` (cuDNN on CUDA) for every layer, train fwd+bwd and
@@ -48,7 +49,6 @@ def _per_sample_inference():
         except NotAnAffine:
             out[name] = True
     return out
-
 
 
 def measure_detectors_amp(device="cuda", dtype=torch.float16, image_size=512, iters=6, warmup=3, names=None):
