@@ -213,13 +213,7 @@ def main(argv=None):
         if args.norms_json or args.models_json or args.png:
             p.error("--gpu takes no benchmark JSON files and no --png (one section per call)")
         with open(args.gpu) as f:
-            text = "\n".join(gpu_tables(json.load(f)))
-        if args.readme:
-            if not replace_block(args.readme, GPU_BEGIN, GPU_END, text):
-                p.error(f"{args.readme} has no {GPU_BEGIN} ... {GPU_END} block to replace")
-            print(f"updated {args.readme}")
-        else:
-            sys.stdout.write(text + "\n")
+            _emit(p, args.readme, GPU_BEGIN, GPU_END, "\n".join(gpu_tables(json.load(f))))
         return
     if not args.norms_json:
         p.error("give a benchmark_norms.py JSON file, or --gpu gpu_selfcheck.json")
@@ -234,13 +228,17 @@ def main(argv=None):
     if args.png:
         plot(norms, args.png)
         lines += [f"![layer speed vs BatchNorm2d]({args.png})", ""]
-    text = "\n".join(lines)
-    if args.readme:
-        if not replace_block(args.readme, BEGIN, END, text):
-            p.error(f"{args.readme} has no {BEGIN} ... {END} block to replace")
-        print(f"updated {args.readme}")
-    else:
+    _emit(p, args.readme, BEGIN, END, "\n".join(lines))
+
+
+def _emit(parser, readme, begin, end, text):
+    """``text`` into ``readme``'s ``begin`` ... ``end`` block, or to stdout without ``readme``."""
+    if not readme:
         sys.stdout.write(text + "\n")
+        return
+    if not replace_block(readme, begin, end, text):
+        parser.error(f"{readme} has no {begin} ... {end} block to replace")
+    print(f"updated {readme}")
 
 
 if __name__ == "__main__":
