@@ -12,6 +12,8 @@ from detectron2.config import get_cfg
 from d2norm.layers import NORM_REGISTRY
 from d2norm.layers.evalnorm import evalnorm_aux_loss
 
+from benchmark_norms import _sync, _time_once  # noqa: E402  (tools/ is on sys.path when run)
+
 #: float32 accuracy: the layer check's tolerance (CUDA float32 vs CPU float64) and compiled vs eager
 RTOL, ATOL = 2e-4, 2e-4
 
@@ -97,7 +99,7 @@ def _detector_amp_run(name, benchmark_models, config, mabn_backbone, device, dty
     with EventStorage(0):
         for it in range(warmup + iters):
             scale = scaler.get_scale() if scaler is not None else None  # a host read: outside the timed part
-            _sync(device)
+            _sync(torch.device(device))
             start = time.perf_counter()
             with torch.autocast(device, dtype=dtype):
                 losses = model(batch)
@@ -110,7 +112,7 @@ def _detector_amp_run(name, benchmark_models, config, mabn_backbone, device, dty
             else:
                 loss.backward()
                 opt.step()
-            _sync(device)
+            _sync(torch.device(device))
             if it >= warmup:
                 times.append(time.perf_counter() - start)
                 skipped += scaler is not None and scaler.get_scale() < scale  # a skipped step lowers the scale
@@ -179,10 +181,10 @@ def measure_compile(device="cuda", shapes=COMPILE_SHAPES, names=COMPILE_LAYERS, 
                         with torch.no_grad():
                             return m(x)
 
-                    _sync(device)
+                    _sync(torch.device(device))
                     start = time.perf_counter()
                     y_c = step(compiled, compiled_mod)
-                    _sync(device)
+                    _sync(torch.device(device))
                     if i == 0 and mode == "train":
                         row["first_call_s"] = time.perf_counter() - start
                     y_e = step(eager, eager)
@@ -192,8 +194,8 @@ def measure_compile(device="cuda", shapes=COMPILE_SHAPES, names=COMPILE_LAYERS, 
                         failures.append(f"{name} {mode} {tuple(shape)}: compiled differs from eager by {diff:.3g}")
                     ratios = []
                     for _ in range(rounds):
-                        t_c = _timed(lambda: step(compiled, compiled_mod), device)
-                        t_e = _timed(lambda: step(eager, eager), device)
+                        t_c = _time_once(lambda: step(compiled, compiled_mod), 1, torch.device(device))
+                        t_e = _time_once(lambda: step(eager, eager), 1, torch.device(device))
                         ratios.append(t_c / t_e)
                     entry[f"{mode}_ratio"] = sorted(ratios)[len(ratios) // 2]
                 row["shapes"]["x".join(map(str, shape))] = entry
@@ -206,19 +208,6 @@ def measure_compile(device="cuda", shapes=COMPILE_SHAPES, names=COMPILE_LAYERS, 
         data["layers"][name] = row
     torch._dynamo.reset()
     return {"failures": failures, "data": data}
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device):
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def time_sync_bns(device, shape, iters, warmup=3):
@@ -238,12 +227,7 @@ def time_sync_bns(device, shape, iters, warmup=3):
         for _ in range(warmup):
             m(x).sum().backward()
         dist.barrier()
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            m(x).sum().backward()
-        _sync(device)
-        return (time.perf_counter() - start) / iters
+        return _time_once(lambda: m(x).sum().backward(), iters, torch.device(device))
 
     c = shape[1]
     out = {"shape": list(shape), "s_per_step": {}}
