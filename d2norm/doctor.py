@@ -167,7 +167,9 @@ def diagnose_cfg(cfg, world_size: int = 1) -> List[Finding]:
 #: the measured quantities shown per layer in the report (d2norm.doctor_measured)
 MEASURED_COLUMNS = ("rel_mean_gap", "rel_std_gap", "rel_batch_mean_spread", "rel_batch_std_spread",
                     "normalization_batch", "rel_moving_std_gap", "calls", "level_divergence",
-                    "level_std_divergence", "roi_within_image", "second_moment_max")
+                    "level_std_divergence", "roi_within_image", "training_batch_mean_spread",
+                    "inference_batch_mean_spread", "training_batch_std_spread", "inference_batch_std_spread",
+                    "second_moment_max")
 
 
 def report_markdown(findings: List[Finding], title: str, measured: Optional[Dict[str, Dict]] = None) -> str:

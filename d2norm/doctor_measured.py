@@ -27,6 +27,18 @@ of one image are correlated"): ``roi_within_image`` = Var_images(per-image mean)
 channels (0 for independent RoIs of many images, up to 1 when each image's RoIs are alike); measured when the
 RoIs of one forward split evenly over its images (detectron2 orders them by image).
 
+Per norm of the R-CNN heads, the train/test inconsistency of R-CNN's RoI sampling (rethinking §4.2, below
+Table 3: "the sampling strategies inside R-CNN create additional train-test inconsistency, which may let
+mini-batches in inference follow a different distribution from those in training"): the model in eval mode on the
+same images one at a time (inference's per-GPU batch of one image: its R_0 proposals, no sampling), in units of
+||σ_train||₂, μ_train / σ_train the layer's input statistics pooled over the training forwards:
+``inference_mean_shift`` = ||μ_inf − μ_train||₂ and ``inference_std_shift`` = ||σ_inf − σ_train||₂ (μ_inf, σ_inf
+pooled over the inference forwards); ``inference_batch_mean_spread`` / ``inference_batch_std_spread`` = mean over
+images of ||μ_img − μ_train||₂, ||σ_img − σ_train||₂ (the statistics batch-statistics inference normalizes one image
+with), next to ``training_batch_mean_spread`` / ``training_batch_std_spread``, the same over training forwards (the
+statistics the layer trained with); ``inference_rois`` / ``training_rois``: RoIs per forward. The head's deeper
+norms see inputs normalized the model's own inference way (its EMA for BN).
+
 Buffers: non-finite statistics (error), and statistics whose E[x²] = var + mean² exceeds what float16 holds
 (65504: x² of a typical input overflows in fp16 arithmetic; pytorch #96798) (warning with AMP).
 """
@@ -38,7 +50,7 @@ from torch import nn
 
 from .doctor import Finding
 
-__all__ = ["measure", "diagnose_measured", "THRESHOLDS", "FP16_MAX"]
+__all__ = ["measure", "diagnose_measured", "THRESHOLDS", "INFERENCE_OVER_TRAINING", "FP16_MAX"]
 
 FP16_MAX = 65504.0
 #: finding thresholds (scale-free quantities, see the module docstring)
@@ -47,14 +59,19 @@ THRESHOLDS = {
     "train_test": 0.2,              # rel_batch_std_spread or rel_batch_mean_spread
     "level_divergence": 0.5,        # per-level statistics matter
     "roi_within_image": 0.2,        # RoIs of one image share their statistics
+    "inference_batch": 0.2,         # inference RoI batches this far from the training RoIs' statistics ...
 }
+#: ... and farther than the training batches are (inference_batch_* > this x training_batch_*)
+INFERENCE_OVER_TRAINING = 1.0
 
 
 @torch.no_grad()
 def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn.Module],
-                      forward_fn: Callable, roi_images: Callable[[Any], int]) -> Dict[str, dict]:
+                      forward_fn: Callable, roi_images: Callable[[Any], int],
+                      inference_fn: Optional[Callable] = None) -> Dict[str, dict]:
     """Float64 (count, Σx, Σx²) per channel for each call index of each layer over ``batches``, and the RoI
-    within-image ratio of the R-CNN head norms; the calls each layer's protocol routes (``routed_calls``) are
+    within-image ratio of the R-CNN head norms; with ``inference_fn``, the R-CNN head norms' inference RoI batches
+    against their training ones (module docstring). The calls each layer's protocol routes (``routed_calls``) are
     observed, the model restored afterwards."""
     from .stats.passes import discarded_event_storage, isolated_rng
     from .stats.state import capture_state, restore_state
@@ -62,7 +79,9 @@ def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn
     calls: Dict[str, int] = {}
     sums: Dict[str, Dict[int, list]] = {n: {} for n in layers}
     roi: Dict[str, list] = {n: [] for n in layers if n.startswith("roi_heads.")}
-    current = {"images": 0}
+    # per call of an R-CNN head norm, (RoIs, elements, Σx, Σx²) in float64, per phase ("train" / "inference")
+    roi_calls: Dict[str, Dict[str, list]] = {"train": {n: [] for n in roi}, "inference": {n: [] for n in roi}}
+    current = {"images": 0, "phase": "train"}
 
     active = set()  # a layer inside one of its own routed calls (forward_domains calling forward): count once
 
@@ -72,6 +91,11 @@ def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn
         if j is None:
             j = calls[name] = calls.get(name, -1) + 1
         xd = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+        if name in roi:
+            roi_calls[current["phase"]][name].append((x.shape[0], xd.shape[1], xd.sum(1).cpu(),
+                                                      (xd * xd).sum(1).cpu()))
+        if current["phase"] != "train":
+            return
         s = sums[name].setdefault(j, [0.0, torch.zeros(x.shape[1], dtype=torch.float64),
                                       torch.zeros(x.shape[1], dtype=torch.float64)])
         s[0] += xd.shape[1]
@@ -118,6 +142,11 @@ def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn
                 calls.clear()
                 current["images"] = roi_images(b)
                 forward_fn(model, b)
+            if inference_fn is not None and roi:
+                current.update(phase="inference", images=0)
+                model.eval()  # restore_state puts every module's `training` back
+                for b in batches:
+                    inference_fn(model, b)
     finally:
         restore_state(model, snap)
     out = {}
@@ -146,8 +175,37 @@ def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn
             res["level_std_divergence"] = max(res["per_call"]["std_shift"])
         if roi.get(n):
             res["roi_within_image"] = sum(roi[n]) / len(roi[n])
+        if roi_calls["inference"].get(n):
+            res.update(_inference_shift(roi_calls["train"][n], roi_calls["inference"][n]))
         out[n] = res
     return out
+
+
+def _pooled(calls: List[tuple]):
+    n = sum(c[1] for c in calls)
+    mean = sum(c[2] for c in calls) / n
+    return mean, (sum(c[3] for c in calls) / n - mean * mean).clamp(min=0).sqrt()
+
+
+def _inference_shift(train: List[tuple], inference: List[tuple]) -> Dict[str, float]:
+    """The module docstring's ``inference_*`` / ``training_*`` quantities from per-call (RoIs, elements, Σx, Σx²)
+    of the training and the inference forwards."""
+    mu, sigma = _pooled(train)
+    scale = max(float(sigma.norm()), 1e-12)
+    mu_inf, sigma_inf = _pooled(inference)
+
+    def spread(calls):
+        per = [_pooled([c]) for c in calls]
+        return (sum(float((m - mu).norm()) for m, _ in per) / len(per) / scale,
+                sum(float((s - sigma).norm()) for _, s in per) / len(per) / scale)
+
+    (tm, ts), (im, is_) = spread(train), spread(inference)
+    return {"inference_mean_shift": float((mu_inf - mu).norm()) / scale,
+            "inference_std_shift": float((sigma_inf - sigma).norm()) / scale,
+            "inference_batch_mean_spread": im, "inference_batch_std_spread": is_,
+            "training_batch_mean_spread": tm, "training_batch_std_spread": ts,
+            "inference_rois": sum(c[0] for c in inference) / len(inference),
+            "training_rois": sum(c[0] for c in train) / len(train)}
 
 
 def _buffer_checks(model: nn.Module) -> Dict[str, dict]:
@@ -184,12 +242,21 @@ def _ema_stats(module: nn.Module):
     return out
 
 
+def _one_image_at_a_time(model: nn.Module, batch: Any) -> None:
+    """Inference as detectron2's test loop runs it: one image per forward (rethinking Table 3: "all models take
+    one image at a time")."""
+    for x in batch if isinstance(batch, (list, tuple)) else [batch]:
+        model([x])
+
+
 def measure(model: nn.Module, data: Iterable, num_batches: int,
             forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
-            roi_images: Callable[[Any], int] = lambda b: len(b) if isinstance(b, (list, tuple)) else 0
+            roi_images: Callable[[Any], int] = lambda b: len(b) if isinstance(b, (list, tuple)) else 0,
+            inference_fn: Optional[Callable[[nn.Module, Any], Any]] = _one_image_at_a_time
             ) -> Dict[str, Dict[str, float]]:
     """``{layer: {quantity: value}}`` (module docstring) of ``model`` (training mode for its norm layers) on
-    ``num_batches`` batches of ``data``; the model is left unchanged."""
+    ``num_batches`` batches of ``data``; ``inference_fn(model, batch)`` runs a batch's images as inference does
+    (the model in eval mode; None: no inference measurement). The model is left unchanged."""
     from .stats.monitor import bn_statistics_gaps
     from .stats.passes import unwrap_model
     from .stats.probe import probed_layers
@@ -221,7 +288,7 @@ def measure(model: nn.Module, data: Iterable, num_batches: int,
                     if k in g:
                         r["rel_" + k] = g[k] / pop_sigma
     layers = probed_layers(net)
-    for n, res in _per_call_moments(net, batches, layers, forward_fn, roi_images).items():
+    for n, res in _per_call_moments(net, batches, layers, forward_fn, roi_images, inference_fn).items():
         out.setdefault(n, {}).update(res)
     return out
 
@@ -273,4 +340,15 @@ def diagnose_measured(measured: Dict[str, Dict[str, float]], amp: bool = False) 
                            f"the RoIs of one image (e.g. {roi[:3]}): few images per batch leak information",
                            "train with ShuffledConvFCHead or SyncBN in the heads; calibrate_bn: batch_stats_heads",
                            roi))
+    inf = [n for n, r in measured.items() if "inference_batch_mean_spread" in r and any(
+        r[f"inference_batch_{k}_spread"] > max(t["inference_batch"],
+                                               INFERENCE_OVER_TRAINING * r[f"training_batch_{k}_spread"])
+        for k in ("mean", "std"))]
+    if inf:
+        out.append(Finding("inference_roi_shift", "info", "rethinking §4.2, below Table 3",
+                           f"{len(inf)} R-CNN head norm(s) whose inference RoI batches (one image's proposals, no "
+                           f"sampling) are farther from the training RoIs' statistics than the training batches are "
+                           f"(e.g. {inf[:3]}): batch statistics at inference normalize a distribution the head did "
+                           f"not train on", "do not assume Table 3's gain: compare batch_stats_heads with the EMA "
+                           "on a calibration split (calibrate_bn)", inf))
     return out

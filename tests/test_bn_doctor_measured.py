@@ -102,6 +102,53 @@ def test_roi_within_image_ratio_equals_float64_definition():
     assert low < THRESHOLDS["roi_within_image"]
 
 
+class SampledRoIHead(RoIHead):
+    """R-CNN-like RoI sampling: training normalizes the first 3 RoIs of each image, inference all 6 of one image,
+    shifted by 2 and scaled by 1.5 -- the proposals at inference follow another distribution."""
+
+    def forward(self, images):
+        if self.training:
+            return self.roi_heads.bn(torch.cat([i[:3] for i in images])).sum()
+        return self.roi_heads.bn(torch.cat([i * 1.5 + 2 for i in images])).sum()
+
+
+def test_inference_roi_batches_against_training_ones_equal_float64_definitions():
+    g = torch.Generator().manual_seed(2)
+    batches = [[torch.randn(6, 4, 2, 2, generator=g) * 2 + 1 for _ in range(2)] for _ in range(3)]
+    model = SampledRoIHead().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = measure(model, batches, num_batches=3)["roi_heads.bn"]
+    assert model.training and model.roi_heads.bn.training  # eval mode of the pass undone
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+    def moments(x):  # (R, C, H, W) -> per-channel mean, σ (population) in float64
+        f = x.double().transpose(0, 1).reshape(4, -1)
+        return f.mean(1), f.var(1, unbiased=False).sqrt()
+
+    train = [torch.cat([i[:3] for i in imgs]) for imgs in batches]          # one normalization batch per forward
+    inference = [i * 1.5 + 2 for imgs in batches for i in imgs]             # one image per forward
+    mu, sigma = moments(torch.cat(train))
+    scale = float(sigma.norm())
+    mu_inf, sigma_inf = moments(torch.cat(inference))
+    assert res["inference_mean_shift"] == pytest.approx(float((mu_inf - mu).norm()) / scale, rel=1e-9)
+    assert res["inference_std_shift"] == pytest.approx(float((sigma_inf - sigma).norm()) / scale, rel=1e-9)
+    for key, calls in (("inference", inference), ("training", train)):
+        per = [moments(x) for x in calls]
+        assert res[f"{key}_batch_mean_spread"] == pytest.approx(
+            sum(float((m - mu).norm()) for m, _ in per) / len(per) / scale, rel=1e-9)
+        assert res[f"{key}_batch_std_spread"] == pytest.approx(
+            sum(float((s - sigma).norm()) for _, s in per) / len(per) / scale, rel=1e-9)
+    assert res["inference_rois"] == 6 and res["training_rois"] == 6
+    assert res["calls"] == 1 and "level_divergence" not in res  # the inference forwards stay out of the per-call sums
+    assert res["inference_batch_mean_spread"] > res["training_batch_mean_spread"] + 0.5
+    assert "inference_roi_shift" in {f.code for f in diagnose_measured({"roi_heads.bn": res})}
+    # the same distribution at inference (RoIHead: every RoI in both modes): the shift is small and no finding
+    same = measure(RoIHead().train(), batches, num_batches=3)["roi_heads.bn"]
+    assert same["inference_mean_shift"] < 1e-9 and same["inference_rois"] == 6 and same["training_rois"] == 12
+    assert "inference_roi_shift" not in {f.code for f in diagnose_measured({"roi_heads.bn": same})}
+    assert "inference_mean_shift" not in measure(RoIHead().train(), batches, 3, inference_fn=None)["roi_heads.bn"]
+
+
 def test_buffers_nonfinite_is_an_error_and_fp16_overflow_a_warning_with_amp():
     model = SharedHead().train()
     with torch.no_grad():
