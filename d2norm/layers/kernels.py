@@ -13,7 +13,7 @@ Memory-bound primitives, each one pass over the activation:
 * :func:`channel_affine` — ``y = x·scale + shift`` with per-channel ``(C,)`` or per-(sample, channel) ``(N, C)``
   coefficients. On CPU, per-(sample, channel) coefficients when no gradient is needed go to
   :func:`d2norm.layers.native.row_affine` (one pass per row, about 0.7-0.9× BN inference). Otherwise, on CPU,
-  it runs through BN's inference kernel (``F.batch_norm`` with μ = 0, σ² = 1, ε = 0 on the ``(1, N·C, H·W)``
+  it runs through BN's inference kernel (``torch.batch_norm`` with μ = 0, σ² = 1, ε = 0 on the ``(1, N·C, H·W)``
   view of a contiguous input), which is ~2× faster than a broadcast ``addcmul`` there; elsewhere (CUDA;
   channels-last or other strided input) a broadcast ``addcmul``. Differentiable (BN's backward, or addcmul's).
 * :func:`example_group_norm` — normalization of (example group × channel group) blocks by their own moments,
@@ -26,7 +26,6 @@ import itertools
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .native import native_for, native_module, row_affine, row_moments
@@ -88,17 +87,19 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) ->
     if scale.dim() == 2 and scale.shape[0] == 1:
         scale, shift = scale.reshape(c), shift.reshape(c)
     if x.device.type == "cpu" and x.numel() > 0 and x.is_contiguous():
+        # torch.batch_norm, not F.batch_norm: with eps = 0 (statistics 0 / 1, so the map is exactly x·scale + shift)
+        # torch <= 2.11's F.batch_norm refuses eps <= 0 even in inference; the kernel behind it takes it
         if scale.dim() == 1:  # per channel: BN's inference kernel is exactly this map at BN's speed
             zeros, ones = scale.new_zeros(c), scale.new_ones(c)
-            return F.batch_norm(x, zeros, ones, scale, shift, False, 0.0, 0.0)
+            return torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, False)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad)
         if not needs_grad:  # per (sample, channel), inference: our per-row kernel (no backward of its own)
             y = row_affine(x, scale.reshape(-1), shift.reshape(-1))
             if y is not None:
                 return y
         zeros, ones = scale.new_zeros(n * c), scale.new_ones(n * c)
-        y = F.batch_norm(_as_3d(x).reshape(1, n * c, -1), zeros, ones, scale.reshape(-1), shift.reshape(-1),
-                         False, 0.0, 0.0)
+        y = torch.batch_norm(_as_3d(x).reshape(1, n * c, -1), scale.reshape(-1), shift.reshape(-1), zeros, ones,
+                             False, 0.0, 0.0, False)
         return y.view(x.shape)
     view = (1, c) if scale.dim() == 1 else (n, c)
     view = view + (1,) * (x.dim() - 2)
