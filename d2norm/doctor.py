@@ -30,10 +30,6 @@ from typing import Dict, List, Optional
 __all__ = ["Finding", "diagnose_cfg", "report_markdown", "write_report", "SEVERITIES"]
 
 SEVERITIES = ("error", "warning", "info")
-#: batch statistics per process (the normalization group is the process's images)
-PER_PROCESS = ("BN", "GhostBN", "EvalNorm", "ExampleWeightedBN", "BatchStatsBN", "DomainBN")
-#: batch statistics synchronized over processes
-SYNCED = ("SyncBN", "naiveSyncBN", "nnSyncBN", "AnySyncBN")
 
 
 @dataclasses.dataclass
@@ -47,18 +43,6 @@ class Finding:
 
     def as_dict(self) -> Dict:
         return dataclasses.asdict(self)
-
-
-def _norm_batch(cfg, name: str, world: int) -> Optional[int]:
-    """Images one normalization group of a backbone-like norm ``name`` holds in training, or None (no batch
-    statistics, or a norm designed for small batches: MABN, BRN, BGN, GN, FrozenBN)."""
-    ipp = max(1, int(cfg.SOLVER.IMS_PER_BATCH) // max(1, world))
-    if name in PER_PROCESS:
-        return min(int(cfg.D2NORM.GHOST_BN.SIZE), ipp) if name == "GhostBN" else ipp
-    if name in SYNCED:
-        group = int(cfg.D2NORM.SYNC_BN.GROUP_SIZE) if name == "AnySyncBN" else 0
-        return ipp * (group or world)
-    return None
 
 
 def diagnose_cfg(cfg, world_size: int = 1) -> List[Finding]:
@@ -82,10 +66,14 @@ def diagnose_cfg(cfg, world_size: int = 1) -> List[Finding]:
         except ValueError as e:
             out.append(Finding("setup_error", "error", "-", str(e), "the change the message names", []))
 
+    from .layers.cfg_checks import norm_keys
+    from .layers.protocol import batch_statistics_of, cfg_normalization_images
+    from .layers.registry import NORM_REGISTRY
+
     mitigated = bool(cfg.D2NORM.FROZEN_BN_SWITCH.ENABLED)
     for key in ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM"):
         name = cfg.MODEL.RESNETS.NORM if key.endswith("RESNETS.NORM") else cfg.MODEL.FPN.NORM
-        nb = _norm_batch(cfg, name, world)
+        nb = cfg_normalization_images(name, cfg, world)  # None: no batch statistics, or built for small batches
         if nb is None or nb > 2 or mitigated or name in ("EvalNorm", "BatchStatsBN"):
             continue
         scratch = not cfg.MODEL.WEIGHTS
@@ -98,8 +86,8 @@ def diagnose_cfg(cfg, world_size: int = 1) -> List[Finding]:
             f"noisy training statistics and a train-test inconsistency at inference", fix, [key]))
 
     head = cfg.MODEL.RETINANET.NORM
-    if "RetinaNet" in arch and arch != "DomainBNRetinaNet" and (head in PER_PROCESS or head == "AnySyncBN") \
-            and head not in ("BN",):
+    # a registered name builds one layer for every level (detectron2's own "BN" / "SyncBN" build one per level)
+    if "RetinaNet" in arch and arch != "DomainBNRetinaNet" and head in NORM_REGISTRY and batch_statistics_of(head):
         out.append(Finding(
             "shared_head_bn", "warning", "rethinking §5.2, Table 5 (row 3: 34.1 vs 39.1 AP)",
             f"MODEL.RETINANET.NORM {head!r} is one layer shared by every FPN level: its batch statistics mix the "
@@ -115,7 +103,7 @@ def diagnose_cfg(cfg, world_size: int = 1) -> List[Finding]:
             if key.startswith("MODEL.ROI_MASK") and not cfg.MODEL.MASK_ON:
                 continue
             conv_head = node.NUM_CONV > 0
-            if node.NORM in PER_PROCESS and node.NORM != "BatchStatsBN" and conv_head and not (
+            if batch_statistics_of(node.NORM) == "process" and node.NORM != "BatchStatsBN" and conv_head and not (
                     shuffled and node.NAME.startswith("Shuffled")):
                 out.append(Finding(
                     "rcnn_head_bn", "warning", "rethinking §6.1, Table 6 (rows 1-2: 30.7 / 40.1 AP)",
@@ -140,10 +128,11 @@ def diagnose_cfg(cfg, world_size: int = 1) -> List[Finding]:
                 f"D2NORM.PRECISE_BN.NUM_SAMPLES {p.NUM_SAMPLES}: too few images for stable population statistics",
                 "D2NORM.PRECISE_BN.NUM_SAMPLES 1000 or more", ["D2NORM.PRECISE_BN.NUM_SAMPLES"]))
 
-    from .layers.cfg_checks import norm_keys
+    from .options import class_options
 
-    d2_bn_names = ("GhostBN", "EvalNorm", "ExampleWeightedBN", "BatchStatsBN", "AnySyncBN", "DomainBN")
-    used = sorted({v for _, v in norm_keys(cfg) if v in d2_bn_names})
+    # d2norm layers whose EMA momentum is D2NORM.BN.MOMENTUM (BRN, MABN, BGN declare their own)
+    used = sorted({v for _, v in norm_keys(cfg) if v in NORM_REGISTRY
+                   and class_options(NORM_REGISTRY.get(v)).get("momentum", (None,))[0] == "BN"})
     m = cfg.D2NORM.BN.MOMENTUM
     if used and not p.ENABLED and m and m > 0 and (1.0 / m) > 0.05 * cfg.SOLVER.MAX_ITER:
         out.append(Finding(

@@ -115,3 +115,32 @@ def test_probes_read_any_bn_derived_layer_through_the_protocol():
         model[1].running_var.uniform_(0.5, 2)
     assert list(probed_layers(model)) == ["1", "3"] and num_slots(model[1]) == 1
     torch.testing.assert_close(estimated_stats(model[1])[0][1], model[1].running_var.double())
+
+
+# Images per training normalization group (rethinking §4's "normalization batch size") at 8 images over 2
+# processes, ghost size 2, one sync group: written here from each layer's definition, one row per NORM name, so a
+# newly registered layer fails until it says how it groups its batch statistics.
+NORMALIZATION_IMAGES = {
+    "BN": 4, "SyncBN": 8, "naiveSyncBN": 8, "naiveSyncBN_N": 8, "nnSyncBN": 8, "FrozenBN": None, "GN": None,
+    "LN": None, "GhostBN": 2, "EvalNorm": 4, "ExampleWeightedBN": 4, "BatchStatsBN": 4, "DomainBN": 4,
+    "AnySyncBN": 8, "BGN": None, "MABN": None, "BRN": None,
+}
+
+
+def test_normalization_images_of_every_norm_name():
+    from d2norm.config import add_d2norm_config
+    from d2norm.layers.protocol import batch_statistics_of, cfg_normalization_images
+
+    assert {n for n, _ in NORM_REGISTRY} <= set(NORMALIZATION_IMAGES)
+    cfg = add_d2norm_config(get_cfg())
+    cfg.SOLVER.IMS_PER_BATCH, cfg.D2NORM.GHOST_BN.SIZE = 8, 2
+    got = {n: cfg_normalization_images(n, cfg, 2) for n in NORMALIZATION_IMAGES}
+    assert got == NORMALIZATION_IMAGES
+    cfg.D2NORM.SYNC_BN.GROUP_SIZE = 1  # sync groups of one process: per-process statistics
+    assert cfg_normalization_images("AnySyncBN", cfg, 2) == 4 and batch_statistics_of("AnySyncBN") == "synced"
+    cfg.D2NORM.GHOST_BN.SIZE = 16  # a ghost size above the process's images: the process's images
+    assert cfg_normalization_images("GhostBN", cfg, 2) == 4
+    with pytest.raises(ValueError, match="'per_gpu'"):
+        from d2norm.layers.base import normalization_images
+
+        normalization_images("per_gpu", 4, 2)

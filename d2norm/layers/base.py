@@ -80,6 +80,11 @@ class D2NormModule:
     #: ``f(x, *args, **kwargs)``, ``"inputs_by_domain"`` = ``f(xs, domains=None)`` (DomainBN's
     #: ``forward_domains``). Statistics passes (PreciseBN, probes, the BN monitor) intercept exactly these.
     routed_calls: Tuple[Tuple[str, str], ...] = (("forward", "input"),)
+    #: how the layer groups the examples of its training batch statistics: ``"process"`` (the images of one
+    #: process, or a part of them), ``"synced"`` (those of several processes), or ``None`` (no batch statistics
+    #: in training, or statistics built for small batches: MABN's moving averages, BRN's renormalization, BGN's
+    #: example groups). The BN doctor's small-normalization-batch and head checks read it (rethinking §4, §5.2, §6).
+    batch_statistics: Optional[str] = None
 
     #: the layer's cfg node ``cfg.D2NORM.<CFG_NODE>`` (its options without a ``node`` of their own live there)
     CFG_NODE: Optional[str] = None
@@ -148,6 +153,13 @@ class D2NormModule:
         needs a layer trained with per-channel batch statistics whose inference is BN with per-channel population
         statistics (its BN state carries over). Otherwise the reason it cannot be converted."""
         return f"{type(self).__name__} has no per-channel BN population statistics to mix sample statistics with"
+
+    @classmethod
+    def cfg_normalization_images(cls, cfg, images_per_process: int, world: int) -> Optional[int]:
+        """Images one training normalization group of this layer holds for ``cfg`` in a run of ``world``
+        processes with ``images_per_process`` each (``None`` when :attr:`batch_statistics` is ``None``); layers
+        with sub-batches or sync groups override it (GhostBN, AnySyncBN)."""
+        return normalization_images(cls.batch_statistics, images_per_process, world)
 
     def training_normalization_batch(self) -> Optional[int]:
         """The number of examples one training statistic of this layer is computed over when the layer fixes
@@ -245,6 +257,16 @@ def bn_inference_affine(m: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     return affine_from_stats(m.running_mean, m.running_var, m.eps, m.weight, m.bias)
 
 
+def normalization_images(batch_statistics: Optional[str], images_per_process: int, world: int) -> Optional[int]:
+    """Images per training normalization group of a layer whose batch statistics are grouped as
+    ``batch_statistics`` (:attr:`D2NormModule.batch_statistics`)."""
+    if batch_statistics not in (None, "process", "synced"):
+        raise ValueError(f"batch_statistics must be 'process', 'synced' or None, got {batch_statistics!r}")
+    if batch_statistics is None:
+        return None
+    return images_per_process * (world if batch_statistics == "synced" else 1)
+
+
 class D2NormBatchNorm2d(nn.BatchNorm2d, D2NormModule):
     """Base of the d2norm layers derived from ``nn.BatchNorm2d`` (GhostBN, BatchStatsBN, ExampleWeightedBN,
     EvalNorm, DomainBN, AnySyncBN): what they share with BN lives here once.
@@ -259,6 +281,7 @@ class D2NormBatchNorm2d(nn.BatchNorm2d, D2NormModule):
 
     CFG_NODE = "BN"
     CFG_DOC = "Shared by every BN-derived layer (same meaning as torch's BatchNorm2d eps / momentum)"
+    batch_statistics = "process"
     OPTIONS = (BN_EPS, BN_MOMENTUM)
 
     def __init__(

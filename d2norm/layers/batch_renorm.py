@@ -50,6 +50,7 @@ class BatchRenorm2d(D2NormBatchNorm2d):
     ``r_max_iters``, ``d_max_iters`` (steps of this layer, ``num_batches_tracked``), ``momentum``, ``eps``."""
 
     CFG_NODE = "BRN"
+    batch_statistics = None  # built for small batches (renormalized toward the moving averages)
     CFG_DOC = 'BRN, Batch Renormalization (Ioffe 2017, §4): the small-batch baseline of mabn Tables 3, 5; eps from D2NORM.BN'
     OPTIONS = (
         Option("R_MAX", 3.0, "r = clip(sigma_B / sigma, 1/R_MAX, R_MAX) once relaxed (Ioffe §4: 3).", arg="r_max",

@@ -82,6 +82,11 @@ class GhostBatchNorm2d(D2NormBatchNorm2d):
         self.remainder = remainder
 
     @classmethod
+    def cfg_normalization_images(cls, cfg, images_per_process: int, world: int) -> int:
+        """A ghost batch: at most D2NORM.GHOST_BN.SIZE of the process's images (four-things eq 4)."""
+        return min(int(cfg.D2NORM.GHOST_BN.SIZE), images_per_process)
+
+    @classmethod
     def check_cfg_use(cls, cfg, keys, world: int) -> None:
         """Warns when D2NORM.GHOST_BN.SIZE is at least the examples the layer normalizes (images per process in
         a backbone / RetinaNet head, sampled RoIs in a box / mask head): one ghost batch = plain BN (four-things

@@ -29,9 +29,11 @@ from .base import (
     bn_estimated_stats,
     bn_frozen_state,
     bn_inference_affine,
+    normalization_images,
 )
 
-__all__ = ["NORM_TYPES", "is_norm_layer", "norm_protocol", "get_stats_adapter", "aux_loss_keys"]
+__all__ = ["NORM_TYPES", "is_norm_layer", "norm_protocol", "get_stats_adapter", "aux_loss_keys",
+           "batch_statistics_of", "cfg_normalization_images"]
 
 
 def _d2_layer_norm():
@@ -48,6 +50,37 @@ NORM_TYPES = tuple(t for t in (_NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalRe
 def is_norm_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a normalization layer (:data:`NORM_TYPES`)."""
     return isinstance(module, NORM_TYPES)
+
+
+#: detectron2's ``NORM`` names whose layers train with batch statistics, as :attr:`D2NormModule.batch_statistics`
+#: says it of d2norm's ("BN": per process; the SyncBN family: over every process); its other names (FrozenBN,
+#: GN, LN) have none
+D2_BATCH_STATISTICS = {"BN": "process", "SyncBN": "synced", "naiveSyncBN": "synced", "naiveSyncBN_N": "synced",
+                       "nnSyncBN": "synced"}
+
+
+def _registered_class(name: str):
+    from .registry import NORM_REGISTRY
+
+    return NORM_REGISTRY.get(name) if isinstance(name, str) and name in NORM_REGISTRY else None
+
+
+def batch_statistics_of(name: str) -> Optional[str]:
+    """``"process"``, ``"synced"`` or ``None`` for a ``NORM`` name (:attr:`D2NormModule.batch_statistics`)."""
+    cls = _registered_class(name)
+    return cls.batch_statistics if cls is not None else D2_BATCH_STATISTICS.get(name)
+
+
+def cfg_normalization_images(name: str, cfg, world: int) -> Optional[int]:
+    """Images one training normalization group of the norm ``name`` holds under ``cfg`` in a run of ``world``
+    processes (``SOLVER.IMS_PER_BATCH / world`` per process; GhostBN's ghost batches, AnySyncBN's sync groups), or
+    ``None`` for a norm without batch statistics in training."""
+    world = max(1, int(world))
+    ipp = max(1, int(cfg.SOLVER.IMS_PER_BATCH) // world)
+    cls = _registered_class(name)
+    if cls is not None:
+        return cls.cfg_normalization_images(cfg, ipp, world)
+    return normalization_images(D2_BATCH_STATISTICS.get(name), ipp, world)
 
 
 class _View:

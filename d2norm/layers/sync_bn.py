@@ -201,6 +201,13 @@ class AnySyncBatchNorm2d(D2NormBatchNorm2d):
         super().__init__(num_features, eps=eps, momentum=momentum, **kwargs)
         self.sync_group_size = int(sync_group_size)
 
+    batch_statistics = "synced"
+
+    @classmethod
+    def cfg_normalization_images(cls, cfg, images_per_process: int, world: int) -> int:
+        """The images of a sync group: D2NORM.SYNC_BN.GROUP_SIZE consecutive processes (0: all of them)."""
+        return images_per_process * (int(cfg.D2NORM.SYNC_BN.GROUP_SIZE) or world)
+
     @classmethod
     def check_cfg_use(cls, cfg, keys, world: int) -> None:
         """D2NORM.SYNC_BN.GROUP_SIZE must divide the number of processes (rethinking A.5: groups of consecutive

@@ -49,6 +49,8 @@ class SyncDomainBatchNorm2d(DomainBatchNorm2d):
     One rank (or ``sync_group_size`` 1), or eval: exactly :class:`DomainBatchNorm2d`.
     """
 
+    batch_statistics = "synced"
+
     def __init__(self, num_features: int, *args, sync_group_size: int = 0, **kwargs):
         super().__init__(num_features, *args, **kwargs)
         self.sync_group_size = check_int("SYNC_GROUP_SIZE", sync_group_size, minimum=0, note=" (0 = all ranks)")
