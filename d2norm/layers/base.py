@@ -59,8 +59,8 @@ class D2NormModule:
     * :meth:`from_config` (registry), :meth:`stats_adapter` (PreciseBN, BN monitor), :meth:`estimated_stats` and
       :meth:`stats_slot` (statistics probes), :meth:`frozen_bn_state` (FrozenBN switch), :meth:`inference_affine`
       (folding), :attr:`bn_state_keys` (``convert_norm``), :meth:`training_normalization_batch` (EvalNorm's 1/B²
-      rule). Modules that are not d2norm layers (torch's and
-      detectron2's norms) are handled by each consumer's default for them.
+      rule), :attr:`batch_statistics` / :meth:`cfg_normalization_images` (the BN doctor). Modules that are not
+      d2norm layers (torch's and detectron2's norms) are handled by each consumer's default for them.
     """
 
     #: names of direct parameters of this module that must never be weight-decayed
