@@ -30,14 +30,15 @@ RoIs of one forward split evenly over its images (detectron2 orders them by imag
 Per norm of the R-CNN heads, the train/test inconsistency of R-CNN's RoI sampling (rethinking §4.2, below
 Table 3: "the sampling strategies inside R-CNN create additional train-test inconsistency, which may let
 mini-batches in inference follow a different distribution from those in training"): the model in eval mode on the
-same images one at a time (inference's per-GPU batch of one image: its R_0 proposals, no sampling), in units of
-||σ_train||₂, μ_train / σ_train the layer's input statistics pooled over the training forwards:
+same images one at a time (inference's per-GPU batch of one image: its R_0 proposals, no sampling) with the head
+norms normalizing each image's RoIs by their own statistics (batch-statistics inference, Table 3's "batch" column;
+the head's deeper norms then see what they would see there), in units of ||σ_train||₂, μ_train / σ_train the
+layer's input statistics pooled over the training forwards:
 ``inference_mean_shift`` = ||μ_inf − μ_train||₂ and ``inference_std_shift`` = ||σ_inf − σ_train||₂ (μ_inf, σ_inf
 pooled over the inference forwards); ``inference_batch_mean_spread`` / ``inference_batch_std_spread`` = mean over
 images of ||μ_img − μ_train||₂, ||σ_img − σ_train||₂ (the statistics batch-statistics inference normalizes one image
 with), next to ``training_batch_mean_spread`` / ``training_batch_std_spread``, the same over training forwards (the
-statistics the layer trained with); ``inference_rois`` / ``training_rois``: RoIs per forward. The head's deeper
-norms see inputs normalized the model's own inference way (its EMA for BN).
+statistics the layer trained with); ``inference_rois`` / ``training_rois``: RoIs per forward.
 
 Buffers: non-finite statistics (error), and statistics whose E[x²] = var + mean² exceeds what float16 holds
 (65504: x² of a typical input overflows in fp16 arithmetic; pytorch #96798) (warning with AMP).
@@ -144,7 +145,9 @@ def _per_call_moments(model: nn.Module, batches: List[Any], layers: Dict[str, nn
                 forward_fn(model, b)
             if inference_fn is not None and roi:
                 current.update(phase="inference", images=0)
-                model.eval()  # restore_state puts every module's `training` back
+                model.eval()  # restore_state puts every module's `training` back (and the statistics buffers)
+                for n in roi:  # batch-statistics inference of the head norms: each image's RoIs normalized by their own
+                    layers[n].train()
                 for b in batches:
                     inference_fn(model, b)
     finally:

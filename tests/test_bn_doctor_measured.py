@@ -104,12 +104,18 @@ def test_roi_within_image_ratio_equals_float64_definition():
 
 class SampledRoIHead(RoIHead):
     """R-CNN-like RoI sampling: training normalizes the first 3 RoIs of each image, inference all 6 of one image,
-    shifted by 2 and scaled by 1.5 -- the proposals at inference follow another distribution."""
+    shifted by 2 and scaled by 1.5 -- the proposals at inference follow another distribution. A second norm
+    ``roi_heads.bn2`` takes the first one's output through a ReLU (its input depends on how ``bn`` normalized)."""
+
+    def __init__(self):
+        super().__init__()
+        self.roi_heads.bn2 = nn.BatchNorm2d(4)
+        with torch.no_grad():  # EMA statistics far from any batch's: batch and EMA normalization differ
+            self.roi_heads.bn.running_mean.fill_(-3.0)
 
     def forward(self, images):
-        if self.training:
-            return self.roi_heads.bn(torch.cat([i[:3] for i in images])).sum()
-        return self.roi_heads.bn(torch.cat([i * 1.5 + 2 for i in images])).sum()
+        x = torch.cat([i[:3] for i in images]) if self.training else torch.cat([i * 1.5 + 2 for i in images])
+        return self.roi_heads.bn2(self.roi_heads.bn(x).relu()).sum()
 
 
 def test_inference_roi_batches_against_training_ones_equal_float64_definitions():
@@ -140,6 +146,19 @@ def test_inference_roi_batches_against_training_ones_equal_float64_definitions()
             sum(float((s - sigma).norm()) for _, s in per) / len(per) / scale, rel=1e-9)
     assert res["inference_rois"] == 6 and res["training_rois"] == 6
     assert res["calls"] == 1 and "level_divergence" not in res  # the inference forwards stay out of the per-call sums
+    # bn2 at inference sees bn's output with each image's RoIs normalized by their own statistics (batch-statistics
+    # inference), not by bn's EMA
+    def batch_normalized_relu(x):
+        xd = x.double()
+        m = xd.mean((0, 2, 3), keepdim=True)
+        v = xd.var((0, 2, 3), unbiased=False, keepdim=True)
+        return ((xd - m) / (v + model.roi_heads.bn.eps).sqrt()).relu()
+
+    mu2, sigma2 = moments(torch.cat([batch_normalized_relu(x) for x in train]))
+    per2 = [moments(batch_normalized_relu(x)) for x in inference]
+    res2 = measure(model, batches, num_batches=3)["roi_heads.bn2"]
+    assert res2["inference_batch_mean_spread"] == pytest.approx(
+        sum(float((m - mu2).norm()) for m, _ in per2) / len(per2) / float(sigma2.norm()), rel=1e-5)
     assert res["inference_batch_mean_spread"] > res["training_batch_mean_spread"] + 0.5
     assert "inference_roi_shift" in {f.code for f in diagnose_measured({"roi_heads.bn": res})}
     # the same distribution at inference (RoIHead: every RoI in both modes): the shift is small and no finding
