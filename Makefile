@@ -15,8 +15,11 @@ DEMO_ARGS ?=
 demo: install
 	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) $(DEMO_ARGS)
 
+# The suite runs one torch thread per test process (tests/conftest.py), so it is spread over the cores with
+# pytest-xdist (one worker per core, at most 4: tests/conftest.py); TEST_ARGS= (e.g. "-n 0" for one process).
+TEST_ARGS ?= -n auto
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(TEST_ARGS)
 
 # Speed (docs/speed.md): layer ratios vs BatchNorm2d at a ResNet and an RoI-head shape, detector ratios per backbone
 # norm (and folded) at the CPU configs' 128 px and the main job's training ratios at 384 px, PreciseBN cost; JSON + PNG

@@ -110,7 +110,7 @@ quiet_pip install -q -c "$CONSTRAINTS" "torch==$TORCH_VERSION" "torchvision==$TO
 # (which pins black==21.4b2, iopath<0.1.10, ...).
 quiet_pip install -q -c "$CONSTRAINTS" \
   "pillow>=10" matplotlib pycocotools termcolor yacs tabulate cloudpickle tqdm tensorboard \
-  fvcore iopath omegaconf hydra-core pytest \
+  fvcore iopath omegaconf hydra-core pytest pytest-xdist \
   opencv-python-headless  # detectron2's Visualizer (tools/visualize.py); headless: no GUI libraries needed
 if [ -n "$D2_SOURCE" ]; then
   # upstream's remaining runtime dependencies (its setup.py: black for LazyConfig.save's pretty-printing, packaging)

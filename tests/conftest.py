@@ -10,6 +10,13 @@ import d2norm  # noqa: E402,F401  (compat shims + registrations)
 torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (make test): one worker per core the process may use, at most 4 (each worker holds torch and
+    detectron2, and the training tests start subprocesses of their own)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
+
 def pytest_sessionstart(session):
     """Build d2norm's native CPU kernels (or learn that they cannot be built) before any test runs, so the first
     compile (~50 s) never lands inside a test's subprocess timeout."""
