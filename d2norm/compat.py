@@ -286,7 +286,9 @@ def _shim_jit_script_warning(shims):
         results = [f() for f in shims]
         importlib.import_module("fvcore.nn")
         importlib.import_module("detectron2.modeling.box_regression")
-    jit = [w for w in caught if issubclass(w.category, FutureWarning) and _JIT_DEPRECATION in str(w.message)]
+    # a FutureWarning in torch 2.14 / 2.15, a DeprecationWarning in torch 2.11
+    jit = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+           and _JIT_DEPRECATION in str(w.message)]
     for w in caught:
         if w not in jit:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
