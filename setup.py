@@ -14,7 +14,7 @@ setup(
     package_data={"d2norm": ["layers/csrc/*.cpp"]},
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.14",  # the versions the test suite has run on (docs/install.md, "Supported versions")
+        "torch>=2.11",  # the versions the test suite has run on (docs/install.md, "Supported versions")
         "fvcore>=0.1.5",
         "pycocotools>=2.0.2",
         "pillow>=10",
