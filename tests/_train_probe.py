@@ -13,11 +13,12 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import d2norm  # noqa: E402,F401  (compat before detectron2)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from detectron2.engine import HookBase, default_argument_parser, launch  # noqa: E402
+from detectron2.engine import HookBase, launch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 import train_net  # noqa: E402
 from d2norm.engine import Trainer  # noqa: E402
+from d2norm.engine.launch import training_parser  # noqa: E402
 
 
 class _ParamProbe(HookBase):
@@ -51,5 +52,7 @@ class ProbeTrainer(Trainer):
 train_net.Trainer = ProbeTrainer
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    # --dist-url auto (a free port): detectron2's default is one fixed port per user, which two of these runs at once
+    # (pytest-xdist workers, or two suites on one machine) would both take
+    args = training_parser().parse_args()
     launch(train_net.main, args.num_gpus, num_machines=1, machine_rank=0, dist_url=args.dist_url, args=(args,))
