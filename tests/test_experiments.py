@@ -342,7 +342,61 @@ def test_finished_run_is_reused_with_this_checkouts_paths(tmp_path, monkeypatch)
                    "wall_s": 100.0, "command": "c"}, f)
     info = ctx.train(run, 0)  # no subprocess: the finished run is reused
     assert info["dir"] == out and info["final"] == os.path.join(out, "model_final.pth") and info["ap"] == 7.5
-    assert ctx.commands == [] and ctx.trainings == [{"dir": out, "wall_s": 100.0}]
+    assert ctx.commands == [] and ctx.trainings == [{"dir": out, "wall_s": 100.0, "commit": None,
+                                                     "environment": None}]
+
+
+def test_concurrent_trainings_record_their_own_command_and_the_code_commit(tmp_path, monkeypatch):
+    """``--jobs 2`` runs seeds in threads that share ``Context.commands``: each run.json must record the command
+    that trained *it* (a record once named the other seed's command, still running when the first finished) and
+    the commit of the code that trained it."""
+    import threading
+    import time
+    import types
+
+    from d2norm.experiments import runner
+    from d2norm.experiments.core import code_commit, training_environment
+    from d2norm.experiments.runs import bn_backbone_run
+
+    second_started = threading.Event()
+
+    def fake_run(argv, cwd, env, stdout, stderr):  # a training that writes detectron2's COCO lines
+        seed = int(argv[argv.index("SEED") + 1])
+        if seed == 0:  # seed 0 finishes after seed 1 has started (and appended its command)
+            assert second_started.wait(10)
+            time.sleep(0.05)
+        else:
+            second_started.set()
+        out = argv[argv.index("OUTPUT_DIR") + 1]
+        with open(os.path.join(out, "log.txt"), "w") as f:
+            f.write(f"copypaste: Task: bbox\ncopypaste: AP,AP50\ncopypaste: {seed + 1}.0,{seed + 10}.0\n")
+        return subprocess.CompletedProcess(argv, 0)
+
+    # only the runner's subprocesses are faked (code_commit's git calls are real)
+    monkeypatch.setattr(runner, "subprocess", types.SimpleNamespace(run=fake_run, STDOUT=subprocess.STDOUT))
+    ctx = Context(work_dir=str(tmp_path), quiet=True)
+    run = bn_backbone_run(2)
+    infos = {}
+
+    def train(seed):
+        infos[seed] = ctx.train(run, seed)
+
+    threads = [threading.Thread(target=train, args=(s,)) for s in (0, 1)]
+    threads[0].start()
+    time.sleep(0.05)
+    threads[1].start()
+    for t in threads:
+        t.join(20)
+    commit = code_commit()
+    assert commit != "unknown"
+    for seed in (0, 1):
+        rec = json.load(open(os.path.join(ctx.run_dir(run, seed), "run.json")))
+        argv = shlex.split(rec["command"])
+        assert argv[argv.index("SEED") + 1] == str(seed) and rec["ap"] == seed + 1.0
+        assert argv[argv.index("OUTPUT_DIR") + 1] == ctx.run_dir(run, seed)
+        assert infos[seed]["command"] == rec["command"] and rec["commit"] == commit
+        assert rec["environment"] == training_environment() and rec["environment"]["cpu_capability"]
+    assert sorted(t["commit"] for t in ctx.trainings) == [commit, commit]
 
 
 def test_finished_run_of_a_changed_config_is_refused_not_reused(tmp_path):

@@ -163,13 +163,36 @@ def verdict(expected: str, conditions: Dict[str, Dict[str, List[float]]], paired
     return combine_verdicts([c["verdict"] for c in clauses]), clauses
 
 
-def _commit() -> str:
+def code_commit() -> str:
+    """The commit of this checkout's code, ``+modified`` when tracked files differ from it (the numbers then come
+    from code no commit holds); "unknown" outside a git checkout. Recorded in every result and every training's
+    run.json: a reused training may come from older code than the experiment that reuses it."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-    except Exception:  # not a git checkout
+        clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root, capture_output=True).returncode
+    except Exception:  # not a git checkout, no git
         return "unknown"
+    return head if clean == 0 else f"{head}+modified"
+
+
+def training_environment() -> Dict[str, str]:
+    """What besides the code and the command decides a CPU training's numbers: torch's version and the vector
+    instruction set its CPU kernels dispatch to. The same command is bitwise repeatable on one machine, but
+    another instruction set rounds convolutions differently and the trajectory diverges within 20 iterations
+    (docs/paper_effects.md, "Repeatability"), so every training records it."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu}
 
 
 def result_record(exp: "Experiment", per_seed: Dict[int, Dict[str, Tuple[float, float]]], command: str,
@@ -188,7 +211,7 @@ def result_record(exp: "Experiment", per_seed: Dict[int, Dict[str, Tuple[float, 
     rec = {
         "name": exp.name, "paper": exp.paper, "section": exp.section, "claim": exp.claim,
         "paper_values": dict(exp.paper_values), "conditions": conds, "expected": exp.expected, "verdict": v,
-        "seeds": seeds, "command": command, "wall_s": float(wall_s), "commit": _commit(),
+        "seeds": seeds, "command": command, "wall_s": float(wall_s), "commit": code_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     rec["details"] = {"paired": exp.paired, "approx_tol": exp.approx_tol, "clauses": clauses, **(details or {})}

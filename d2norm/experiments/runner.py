@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .core import code_commit, training_environment
+
 __all__ = ["Run", "Context", "parse_coco_log", "ExperimentError", "config_digest"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -152,23 +154,26 @@ class Context:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
         return env
 
-    def _call(self, argv: List[str], log_path: str) -> float:
-        """Run ``argv`` in the repository root, stdout+stderr to ``log_path``; returns the wall time."""
+    def _call(self, argv: List[str], log_path: str) -> Tuple[float, str]:
+        """Run ``argv`` in the repository root, stdout+stderr to ``log_path``; returns (wall time, the command
+        line). Callers record *this* command line, never ``self.commands[-1]``: with ``--jobs`` > 1 other seeds'
+        threads append to ``commands`` while this subprocess runs."""
         full = (["nice", "-n", str(self.nice)] if self.nice else []) + argv
-        self.commands.append(" ".join(shlex.quote(a) for a in argv))
+        command = " ".join(shlex.quote(a) for a in argv)
+        self.commands.append(command)
         if not self.quiet:
-            print(f"  $ {self.commands[-1]}", flush=True)
+            print(f"  $ {command}", flush=True)
         if self.dry_run:
-            return 0.0
+            return 0.0, command
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         t0 = time.time()
         with open(log_path, "w") as log:
             proc = subprocess.run(full, cwd=REPO, env=self._env(), stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
             tail = open(log_path).read()[-3000:]
-            raise ExperimentError(f"command failed (exit {proc.returncode}): {self.commands[-1]}\n"
+            raise ExperimentError(f"command failed (exit {proc.returncode}): {command}\n"
                                   f"log: {log_path}\n{tail}")
-        return time.time() - t0
+        return time.time() - t0, command
 
     def _tool(self, name: str) -> str:
         return os.path.join("tools", name)
@@ -189,7 +194,9 @@ class Context:
 
     def train(self, run: Run, seed: int, init_checkpoint: Optional[str] = None) -> Dict:
         """Train ``run`` with ``SEED seed`` (or reuse the finished run); returns ``{"dir", "final", "ap",
-        "ap50", "wall_s", "command"}`` where ap/ap50 are the final COCO evaluation of the training.
+        "ap50", "wall_s", "command", "commit", "environment"}`` where ap/ap50 are the final COCO evaluation of the
+        training, commit the code and environment (:func:`~.core.training_environment`) the machine that trained
+        it (both absent in records written before they were recorded).
 
         ``init_checkpoint``: continue that training checkpoint (model, optimizer, scheduler, iteration) with
         ``train_net.py --resume`` in the new run directory, e.g. the same iteration-k state with and without
@@ -211,7 +218,9 @@ class Context:
                 info.update(dir=out, final=os.path.join(out, "model_final.pth"))
             else:
                 info = self._train(run, seed, out, done, init_checkpoint)
-        self.trainings.append({"dir": info["dir"], "wall_s": info["wall_s"]})
+        # the code and machine that trained it (None: a record from before they were recorded)
+        self.trainings.append({"dir": info["dir"], "wall_s": info["wall_s"], "commit": info.get("commit"),
+                               "environment": info.get("environment")})
         return info
 
     def _train(self, run: Run, seed: int, out: str, done: str, init_checkpoint: Optional[str]) -> Dict:
@@ -233,15 +242,16 @@ class Context:
         if run.num_gpus > 1:
             argv += ["--num-gpus", str(run.num_gpus)]
         argv += list(run.opts) + ["SEED", str(seed)] + self.data_opts() + ["OUTPUT_DIR", out]
-        wall = self._call(argv, os.path.join(out, "train_stdout.log"))
+        wall, command = self._call(argv, os.path.join(out, "train_stdout.log"))
         if self.dry_run:
             return {"dir": out, "final": os.path.join(out, "model_final.pth"), "ap": float("nan"),
-                    "ap50": float("nan"), "wall_s": 0.0, "command": self.commands[-1]}
+                    "ap50": float("nan"), "wall_s": 0.0, "command": command}
         res = parse_coco_log(open(os.path.join(out, "log.txt")).read())
         if res is None:
             raise ExperimentError(f"no COCO bbox result in {out}/log.txt")
         info = {"dir": out, "final": os.path.join(out, "model_final.pth"), "ap": res["AP"], "ap50": res["AP50"],
-                "wall_s": wall, "command": self.commands[-1], "config_sha": config_digest(run.config)}
+                "wall_s": wall, "command": command, "config_sha": config_digest(run.config),
+                "commit": code_commit(), "environment": training_environment()}
         with open(done, "w") as f:
             json.dump(info, f, indent=1)
         return info
@@ -281,7 +291,7 @@ class Context:
         argv = [self.python, self._tool("train_net.py"), "--config-file", config or run.config, "--eval-only"]
         argv += (list(run.opts) if config is None else []) + self.data_opts() + list(opts)
         argv += ["MODEL.WEIGHTS", weights or trained["final"], "OUTPUT_DIR", out]
-        self._call(argv, os.path.join(out, "stdout.log"))
+        _, command = self._call(argv, os.path.join(out, "stdout.log"))
         if self.dry_run:
             return float("nan"), float("nan")
         res = parse_coco_log(open(os.path.join(out, "log.txt")).read())
@@ -289,7 +299,7 @@ class Context:
             raise ExperimentError(f"no COCO bbox result in {out}/log.txt")
         ap = (res["AP"], res["AP50"])
         with open(os.path.join(out, "result.json"), "w") as f:
-            json.dump({"ap": ap, "command": self.commands[-1]}, f)
+            json.dump({"ap": ap, "command": command}, f)
         return ap
 
     @_measurement

@@ -79,11 +79,12 @@ def run_experiment(exp: Experiment, ctx: Context, seeds: Sequence[int], output_d
         if extra is not None:
             extras[str(s)] = extra
     wall = time.time() - start
-    used = {t["dir"]: t["wall_s"] for t in ctx.trainings[first_train:]}
+    used = {t["dir"]: t for t in ctx.trainings[first_train:]}
     # wall_s is this invocation's time; trainings reused from an earlier experiment are listed with their own
+    # wall time and the commit of the code that trained them (it can be older than this record's "commit")
     details = {"data_seed": ctx.data_seed, "scale_note": exp.scale_note, "subcommands": ctx.commands[first_cmd:],
-               "trainings": [{"dir": d, "wall_s": w} for d, w in used.items()],
-               "training_wall_s": sum(used.values())}
+               "trainings": list(used.values()),
+               "training_wall_s": sum(t["wall_s"] for t in used.values())}
     if extras:
         details["extra"] = extras
         if exp.summarize_extra is not None:
