@@ -396,6 +396,7 @@ def test_concurrent_trainings_record_their_own_command_and_the_code_commit(tmp_p
         assert argv[argv.index("OUTPUT_DIR") + 1] == ctx.run_dir(run, seed)
         assert infos[seed]["command"] == rec["command"] and rec["commit"] == commit
         assert rec["environment"] == training_environment() and rec["environment"]["cpu_capability"]
+        assert rec["threads"] == 1
     assert sorted(t["commit"] for t in ctx.trainings) == [commit, commit]
 
 

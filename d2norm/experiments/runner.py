@@ -194,9 +194,9 @@ class Context:
 
     def train(self, run: Run, seed: int, init_checkpoint: Optional[str] = None) -> Dict:
         """Train ``run`` with ``SEED seed`` (or reuse the finished run); returns ``{"dir", "final", "ap",
-        "ap50", "wall_s", "command", "commit", "environment"}`` where ap/ap50 are the final COCO evaluation of the
-        training, commit the code and environment (:func:`~.core.training_environment`) the machine that trained
-        it (both absent in records written before they were recorded).
+        "ap50", "wall_s", "command", "commit", "environment", "threads"}``: ap/ap50 the final COCO evaluation of the
+        training; commit, environment (:func:`~.core.training_environment`) and threads (OMP/MKL) the code, the
+        machine and the thread count that trained it (absent in records written before they were recorded).
 
         ``init_checkpoint``: continue that training checkpoint (model, optimizer, scheduler, iteration) with
         ``train_net.py --resume`` in the new run directory, e.g. the same iteration-k state with and without
@@ -251,7 +251,7 @@ class Context:
             raise ExperimentError(f"no COCO bbox result in {out}/log.txt")
         info = {"dir": out, "final": os.path.join(out, "model_final.pth"), "ap": res["AP"], "ap50": res["AP50"],
                 "wall_s": wall, "command": command, "config_sha": config_digest(run.config),
-                "commit": code_commit(), "environment": training_environment()}
+                "commit": code_commit(), "environment": training_environment(), "threads": self.threads}
         with open(done, "w") as f:
             json.dump(info, f, indent=1)
         return info
