@@ -388,7 +388,6 @@ def test_concurrent_trainings_record_their_own_command_and_the_code_commit(tmp_p
     for t in threads:
         t.join(20)
     commit = code_commit()
-    assert commit != "unknown"
     for seed in (0, 1):
         rec = json.load(open(os.path.join(ctx.run_dir(run, seed), "run.json")))
         argv = shlex.split(rec["command"])
