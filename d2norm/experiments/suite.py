@@ -81,7 +81,8 @@ def run_experiment(exp: Experiment, ctx: Context, seeds: Sequence[int], output_d
     wall = time.time() - start
     used = {t["dir"]: t for t in ctx.trainings[first_train:]}
     # wall_s is this invocation's time; trainings reused from an earlier experiment are listed with their own
-    # wall time and the commit of the code that trained them (it can be older than this record's "commit")
+    # wall time, the commit of the code and the environment that trained them (the commit can be older than this
+    # record's "commit", the machine another)
     details = {"data_seed": ctx.data_seed, "scale_note": exp.scale_note, "subcommands": ctx.commands[first_cmd:],
                "trainings": list(used.values()),
                "training_wall_s": sum(t["wall_s"] for t in used.values())}
