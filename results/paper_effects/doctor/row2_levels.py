@@ -41,7 +41,8 @@ CONDITIONS = {"E": (), "P3": (0,), "P4-7": (1, 2, 3, 4), "B": (0, 1, 2, 3, 4)}
 
 
 def pooled(mean: torch.Tensor, var: torch.Tensor, w: torch.Tensor):
-    """(μ, σ²) of the union of the levels' populations from per-level (K, C) moments and shares w (K,)."""
+    """(μ, σ²) of the union of the levels' populations from per-level (K, C) moments and shares w (K,). Written
+    out here rather than with d2norm.stats' moment accumulator: it checks statistics that code wrote."""
     mean, var, w = mean.double(), var.double(), w.double()[:, None]
     mu = (w * mean).sum(0)
     return mu, (w * (var + (mean - mu) ** 2)).sum(0)
